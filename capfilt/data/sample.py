@@ -1,0 +1,49 @@
+"""The one sample layout every stage reads and writes (CONVENTIONS.md, "Shards").
+
+A sample is ``__key__`` (stable uid, no dots), one image field (``jpg``/``png``/``webp``), ``txt``
+(the caption used for training) and ``json``: ``uid``, ``source``, ``captions`` (a list of
+``{"text", "origin"}`` with origin ``web|synthetic|human``, plus scores where a stage adds them)
+and any ground-truth fields (``truth`` in the built-in benchmark; no training stage reads it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+ORIGINS = ("web", "synthetic", "human")
+
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def make_key(*parts: Any) -> str:
+    """A tar-safe sample key from parts: no dots or slashes (webdataset splits keys at dots)."""
+    key = "_".join(_KEY_BAD.sub("-", str(p)).strip("-") for p in parts if str(p) != "")
+    if not key:
+        raise ValueError(f"cannot make a sample key from {parts!r}")
+    return key
+
+
+def caption_entry(text: str, origin: str, **fields: Any) -> dict[str, Any]:
+    if origin not in ORIGINS:
+        raise ValueError(f"caption origin must be one of {ORIGINS}, got {origin!r}")
+    return {"text": text, "origin": origin, **fields}
+
+
+def build_sample(
+    key: str,
+    image: bytes,
+    captions: list[dict[str, Any]],
+    *,
+    image_ext: str = "jpg",
+    source: str = "",
+    **meta: Any,
+) -> dict[str, Any]:
+    """Assemble a shard sample; ``txt`` is the first caption's text."""
+    if image_ext not in IMAGE_EXTS:
+        raise ValueError(f"image extension must be one of {IMAGE_EXTS}, got {image_ext!r}")
+    if not captions:
+        raise ValueError(f"sample {key!r} has no caption")
+    info = {"uid": key, "source": source, "captions": captions, **meta}
+    return {"__key__": key, image_ext: image, "txt": captions[0]["text"], "json": info}

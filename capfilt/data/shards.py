@@ -1,0 +1,84 @@
+"""Shard specifications → lists of shard URLs.
+
+A spec is a brace pattern (``data/web/{00000000..00000041}.tar``), a folder (its ``*.tar``
+files, sorted), a single ``.tar`` path, a glob, or a remote/pipe URL that webdataset opens.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+
+
+class ShardSpecError(ValueError):
+    """A shard spec names nothing readable."""
+
+
+def expand_shard_spec(spec: str) -> list[str]:
+    """Expand one spec into shard URLs (sorted for folders and globs; pattern order for braces)."""
+    spec = str(spec)
+    if spec.startswith(REMOTE_PREFIXES):
+        return list(braceexpand(spec))
+    path = Path(spec)
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+        if not shards:
+            raise ShardSpecError(f"folder {spec} has no .tar shards")
+        return shards
+    out: list[str] = []
+    for item in braceexpand(spec):
+        if any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise ShardSpecError(f"no shard matches {item}")
+            out.extend(matches)
+        elif Path(item).is_file():
+            out.append(item)
+        else:
+            raise ShardSpecError(f"shard not found: {item}")
+    return out
+
+
+def expand_shards(specs: str | Iterable[str]) -> list[str]:
+    """Expand one or several specs, keeping their order and dropping repeats."""
+    if isinstance(specs, str | Path):
+        specs = [str(specs)]
+    seen: dict[str, None] = {}
+    for spec in specs:
+        for url in expand_shard_spec(spec):
+            seen.setdefault(url, None)
+    if not seen:
+        raise ShardSpecError("no shards given")
+    return list(seen)
+
+
+def shard_sizes(urls: list[str]) -> list[int | None]:
+    """Sample counts from the ``sizes.json`` beside each shard (None where unknown)."""
+    cache: dict[Path, dict] = {}
+    sizes: list[int | None] = []
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            sizes.append(None)
+            continue
+        folder = Path(url).parent
+        if folder not in cache:
+            try:
+                cache[folder] = json.loads((folder / "sizes.json").read_text())
+            except (OSError, ValueError):
+                cache[folder] = {}
+        sizes.append(cache[folder].get(Path(url).name))
+    return sizes
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples over ``urls`` from ``sizes.json``; None if any shard is unlisted."""
+    sizes = shard_sizes(urls)
+    if any(s is None for s in sizes):
+        return None
+    return int(sum(sizes))  # type: ignore[arg-type]

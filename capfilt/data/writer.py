@@ -1,0 +1,213 @@
+"""Atomic shard output: ``{:08d}.tar`` + ``.parquet`` + ``_stats.json`` (the done-marker) + ``sizes.json``.
+
+A shard becomes visible only by renames: the tar, then its parquet, then its stats file, each
+written under a temporary name and fsynced first. A reader or a resumed stage therefore never sees
+a half shard, and a shard counts as done exactly when its stats file exists with the stage's
+config hash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+TAR_MTIME = 0
+"""Fixed member mtime so that the same samples give byte-identical tars."""
+
+
+def shard_name(index: int, prefix: str = "") -> str:
+    return f"{prefix}{index:08d}"
+
+
+def stats_path(out_dir: Path, index: int, prefix: str = "") -> Path:
+    return Path(out_dir) / f"{shard_name(index, prefix)}_stats.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_done_marker(out_dir: Path, index: int, prefix: str = "") -> dict | None:
+    path = stats_path(out_dir, index, prefix)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_shard_done(out_dir: Path, index: int, config_hash: str, prefix: str = "") -> bool:
+    """True when shard ``index`` was completed by a stage with the same config hash."""
+    stats = read_done_marker(out_dir, index, prefix)
+    if not stats or stats.get("config_hash") != config_hash:
+        return False
+    return (Path(out_dir) / f"{shard_name(index, prefix)}.tar").is_file()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def encode_field(value: Any) -> bytes:
+    """Sample field → bytes: bytes as is, str as UTF-8, anything else as JSON."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+class ShardWriter:
+    """Writes one output shard; use as a context manager, then ``commit(extra_stats)``.
+
+    ``write(sample)`` adds a sample to the tar (``__key__`` plus extension → value fields);
+    ``record(row)`` adds a row to the parquet (one per *input* sample, kept or dropped).
+    Nothing is visible under the final names until ``commit``.
+    """
+
+    def __init__(self, out_dir: str | Path, index: int, *, stage: str, config_hash: str, prefix: str = ""):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.index = index
+        self.stage = stage
+        self.config_hash = config_hash
+        self.name = shard_name(index, prefix)
+        self.tar_path = self.out_dir / f"{self.name}.tar"
+        self.parquet_path = self.out_dir / f"{self.name}.parquet"
+        self.stats_path = self.out_dir / f"{self.name}_stats.json"
+        self._tmp_tar = self.out_dir / f".{self.name}.tar.tmp{os.getpid()}"
+        self._fh = open(self._tmp_tar, "wb")
+        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.GNU_FORMAT)
+        self._keys: set[str] = set()
+        self.rows: list[dict] = []
+        self.n_written = 0
+        self.skipped: Counter[str] = Counter()
+        self._committed = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed:
+            self.abort()
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in shard {self.name}")
+        self._keys.add(key)
+        for ext in sorted(k for k in sample if not k.startswith("__")):
+            data = encode_field(sample[ext])
+            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self.n_written += 1
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def skip(self, reason: str, row: dict[str, Any] | None = None) -> None:
+        """Count an input sample that was dropped, and record it in the parquet when given."""
+        self.skipped[reason] += 1
+        if row is not None:
+            self.rows.append({**row, "status": "dropped", "reason": reason})
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+            self._fh.close()
+        finally:
+            self._tmp_tar.unlink(missing_ok=True)
+
+    def commit(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish tar, parquet, then stats (the done-marker). Returns the stats."""
+        self._tar.close()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self._tmp_tar, self.tar_path)
+        table = pd.DataFrame(self.rows)
+        buf = io.BytesIO()
+        table.to_parquet(buf, index=False)
+        atomic_write_bytes(self.parquet_path, buf.getvalue())
+        stats = {
+            "shard": self.tar_path.name,
+            "stage": self.stage,
+            "config_hash": self.config_hash,
+            "count": self.n_written,
+            "input_count": len(self.rows) if self.rows else self.n_written + sum(self.skipped.values()),
+            "skipped": dict(sorted(self.skipped.items())),
+            **(extra_stats or {}),
+        }
+        atomic_write_json(self.stats_path, stats)
+        self._committed = True
+        return stats
+
+
+def write_sizes(out_dir: str | Path, prefix: str = "", names: Iterable[str] | None = None) -> dict[str, int]:
+    """Write ``sizes.json`` (shard file → sample count) from the done-markers in ``out_dir``.
+
+    ``names`` limits it to those shards (a stage's own), so stale files of another run don't count.
+    """
+    out_dir = Path(out_dir)
+    sizes = {}
+    wanted = set(names) if names is not None else None
+    for path in sorted(out_dir.glob(f"{prefix}*_stats.json")):
+        if wanted is not None and path.name.removesuffix("_stats.json") not in wanted:
+            continue
+        stats = json.loads(path.read_text())
+        sizes[stats["shard"]] = int(stats["count"])
+    atomic_write_json(out_dir / "sizes.json", sizes)
+    return sizes
+
+
+def collect_stats(out_dir: str | Path, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Sum counts and skip reasons over the done-markers of a folder."""
+    out_dir = Path(out_dir)
+    total, inputs, skipped = 0, 0, Counter()
+    for path in sorted(out_dir.glob("*_stats.json")):
+        if names is not None and path.name.removesuffix("_stats.json") not in names:
+            continue
+        stats = json.loads(path.read_text())
+        total += stats.get("count", 0)
+        inputs += stats.get("input_count", 0)
+        skipped.update(stats.get("skipped", {}))
+    return {"count": total, "input_count": inputs, "skipped": dict(sorted(skipped.items()))}

@@ -1,0 +1,79 @@
+"""Distributed set-up: a plain process by default, DDP when launched by ``torchrun``.
+
+    torchrun --nproc_per_node 4 -m capfilt pretrain demo --shards ... --out runs/x
+
+Single-process runs never touch ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_dist_info() -> DistInfo:
+    """Rank/world from torchrun's (or SLURM's) environment, without initialising anything."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    return DistInfo()
+
+
+def init_distributed() -> DistInfo:
+    """Initialise the process group when launched with several processes (NCCL on GPU, gloo on CPU)."""
+    info = env_dist_info()
+    if not info.distributed:
+        return info
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def current_dist_info() -> DistInfo:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return env_dist_info()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env_dist_info().local_rank)
+    return torch.device("cpu")
