@@ -130,9 +130,11 @@ def decode_sample(raw: dict[str, Any], require_caption: bool = True) -> Sample:
     text = ""
     if "txt" in raw:
         try:
-            text = raw["txt"].decode("utf-8").strip()
+            text = raw["txt"].decode("utf-8")
         except UnicodeDecodeError:
             raise SampleError("non_utf8_text") from None
+        if not text.strip():
+            text = ""
     captions = meta.get("captions")
     if not isinstance(captions, list) or not all(isinstance(c, dict) and c.get("text") for c in captions):
         captions = [{"text": text, "origin": "web"}] if text else []

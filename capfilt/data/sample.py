@@ -35,6 +35,7 @@ def build_sample(
     key: str,
     image: bytes,
     captions: list[dict[str, Any]],
+    /,
     *,
     image_ext: str = "jpg",
     source: str = "",

@@ -17,8 +17,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 TAR_MTIME = 0
 """Fixed member mtime so that the same samples give byte-identical tars."""
 
@@ -164,6 +162,8 @@ class ShardWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self._tmp_tar, self.tar_path)
+        import pandas as pd  # lazily: keeps `capfilt --help` fast
+
         table = pd.DataFrame(self.rows)
         buf = io.BytesIO()
         table.to_parquet(buf, index=False)

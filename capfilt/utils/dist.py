@@ -8,9 +8,8 @@ Single-process runs never touch ``torch.distributed``.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,8 @@ def init_distributed() -> DistInfo:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        import torch
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
@@ -52,6 +53,8 @@ def init_distributed() -> DistInfo:
 
 
 def current_dist_info() -> DistInfo:
+    if "torch.distributed" not in sys.modules:  # nothing can have initialised a process group
+        return env_dist_info()
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -73,7 +76,9 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def default_device() -> torch.device:
+def default_device():
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", env_dist_info().local_rank)
     return torch.device("cpu")

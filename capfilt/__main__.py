@@ -1,0 +1,3 @@
+from capfilt.cli.main import main
+
+main()

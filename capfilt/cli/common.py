@@ -1,0 +1,54 @@
+"""Shared CLI pieces: recipe loading with overrides, exit codes, error reporting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+
+from capfilt.config import ConfigError, Recipe, dump_yaml, load_recipe
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+console = Console(stderr=True)
+out = Console()
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a recipe field, e.g. --set train.lr=1e-4 (repeatable; `capfilt config explain` lists the keys).",
+        metavar="KEY=VALUE",
+    ),
+]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
+RecipeArgument = Annotated[
+    str, typer.Argument(help="Recipe: a YAML path or a shipped name (tiny, demo, blip-base).", show_default=True)
+]
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def resolve(recipe: str, overrides: list[str] | None, dry_run: bool = False) -> Recipe:
+    """Load the recipe with overrides; config errors exit 2; ``--dry-run`` prints it and exits 0."""
+    try:
+        cfg = load_recipe(recipe, overrides or [])
+    except ConfigError as err:
+        raise fail(str(err), EXIT_USAGE) from None
+    if dry_run:
+        out.print(Syntax(dump_yaml(cfg), "yaml"))
+        raise typer.Exit(EXIT_OK)
+    return cfg
+
+
+def existing_path(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise fail(f"{what} not found: {path}", EXIT_USAGE)
+    return path

@@ -1,0 +1,66 @@
+"""The ``capfilt`` command: one sub-command per stage; the work lives in the library."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from capfilt import __version__
+from capfilt.cli import config_cmds, data_cmds
+from capfilt.cli.common import EXIT_FAILURE, EXIT_USAGE, console
+from capfilt.config import ConfigError
+from capfilt.data.shards import ShardSpecError
+from capfilt.data.stage import StageError
+from capfilt.utils.logging import setup_logging
+
+app = typer.Typer(
+    name="capfilt",
+    help=(
+        "Bootstrap image-text training data the BLIP way: pretrain a MED model, fine-tune a "
+        "captioner and a filter, caption and filter web shards, re-pretrain on the cleaned set."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+app.add_typer(data_cmds.app, name="data")
+app.add_typer(config_cmds.app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"capfilt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    from capfilt.utils.dist import env_dist_info
+
+    setup_logging("DEBUG" if verbose else "INFO", rank=env_dist_info().rank)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps library errors to the documented exit codes."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except SystemExit:
+        raise
+    except (ConfigError, ShardSpecError) as err:
+        console.print(f"[bold red]error:[/] {err}")
+        sys.exit(EXIT_USAGE)
+    except StageError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        sys.exit(EXIT_FAILURE)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; re-run the same command to resume[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Shard writer/reader: atomic output, done-markers, brace/folder specs, bad samples skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from capfilt.data.reader import SkipCounter, read_samples
+from capfilt.data.sample import build_sample, caption_entry, make_key
+from capfilt.data.shards import ShardSpecError, count_samples, expand_shards
+from capfilt.data.stage import StageError, run_shard_stage
+from capfilt.data.text import clean_caption
+from capfilt.data.writer import ShardWriter, is_shard_done
+
+
+def _jpeg(color=(200, 30, 30), size=16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _write_shard(out, index, n, chash="h"):
+    with ShardWriter(out, index, stage="test", config_hash=chash) as writer:
+        for i in range(n):
+            key = make_key("s", index, i)
+            writer.write(build_sample(key, _jpeg((i * 10 % 255, 0, 0)), [caption_entry(f"caption {index} {i}", "web")]))
+            writer.record({"uid": key, "status": "kept", "reason": ""})
+        return writer.commit()
+
+
+def test_writer_outputs_and_read_back(tmp_path):
+    stats = _write_shard(tmp_path, 0, 5)
+    assert stats["count"] == 5 and stats["input_count"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000000.parquet", "00000000.tar", "00000000_stats.json"]
+    table = pd.read_parquet(tmp_path / "00000000.parquet")
+    assert list(table["uid"]) == [make_key("s", 0, i) for i in range(5)]
+    samples = list(read_samples(expand_shards(str(tmp_path))))
+    assert [s.text for s in samples] == [f"caption 0 {i}" for i in range(5)]
+    assert samples[0].captions == [{"text": "caption 0 0", "origin": "web"}]
+    assert samples[0].image.size == (16, 16) and samples[0].image_ext == "jpg"
+    assert is_shard_done(tmp_path, 0, "h") and not is_shard_done(tmp_path, 0, "other")
+
+
+def test_aborted_writer_leaves_nothing_visible(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, 3, stage="test", config_hash="h") as writer:
+            writer.write(build_sample("a", _jpeg(), [caption_entry("x", "web")]))
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_dotted_and_duplicate_keys(tmp_path):
+    with ShardWriter(tmp_path, 0, stage="test", config_hash="h") as writer:
+        with pytest.raises(ValueError, match="no '.'"):
+            writer.write({"__key__": "a.b", "txt": "x"})
+        writer.write({"__key__": "a", "txt": "x"})
+        with pytest.raises(ValueError, match="duplicate"):
+            writer.write({"__key__": "a", "txt": "y"})
+
+
+def test_same_samples_give_byte_identical_tars(tmp_path):
+    _write_shard(tmp_path / "a", 0, 4)
+    _write_shard(tmp_path / "b", 0, 4)
+    for name in ("00000000.tar", "00000000.parquet", "00000000_stats.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_shard_specs(tmp_path):
+    for i in range(3):
+        _write_shard(tmp_path, i, 2)
+    folder = expand_shards(str(tmp_path))
+    braces = expand_shards(str(tmp_path / "{00000000..00000002}.tar"))
+    assert folder == braces and len(folder) == 3
+    assert expand_shards([str(tmp_path / "00000001.tar"), str(tmp_path)])[0].endswith("00000001.tar")
+    assert len(expand_shards([str(tmp_path / "0000000[01].tar")])) == 2
+    with pytest.raises(ShardSpecError):
+        expand_shards(str(tmp_path / "{00000000..00000005}.tar"))
+    with pytest.raises(ShardSpecError):
+        expand_shards(str(tmp_path / "empty_dir_missing"))
+
+
+def test_stage_resumes_and_writes_sizes(tmp_path):
+    calls = []
+
+    def produce(index, writer):
+        calls.append(index)
+        for i in range(index + 1):
+            writer.write(build_sample(make_key("k", index, i), _jpeg(), [caption_entry("t", "human")]))
+        return None
+
+    run_shard_stage(tmp_path, 3, produce, stage="t", config_hash="h1")
+    assert calls == [0, 1, 2]
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000000.tar": 1, "00000001.tar": 2, "00000002.tar": 3}
+    assert count_samples(expand_shards(str(tmp_path))) == 6
+    first = (tmp_path / "00000001.tar").read_bytes()
+    (tmp_path / "00000001_stats.json").unlink()  # as if killed before the done-marker
+    calls.clear()
+    run_shard_stage(tmp_path, 3, produce, stage="t", config_hash="h1")
+    assert calls == [1]
+    assert (tmp_path / "00000001.tar").read_bytes() == first
+    calls.clear()
+    run_shard_stage(tmp_path, 3, produce, stage="t", config_hash="h2")  # new config: everything again
+    assert calls == [0, 1, 2]
+
+
+def test_stage_counts_failed_shards_as_partial(tmp_path):
+    def produce(index, writer):
+        if index == 1:
+            raise OSError("disk hiccup")
+        writer.write(build_sample(make_key("k", index), _jpeg(), [caption_entry("t", "human")]))
+
+    result = run_shard_stage(tmp_path, 3, produce, stage="t", config_hash="h")
+    assert result.partial and list(result.failed) == [1]
+    assert result.done == [0, 2]
+
+
+def test_stage_with_only_bad_samples_fails_clearly(tmp_path):
+    def produce(index, writer):
+        writer.skip("undecodable_image", {"uid": "x"})
+
+    with pytest.raises(StageError, match="every input sample was rejected"):
+        run_shard_stage(tmp_path, 1, produce, stage="t", config_hash="h")
+
+
+def test_reader_skips_and_counts_bad_samples(tmp_path):
+    """A truncated tar, an undecodable jpg, a sample without caption and non-UTF-8 text are skipped; the rest are intact."""
+    good = [(make_key("g", i), _jpeg((10 * i, 100, 50))) for i in range(6)]
+    path = tmp_path / "bad.tar"
+    with tarfile.open(path, "w") as tar:
+
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for key, jpg in good[:3]:
+            add(f"{key}.jpg", jpg)
+            add(f"{key}.txt", f"text of {key}".encode())
+        add("broken.jpg", b"\xff\xd8 this is not a jpeg")
+        add("broken.txt", b"a caption")
+        add("nocap.jpg", _jpeg())
+        add("nocap.json", json.dumps({"uid": "nocap"}).encode())
+        add("latin.jpg", _jpeg())
+        add("latin.txt", "caf\xe9".encode("latin-1"))
+        for key, jpg in good[3:]:
+            add(f"{key}.jpg", jpg)
+            add(f"{key}.txt", f"text of {key}".encode())
+    data = path.read_bytes()
+    # Cut the tar inside the last good sample's jpg member (its data follows a 512-byte header).
+    cut = data.index(f"{good[5][0]}.jpg".encode()) + 512 + 100
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(data[:cut])
+    counter = SkipCounter()
+    samples = list(read_samples([str(truncated)], counter))
+    assert [s.key for s in samples] == [k for k, _ in good[:5]]
+    for sample, (key, jpg) in zip(samples, good):
+        assert sample.image_bytes == jpg and sample.text == f"text of {key}"
+    assert counter.as_dict() == {"missing_caption": 1, "non_utf8_text": 1, "truncated_tar": 1, "undecodable_image": 1}
+
+
+def test_clean_caption_follows_blip():
+    assert clean_caption("A Dog (brown) runs:  on the   GRASS!!") == "a dog brown runs on the grass"
+    assert clean_caption("one two three four", max_words=2) == "one two"
+    assert clean_caption('"Hi"; ~#*.') == "hi"
