@@ -7,7 +7,7 @@ import sys
 import typer
 
 from capfilt import __version__
-from capfilt.cli import config_cmds, data_cmds
+from capfilt.cli import config_cmds, data_cmds, train_cmds
 from capfilt.cli.common import EXIT_FAILURE, EXIT_USAGE, console
 from capfilt.config import ConfigError
 from capfilt.data.shards import ShardSpecError
@@ -26,6 +26,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(data_cmds.app, name="data")
+app.command("pretrain")(train_cmds.pretrain)
+app.add_typer(train_cmds.finetune_app, name="finetune")
 app.add_typer(config_cmds.app, name="config")
 
 

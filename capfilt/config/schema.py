@@ -96,6 +96,8 @@ class ModelConfig:
     """BERT attention heads."""
     text_intermediate: int = 3072
     """BERT feed-forward size."""
+    text_dropout: float = 0.1
+    """Dropout of the text stack, hidden states and attention probabilities (BERT/BLIP: 0.1)."""
     text_checkpoint: str | None = None
     """Local BERT checkpoint folder (or hub id when online) to initialise the text stack; None = from scratch."""
     tokenizer: str | None = None
@@ -107,7 +109,7 @@ class ModelConfig:
     embed_dim: int = 256
     """ITC projection size."""
     queue_size: int = 57600
-    """Momentum feature queue length (must be a multiple of the global batch)."""
+    """Momentum feature queue length (any length: writes wrap around modulo the queue)."""
     momentum: float = 0.995
     """Momentum-encoder EMA rate."""
     alpha: float = 0.4

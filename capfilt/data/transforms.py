@@ -1,39 +1,71 @@
-"""Image transforms: random-resized-crop training view and a plain resize for evaluation (SPEC §5)."""
+"""Image transforms: random-resized-crop training view and a plain resize for evaluation (SPEC §5).
+
+The training transform draws its randomness from a ``random.Random`` passed per sample, not from
+torch's global generator, so a sample's augmentation depends only on its position in the
+(seeded) data stream: a resumed run sees exactly the crops an uninterrupted run would.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import random
 
 import torch
 from PIL import Image
-from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ASPECT_RANGE = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default ratio range
 
 
-def train_transform(
-    image_size: int,
-    crop_scale: tuple[float, float] = (0.5, 1.0),
-    hflip: bool = True,
-    mean: tuple[float, ...] = CLIP_MEAN,
-    std: tuple[float, ...] = CLIP_STD,
-) -> Callable[[Image.Image], torch.Tensor]:
-    steps: list = [T.RandomResizedCrop(image_size, scale=crop_scale, interpolation=InterpolationMode.BICUBIC)]
-    if hflip:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
+def _crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop covering ``scale`` of the area (RandomResizedCrop's rule)."""
+    area = width * height
+    log_lo, log_hi = math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    side = min(width, height)  # fallback: central square crop
+    return (height - side) // 2, (width - side) // 2, side, side
 
 
-def eval_transform(
-    image_size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
-) -> Callable[[Image.Image], torch.Tensor]:
-    return T.Compose(
-        [
-            T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+class TrainTransform:
+    """RandomResizedCrop(scale) + optional horizontal flip + normalise, driven by an explicit RNG."""
+
+    def __init__(
+        self,
+        image_size: int,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        hflip: bool = True,
+        mean: tuple[float, ...] = CLIP_MEAN,
+        std: tuple[float, ...] = CLIP_STD,
+    ):
+        self.image_size = image_size
+        self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        top, left, h, w = _crop_box(image.width, image.height, self.crop_scale, rng)
+        image = F.resized_crop(image, top, left, h, w, [self.image_size, self.image_size], InterpolationMode.BICUBIC)
+        if self.hflip and rng.random() < 0.5:
+            image = F.hflip(image)
+        return F.normalize(F.to_tensor(image), self.mean, self.std)
+
+
+class EvalTransform:
+    """Resize to the model's square input, normalise."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
+        self.image_size = image_size
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        image = F.resize(image, [self.image_size, self.image_size], InterpolationMode.BICUBIC)
+        return F.normalize(F.to_tensor(image), self.mean, self.std)

@@ -1,0 +1,148 @@
+"""The three pretraining losses of SPEC §2 as small pure functions (no module state)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+"""Label of positions that take no part in the LM loss (padding, prompt)."""
+
+LABEL_SMOOTHING = 0.1
+"""LM label smoothing (SPEC §2 LM; BLIP's decoder)."""
+
+
+def itc_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m_all: torch.Tensor,
+    text_feat_m_all: torch.Tensor,
+    temp: torch.Tensor | float,
+    alpha: float,
+    sim_targets: torch.Tensor,
+    image_feat_m: torch.Tensor | None = None,
+    text_feat_m: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Image-text contrastive loss with momentum distillation (SPEC §2 ITC, from ALBEF).
+
+    - ``image_feat``/``text_feat`` [b, D]: normalised features of the local batch (with grad);
+    - ``image_feat_m_all``/``text_feat_m_all`` [K, D]: momentum features of the global batch
+      followed by the queue (no grad);
+    - ``sim_targets`` [b, K]: hard targets, rows summing to 1 (one-hot, or spread over the
+      columns sharing the sample's image id);
+    - ``image_feat_m``/``text_feat_m`` [b, D]: the local momentum features, needed when
+      ``alpha > 0`` for the soft targets ``alpha * softmax(s_m) + (1 - alpha) * sim_targets``.
+
+    Loss = mean over i2t and t2i of the cross-entropy of ``log_softmax(s / temp)`` against
+    the targets, averaged over the local batch.
+    """
+    sim_i2t = image_feat.float() @ text_feat_m_all.float().t() / temp
+    sim_t2i = text_feat.float() @ image_feat_m_all.float().t() / temp
+    targets = sim_targets.float()
+    if alpha > 0:
+        if image_feat_m is None or text_feat_m is None:
+            raise ValueError("itc_loss: alpha > 0 needs the local momentum features image_feat_m/text_feat_m")
+        with torch.no_grad():
+            sim_i2t_m = image_feat_m.float() @ text_feat_m_all.float().t() / temp
+            sim_t2i_m = text_feat_m.float() @ image_feat_m_all.float().t() / temp
+            i2t_targets = alpha * sim_i2t_m.softmax(1) + (1 - alpha) * targets
+            t2i_targets = alpha * sim_t2i_m.softmax(1) + (1 - alpha) * targets
+    else:
+        i2t_targets = t2i_targets = targets
+    loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def itc_targets(ids_local: torch.Tensor, ids_all: torch.Tensor) -> torch.Tensor:
+    """Hard ITC targets from image ids (BLIP retrieval fine-tuning): ``(idx == idx_all)`` normalised.
+
+    ``ids_local`` [b], ``ids_all`` [K]; every row must contain at least one match (the sample
+    itself is in ``ids_all``).
+    """
+    pos = (ids_local.view(-1, 1) == ids_all.view(1, -1)).float()
+    return pos / pos.sum(1, keepdim=True)
+
+
+@torch.no_grad()
+def sample_itm_negatives(
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    image_ids: torch.Tensor,
+    generator: torch.Generator | None = None,
+    image_ids_all: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives for ITM (SPEC §2 ITM): one negative image per text, one negative text per image.
+
+    ``sim_i2t`` [b, B] (local images vs the texts of the global batch) and ``sim_t2i`` [b, B]
+    (local texts vs global images). ``image_ids`` [b] are the local samples' image ids and
+    ``image_ids_all`` [B] those of the global batch (default: ``image_ids``, i.e. b == B and the
+    local batch is the global one). Sampling probability ``softmax(sim) + 1e-4`` (the 1e-4 keeps
+    rows from being all zero), with the sample itself (diagonal) and every item of the same image
+    id set to 0. Returns (neg_image_idx [b] for each text, neg_text_idx [b] for each image),
+    indices into the global batch. Raises ``ValueError`` when a row has no valid negative.
+    """
+    if image_ids_all is None:
+        image_ids_all = image_ids
+    b, big_b = sim_i2t.shape
+    if sim_t2i.shape != (b, big_b) or image_ids.numel() != b or image_ids_all.numel() != big_b:
+        raise ValueError(
+            f"sample_itm_negatives: shape mismatch sim_i2t {tuple(sim_i2t.shape)}, sim_t2i {tuple(sim_t2i.shape)}, "
+            f"image_ids {image_ids.numel()}, image_ids_all {image_ids_all.numel()}"
+        )
+    # a sample's own column carries its own id, so this also zeroes the diagonal
+    same = image_ids.view(-1, 1).to(image_ids_all.device) == image_ids_all.view(1, -1)
+    valid = ~same
+    if not bool(valid.any(1).all()):
+        raise ValueError(
+            "ITM needs at least 2 distinct images in the (global) batch: some sample has no other image to "
+            f"use as a hard negative (global batch of {big_b} with {int(image_ids_all.unique().numel())} distinct "
+            "image ids). Use a larger batch or drop 'itm' from the losses."
+        )
+    w_t2i = (sim_t2i.float().softmax(1) + 1e-4).masked_fill(same, 0)
+    w_i2t = (sim_i2t.float().softmax(1) + 1e-4).masked_fill(same, 0)
+    neg_image_idx = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+    neg_text_idx = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    return neg_image_idx, neg_text_idx
+
+
+def itm_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor:
+    """Image-text matching loss (SPEC §2 ITM): 2-way cross-entropy over bs positives (label 1)
+    and 2·bs negatives (label 0), averaged over all 3·bs pairs."""
+    logits = torch.cat([logits_pos, logits_neg], 0).float()
+    labels = torch.cat(
+        [
+            torch.ones(logits_pos.shape[0], dtype=torch.long, device=logits.device),
+            torch.zeros(logits_neg.shape[0], dtype=torch.long, device=logits.device),
+        ]
+    )
+    return F.cross_entropy(logits, labels)
+
+
+def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int = 0) -> torch.Tensor:
+    """LM labels (SPEC §2 LM): the decoder input ids with padding and the first ``prompt_len``
+    tokens (the [DEC] token and the prompt) set to -100."""
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    if prompt_len > 0:
+        labels[:, :prompt_len] = IGNORE_INDEX
+    return labels
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = LABEL_SMOOTHING) -> torch.Tensor:
+    """Captioning LM loss (SPEC §2 LM): next-token cross-entropy with label smoothing.
+
+    ``logits`` [B, L, V] are the decoder outputs at every position and ``labels`` [B, L] the
+    input ids with -100 at ignored positions (see :func:`lm_labels`); position t predicts
+    label t+1. Averaged over the non-ignored tokens of the batch.
+    """
+    shifted = logits[:, :-1, :].float()
+    target = labels[:, 1:]
+    if not bool((target != IGNORE_INDEX).any()):
+        # nothing to predict (e.g. prompt-only batch): a zero that still joins the graph
+        return shifted.sum() * 0.0
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        target.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+    )

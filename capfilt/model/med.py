@@ -1,0 +1,381 @@
+"""The MED model: ViT image encoder + BERT text encoder/decoder sharing all but self-attention (SPEC §1),
+with the ITC (momentum distillation + queues), ITM (hard negatives) and LM losses of SPEC §2.
+
+Module names follow BLIP's pretraining model (``visual_encoder``, ``text_encoder``,
+``text_decoder.bert``/``text_decoder.cls``, ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``,
+``*_m`` momentum copies, ``image_queue``/``text_queue``/``idx_queue``/``queue_ptr``); the text stack
+is transformers' ``BlipTextModel``/``BlipTextLMHeadModel``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from transformers import BlipTextConfig
+from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
+
+from capfilt.config.schema import ModelConfig
+from capfilt.model.distributed import Gather
+from capfilt.model.losses import (
+    LABEL_SMOOTHING,
+    itc_loss,
+    itc_targets,
+    itm_loss,
+    lm_labels,
+    lm_loss,
+    sample_itm_negatives,
+)
+
+LOSSES = ("itc", "itm", "lm")
+"""Loss names accepted by ``MED.forward_pretrain(weights=...)``."""
+
+MAX_POSITIONS = 512
+"""Text position table size (BERT's; lets a bert-base checkpoint load as is)."""
+
+TEMP_RANGE = (0.001, 0.5)
+"""Clamp range of the learnable ITC temperature (SPEC §1 Heads)."""
+
+SHARED_LAYER_PARTS = ("crossattention", "intermediate", "output")
+"""Per-layer submodules the decoder takes from the encoder; only ``attention`` (self-attention) is its own."""
+
+
+def build_vit(cfg: ModelConfig, drop_path: float) -> VisionTransformer:
+    """timm ViT returning all tokens ([CLS] first) from ``forward_features`` (SPEC §1 image encoder)."""
+    return VisionTransformer(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.vision_width,
+        depth=cfg.vision_depth,
+        num_heads=cfg.vision_heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        global_pool="",
+        class_token=True,
+        drop_path_rate=drop_path,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+
+
+def text_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int], cross_attention: bool) -> BlipTextConfig:
+    """BlipTextConfig of the text stack (``is_decoder`` only decides whether cross-attention layers exist)."""
+    if cfg.max_text_len > MAX_POSITIONS:
+        raise ValueError(f"model.max_text_len: at most {MAX_POSITIONS}")
+    return BlipTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.text_width,
+        encoder_hidden_size=cfg.vision_width,
+        intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=MAX_POSITIONS,
+        hidden_dropout_prob=cfg.text_dropout,
+        attention_probs_dropout_prob=cfg.text_dropout,
+        layer_norm_eps=1e-12,
+        pad_token_id=special["pad"],
+        bos_token_id=special["dec"],
+        eos_token_id=special["sep"],
+        sep_token_id=special["sep"],
+        is_decoder=cross_attention,
+        label_smoothing=LABEL_SMOOTHING,
+        tie_word_embeddings=True,
+    )
+
+
+class MED(nn.Module):
+    """Multimodal mixture of Encoder-Decoder (BLIP).
+
+    Training-loop contract, per optimiser step: ``clamp_temp()`` before the forward pass,
+    ``loss = model(images, ids, mask, ...)["loss"]`` (``forward`` is ``forward_pretrain``, so DDP
+    wrapping works), backward, optimiser step, then ``momentum_update()``. The queues are filled
+    inside the forward pass (training mode only).
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.special = {k: int(special[k]) for k in ("pad", "cls", "sep", "enc", "dec")}
+
+        self.visual_encoder = build_vit(cfg, cfg.drop_path)
+        tcfg = text_config(cfg, vocab_size, self.special, cross_attention=True)
+        self.text_encoder = BlipTextModel(tcfg, add_pooling_layer=False)
+        self.text_decoder = BlipTextLMHeadModel(tcfg)
+        self.tie_text_weights()
+
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)).clamp(*TEMP_RANGE))
+
+        # momentum copies (SPEC §2 ITC); the text one is unimodal only, so it has no cross-attention
+        self.visual_encoder_m = build_vit(cfg, 0.0)
+        self.text_encoder_m = BlipTextModel(
+            text_config(cfg, vocab_size, self.special, cross_attention=False), add_pooling_layer=False
+        )
+        self.vision_proj_m = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj_m = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.copy_params()
+
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        # -1 marks "no image id" (real ids are >= 0), so these entries are never positives
+        self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -1, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+        if cfg.grad_checkpointing:
+            self.set_grad_checkpointing(True)
+
+    # ------------------------------------------------------------------ structure
+    def tie_text_weights(self) -> None:
+        """Make the decoder use the encoder's embeddings, cross-attention and FFN modules (SPEC §1
+        weight sharing; only self-attention stays separate) and tie the LM output layer to the
+        shared word embeddings."""
+        enc, dec = self.text_encoder, self.text_decoder.bert
+        dec.embeddings = enc.embeddings
+        for layer_e, layer_d in zip(enc.encoder.layer, dec.encoder.layer, strict=True):
+            for part in SHARED_LAYER_PARTS:
+                setattr(layer_d, part, getattr(layer_e, part))
+        self.text_decoder.cls.predictions.decoder.weight = enc.embeddings.word_embeddings.weight
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+
+    def _momentum_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        online, momentum = [], []
+        for model, model_m in self.momentum_pairs():
+            params = dict(model.named_parameters())
+            for name, p_m in model_m.named_parameters():
+                online.append(params[name])
+                momentum.append(p_m)
+        return online, momentum
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Set every momentum parameter to its online counterpart and freeze it."""
+        for p, p_m in zip(*self._momentum_params(), strict=True):
+            p_m.data.copy_(p.data)
+            p_m.requires_grad_(False)
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float | None = None) -> None:
+        """EMA of the online weights: ``p_m = m * p_m + (1 - m) * p`` (m = ``cfg.momentum``)."""
+        m = self.cfg.momentum if momentum is None else momentum
+        online, mom = self._momentum_params()
+        torch._foreach_mul_(mom, m)
+        torch._foreach_add_(mom, [p.detach() for p in online], alpha=1 - m)
+
+    @torch.no_grad()
+    def clamp_temp(self) -> None:
+        """Clamp the ITC temperature to [0.001, 0.5]; call before each step."""
+        self.temp.clamp_(*TEMP_RANGE)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute ViT blocks and text layers in backward (non-reentrant checkpointing)."""
+        self.visual_encoder.set_grad_checkpointing(enable)
+        for model in (self.text_encoder, self.text_decoder):
+            if enable:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_disable()
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: torch.Tensor) -> None:
+        """Write the momentum features of the GLOBAL batch (already all-gathered) into the queues.
+
+        Writes at ``queue_ptr`` and wraps around modulo ``queue_size``; a batch larger than the
+        queue keeps its last ``queue_size`` rows. Stays on device (no host sync).
+        """
+        q = self.image_queue.shape[1]
+        n = image_feat_m.shape[0]
+        k = min(n, q)
+        ptr = self.queue_ptr[0]
+        pos = (ptr + (n - k) + torch.arange(k, device=ptr.device)) % q
+        self.image_queue.index_copy_(1, pos, image_feat_m[n - k :].t().to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, pos, text_feat_m[n - k :].t().to(self.text_queue.dtype))
+        self.idx_queue.index_copy_(1, pos, idx.view(1, -1)[:, n - k :].to(self.idx_queue.dtype))
+        self.queue_ptr.copy_((ptr + n) % q)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, 1 + N, vision_width], [CLS] first."""
+        return self.visual_encoder.forward_features(images)
+
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC image features [B, embed_dim] from the [CLS] token."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unimodal text encoder (bidirectional, no cross-attention): [B, L, text_width]; ids start with [CLS]."""
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, is_decoder=False).last_hidden_state
+
+    def text_features(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC text features [B, embed_dim] from the [CLS] token."""
+        return F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
+
+    def _first_token(self, input_ids: torch.Tensor, token: str) -> torch.Tensor:
+        ids = input_ids.clone()
+        ids[:, 0] = self.special[token]
+        return ids
+
+    def multimodal_embeds(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Image-grounded text encoder states [B, L, text_width] (first token set to [ENC])."""
+        return self.text_encoder(
+            input_ids=self._first_token(input_ids, "enc"),
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            is_decoder=False,
+        ).last_hidden_state
+
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM logits [B, 2] (index 1 = match) of image i with text i."""
+        return self.itm_head(self.multimodal_embeds(image_embeds, input_ids, attention_mask)[:, 0, :])
+
+    def lm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder logits [B, L, vocab] (causal, cross-attending to the image; first token set to
+        [DEC]); position t scores token t+1."""
+        return self.text_decoder(
+            input_ids=self._first_token(input_ids, "dec"),
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            use_cache=False,
+        ).logits
+
+    # ------------------------------------------------------------------ losses
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Same as :meth:`forward_pretrain` (so that ``DistributedDataParallel(model)(...)`` works)."""
+        return self.forward_pretrain(*args, **kwargs)
+
+    def forward_pretrain(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+        alpha: float = 0.4,
+        gather: Gather | None = None,
+        weights: Iterable[str] = LOSSES,
+        prompt_len: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Losses of SPEC §2 on a batch; ``loss`` is the unweighted sum of the selected ones.
+
+        - ``input_ids``/``attention_mask``: from :func:`capfilt.model.tokenizer.tokenize` ([CLS] ... [SEP]).
+        - ``image_ids``: LongTensor [B] of ids >= 0; samples sharing an id are ITC positives of each
+          other (also against the queue) and never ITM negatives. None: every sample is its own image.
+        - ``alpha``: momentum-distillation weight (the trainer ramps it).
+        - ``gather``: a :class:`~capfilt.model.distributed.Gather`; default ``Gather()``, which is the
+          identity in a single process and all-gathers over the default group under torchrun.
+          Pass ``LocalGather()`` to keep every rank on its own batch.
+        - ``weights``: which losses to compute: ("itc", "itm", "lm") pretraining, ("lm",) captioner,
+          ("itc", "itm") filter. Losses not computed are returned as 0.
+        - ``prompt_len``: leading decoder tokens ([DEC] + prompt) left out of the LM labels.
+        - ``generator``: RNG of the ITM negative sampling (on the batch's device).
+        Returns ``{"loss", "loss_itc", "loss_itm", "loss_lm"}`` (0-dim tensors).
+        """
+        want = set(weights)
+        unknown = want - set(LOSSES)
+        if unknown or not want:
+            raise ValueError(f"weights: choose among {LOSSES}, got {sorted(weights)}")
+        gather = Gather() if gather is None else gather
+
+        image_embeds = self.encode_image(images)
+        zero = image_embeds.new_zeros((), dtype=torch.float32)
+        out = {"loss_itc": zero, "loss_itm": zero, "loss_lm": zero}
+
+        if want & {"itc", "itm"}:
+            out.update(self._itc_itm(images, image_embeds, input_ids, attention_mask, image_ids, alpha, gather, want, generator))
+        if "lm" in want:
+            dec_ids = self._first_token(input_ids, "dec")
+            labels = lm_labels(dec_ids, attention_mask, prompt_len)
+            logits = self.lm_logits(image_embeds, input_ids, attention_mask)
+            out["loss_lm"] = lm_loss(logits, labels, LABEL_SMOOTHING)
+        out["loss"] = sum(out[f"loss_{name}"] for name in LOSSES if name in want)
+        return out
+
+    def forward_lm_only(self, images, input_ids, attention_mask, prompt_len: int = 0, **kwargs) -> dict[str, torch.Tensor]:
+        """Captioner fine-tuning: LM loss only (SPEC §3 step 2)."""
+        return self.forward_pretrain(images, input_ids, attention_mask, weights=("lm",), prompt_len=prompt_len, **kwargs)
+
+    def forward_filter(self, images, input_ids, attention_mask, image_ids=None, alpha: float = 0.4, **kwargs) -> dict[str, torch.Tensor]:
+        """Filter fine-tuning: ITC + ITM (SPEC §3 step 2)."""
+        return self.forward_pretrain(
+            images, input_ids, attention_mask, image_ids=image_ids, alpha=alpha, weights=("itc", "itm"), **kwargs
+        )
+
+    def _itc_itm(self, images, image_embeds, input_ids, attention_mask, image_ids, alpha, gather, want, generator):
+        out = {}
+        b = images.shape[0]
+        text_embeds = self.encode_text(input_ids, attention_mask)
+        image_feat = self.image_features(image_embeds)
+        text_feat = self.text_features(text_embeds)
+
+        with torch.no_grad():
+            if image_ids is None:
+                # each sample its own image: its position in the global batch is its id
+                ids_local = torch.arange(b, device=images.device) + gather.rank * b
+            else:
+                ids_local = image_ids.to(device=images.device, dtype=torch.long).view(-1)
+                if ids_local.numel() != b:
+                    raise ValueError(f"image_ids: expected {b} ids, got {ids_local.numel()}")
+                if bool((ids_local < 0).any()):
+                    raise ValueError("image_ids must be >= 0 (-1 marks empty queue slots)")
+            ids_glob = gather.no_grad(ids_local)
+
+            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m.forward_features(images)[:, 0, :]), dim=-1)
+            text_out_m = self.text_encoder_m(input_ids=input_ids, attention_mask=attention_mask, is_decoder=False)
+            text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:, 0, :]), dim=-1)
+            image_feat_m_glob = gather.no_grad(image_feat_m)
+            text_feat_m_glob = gather.no_grad(text_feat_m)
+
+        if "itc" in want:
+            with torch.no_grad():
+                image_feat_m_all = torch.cat([image_feat_m_glob.float(), self.image_queue.t().clone().float()], 0)
+                text_feat_m_all = torch.cat([text_feat_m_glob.float(), self.text_queue.t().clone().float()], 0)
+                queue_ids = self.idx_queue.view(-1) if image_ids is not None else torch.full_like(self.idx_queue.view(-1), -1)
+                sim_targets = itc_targets(ids_local, torch.cat([ids_glob, queue_ids]))
+            out["loss_itc"] = itc_loss(
+                image_feat, text_feat, image_feat_m_all, text_feat_m_all, self.temp, alpha, sim_targets,
+                image_feat_m=image_feat_m, text_feat_m=text_feat_m,
+            )  # fmt: skip
+            if self.training:
+                enqueue_ids = ids_glob if image_ids is not None else torch.full_like(ids_glob, -1)
+                self.dequeue_and_enqueue(image_feat_m_glob, text_feat_m_glob, enqueue_ids)
+
+        if "itm" in want:
+            with torch.no_grad():
+                # hard negatives over the global batch, scored against its momentum features (BLIP)
+                sim_i2t = image_feat.float() @ text_feat_m_glob.float().t() / self.temp
+                sim_t2i = text_feat.float() @ image_feat_m_glob.float().t() / self.temp
+                neg_image_idx, neg_text_idx = sample_itm_negatives(
+                    sim_i2t, sim_t2i, ids_local, generator=generator, image_ids_all=ids_glob
+                )
+                ids_pad, ids_glob_tok = gather.no_grad_padded(input_ids, value=self.special["pad"])
+                mask_pad, mask_glob = gather.no_grad_padded(attention_mask, value=0)
+            image_embeds_glob = gather.with_grad(image_embeds)
+            text_ids = torch.cat([ids_pad, ids_pad, ids_glob_tok[neg_text_idx]], 0)
+            text_mask = torch.cat([mask_pad, mask_pad, mask_glob[neg_text_idx]], 0)
+            images_all = torch.cat([image_embeds, image_embeds_glob[neg_image_idx], image_embeds], 0)
+            logits = self.itm_logits(images_all, text_ids, text_mask)
+            out["loss_itm"] = itm_loss(logits[:b], logits[b:])
+        return out
+
+
+def count_parameters(model: MED) -> dict[str, int]:
+    """Unique parameters: trainable, momentum (frozen copies) and total."""
+    params = list(model.parameters())  # shared tensors counted once
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return {"trainable": trainable, "momentum": total - trainable, "total": total}

@@ -1,0 +1,199 @@
+"""The training sample stream: weighted shard sources, deterministic and resumable mid-epoch.
+
+Each rank reads an endless stream per source (shards reshuffled every pass, split across ranks
+and DataLoader workers, a seeded shuffle buffer), mixes the sources by weight, and forms
+fixed-size batches. Everything random is derived from (seed, epoch, split, position), so:
+
+- every rank takes the same number of steps per epoch (the stream never runs dry);
+- batch ``j`` of an epoch is the same whatever step the run was resumed at: worker ``w`` of a
+  loader resumed at batch ``b`` plays the part of worker ``(w + b) % num_workers`` and skips
+  its earlier batches without decoding them.
+
+Bad samples are counted and replaced by another sample of the same batch, so batch shapes stay
+equal across ranks (all-gathers need that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from capfilt.data.reader import SampleError, SkipCounter, decode_sample, iter_tar_samples
+from capfilt.data.shards import count_samples, expand_shards
+from capfilt.data.text import clean_caption
+from capfilt.data.transforms import TrainTransform
+
+
+@dataclass
+class Source:
+    """One shard source with its sampling weight."""
+
+    name: str
+    urls: list[str]
+    weight: float
+
+
+def image_id(key: str) -> int:
+    """Stable 56-bit id of a sample key (same image ↔ same id, across ranks and runs)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "little")
+
+
+def build_sources(specs: list[str], weights: list[float] | None = None) -> list[Source]:
+    """One source per ``--shards`` spec; weights default to the sources' sample counts."""
+    if not specs:
+        raise ValueError("no training shards given (use --shards, repeatable)")
+    sources = []
+    for spec in specs:
+        urls = expand_shards(spec)
+        sources.append(Source(spec, urls, 0.0))
+    if weights:
+        if len(weights) != len(sources):
+            raise ValueError(f"got {len(weights)} weights for {len(sources)} shard sources")
+        for source, weight in zip(sources, weights):
+            if weight < 0:
+                raise ValueError("source weights must be >= 0")
+            source.weight = float(weight)
+    else:
+        for source in sources:
+            n = count_samples(source.urls)
+            source.weight = float(n if n is not None else len(source.urls))
+    if sum(s.weight for s in sources) <= 0:
+        raise ValueError("source weights must not all be zero")
+    return sources
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+class TrainStream(IterableDataset):
+    """Endless batches of (images, captions, image ids, keys) for one epoch of one rank."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        transform: TrainTransform,
+        *,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        skip_batches: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        max_words: int = 30,
+    ):
+        self.sources = sources
+        self.transform = transform
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.max_words = max_words
+        self.skips = SkipCounter("train-data")
+
+    def _split_samples(self, urls: list[str], split: int, n_splits: int) -> Iterator[dict]:
+        if len(urls) >= n_splits:
+            for url in urls[split::n_splits]:
+                yield from iter_tar_samples(url, self.skips)
+        else:  # fewer shards than readers: split sample-wise instead
+            index = 0
+            for url in urls:
+                for sample in iter_tar_samples(url, self.skips):
+                    if index % n_splits == split:
+                        yield sample
+                    index += 1
+
+    def _raw_stream(self, si: int, split: int, n_splits: int) -> Iterator[dict]:
+        """Endless raw samples of source ``si`` for one split, reshuffled each pass."""
+        source = self.sources[si]
+        known = count_samples(source.urls)
+        # A buffer larger than the split's share would hold back the first samples for many passes.
+        size = self.shuffle_buffer if known is None else max(1, min(self.shuffle_buffer, known // n_splits))
+        rng = random.Random(_seed(self.seed, self.epoch, si, split, "buffer"))
+        buffer: list[dict] = []
+        for pass_index in itertools.count():
+            order = list(source.urls)
+            random.Random(_seed(self.seed, self.epoch, si, pass_index, "shards")).shuffle(order)
+            got = 0
+            for sample in self._split_samples(order, split, n_splits):
+                got += 1
+                if len(buffer) < size:
+                    buffer.append(sample)
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], sample = sample, buffer[j]
+                yield sample
+            if got == 0:
+                raise RuntimeError(f"shard source {source.name} gives no samples to reader {split} of {n_splits}")
+
+    def _decode(self, raw: dict, rng: random.Random) -> tuple[torch.Tensor, str, int, str] | None:
+        try:
+            sample = decode_sample(raw)
+        except SampleError as err:
+            self.skips.skip(err.reason, raw.get("__key__", ""), str(err))
+            return None
+        texts = [c["text"] for c in sample.captions] or [sample.text]
+        text = clean_caption(rng.choice(texts), self.max_words)
+        if not text:
+            self.skips.skip("empty_caption", sample.key)
+            return None
+        return self.transform(sample.image, rng), text, image_id(sample.key), sample.key
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        virtual = (worker + self.skip_batches) % n_workers  # see the module docstring
+        split, n_splits = self.rank * n_workers + virtual, self.world_size * n_workers
+        streams = [self._raw_stream(i, split, n_splits) for i in range(len(self.sources))]
+        weights = [s.weight for s in self.sources]
+        mix = random.Random(_seed(self.seed, self.epoch, split, "mix"))
+        b = self.skip_batches
+        to_skip = (b - virtual + n_workers - 1) // n_workers if b > virtual else 0
+        for local_batch in itertools.count():
+            raws = [next(streams[mix.choices(range(len(streams)), weights)[0]]) for _ in range(self.batch_size)]
+            if local_batch < to_skip:
+                continue
+            decoded = []
+            for position, raw in enumerate(raws):
+                rng = random.Random(_seed(self.seed, self.epoch, split, local_batch, position))
+                item = self._decode(raw, rng)
+                if item is not None:
+                    decoded.append(item)
+            if not decoded:
+                continue  # a batch of only bad samples: counted, and the stream moves on
+            while len(decoded) < self.batch_size:  # keep shapes equal across ranks
+                decoded.append(decoded[len(decoded) % max(1, len(decoded))])
+            images, texts, ids, keys = zip(*decoded)
+            yield {
+                "images": torch.stack(images),
+                "texts": list(texts),
+                "image_ids": torch.tensor(ids, dtype=torch.long),
+                "keys": list(keys),
+            }
+
+
+def make_loader(stream: TrainStream, num_workers: int, seed: int = 0) -> DataLoader:
+    """A DataLoader over ``stream`` that draws its worker seeds from its own generator.
+
+    The default would draw them from torch's global RNG, so creating a loader at a resume point
+    would shift the RNG stream of the training step (ITM negatives) against an uninterrupted run.
+    """
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,89 @@
+"""Run folders: resolved ``config.yaml``, ``metrics.jsonl``, a log, ``checkpoints/`` and ``latest``.
+
+A run folder is never overwritten by accident: starting a stage in a folder that already holds a
+run needs ``--resume auto`` (continue it) or a new ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from capfilt.config import ConfigError, dump_yaml
+from capfilt.data.writer import atomic_write_bytes
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_path = self.path / "config.yaml"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.log_path = self.path / "train.log"
+        self.checkpoints = self.path / "checkpoints"
+        self.latest_path = self.checkpoints / "latest"
+        self.model_dir = self.path / "model"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def prepare(self, run_config: dict[str, Any], resume: str) -> bool:
+        """Create or re-open the folder; True when an existing run is continued.
+
+        ``resume``: ``never`` refuses an existing run, ``auto`` continues it when its config
+        matches (only the shard lists and progress-unrelated fields may differ).
+        """
+        if self.exists():
+            if resume != "auto":
+                raise ConfigError(
+                    f"{self.path} already holds a run; pass --resume auto to continue it, or choose another --out"
+                )
+            saved = yaml.safe_load(self.config_path.read_text()) or {}
+            if saved.get("recipe") != run_config.get("recipe") or saved.get("stage") != run_config.get("stage"):
+                raise ConfigError(
+                    f"{self.path} holds a run with a different stage or recipe; use a new --out to start another run"
+                )
+            return True
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        atomic_write_bytes(self.config_path, dump_yaml(run_config).encode())
+        return False
+
+    def latest_checkpoint(self) -> Path | None:
+        try:
+            name = self.latest_path.read_text().strip()
+        except OSError:
+            return None
+        path = self.checkpoints / name
+        return path if (path / "trainer_state.pt").is_file() else None
+
+    def set_latest(self, checkpoint: Path) -> None:
+        atomic_write_bytes(self.latest_path, (checkpoint.name + "\n").encode())
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric lines past ``after_step`` (written after the checkpoint a resume starts from)."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
+        atomic_write_bytes(self.metrics_path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder, or a run folder's ``model/`` (finished run) or latest checkpoint."""
+    path = Path(path)
+    if (path / "model_config.json").is_file():
+        return path
+    if (path / "model" / "model_config.json").is_file():
+        return path / "model"
+    checkpoint = RunFolder(path).latest_checkpoint()
+    if checkpoint is not None:
+        return checkpoint
+    raise ConfigError(f"no capfilt model at {path} (expected a model folder, or a run folder with model/ or checkpoints/)")

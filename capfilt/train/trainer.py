@@ -1,0 +1,280 @@
+"""The training loop shared by ``pretrain`` and ``finetune captioner|filter``.
+
+    capfilt pretrain demo --shards data/human --shards data/web --out runs/pretrain
+    torchrun --nproc_per_node 2 -m capfilt pretrain demo --shards ... --out runs/pretrain
+
+One process: plain CPU/GPU training. Under torchrun: every rank holds a full model, ITC
+momentum features and ITM negatives come from the global batch (inside the model), and the
+gradients are averaged with one flat all-reduce per optimiser step, so a run on W ranks with
+batch b takes the same steps as one process with batch W·b.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capfilt.config import ConfigError, Recipe, TrainConfig, to_dict
+from capfilt.data.reader import read_samples
+from capfilt.data.transforms import TrainTransform
+from capfilt.model import build_model, build_tokenizer, load_model_folder, save_model_folder, tokenize
+from capfilt.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from capfilt.train.data import Source, TrainStream, build_sources, make_loader
+from capfilt.train.optim import build_optimizer, lr_at, set_lr
+from capfilt.train.run_folder import RunFolder, resolve_model_dir
+from capfilt.utils.dist import DistInfo, barrier, default_device, init_distributed
+from capfilt.utils.logging import get_logger, setup_logging
+from capfilt.utils.progress import ProgressReporter
+
+log = get_logger("train")
+
+STAGE_LOSSES = {"pretrain": ("itc", "itm", "lm"), "captioner": ("lm",), "filter": ("itc", "itm")}
+"""Losses per stage (SPEC §3: the captioner fine-tunes with LM only, the filter with ITC + ITM)."""
+
+TOKENIZER_TEXTS = 200_000
+"""Captions read to train a WordPiece tokenizer (plenty for a vocabulary of a few thousand)."""
+
+
+@dataclass
+class TrainJob:
+    """What to train, on what, where."""
+
+    stage: str
+    recipe: Recipe
+    shards: list[str]
+    out: Path
+    init: Path | None = None
+    resume: str = "never"
+    stop_after: int | None = None
+    """Stop after this optimiser step (the schedule still spans the whole run): for tests and benchmarks."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_cfg(self) -> TrainConfig:
+        if self.stage == "pretrain":
+            return self.recipe.train
+        return getattr(self.recipe.finetune, self.stage)
+
+
+def _tokenizer_texts(sources: list[Source], limit: int = TOKENIZER_TEXTS):
+    count = 0
+    for source in sources:
+        for sample in read_samples(source.urls):
+            for caption in sample.captions or [{"text": sample.text}]:
+                yield caption["text"]
+                count += 1
+            if count >= limit:
+                return
+
+
+def _allreduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average gradients over ranks with a single flat all-reduce (missing grads count as zero)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Trainer:
+    def __init__(self, job: TrainJob):
+        if job.stage not in STAGE_LOSSES:
+            raise ConfigError(f"unknown training stage '{job.stage}' (one of {', '.join(STAGE_LOSSES)})")
+        self.job = job
+        self.cfg = job.train_cfg
+        self.recipe = job.recipe
+        self.dist: DistInfo = init_distributed()
+        self.device = default_device()
+        self.run = RunFolder(job.out)
+        self.losses = STAGE_LOSSES[job.stage]
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _run_config(self) -> dict[str, Any]:
+        return {
+            "stage": self.job.stage,
+            "shards": list(self.job.shards),
+            "init": str(self.job.init) if self.job.init else None,
+            "world_size": self.dist.world_size,
+            "recipe": to_dict(self.recipe),
+        }
+
+    def _prepare_folder(self) -> bool:
+        resumed = False
+        if self.dist.is_main:
+            resumed = self.run.prepare(self._run_config(), self.job.resume)
+        barrier()
+        if not self.dist.is_main:
+            resumed = self.run.exists() and self.job.resume == "auto"
+        setup_logging(log_file=self.run.log_path, rank=self.dist.rank)
+        return resumed
+
+    def _build(self, sources: list[Source]):
+        mcfg = self.recipe.model
+        if self.job.init is not None:
+            model, tokenizer, mcfg, meta = load_model_folder(resolve_model_dir(self.job.init), device="cpu")
+            log.info("initialised from %s (stage %s)", self.job.init, meta.get("stage"))
+            return model, tokenizer, mcfg
+        tok_dir = self.run.path / "tokenizer"
+        if self.dist.is_main and not tok_dir.is_dir():
+            texts = None if mcfg.tokenizer else _tokenizer_texts(sources)
+            tokenizer = build_tokenizer(mcfg, texts)
+            tokenizer.save_pretrained(str(tok_dir))
+            log.info("tokenizer: %d tokens, saved to %s", len(tokenizer), tok_dir)
+        barrier()
+        from capfilt.model import load_tokenizer
+
+        tokenizer = load_tokenizer(str(tok_dir))
+        torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
+        return build_model(mcfg, tokenizer), tokenizer, mcfg
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> Path:
+        job, cfg, data_cfg = self.job, self.cfg, self.recipe.data
+        resumed = self._prepare_folder()
+        sources = build_sources(job.shards, data_cfg.weights or None)
+        global_batch = data_cfg.batch_size * self.dist.world_size
+        samples_per_epoch = cfg.samples_per_epoch
+        if samples_per_epoch <= 0:
+            from capfilt.data.shards import count_samples
+
+            known = [count_samples(s.urls) for s in sources]
+            if any(k is None for k in known):
+                raise ConfigError("train.samples_per_epoch: shard sizes unknown (no sizes.json); set it explicitly")
+            samples_per_epoch = int(sum(known))  # type: ignore[arg-type]
+        steps_per_epoch = max(1, samples_per_epoch // (global_batch * cfg.grad_accum))
+        total_steps = cfg.epochs * steps_per_epoch
+        ramp_steps = max(1, int(cfg.alpha_ramp_epochs * steps_per_epoch))
+
+        checkpoint = self.run.latest_checkpoint() if resumed else None
+        random.seed(self.recipe.seed)
+        if checkpoint is not None:
+            model, tokenizer, mcfg, _, state = load_checkpoint(checkpoint)
+            step = int(state["trainer"]["step"])
+            log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
+        else:
+            model, tokenizer, mcfg = self._build(sources)
+            state, step = None, 0
+        model.to(self.device).train()
+        optimizer = build_optimizer(model, cfg)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            if self.dist.is_main:
+                self.run.truncate_metrics(step)
+        params = [p for p in model.parameters() if p.requires_grad]
+        n_params = sum(p.numel() for p in params)
+        log.info(
+            "%s: %d steps (%d epochs x %d), global batch %d, %.2fM trainable parameters, device %s, world %d",
+            job.stage, total_steps, cfg.epochs, steps_per_epoch, global_batch * cfg.grad_accum, n_params / 1e6,
+            self.device, self.dist.world_size,
+        )
+        prompt = self.recipe.caption.prompt if job.stage == "captioner" else ""
+        prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + 1 if prompt else 0
+        transform = TrainTransform(mcfg.image_size, data_cfg.crop_scale, data_cfg.hflip, data_cfg.mean, data_cfg.std)
+        last = total_steps if job.stop_after is None else min(total_steps, job.stop_after)
+
+        window: dict[str, float] = {}
+        window_n, window_start = 0, time.monotonic()
+        progress = ProgressReporter(f"{job.stage}", total=(last - step) * global_batch * cfg.grad_accum, enabled=self.dist.is_main)
+        with progress:
+            while step < last:
+                epoch, in_epoch = divmod(step, steps_per_epoch)
+                stream = TrainStream(
+                    sources, transform, batch_size=data_cfg.batch_size, seed=self.recipe.seed, epoch=epoch,
+                    skip_batches=in_epoch * cfg.grad_accum, rank=self.dist.rank, world_size=self.dist.world_size,
+                    shuffle_buffer=data_cfg.shuffle_buffer, max_words=data_cfg.max_words,
+                )
+                batches = iter(make_loader(stream, data_cfg.num_workers, seed=self.recipe.seed + epoch))
+                epoch_end = min(last, (epoch + 1) * steps_per_epoch)
+                while step < epoch_end:
+                    lr = lr_at(step, cfg, steps_per_epoch)
+                    set_lr(optimizer, lr)
+                    alpha = mcfg.alpha * min(1.0, step / ramp_steps)
+                    parts = self._step(model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len)
+                    step += 1
+                    for key, value in parts.items():
+                        window[key] = window.get(key, 0.0) + value
+                    window_n += 1
+                    progress.advance(global_batch * cfg.grad_accum, loss=parts["loss"], lr=lr)
+                    if step % cfg.log_every == 0 or step == last:
+                        elapsed = time.monotonic() - window_start
+                        record = {k: v / window_n for k, v in window.items()}
+                        record.update(
+                            step=step, epoch=epoch, lr=lr, alpha=alpha, temp=float(model.temp.item()),
+                            samples_per_s=window_n * global_batch * cfg.grad_accum / max(elapsed, 1e-9),
+                        )
+                        if self.dist.is_main:
+                            self.run.log_metrics(record)
+                            if not progress._bar:
+                                log.info("step %d/%d %s", step, total_steps, " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss")))
+                        window, window_n, window_start = {}, 0, time.monotonic()
+                    if step % cfg.ckpt_every == 0 or step == last:
+                        self._checkpoint(model, tokenizer, mcfg, optimizer, step)
+                del batches
+        if step >= total_steps and self.dist.is_main:
+            save_model_folder(self.run.model_dir, model, tokenizer, mcfg, job.stage, extra={"steps": step, "run": str(self.run.path)})
+            log.info("%s done: model in %s", job.stage, self.run.model_dir)
+        barrier()
+        return self.run.model_dir
+
+    def _step(self, model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len) -> dict[str, float]:
+        cfg = self.cfg
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_temp()
+        totals: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            texts = [prompt + t for t in batch["texts"]] if prompt else batch["texts"]
+            ids, mask = tokenize(tokenizer, texts, mcfg.max_text_len)
+            with _autocast(self.device, cfg.precision):
+                out = model.forward_pretrain(
+                    batch["images"].to(self.device, non_blocking=True), ids.to(self.device), mask.to(self.device),
+                    image_ids=batch["image_ids"].to(self.device), alpha=alpha, weights=self.losses, prompt_len=prompt_len,
+                )
+            (out["loss"] / cfg.grad_accum).backward()
+            for key, value in out.items():
+                if key.startswith("loss") and torch.is_tensor(value):
+                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
+        if self.dist.distributed:
+            _allreduce_grads(params, self.dist.world_size)
+        if cfg.clip_grad > 0:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+        optimizer.step()
+        if not all(math.isfinite(v) for v in totals.values()):
+            raise FloatingPointError(f"non-finite loss at this step: {totals}; lower train.lr or enable train.clip_grad")
+        return totals
+
+    def _checkpoint(self, model, tokenizer, mcfg, optimizer, step: int) -> None:
+        if self.dist.is_main:
+            save_checkpoint(
+                self.run, model=model, tokenizer=tokenizer, model_cfg=mcfg, stage=self.job.stage, optimizer=optimizer,
+                trainer={"step": step}, keep=self.cfg.keep_checkpoints,
+            )
+        barrier()
+
+
+def train(job: TrainJob) -> Path:
+    """Run a training stage; returns the final model folder."""
+    return Trainer(job).fit()
+
