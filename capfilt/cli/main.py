@@ -7,7 +7,7 @@ import sys
 import typer
 
 from capfilt import __version__
-from capfilt.cli import config_cmds, data_cmds, train_cmds
+from capfilt.cli import config_cmds, data_cmds, pipeline_cmds, train_cmds
 from capfilt.cli.common import EXIT_FAILURE, EXIT_USAGE, console
 from capfilt.config import ConfigError
 from capfilt.data.shards import ShardSpecError
@@ -28,6 +28,8 @@ app = typer.Typer(
 app.add_typer(data_cmds.app, name="data")
 app.command("pretrain")(train_cmds.pretrain)
 app.add_typer(train_cmds.finetune_app, name="finetune")
+app.command("caption")(pipeline_cmds.caption)
+app.command("filter")(pipeline_cmds.filter_)
 app.add_typer(config_cmds.app, name="config")
 
 

@@ -86,7 +86,8 @@ def run_shard_stage(
     if dist.is_main:
         write_sizes(out_dir, prefix=prefix, names=names)
     result.stats = collect_stats(out_dir, names=names)
-    if result.stats["input_count"] > 0 and result.stats["count"] == 0 and not result.failed:
+    n_bad = sum(result.stats["skipped"].values())
+    if result.stats["input_count"] > 0 and n_bad == result.stats["input_count"] and not result.failed:
         reasons = ", ".join(f"{k}: {v}" for k, v in result.stats["skipped"].items()) or "none recorded"
         raise StageError(f"{stage}: every input sample was rejected ({reasons}); check the input data")
     return result

@@ -118,6 +118,7 @@ class ShardWriter:
         self.rows: list[dict] = []
         self.n_written = 0
         self.skipped: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
         self._committed = False
 
     def __enter__(self) -> ShardWriter:
@@ -143,8 +144,14 @@ class ShardWriter:
         self.rows.append(row)
 
     def skip(self, reason: str, row: dict[str, Any] | None = None) -> None:
-        """Count an input sample that was dropped, and record it in the parquet when given."""
+        """Count an unusable input sample (bad input), and record it in the parquet when given."""
         self.skipped[reason] += 1
+        if row is not None:
+            self.rows.append({**row, "status": "dropped", "reason": reason})
+
+    def drop(self, reason: str, row: dict[str, Any] | None = None) -> None:
+        """Count a good input sample the stage decided not to keep (e.g. every text filtered out)."""
+        self.dropped[reason] += 1
         if row is not None:
             self.rows.append({**row, "status": "dropped", "reason": reason})
 
@@ -173,8 +180,9 @@ class ShardWriter:
             "stage": self.stage,
             "config_hash": self.config_hash,
             "count": self.n_written,
-            "input_count": len(self.rows) if self.rows else self.n_written + sum(self.skipped.values()),
+            "input_count": self.n_written + sum(self.dropped.values()) + sum(self.skipped.values()),
             "skipped": dict(sorted(self.skipped.items())),
+            "dropped": dict(sorted(self.dropped.items())),
             **(extra_stats or {}),
         }
         atomic_write_json(self.stats_path, stats)

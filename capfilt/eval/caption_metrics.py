@@ -226,19 +226,29 @@ class _MeteorRun:
     def __init__(self) -> None:
         from pycocoevalcap.meteor.meteor import Meteor
 
-        self._meteor = Meteor()  # spawns the JVM; OSError when java cannot be started
+        class _Meteor(Meteor):
+            def __del__(self) -> None:  # the parent's blocks on a held lock / raises on a dead pipe
+                pass
+
+        self._meteor = _Meteor()  # spawns the JVM; OSError when java cannot be started
 
     def score(self, gts: dict[int, list[str]], res: dict[int, list[str]], timeout: float) -> float:
         proc = self._meteor.meteor_p
-        # A stuck JVM is killed; the wrapper's blocked readline then returns b"" and raises.
-        timer = threading.Timer(timeout, proc.kill)
+        fired = threading.Event()
+
+        def _kill() -> None:
+            # A stuck JVM is killed; the wrapper's blocked readline then returns b"" and raises.
+            fired.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, _kill)
         timer.daemon = True
         timer.start()
         try:
             score, _ = self._meteor.compute_score(gts, res)
             return float(score)
         except Exception as exc:
-            timed_out = not timer.is_alive() and proc.poll() is not None
+            timed_out = fired.is_set()
             self.close()
             err = b""
             try:
@@ -258,11 +268,11 @@ class _MeteorRun:
         if m.lock.locked():
             m.lock.release()
         proc = m.meteor_p
+        try:
+            proc.stdin.close()
+        except OSError:  # BrokenPipeError when the JVM died with input still buffered
+            pass
         if proc.poll() is None:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
             proc.kill()
         proc.wait()
 

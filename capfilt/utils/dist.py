@@ -63,6 +63,8 @@ def current_dist_info() -> DistInfo:
 
 
 def barrier() -> None:
+    if "torch.distributed" not in sys.modules:
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -9,7 +9,12 @@ caption truth and filter precision/recall can be measured exactly. ``write_synth
 from capfilt.data.synth.build import write_synth
 from capfilt.data.synth.captions import describe, describe_distinct, noisy_text
 from capfilt.data.synth.render import render_jpeg, render_scene
-from capfilt.data.synth.truth import CaptionParseError, caption_is_true, check_caption, parse_caption
+from capfilt.data.synth.truth import (
+    CaptionParseError,
+    caption_is_true,
+    check_caption,
+    parse_caption,
+)
 from capfilt.data.synth.world import Rng, Scene, SceneObject, sample_scene
 
 __all__ = [

@@ -67,12 +67,18 @@ def _produce(cfg: SynthConfig, split: str):
                 kind = "none"
                 if kinds and rng.chance(cfg.noise_rate):
                     kind = rng.weighted(kinds, weights)
-                text = describe(scene, rng) if kind == "none" else noisy_text(kind, scene, rng, cfg.max_objects)
+                text = (
+                    describe(scene, rng)
+                    if kind == "none"
+                    else noisy_text(kind, scene, rng, cfg.max_objects)
+                )
                 captions = [caption_entry(text, "web")]
             else:
                 kind = "none"
                 per_image = cfg.captions_per_human if split == "human" else cfg.captions_per_test
-                captions = [caption_entry(t, "human") for t in describe_distinct(scene, rng, per_image)]
+                captions = [
+                    caption_entry(t, "human") for t in describe_distinct(scene, rng, per_image)
+                ]
             noise[kind] += 1
             n_captions += len(captions)
             key = make_key(source, f"{item:07d}")
@@ -119,7 +125,12 @@ def _split_summary(out_dir: Path, n_shards: int) -> dict[str, Any]:
         count += stats.get("count", 0)
         captions += stats.get("captions", 0)
         noise.update(stats.get("noise", {}))
-    return {"count": count, "captions": captions, "shards": n_shards, "noise": dict(sorted(noise.items()))}
+    return {
+        "count": count,
+        "captions": captions,
+        "shards": n_shards,
+        "noise": dict(sorted(noise.items())),
+    }
 
 
 def write_synth(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Any]:
@@ -153,5 +164,8 @@ def write_synth(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Any]:
         summary["splits"][split] = info
         summary["partial"] = summary["partial"] or result.partial
     if dist.is_main:
-        atomic_write_json(out_dir / "synth.json", {"config": to_dict(cfg), "version": GENERATOR_VERSION, "summary": summary})
+        atomic_write_json(
+            out_dir / "synth.json",
+            {"config": to_dict(cfg), "version": GENERATOR_VERSION, "summary": summary},
+        )
     return summary

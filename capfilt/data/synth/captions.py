@@ -65,8 +65,15 @@ def _word(rng: Rng, options: tuple[str, ...]) -> str:
     return rng.choice(options[1:])
 
 
-def noun_phrase(obj: SceneObject, rng: Rng, *, det: str = "a", colour: bool | None = None, size: bool | None = None) -> str:
-    """ "a big red circle": determiner, optional size and colour (random unless forced), shape."""
+def noun_phrase(
+    obj: SceneObject,
+    rng: Rng,
+    *,
+    det: str = "a",
+    colour: bool | None = None,
+    size: bool | None = None,
+) -> str:
+    """A noun phrase such as "a big red circle": size and colour are random unless forced."""
     colour = rng.chance(P_COLOUR) if colour is None else colour
     size = rng.chance(P_SIZE) if size is None else size
     words = []
@@ -128,7 +135,13 @@ def _describe_two(scene: Scene, rng: Rng, require: Require) -> str:
 
     def np(index: int, det: str = "a") -> str:
         obj = scene.objects[index]
-        return noun_phrase(obj, rng, det=det, colour=_forced(require, index, "colour"), size=_forced(require, index, "size"))
+        return noun_phrase(
+            obj,
+            rng,
+            det=det,
+            colour=_forced(require, index, "colour"),
+            size=_forced(require, index, "size"),
+        )
 
     def pos(obj: SceneObject) -> str:
         return position_phrase(obj, rng)
@@ -201,7 +214,9 @@ def corrupt_scene(scene: Scene, rng: Rng) -> tuple[Scene, tuple[int, str]]:
         objects[index] = obj.changed(position=other.position)
         objects[1 - index] = other.changed(position=obj.position)
         return replace(scene, objects=tuple(objects)), (index, attribute)
-    options = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "position": POSITIONS}[attribute]
+    options = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "position": POSITIONS}[
+        attribute
+    ]
     new = rng.choice(tuple(v for v in options if v != getattr(obj, attribute)))
     return scene.replace_object(index, obj.changed(**{attribute: new})), (index, attribute)
 
@@ -213,7 +228,8 @@ def attribute_noise(scene: Scene, rng: Rng) -> str:
         text = describe(wrong, rng, require=require)
         if not caption_is_true(text, scene):
             return text
-    raise RuntimeError("could not write a false attribute caption")  # e.g. a degenerate hand-made scene
+    # only a degenerate hand-made scene gets here
+    raise RuntimeError("could not write a false attribute caption")
 
 
 def swap_noise(scene: Scene, rng: Rng, max_objects: int = 2) -> str:

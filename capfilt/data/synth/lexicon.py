@@ -32,8 +32,20 @@ SIZE_WORDS: dict[str, tuple[str, ...]] = {
 }
 
 _POSITION_BASES: dict[str, tuple[str, ...]] = {
-    "left": ("on the left", "on the left side", "at the left", "on the left hand side", "in the left half"),
-    "right": ("on the right", "on the right side", "at the right", "on the right hand side", "in the right half"),
+    "left": (
+        "on the left",
+        "on the left side",
+        "at the left",
+        "on the left hand side",
+        "in the left half",
+    ),
+    "right": (
+        "on the right",
+        "on the right side",
+        "at the right",
+        "on the right hand side",
+        "in the right half",
+    ),
     "top": ("at the top", "near the top", "in the upper part", "in the top half"),
     "bottom": ("at the bottom", "near the bottom", "in the lower part", "in the bottom half"),
     "center": ("in the middle", "in the center", "in the centre", "at the center"),
@@ -49,6 +61,13 @@ def position_phrases(position: str, *, with_frame: bool) -> tuple[str, ...]:
     return tuple(f"{base} {suffix}" for base in bases for suffix in FRAME_SUFFIXES)
 
 
+EXTRA_POSITIONS: dict[str, tuple[str, ...]] = {
+    "left": ("to the left",),
+    "right": ("to the right",),
+    "top": ("on top",),
+}
+"""Position phrases the parser also reads."""
+
 RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "left_of": ("to the left of", "left of", "on the left of"),
     "right_of": ("to the right of", "right of", "on the right of"),
@@ -56,6 +75,9 @@ RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "below": ("below", "under", "beneath"),
     "next_to": ("next to", "beside"),
 }
+
+EXTRA_RELATIONS: dict[str, tuple[str, ...]] = {"above": ("on top of",), "below": ("underneath",)}
+"""Relation phrases the parser also reads."""
 
 PREFIXES = (
     "an image of",
@@ -71,7 +93,13 @@ PREFIXES = (
 EXTRA_PREFIXES = ("a picture of", "a photo of", "a photo showing")
 """Openings the parser also reads."""
 
-BACKGROUNDS = ("on a plain background", "on a light background", "on a grey background", "on a blank background", "against a light background")
+BACKGROUNDS = (
+    "on a plain background",
+    "on a light background",
+    "on a grey background",
+    "on a blank background",
+    "against a light background",
+)
 EXTRA_BACKGROUNDS = ("on a gray background", "on a white background")
 
 COUNT_TWO = ("two shapes", "two objects")
@@ -87,7 +115,7 @@ VOWELS = "aeiou"
 
 
 def article(next_word: str) -> str:
-    """ "a" or "an" for the word that follows (every word of this world is spelled as it sounds)."""
+    """The indefinite article for the next word (every word of this world is spelled as it sounds)."""
     return "an" if next_word[:1] in VOWELS else "a"
 
 
@@ -108,7 +136,11 @@ def lexicon() -> dict[str, tuple[str, str]]:
     for value in _POSITION_BASES:
         add("position", value, position_phrases(value, with_frame=False))
         add("position", value, position_phrases(value, with_frame=True))
+    for value, phrases in EXTRA_POSITIONS.items():
+        add("position", value, phrases)
     for value, phrases in RELATION_WORDS.items():
+        add("relation", value, phrases)
+    for value, phrases in EXTRA_RELATIONS.items():
         add("relation", value, phrases)
     add("prefix", "", PREFIXES + EXTRA_PREFIXES)
     add("background", "", BACKGROUNDS + EXTRA_BACKGROUNDS)
@@ -129,5 +161,14 @@ def writer_vocabulary() -> set[str]:
             phrases.extend(values)
     for position in _POSITION_BASES:
         phrases.extend(position_phrases(position, with_frame=True))
-    phrases += [*PREFIXES, *BACKGROUNDS, *COUNT_TWO, *SINGLE_DETERMINERS, *DETERMINERS, *THERE, *COPULA, *AND]
+    phrases += [
+        *PREFIXES,
+        *BACKGROUNDS,
+        *COUNT_TWO,
+        *SINGLE_DETERMINERS,
+        *DETERMINERS,
+        *THERE,
+        *COPULA,
+        *AND,
+    ]
     return {word for phrase in phrases for word in phrase.split()}

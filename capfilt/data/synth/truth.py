@@ -185,16 +185,20 @@ def _as_scene(scene: Scene | dict[str, Any]) -> Scene:
 
 def _failures(parsed: ParsedCaption, scene: Scene, assignment: tuple[int, ...]) -> list[str]:
     failed = []
-    for m, (mention, index) in enumerate(zip(parsed.mentions, assignment)):
+    for m, (mention, index) in enumerate(zip(parsed.mentions, assignment, strict=True)):
         obj = scene.objects[index]
         for attribute in ATTRIBUTES:
             said = getattr(mention, attribute)
             if said is not None and said != getattr(obj, attribute):
-                failed.append(f"object {m + 1} ({mention.label()}): {attribute} is {getattr(obj, attribute)}, caption says {said}")
+                failed.append(
+                    f"object {m + 1} ({mention.label()}): {attribute} is {getattr(obj, attribute)}, caption says {said}"
+                )
     for a, relation, b in parsed.relations:
         pa, pb = scene.objects[assignment[a]].position, scene.objects[assignment[b]].position
         if not relation_holds(relation, pa, pb):
-            failed.append(f"relation: object {a + 1} is not {relation} object {b + 1} ({pa} vs {pb})")
+            failed.append(
+                f"relation: object {a + 1} is not {relation} object {b + 1} ({pa} vs {pb})"
+            )
     return failed
 
 
@@ -207,7 +211,14 @@ def check_caption(caption: str, scene: Scene | dict[str, Any]) -> dict[str, Any]
     failures), or why the caption could not be read.
     """
     scene = _as_scene(scene)
-    result: dict[str, Any] = {"parsed": False, "true": False, "complete": False, "n_mentions": 0, "assignment": [], "failed": []}
+    result: dict[str, Any] = {
+        "parsed": False,
+        "true": False,
+        "complete": False,
+        "n_mentions": 0,
+        "assignment": [],
+        "failed": [],
+    }
     try:
         parsed = parse_caption(caption)
     except CaptionParseError as err:
@@ -223,7 +234,10 @@ def check_caption(caption: str, scene: Scene | dict[str, Any]) -> dict[str, Any]
     else:
         # at most two objects, so trying every matching is cheap and exact
         best = min(
-            (( _failures(parsed, scene, a), a) for a in itertools.permutations(range(n_objects), n_mentions)),
+            (
+                (_failures(parsed, scene, a), a)
+                for a in itertools.permutations(range(n_objects), n_mentions)
+            ),
             key=lambda fa: len(fa[0]),
         )
         failed.extend(best[0])

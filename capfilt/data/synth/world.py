@@ -112,11 +112,15 @@ class Rng:
         if total <= 0:
             raise ValueError("weights must not all be zero")
         x = self._random.random() * total
-        for item, weight in zip(items, weights):
+        for item, weight in zip(items, weights, strict=True):
             x -= weight
             if x < 0:
                 return item
-        return next(item for item, weight in zip(reversed(items), reversed(weights)) if weight > 0)
+        return next(
+            item
+            for item, weight in zip(reversed(items), reversed(weights), strict=True)
+            if weight > 0
+        )
 
     def shuffled(self, seq: Sequence[T]) -> list[T]:
         out = list(seq)
@@ -140,9 +144,16 @@ class SceneObject:
     """Centre offset from the position slot, as a fraction of the image side."""
 
     def __post_init__(self) -> None:
-        for name, allowed in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS)):
+        for name, allowed in (
+            ("shape", SHAPES),
+            ("colour", COLOURS),
+            ("size", SIZES),
+            ("position", POSITIONS),
+        ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}"
+                )
 
     def changed(self, **changes: Any) -> SceneObject:
         """A copy with attributes changed; a new colour brings its plain RGB."""
@@ -203,7 +214,9 @@ class Scene:
 
 
 def _jittered_rgb(colour: str, rng: Rng) -> tuple[int, int, int]:
-    return tuple(max(0, min(255, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOURS[colour])
+    return tuple(
+        max(0, min(255, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOURS[colour]
+    )
 
 
 def sample_object(rng: Rng, position: str) -> SceneObject:
@@ -215,7 +228,10 @@ def sample_object(rng: Rng, position: str) -> SceneObject:
         position=position,
         rgb=_jittered_rgb(colour, rng),
         # rounded so that the json round trip gives back the very same scene
-        offset=(round(rng.uniform(-OFFSET_JITTER, OFFSET_JITTER), 3), round(rng.uniform(-OFFSET_JITTER, OFFSET_JITTER), 3)),
+        offset=(
+            round(rng.uniform(-OFFSET_JITTER, OFFSET_JITTER), 3),
+            round(rng.uniform(-OFFSET_JITTER, OFFSET_JITTER), 3),
+        ),
     )
 
 
@@ -229,4 +245,6 @@ def sample_scene(rng: Rng, max_objects: int = 2) -> Scene:
     else:
         positions = rng.shuffled(rng.choice(PAIRS))
     grey = rng.randint(*BACKGROUND_RANGE)
-    return Scene(objects=tuple(sample_object(rng, p) for p in positions), background=(grey, grey, grey))
+    return Scene(
+        objects=tuple(sample_object(rng, p) for p in positions), background=(grey, grey, grey)
+    )

@@ -1,0 +1,78 @@
+"""``capfilt caption`` and ``capfilt filter``: the CapFilt shard stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from capfilt.cli.common import EXIT_PARTIAL, EXIT_USAGE, DryRunOption, RecipeArgument, SetOption, fail, out, resolve
+from capfilt.data.stage import StageResult
+
+ShardsOption = Annotated[list[str], typer.Option("--shards", help="Input shards: folder, brace pattern or .tar (repeatable).")]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the shards.")]
+ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Model folder, or a run folder (its model/ or latest checkpoint).")]
+
+
+def _report(result: StageResult, what: str) -> None:
+    stats = result.stats
+    out.print(f"{what}: {stats['count']} samples written of {stats['input_count']} read, in {result.out_dir}")
+    for reason, count in stats["skipped"].items():
+        out.print(f"  skipped {count} bad input sample(s): {reason}")
+    if result.partial:
+        out.print(f"[yellow]{len(result.failed)} shard(s) failed; re-run the same command to retry[/]")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def caption(
+    model: ModelOption,
+    shards: ShardsOption,
+    out_dir: OutOption,
+    recipe: RecipeArgument = "demo",
+    set_: SetOption = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Write synthetic captions for every image (nucleus sampling by default; caption.* settings).
+
+    Output shards keep every input field and add the captions to the json with origin
+    'synthetic'. Resumable; under torchrun the shards are split over the ranks.
+    """
+    from capfilt.pipeline.caption import caption_shards
+
+    cfg = resolve(recipe, set_, dry_run)
+    _report(caption_shards(model, shards, out_dir, cfg.caption), "caption")
+
+
+def filter_(
+    shards: ShardsOption,
+    out_dir: OutOption,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Filter model folder or run folder.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Keep a text when softmax(itm)[1] > threshold (default: the recipe's filter.threshold).")] = None,
+    scores_from: Annotated[
+        Path | None, typer.Option("--scores-from", help="Re-apply --threshold to an earlier filter output's scores, without the model.")
+    ] = None,
+    recipe: RecipeArgument = "demo",
+    set_: SetOption = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Keep the web and synthetic texts the ITM head accepts; write kept shards, per-text scores and a summary."""
+    from capfilt.pipeline.filter import filter_shards, rethreshold_shards
+
+    overrides = list(set_ or [])
+    if threshold is not None:
+        overrides.append(f"filter.threshold={threshold}")
+    cfg = resolve(recipe, overrides, dry_run)
+    if scores_from is not None:
+        result = rethreshold_shards(scores_from, shards, out_dir, cfg.filter.threshold)
+    elif model is None:
+        raise fail("give --model (to score) or --scores-from (to re-apply a threshold)", EXIT_USAGE)
+    else:
+        result = filter_shards(model, shards, out_dir, cfg.filter)
+    _report(result, "filter")
+    summary = out_dir / "summary.json"
+    if summary.is_file():
+        import json
+
+        for origin, info in json.loads(summary.read_text()).get("origins", {}).items():
+            out.print(f"  {origin:>9}: kept {info['kept']} of {info['texts']} texts ({100 * info['kept_fraction']:.1f}%)")

@@ -1,0 +1,163 @@
+"""Self-describing model folder (CONVENTIONS "Runs and checkpoints").
+
+    model.safetensors     weights; each shared (tied) tensor stored once, its other names in the metadata
+    model_config.json     the ModelConfig fields
+    tokenizer*.json ...   the tokenizer (``save_pretrained``)
+    capfilt.json          {stage, format_version, ...}; written last, so it marks a complete folder
+
+Loading never unpickles: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from transformers import PreTrainedTokenizerBase
+
+import capfilt
+from capfilt.config import ModelConfig, from_dict, to_dict
+from capfilt.data.writer import atomic_write_bytes, atomic_write_json
+from capfilt.model.med import MED, count_parameters
+from capfilt.model.tokenizer import load_tokenizer, special_ids
+
+FORMAT_VERSION = 1
+"""Version of the folder layout; bumped on incompatible changes."""
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model_config.json"
+META = "capfilt.json"
+
+MOMENTUM_PREFIXES = (
+    "visual_encoder_m.",
+    "text_encoder_m.",
+    "vision_proj_m.",
+    "text_proj_m.",
+    "image_queue",
+    "text_queue",
+    "idx_queue",
+    "queue_ptr",
+)
+"""Training-only state (momentum copies and queues); optional in a folder."""
+
+
+def _is_momentum(name: str) -> bool:
+    return name.startswith(MOMENTUM_PREFIXES)
+
+
+def unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with each storage once (safetensors refuses shared tensors).
+
+    Returns (tensors, aliases) where ``aliases`` maps a dropped name to the kept one; the kept
+    name is the first in module order (the text encoder's, for the shared text weights).
+    """
+    seen: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+    return tensors, aliases
+
+
+def save_model_folder(
+    path: str | Path,
+    model: MED,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: ModelConfig,
+    stage: str,
+    extra: dict[str, Any] | None = None,
+    include_momentum: bool = True,
+) -> Path:
+    """Write a model folder (see module doc). ``include_momentum=False`` leaves out the momentum
+    encoders and queues (a smaller folder for inference; loading then re-copies the momentum
+    weights from the online ones). ``extra`` lands in ``capfilt.json`` under ``"extra"``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / META).unlink(missing_ok=True)  # the folder is incomplete until capfilt.json is back
+
+    tensors, aliases = unique_state_dict(model)
+    if not include_momentum:
+        tensors = {k: v for k, v in tensors.items() if not _is_momentum(k)}
+        aliases = {k: v for k, v in aliases.items() if not _is_momentum(k)}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    blob = safetensors_save(tensors, metadata={"format": "pt", "capfilt_aliases": json.dumps(aliases, sort_keys=True)})
+    atomic_write_bytes(path / WEIGHTS, blob)
+    atomic_write_json(path / CONFIG, to_dict(cfg))
+
+    with tempfile.TemporaryDirectory(dir=path, prefix=".tok") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), path / name)
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "capfilt_version": capfilt.__version__,
+        "vocab_size": model.vocab_size,
+        "special_ids": special_ids(tokenizer),
+        "includes_momentum": include_momentum,
+        "parameters": count_parameters(model),
+        "extra": extra or {},
+    }
+    atomic_write_json(path / META, meta)
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """``capfilt.json`` of a model folder, with a clear error when it is not one."""
+    meta_path = Path(path) / META
+    if not meta_path.is_file():
+        raise ValueError(f"{path}: not a capfilt model folder (no {META}; incomplete or wrong path)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: model folder format {meta.get('format_version')} (this capfilt reads {FORMAT_VERSION})")
+    return meta
+
+
+def load_model_folder(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[MED, PreTrainedTokenizerBase, ModelConfig, dict[str, Any]]:
+    """Load (model, tokenizer, cfg, meta) from a folder written by :func:`save_model_folder`.
+
+    The model is rebuilt from the saved config (no checkpoint initialisation), its ties made by
+    construction, then filled from the safetensors file; returned in eval mode on ``device``.
+    """
+    from capfilt.model import build_model
+
+    path = Path(path)
+    meta = read_meta(path)
+    cfg = from_dict(ModelConfig, json.loads((path / CONFIG).read_text()))
+    tokenizer = load_tokenizer(str(path))
+    model = build_model(cfg, tokenizer, pretrained=False)
+
+    with safe_open(str(path / WEIGHTS), framework="pt", device="cpu") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    _, fresh_aliases = unique_state_dict(model)
+    expected = set(model.state_dict())
+    unexpected = sorted(set(tensors) - expected)
+    missing = [k for k in sorted(expected - set(tensors)) if fresh_aliases.get(k) not in tensors]
+    momentum_missing = [k for k in missing if _is_momentum(k)]
+    missing = [k for k in missing if not _is_momentum(k)]
+    if unexpected or missing:
+        raise ValueError(f"{path / WEIGHTS} does not match the model config: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"{path / WEIGHTS} does not match the model config / tokenizer: {exc}") from exc
+    if momentum_missing:
+        model.copy_params()
+    model.to(device)
+    model.eval()
+    return model, tokenizer, cfg, meta
+
