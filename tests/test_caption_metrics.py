@@ -29,12 +29,21 @@ needs_java = pytest.mark.skipif(not cm.java_available(), reason="no java executa
 # Captions with what the Stanford PTB tokenizer 3.4.1 makes of them (observed with the jar), after the
 # COCO evaluation drops its punctuation tokens.
 PTB_CASES = [
-    ("A man's cat can't (see) \"it\" -- 3.5 1,000 and/or.", "a man 's cat ca n't -lrb- see -rrb- it 3.5 1,000 and/or"),
+    (
+        "A man's cat can't (see) \"it\" -- 3.5 1,000 and/or.",
+        "a man 's cat ca n't -lrb- see -rrb- it 3.5 1,000 and/or",
+    ),
     ("I cannot go; wanna? gonna! don't", "i can not go wan na gon na do n't"),
-    ("the U.S. flag on a T.V. in Main St. near 5th Ave.", "the u.s. flag on a t.v. in main st. near 5th ave."),
+    (
+        "the U.S. flag on a T.V. in Main St. near 5th Ave.",
+        "the u.s. flag on a t.v. in main st. near 5th ave.",
+    ),
     ("a man wearing a t-shirt, jeans,and a hat.", "a man wearing a t-shirt jeans and a hat"),
     ("a close-up of a fork.a knife at 6:30...", "a close-up of a fork.a knife at 6:30"),
-    ("It\u2019s a \u201cquoted\u201d caf\u00e9 scene, o'clock", "it 's a quoted caf\u00e9 scene o'clock"),
+    (
+        "It\u2019s a \u201cquoted\u201d caf\u00e9 scene, o'clock",
+        "it 's a quoted caf\u00e9 scene o'clock",
+    ),
     ("the kids' toys   and\tjesus' hat\r\nnext", "the kids toys and jesus hat next"),
     ("50% off $5 x*y", "50 % off $ 5 x * y"),
     ("", ""),
@@ -96,10 +105,11 @@ def test_identical_and_disjoint_predictions():
     # cosine 1 with it, 0 with the other -> (1 + 0) / 2 refs x 10 = 5 per image -> 500 %.
     assert same["cider"] == pytest.approx(500.0, abs=1e-6)
 
-    disjoint = score_captions({"a": "xylophone zebra quartz", "b": "plum jam kettle"}, refs)
+    disjoint = score_captions(
+        {"a": "xylophone zebra quartz", "b": "plum jam kettle"}, refs, ("bleu", "cider", "rouge")
+    )
     assert disjoint["bleu1"] < 1e-6 and disjoint["bleu4"] < 1e-3
     assert disjoint["cider"] == 0.0 and disjoint["rouge_l"] == 0.0
-    assert disjoint["meteor"] in (0.0, None)
 
     # Corpus CIDEr-D is the mean over images: 5 (identical) and 0 (disjoint) -> 2.5 -> 250 %.
     mixed = score_captions({"a": refs["a"][0], "b": "plum jam kettle"}, refs, ("cider",))
@@ -145,7 +155,9 @@ def test_meteor_failure_is_reported_not_raised(monkeypatch):
 
 @needs_java
 def test_meteor_time_limit():
-    out = score_captions({1: "a dog runs"}, {1: ["a dog is running"]}, ("meteor",), meteor_timeout=0.05)
+    out = score_captions(
+        {1: "a dog runs"}, {1: ["a dog is running"]}, ("meteor",), meteor_timeout=0.05
+    )
     assert out["meteor"] is None
     assert any("timed out" in n for n in out["notes"]), out["notes"]
 
@@ -156,9 +168,12 @@ def magic():
         pytest.skip(f"MAGIC caption reference not found at {MAGIC}")
     rows = json.loads(MAGIC.read_text())
     assert len(rows) == 4982
-    return {r["image_name"]: r["prediction"] for r in rows}, {r["image_name"]: r["captions"] for r in rows}
+    return {r["image_name"]: r["prediction"] for r in rows}, {
+        r["image_name"]: r["captions"] for r in rows
+    }
 
 
+@pytest.mark.slow  # ~26 s on 2 idle cores, most of it METEOR (JVM + paraphrase table)
 def test_magic_published_scores(magic):
     """MAGIC paper, COCO Karpathy test: BLEU-4 12.9, METEOR 17.4, ROUGE-L 39.9, CIDEr 49.3."""
     preds, refs = magic
@@ -175,10 +190,10 @@ def test_magic_published_scores(magic):
 @needs_java
 def test_python_tokenizer_agrees_with_java_on_magic(magic):
     """The fallback tokenizer gives the Java tokens for all but a handful of the 29,892 captions
-    (measured: 2 differ, "Wii U." and "M&Ms"), hence the same BLEU and CIDEr to 1e-4."""
+    (measured: 3 differ: "Wii U.", "lying I. The", "M&Ms"), hence the same BLEU and CIDEr to 1e-4."""
     preds, refs = magic
     texts = list(preds.values()) + [c for rs in refs.values() for c in rs]
     java_tokens, _, _ = ptb_tokenize(texts, tokenizer="java")
     py_tokens = python_ptb_tokenize(texts)
-    differ = sum(a != b for a, b in zip(java_tokens, py_tokens))
+    differ = sum(a != b for a, b in zip(java_tokens, py_tokens, strict=True))
     assert differ <= 10

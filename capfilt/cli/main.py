@@ -7,7 +7,7 @@ import sys
 import typer
 
 from capfilt import __version__
-from capfilt.cli import config_cmds, data_cmds, pipeline_cmds, train_cmds
+from capfilt.cli import config_cmds, data_cmds, demo_cmds, eval_cmds, pipeline_cmds, train_cmds
 from capfilt.cli.common import EXIT_FAILURE, EXIT_USAGE, console
 from capfilt.config import ConfigError
 from capfilt.data.shards import ShardSpecError
@@ -26,11 +26,13 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(data_cmds.app, name="data")
+app.command("demo")(demo_cmds.demo)
 app.command("pretrain")(train_cmds.pretrain)
 app.add_typer(train_cmds.finetune_app, name="finetune")
 app.command("caption")(pipeline_cmds.caption)
 app.command("filter")(pipeline_cmds.filter_)
 app.add_typer(config_cmds.app, name="config")
+app.add_typer(eval_cmds.app, name="eval")
 
 
 def _version(value: bool) -> None:

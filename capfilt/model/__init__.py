@@ -19,7 +19,9 @@ from capfilt.model.tokenizer import (
 )
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, pretrained: bool = True) -> MED:
+def build_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, pretrained: bool = True
+) -> MED:
     """A MED sized for ``tokenizer`` (vocab = ``len(tokenizer)``).
 
     ``pretrained``: initialise from ``cfg.vision_checkpoint`` / ``cfg.text_checkpoint`` when set
@@ -33,7 +35,9 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, pretrained
             init_vision(model.visual_encoder, cfg.vision_checkpoint)
         if cfg.text_checkpoint:
             if not cfg.tokenizer:
-                raise ValueError("model.text_checkpoint needs model.tokenizer set to that checkpoint's tokenizer")
+                raise ValueError(
+                    "model.text_checkpoint needs model.tokenizer set to that checkpoint's tokenizer"
+                )
             init_text(model.text_encoder, model.text_decoder, cfg.text_checkpoint)
         model.copy_params()
     return model

@@ -101,7 +101,9 @@ class Gather:
     def max_int(self, value: int, device: torch.device) -> int:
         return all_reduce_max(value, device)
 
-    def no_grad_padded(self, t: torch.Tensor, value: int | float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def no_grad_padded(
+        self, t: torch.Tensor, value: int | float = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad dim 1 of ``t`` to the largest length over ranks, then gather.
 
         Returns (padded local tensor, gathered tensor); used for token ids whose padded length

@@ -61,7 +61,14 @@ def unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for name, t in model.state_dict().items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = (
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+        )
         if key in seen:
             aliases[name] = seen[key]
             continue
@@ -91,7 +98,9 @@ def save_model_folder(
         tensors = {k: v for k, v in tensors.items() if not _is_momentum(k)}
         aliases = {k: v for k, v in aliases.items() if not _is_momentum(k)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    blob = safetensors_save(tensors, metadata={"format": "pt", "capfilt_aliases": json.dumps(aliases, sort_keys=True)})
+    blob = safetensors_save(
+        tensors, metadata={"format": "pt", "capfilt_aliases": json.dumps(aliases, sort_keys=True)}
+    )
     atomic_write_bytes(path / WEIGHTS, blob)
     atomic_write_json(path / CONFIG, to_dict(cfg))
 
@@ -118,10 +127,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """``capfilt.json`` of a model folder, with a clear error when it is not one."""
     meta_path = Path(path) / META
     if not meta_path.is_file():
-        raise ValueError(f"{path}: not a capfilt model folder (no {META}; incomplete or wrong path)")
+        raise ValueError(
+            f"{path}: not a capfilt model folder (no {META}; incomplete or wrong path)"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: model folder format {meta.get('format_version')} (this capfilt reads {FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: model folder format {meta.get('format_version')} (this capfilt reads {FORMAT_VERSION})"
+        )
     return meta
 
 
@@ -150,14 +163,17 @@ def load_model_folder(
     momentum_missing = [k for k in missing if _is_momentum(k)]
     missing = [k for k in missing if not _is_momentum(k)]
     if unexpected or missing:
-        raise ValueError(f"{path / WEIGHTS} does not match the model config: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise ValueError(
+            f"{path / WEIGHTS} does not match the model config: missing {missing[:6]}, unexpected {unexpected[:6]}"
+        )
     try:
         model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:
-        raise ValueError(f"{path / WEIGHTS} does not match the model config / tokenizer: {exc}") from exc
+        raise ValueError(
+            f"{path / WEIGHTS} does not match the model config / tokenizer: {exc}"
+        ) from exc
     if momentum_missing:
         model.copy_params()
     model.to(device)
     model.eval()
     return model, tokenizer, cfg, meta
-

@@ -41,7 +41,9 @@ def itc_loss(
     targets = sim_targets.float()
     if alpha > 0:
         if image_feat_m is None or text_feat_m is None:
-            raise ValueError("itc_loss: alpha > 0 needs the local momentum features image_feat_m/text_feat_m")
+            raise ValueError(
+                "itc_loss: alpha > 0 needs the local momentum features image_feat_m/text_feat_m"
+            )
         with torch.no_grad():
             sim_i2t_m = image_feat_m.float() @ text_feat_m_all.float().t() / temp
             sim_t2i_m = text_feat_m.float() @ image_feat_m_all.float().t() / temp
@@ -119,7 +121,9 @@ def itm_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits, labels)
 
 
-def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int = 0) -> torch.Tensor:
+def lm_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int = 0
+) -> torch.Tensor:
     """LM labels (SPEC §2 LM): the decoder input ids with padding and the first ``prompt_len``
     tokens (the [DEC] token and the prompt) set to -100."""
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
@@ -128,7 +132,9 @@ def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len:
     return labels
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = LABEL_SMOOTHING) -> torch.Tensor:
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = LABEL_SMOOTHING
+) -> torch.Tensor:
     """Captioning LM loss (SPEC §2 LM): next-token cross-entropy with label smoothing.
 
     ``logits`` [B, L, V] are the decoder outputs at every position and ``labels`` [B, L] the
@@ -136,13 +142,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
     label t+1. Averaged over the non-ignored tokens of the batch.
     """
     shifted = logits[:, :-1, :].float()
-    target = labels[:, 1:]
-    if not bool((target != IGNORE_INDEX).any()):
-        # nothing to predict (e.g. prompt-only batch): a zero that still joins the graph
-        return shifted.sum() * 0.0
-    return F.cross_entropy(
+    target = labels[:, 1:].reshape(-1)
+    per_token = F.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]),
-        target.reshape(-1),
+        target,
         ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing,
+        reduction="none",
     )
+    # sum / count instead of reduction="mean": no host sync, and 0 (not NaN) when nothing is labelled
+    count = (target != IGNORE_INDEX).sum().clamp(min=1)
+    return per_token.sum() / count

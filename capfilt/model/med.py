@@ -14,6 +14,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BlipTextConfig
@@ -62,7 +63,9 @@ def build_vit(cfg: ModelConfig, drop_path: float) -> VisionTransformer:
     )
 
 
-def text_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int], cross_attention: bool) -> BlipTextConfig:
+def text_config(
+    cfg: ModelConfig, vocab_size: int, special: dict[str, int], cross_attention: bool
+) -> BlipTextConfig:
     """BlipTextConfig of the text stack (``is_decoder`` only decides whether cross-attention layers exist)."""
     if cfg.max_text_len > MAX_POSITIONS:
         raise ValueError(f"model.max_text_len: at most {MAX_POSITIONS}")
@@ -116,14 +119,19 @@ class MED(nn.Module):
         # momentum copies (SPEC §2 ITC); the text one is unimodal only, so it has no cross-attention
         self.visual_encoder_m = build_vit(cfg, 0.0)
         self.text_encoder_m = BlipTextModel(
-            text_config(cfg, vocab_size, self.special, cross_attention=False), add_pooling_layer=False
+            text_config(cfg, vocab_size, self.special, cross_attention=False),
+            add_pooling_layer=False,
         )
         self.vision_proj_m = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj_m = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.copy_params()
 
-        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer(
+            "image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0)
+        )
+        self.register_buffer(
+            "text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0)
+        )
         # -1 marks "no image id" (real ids are >= 0), so these entries are never positives
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
@@ -183,14 +191,17 @@ class MED(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute ViT blocks and text layers in backward (non-reentrant checkpointing)."""
         self.visual_encoder.set_grad_checkpointing(enable)
-        for model in (self.text_encoder, self.text_decoder):
-            if enable:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_disable()
+        # BlipText* models refuse transformers' gradient_checkpointing_enable(), but their layers
+        # are GradientCheckpointingLayers: switch them on directly
+        ckpt = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        for layer in (*self.text_encoder.encoder.layer, *self.text_decoder.bert.encoder.layer):
+            layer.gradient_checkpointing = enable
+            layer._gradient_checkpointing_func = ckpt
 
     @torch.no_grad()
-    def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: torch.Tensor) -> None:
+    def dequeue_and_enqueue(
+        self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: torch.Tensor
+    ) -> None:
         """Write the momentum features of the GLOBAL batch (already all-gathered) into the queues.
 
         Writes at ``queue_ptr`` and wraps around modulo ``queue_size``; a batch larger than the
@@ -217,7 +228,9 @@ class MED(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unimodal text encoder (bidirectional, no cross-attention): [B, L, text_width]; ids start with [CLS]."""
-        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, is_decoder=False).last_hidden_state
+        return self.text_encoder(
+            input_ids=input_ids, attention_mask=attention_mask, is_decoder=False
+        ).last_hidden_state
 
     def text_features(self, text_embeds: torch.Tensor) -> torch.Tensor:
         """Normalised ITC text features [B, embed_dim] from the [CLS] token."""
@@ -239,11 +252,17 @@ class MED(nn.Module):
             is_decoder=False,
         ).last_hidden_state
 
-    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def itm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """ITM logits [B, 2] (index 1 = match) of image i with text i."""
-        return self.itm_head(self.multimodal_embeds(image_embeds, input_ids, attention_mask)[:, 0, :])
+        return self.itm_head(
+            self.multimodal_embeds(image_embeds, input_ids, attention_mask)[:, 0, :]
+        )
 
-    def lm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def lm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Decoder logits [B, L, vocab] (causal, cross-attending to the image; first token set to
         [DEC]); position t scores token t+1."""
         return self.text_decoder(
@@ -296,7 +315,19 @@ class MED(nn.Module):
         out = {"loss_itc": zero, "loss_itm": zero, "loss_lm": zero}
 
         if want & {"itc", "itm"}:
-            out.update(self._itc_itm(images, image_embeds, input_ids, attention_mask, image_ids, alpha, gather, want, generator))
+            out.update(
+                self._itc_itm(
+                    images,
+                    image_embeds,
+                    input_ids,
+                    attention_mask,
+                    image_ids,
+                    alpha,
+                    gather,
+                    want,
+                    generator,
+                )
+            )
         if "lm" in want:
             dec_ids = self._first_token(input_ids, "dec")
             labels = lm_labels(dec_ids, attention_mask, prompt_len)
@@ -305,17 +336,40 @@ class MED(nn.Module):
         out["loss"] = sum(out[f"loss_{name}"] for name in LOSSES if name in want)
         return out
 
-    def forward_lm_only(self, images, input_ids, attention_mask, prompt_len: int = 0, **kwargs) -> dict[str, torch.Tensor]:
+    def forward_lm_only(
+        self, images, input_ids, attention_mask, prompt_len: int = 0, **kwargs
+    ) -> dict[str, torch.Tensor]:
         """Captioner fine-tuning: LM loss only (SPEC §3 step 2)."""
-        return self.forward_pretrain(images, input_ids, attention_mask, weights=("lm",), prompt_len=prompt_len, **kwargs)
-
-    def forward_filter(self, images, input_ids, attention_mask, image_ids=None, alpha: float = 0.4, **kwargs) -> dict[str, torch.Tensor]:
-        """Filter fine-tuning: ITC + ITM (SPEC §3 step 2)."""
         return self.forward_pretrain(
-            images, input_ids, attention_mask, image_ids=image_ids, alpha=alpha, weights=("itc", "itm"), **kwargs
+            images, input_ids, attention_mask, weights=("lm",), prompt_len=prompt_len, **kwargs
         )
 
-    def _itc_itm(self, images, image_embeds, input_ids, attention_mask, image_ids, alpha, gather, want, generator):
+    def forward_filter(
+        self, images, input_ids, attention_mask, image_ids=None, alpha: float = 0.4, **kwargs
+    ) -> dict[str, torch.Tensor]:
+        """Filter fine-tuning: ITC + ITM (SPEC §3 step 2)."""
+        return self.forward_pretrain(
+            images,
+            input_ids,
+            attention_mask,
+            image_ids=image_ids,
+            alpha=alpha,
+            weights=("itc", "itm"),
+            **kwargs,
+        )
+
+    def _itc_itm(
+        self,
+        images,
+        image_embeds,
+        input_ids,
+        attention_mask,
+        image_ids,
+        alpha,
+        gather,
+        want,
+        generator,
+    ):
         out = {}
         b = images.shape[0]
         text_embeds = self.encode_text(input_ids, attention_mask)
@@ -334,22 +388,43 @@ class MED(nn.Module):
                     raise ValueError("image_ids must be >= 0 (-1 marks empty queue slots)")
             ids_glob = gather.no_grad(ids_local)
 
-            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m.forward_features(images)[:, 0, :]), dim=-1)
-            text_out_m = self.text_encoder_m(input_ids=input_ids, attention_mask=attention_mask, is_decoder=False)
-            text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:, 0, :]), dim=-1)
+            image_feat_m = F.normalize(
+                self.vision_proj_m(self.visual_encoder_m.forward_features(images)[:, 0, :]), dim=-1
+            )
+            text_out_m = self.text_encoder_m(
+                input_ids=input_ids, attention_mask=attention_mask, is_decoder=False
+            )
+            text_feat_m = F.normalize(
+                self.text_proj_m(text_out_m.last_hidden_state[:, 0, :]), dim=-1
+            )
             image_feat_m_glob = gather.no_grad(image_feat_m)
             text_feat_m_glob = gather.no_grad(text_feat_m)
 
         if "itc" in want:
             with torch.no_grad():
-                image_feat_m_all = torch.cat([image_feat_m_glob.float(), self.image_queue.t().clone().float()], 0)
-                text_feat_m_all = torch.cat([text_feat_m_glob.float(), self.text_queue.t().clone().float()], 0)
-                queue_ids = self.idx_queue.view(-1) if image_ids is not None else torch.full_like(self.idx_queue.view(-1), -1)
+                image_feat_m_all = torch.cat(
+                    [image_feat_m_glob.float(), self.image_queue.t().float()], 0
+                )
+                text_feat_m_all = torch.cat(
+                    [text_feat_m_glob.float(), self.text_queue.t().float()], 0
+                )
+                queue_ids = (
+                    self.idx_queue.view(-1)
+                    if image_ids is not None
+                    else torch.full_like(self.idx_queue.view(-1), -1)
+                )
                 sim_targets = itc_targets(ids_local, torch.cat([ids_glob, queue_ids]))
             out["loss_itc"] = itc_loss(
-                image_feat, text_feat, image_feat_m_all, text_feat_m_all, self.temp, alpha, sim_targets,
-                image_feat_m=image_feat_m, text_feat_m=text_feat_m,
-            )  # fmt: skip
+                image_feat,
+                text_feat,
+                image_feat_m_all,
+                text_feat_m_all,
+                self.temp,
+                alpha,
+                sim_targets,
+                image_feat_m=image_feat_m,
+                text_feat_m=text_feat_m,
+            )
             if self.training:
                 enqueue_ids = ids_glob if image_ids is not None else torch.full_like(ids_glob, -1)
                 self.dequeue_and_enqueue(image_feat_m_glob, text_feat_m_glob, enqueue_ids)
@@ -367,7 +442,9 @@ class MED(nn.Module):
             image_embeds_glob = gather.with_grad(image_embeds)
             text_ids = torch.cat([ids_pad, ids_pad, ids_glob_tok[neg_text_idx]], 0)
             text_mask = torch.cat([mask_pad, mask_pad, mask_glob[neg_text_idx]], 0)
-            images_all = torch.cat([image_embeds, image_embeds_glob[neg_image_idx], image_embeds], 0)
+            images_all = torch.cat(
+                [image_embeds, image_embeds_glob[neg_image_idx], image_embeds], 0
+            )
             logits = self.itm_logits(images_all, text_ids, text_mask)
             out["loss_itm"] = itm_loss(logits[:b], logits[b:])
         return out

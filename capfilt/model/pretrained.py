@@ -13,7 +13,12 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "model.pth")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_model.safetensors",
+    "model.pth",
+)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -55,14 +60,20 @@ def init_vision(vit: nn.Module, spec: str) -> None:
         try:
             sd = timm.create_model(spec, pretrained=True, num_classes=0).state_dict()
         except Exception as exc:  # unknown name, or offline
-            raise ValueError(f"model.vision_checkpoint: '{spec}' is neither a file nor a loadable timm model: {exc}") from exc
+            raise ValueError(
+                f"model.vision_checkpoint: '{spec}' is neither a file nor a loadable timm model: {exc}"
+            ) from exc
     sd = checkpoint_filter_fn(sd, vit)
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     if missing:
-        raise ValueError(f"model.vision_checkpoint '{spec}' lacks weights of the ViT: {missing[:8]}")
+        raise ValueError(
+            f"model.vision_checkpoint '{spec}' lacks weights of the ViT: {missing[:8]}"
+        )
     if unexpected:
-        log.warning("vision checkpoint: %d unused tensors (e.g. %s)", len(unexpected), unexpected[:4])
+        log.warning(
+            "vision checkpoint: %d unused tensors (e.g. %s)", len(unexpected), unexpected[:4]
+        )
 
 
 def _bert_state_dict(spec: str) -> dict[str, torch.Tensor]:
@@ -71,9 +82,13 @@ def _bert_state_dict(spec: str) -> dict[str, torch.Tensor]:
         try:
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+            path = Path(
+                snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+            )
         except Exception as exc:
-            raise ValueError(f"model.text_checkpoint: '{spec}' is not a folder and not reachable as a hub id: {exc}") from exc
+            raise ValueError(
+                f"model.text_checkpoint: '{spec}' is not a folder and not reachable as a hub id: {exc}"
+            ) from exc
     sd = load_state_dict_file(path)
     out = {}
     for k, v in sd.items():
@@ -111,18 +126,34 @@ def init_text(text_encoder: nn.Module, text_decoder: nn.Module, spec: str) -> No
     enc_sd = {k: v for k, v in enc_sd.items() if not k.endswith("position_ids")}
     try:
         missing, unexpected = text_encoder.load_state_dict(enc_sd, strict=False)
-    except RuntimeError as exc:  # shape mismatch: width/heads/intermediate differ from the checkpoint
-        raise ValueError(f"model.text_checkpoint '{spec}' does not fit the text config: {exc}") from exc
-    missing = [k for k in missing if ".crossattention." not in k and k != "embeddings.word_embeddings.weight"]
+    except (
+        RuntimeError
+    ) as exc:  # shape mismatch: width/heads/intermediate differ from the checkpoint
+        raise ValueError(
+            f"model.text_checkpoint '{spec}' does not fit the text config: {exc}"
+        ) from exc
+    missing = [
+        k
+        for k in missing
+        if ".crossattention." not in k and k != "embeddings.word_embeddings.weight"
+    ]
     if missing:
-        raise ValueError(f"model.text_checkpoint '{spec}' lacks weights of the text stack: {missing[:8]}")
+        raise ValueError(
+            f"model.text_checkpoint '{spec}' lacks weights of the text stack: {missing[:8]}"
+        )
     if unexpected:
         log.warning("text checkpoint: %d unused tensors (e.g. %s)", len(unexpected), unexpected[:4])
     for i, layer in enumerate(text_decoder.bert.encoder.layer):
         prefix = f"encoder.layer.{i}.attention."
-        layer.attention.load_state_dict({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
+        layer.attention.load_state_dict(
+            {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        )
     head = text_decoder.cls.predictions
-    transform = {k[len("cls.predictions.transform.") :]: v for k, v in sd.items() if k.startswith("cls.predictions.transform.")}
+    transform = {
+        k[len("cls.predictions.transform.") :]: v
+        for k, v in sd.items()
+        if k.startswith("cls.predictions.transform.")
+    }
     if transform:
         head.transform.load_state_dict(transform)
     if "cls.predictions.bias" in sd:

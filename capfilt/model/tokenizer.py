@@ -33,7 +33,15 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrain
     Ids: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then the learned pieces (at most
     ``vocab_size`` in all), then [DEC] and [ENC]; so ``len(tokenizer) <= vocab_size + 2``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None, clean_text=True)
@@ -66,7 +74,9 @@ def load_tokenizer(path_or_hub_id: str) -> PreTrainedTokenizerBase:
 
     path = Path(path_or_hub_id)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"tokenizer: '{path_or_hub_id}' is a file; expected a tokenizer folder or a hub id")
+        raise ValueError(
+            f"tokenizer: '{path_or_hub_id}' is a file; expected a tokenizer folder or a hub id"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path_or_hub_id))
     except OSError as exc:
@@ -78,12 +88,16 @@ def load_tokenizer(path_or_hub_id: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None) -> PreTrainedTokenizerBase:
+def build_tokenizer(
+    cfg: ModelConfig, texts: Iterable[str] | None = None
+) -> PreTrainedTokenizerBase:
     """``cfg.tokenizer`` set: load it; otherwise train WordPiece on ``texts`` (``cfg.vocab_size``)."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     if texts is None:
-        raise ValueError("model.tokenizer is not set: training a tokenizer needs the training captions")
+        raise ValueError(
+            "model.tokenizer is not set: training a tokenizer needs the training captions"
+        )
     return train_wordpiece_tokenizer(texts, cfg.vocab_size)
 
 
@@ -96,7 +110,11 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
         "enc": tokenizer.convert_tokens_to_ids(ENC_TOKEN),
         "dec": tokenizer.convert_tokens_to_ids(DEC_TOKEN),
     }
-    missing = [k for k, v in ids.items() if v is None or (k in ("enc", "dec") and v == tokenizer.unk_token_id)]
+    missing = [
+        k
+        for k, v in ids.items()
+        if v is None or (k in ("enc", "dec") and v == tokenizer.unk_token_id)
+    ]
     if missing:
         raise ValueError(f"tokenizer lacks special tokens: {', '.join(missing)}")
     return {k: int(v) for k, v in ids.items()}

@@ -102,11 +102,14 @@ class TrainStream(IterableDataset):
         self.max_words = max_words
         self.skips = SkipCounter("train-data")
 
-    def _split_samples(self, urls: list[str], split: int, n_splits: int) -> Iterator[dict]:
+    def _split_samples(self, urls: list[str], split: int, n_splits: int, pass_rng: random.Random) -> Iterator[dict]:
+        """One pass over this split's share of ``urls`` (already in this epoch's order)."""
         if len(urls) >= n_splits:
-            for url in urls[split::n_splits]:
+            mine = urls[split::n_splits]  # fixed for the epoch: ranks never read each other's shards
+            pass_rng.shuffle(mine)
+            for url in mine:
                 yield from iter_tar_samples(url, self.skips)
-        else:  # fewer shards than readers: split sample-wise instead
+        else:  # fewer shards than readers: every reader reads all, keeping its own sample positions
             index = 0
             for url in urls:
                 for sample in iter_tar_samples(url, self.skips):
@@ -121,12 +124,13 @@ class TrainStream(IterableDataset):
         # A buffer larger than the split's share would hold back the first samples for many passes.
         size = self.shuffle_buffer if known is None else max(1, min(self.shuffle_buffer, known // n_splits))
         rng = random.Random(_seed(self.seed, self.epoch, si, split, "buffer"))
+        order = list(source.urls)
+        random.Random(_seed(self.seed, self.epoch, si, "shards")).shuffle(order)
         buffer: list[dict] = []
         for pass_index in itertools.count():
-            order = list(source.urls)
-            random.Random(_seed(self.seed, self.epoch, si, pass_index, "shards")).shuffle(order)
+            pass_rng = random.Random(_seed(self.seed, self.epoch, si, split, pass_index, "pass"))
             got = 0
-            for sample in self._split_samples(order, split, n_splits):
+            for sample in self._split_samples(order, split, n_splits, pass_rng):
                 got += 1
                 if len(buffer) < size:
                     buffer.append(sample)

@@ -74,7 +74,7 @@ def _tokenizer_texts(sources: list[Source], limit: int = TOKENIZER_TEXTS):
                 return
 
 
-def _allreduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+def allreduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
     """Average gradients over ranks with a single flat all-reduce (missing grads count as zero)."""
     import torch.distributed as dist
 
@@ -217,7 +217,7 @@ class Trainer:
                         window[key] = window.get(key, 0.0) + value
                     window_n += 1
                     progress.advance(global_batch * cfg.grad_accum, loss=parts["loss"], lr=lr)
-                    if step % cfg.log_every == 0 or step == last:
+                    if step % cfg.log_every == 0 or step == total_steps:
                         elapsed = time.monotonic() - window_start
                         record = {k: v / window_n for k, v in window.items()}
                         record.update(
@@ -257,10 +257,12 @@ class Trainer:
                 if key.startswith("loss") and torch.is_tensor(value):
                     totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
         if self.dist.distributed:
-            _allreduce_grads(params, self.dist.world_size)
+            allreduce_grads(params, self.dist.world_size)
         if cfg.clip_grad > 0:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
         optimizer.step()
+        if "itc" in self.losses or "itm" in self.losses:
+            model.momentum_update()
         if not all(math.isfinite(v) for v in totals.values()):
             raise FloatingPointError(f"non-finite loss at this step: {totals}; lower train.lr or enable train.clip_grad")
         return totals

@@ -1,0 +1,258 @@
+"""How well the CapFilt filter separates true texts from noise, from a table of scored texts.
+
+Input: a DataFrame with one row per scored text (web alt-text, synthetic caption or human caption):
+
+=========  ==========================================================================================
+column     meaning
+=========  ==========================================================================================
+score      ITM match probability ``softmax(itm_logits)[1]`` (required; rows without one are dropped
+           and counted)
+origin     ``"web"``, ``"synthetic"`` or ``"human"`` (required)
+kept       the filter's decision (optional: when absent it is ``score > threshold``, BLIP's rule)
+clean      ground truth of a benchmark, web texts only: is the text really true of its image
+           (optional; when absent but ``noise`` is present, ``clean = noise == "none"``)
+noise      kind of corruption of a web text: ``"none"``, ``"swap"``, ``"attribute"``, ``"generic"``
+           (optional)
+=========  ==========================================================================================
+
+The filter's job is to *reject noisy web texts*, so "positive" means noisy and a rejection is a
+positive prediction: precision = rejected-and-noisy / rejected, recall = rejected-and-noisy / noisy.
+The ROC AUC is that of the score as a clean-vs-noisy classifier (> 0.5: clean texts score higher).
+Without truth columns (a real web crawl) the report still has kept fractions, the synthetic
+rejection rate, the sweep's kept fractions and the histograms; every truth-based number is ``None``
+and ``notes`` says why. The report holds only plain ints, floats, strings, lists, dicts and ``None``
+(never NaN), so it goes straight to ``json.dump``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+HIST_BINS = 10  # equal-width bins on [0, 1]; scores outside are counted in the end bins
+NOISE_NONE = "none"
+
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
+    """Exact ROC AUC of ``scores`` for ``labels`` (truthy = positive), by the Mann-Whitney U statistic.
+
+    Equals P(score of a random positive > score of a random negative) + 0.5 P(tie): tied scores get
+    their average rank. Raises ``ValueError`` when a class is empty or a score is NaN.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).astype(bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"{s.size} scores but {y.size} labels")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"ROC AUC needs both classes (got {n_pos} positive, {n_neg} negative)")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    # 1-based rank of a tied group = mean of the ranks it spans: last rank - (count - 1) / 2.
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
+    rank_sum_pos = float(avg_rank[inverse][y].sum())
+    u = rank_sum_pos - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def _prf(rejected: np.ndarray, noisy: np.ndarray) -> dict[str, Any]:
+    """Precision/recall/F1 of 'rejected' as a detector of 'noisy', with the confusion counts."""
+    tp = int((rejected & noisy).sum())
+    fp = int((rejected & ~noisy).sum())
+    fn = int((~rejected & noisy).sum())
+    tn = int((~rejected & ~noisy).sum())
+    p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    f1 = None if p is None or r is None else (2 * p * r / (p + r) if p + r > 0 else 0.0)
+    return {
+        "precision": p,
+        "recall": r,
+        "f1": f1,
+        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+    }
+
+
+def _kept_frac(kept: np.ndarray) -> float | None:
+    return float(kept.mean()) if kept.size else None
+
+
+def _truth(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """(known, noisy, why): web rows whose truth is known, which of all rows are noisy (False where
+    unknown), and why nothing is known (None when something is)."""
+    known = np.zeros(len(df), dtype=bool)
+    if "clean" in df.columns:
+        clean = df["clean"]
+        known = clean.notna().to_numpy()
+        noisy = ~clean.where(clean.notna(), True).astype(bool).to_numpy()
+    elif "noise" in df.columns:
+        known = df["noise"].notna().to_numpy()
+        noisy = (df["noise"].astype(str) != NOISE_NONE).to_numpy()
+    else:
+        return (
+            known,
+            known,
+            "no truth columns ('clean' or 'noise'): precision, recall, F1 and AUC left out",
+        )
+    known = known & (df["origin"] == "web").to_numpy()  # the truth is about web texts only
+    if not known.any():
+        return known, known, "no web text with known truth: precision, recall, F1 and AUC left out"
+    return known, noisy & known, None
+
+
+def filter_report(
+    df: pd.DataFrame,
+    threshold: float = 0.5,
+    sweep: Sequence[float] = DEFAULT_SWEEP,
+) -> dict[str, Any]:
+    """Evaluate filter decisions and scores; see the module docstring for the columns.
+
+    Returns a JSON-ready dict:
+
+    - ``threshold``, ``decision`` (``"kept"`` column or ``"score > threshold"``), ``n_texts``,
+      ``n_no_score`` (rows dropped for a missing score), ``kept_disagrees_with_threshold`` (rows whose
+      ``kept`` differs from ``score > threshold``; ``None`` without a ``kept`` column);
+    - ``origins``: per origin ``{"n", "kept", "kept_frac"}``; ``synthetic_rejection_rate``;
+    - on web texts with known truth (``None`` without truth): ``n_truth``, ``n_noisy``,
+      ``precision``, ``recall``, ``f1`` and ``confusion`` (tp/fp/fn/tn) of rejecting noisy texts,
+      ``auc`` (score separating clean from noisy), ``rejection_by_noise`` (per noise kind ``{"n",
+      "rejected_frac"}``: the recall for each corruption, and for ``"none"`` the false-rejection rate);
+    - ``sweep``: one row per threshold t (decision ``score > t``): ``threshold``, ``precision``,
+      ``recall``, ``f1``, ``web_kept_frac``, ``synthetic_kept_frac``;
+    - ``histograms``: ``bin_edges`` (11 values) and per origin ``{"kept": [10 counts], "rejected":
+      [10 counts]}``;
+    - ``notes``: what was left out and why.
+    """
+    for col in ("score", "origin"):
+        if col not in df.columns:
+            raise ValueError(f"score table has no '{col}' column (columns: {list(df.columns)})")
+    notes: list[str] = []
+    has_score = df["score"].notna()
+    n_no_score = int((~has_score).sum())
+    if n_no_score:
+        notes.append(f"{n_no_score} row(s) without a score left out")
+    df = df.loc[has_score].reset_index(drop=True)
+    score = df["score"].to_numpy(dtype=np.float64)
+    origin = df["origin"].astype(str).to_numpy()
+
+    by_threshold = score > threshold
+    if "kept" in df.columns:
+        if df["kept"].isna().any():
+            raise ValueError("'kept' column has missing values")
+        kept = df["kept"].astype(bool).to_numpy()
+        decision, disagree = "kept", int((kept != by_threshold).sum())
+    else:
+        kept, decision, disagree = by_threshold, "score > threshold", None
+    rejected = ~kept
+    is_web, is_syn = origin == "web", origin == "synthetic"
+
+    report: dict[str, Any] = {
+        "threshold": float(threshold),
+        "decision": decision,
+        "n_texts": int(len(df)),
+        "n_no_score": n_no_score,
+        "kept_disagrees_with_threshold": disagree,
+        "origins": {
+            o: {
+                "n": int((origin == o).sum()),
+                "kept": int(kept[origin == o].sum()),
+                "kept_frac": _kept_frac(kept[origin == o]),
+            }
+            for o in sorted(set(origin))
+        },
+        "synthetic_rejection_rate": None if not is_syn.any() else 1.0 - float(kept[is_syn].mean()),
+    }
+    if not is_syn.any():
+        notes.append("no synthetic texts: synthetic rejection rate left out")
+
+    # --- truth-based metrics on web texts ---------------------------------------------------------
+    known, noisy_all, why = _truth(df)
+    truth_keys = (
+        "n_truth",
+        "n_noisy",
+        "precision",
+        "recall",
+        "f1",
+        "confusion",
+        "auc",
+        "rejection_by_noise",
+    )
+    report.update(dict.fromkeys(truth_keys))
+    if why is not None:
+        notes.append(why)
+    else:
+        noisy = noisy_all[known]
+        report["n_truth"] = int(known.sum())
+        report["n_noisy"] = int(noisy.sum())
+        report.update(_prf(rejected[known], noisy))
+        try:
+            report["auc"] = roc_auc(score[known], ~noisy)  # clean is the positive class of the AUC
+        except ValueError as exc:
+            notes.append(f"AUC left out: {exc}")
+        if "noise" in df.columns:
+            kinds = df["noise"].to_numpy()[known]
+            rej = rejected[known]
+            report["rejection_by_noise"] = {
+                str(k): {
+                    "n": int((kinds == k).sum()),
+                    "rejected_frac": float(rej[kinds == k].mean()),
+                }
+                for k in sorted({k for k in kinds if pd.notna(k)}, key=str)
+            }
+
+    # --- threshold sweep: decisions re-made from the score ------------------------------------------
+    rows = []
+    for t in sweep:
+        keep_t = score > t
+        row: dict[str, Any] = {"threshold": float(t)}
+        if known.any():
+            prf = _prf(~keep_t[known], noisy_all[known])
+            row.update({k: prf[k] for k in ("precision", "recall", "f1")})
+        else:
+            row.update(precision=None, recall=None, f1=None)
+        row["web_kept_frac"] = _kept_frac(keep_t[is_web])
+        row["synthetic_kept_frac"] = _kept_frac(keep_t[is_syn])
+        rows.append(row)
+    report["sweep"] = rows
+
+    # --- score histograms, kept vs rejected, per origin ---------------------------------------------
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+    clipped = np.clip(score, 0.0, 1.0)  # a probability; clipping only guards against rounding
+    hist: dict[str, Any] = {"bin_edges": [float(e) for e in edges]}
+    for o in sorted(set(origin)):
+        sel = origin == o
+        hist[o] = {
+            name: [int(c) for c in np.histogram(clipped[sel & mask], bins=edges)[0]]
+            for name, mask in (("kept", kept), ("rejected", rejected))
+        }
+    report["histograms"] = hist
+    report["notes"] = notes
+    return report
+
+
+def load_score_tables(path: str | Path) -> pd.DataFrame:
+    """Read one parquet file, or every ``*.parquet`` directly in a folder (sorted by name), as one table.
+
+    A folder of filter output holds one ``{shard}.parquet`` per shard beside the shards; sorting makes
+    the row order the same on every run.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no *.parquet file in {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"score table not found: {path}")
+    tables = [pd.read_parquet(f) for f in files]
+    return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]

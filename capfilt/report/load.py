@@ -1,0 +1,140 @@
+"""Read what a demo run folder holds, tolerating every missing or broken part.
+
+A run folder (``capfilt demo``) has ``summary.json``, ``runs/<stage>/metrics.jsonl``,
+``data/web_filtered/*.parquet`` (one row per text: score and decision) and ``data/web_captioned/``
+shards. A stage may have been skipped or still be running, so each loader returns ``None`` or an
+empty value and records a human-readable note in ``RunData.missing`` instead of raising.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RUN_NAMES = ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt")
+"""The demo's training runs, in pipeline order (other run folders found are shown after these)."""
+
+TEXT_COLUMNS = ("uid", "origin", "text", "itm_score", "kept")
+"""Parquet columns the report needs from ``data/web_filtered``."""
+
+MAX_METRIC_LINES = 200_000
+"""Cap on metrics lines read per run: a report of a huge run should still render quickly."""
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    texts: pd.DataFrame | None = None
+    missing: list[str] = field(default_factory=list)
+
+    def section(self, key: str) -> dict[str, Any]:
+        """``summary[key]`` when it is a dict, else ``{}``."""
+        value = self.summary.get(key)
+        return value if isinstance(value, dict) else {}
+
+
+def load_summary(run_dir: Path, missing: list[str]) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        missing.append("summary.json not found: the run has not finished (tables are left empty)")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        missing.append(f"summary.json unreadable ({err})")
+        return {}
+    if not isinstance(data, dict):
+        missing.append("summary.json is not a JSON object")
+        return {}
+    return data
+
+
+def _clean_row(row: Any) -> dict[str, Any] | None:
+    if not isinstance(row, dict):
+        return None
+    step = row.get("step")
+    if not isinstance(step, int | float) or isinstance(step, bool) or not math.isfinite(step):
+        return None
+    return row
+
+
+def load_metrics(run_dir: Path, missing: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per run name, the metrics rows with a numeric ``step`` (broken lines are skipped)."""
+    runs_dir = run_dir / "runs"
+    found = sorted(p.name for p in runs_dir.iterdir() if (p / "metrics.jsonl").is_file()) if runs_dir.is_dir() else []
+    names = [n for n in RUN_NAMES if n in found] + [n for n in found if n not in RUN_NAMES]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in RUN_NAMES:
+        if name not in found:
+            missing.append(f"runs/{name}/metrics.jsonl not found: no loss curve for {name}")
+    for name in names:
+        rows, bad = [], 0
+        try:
+            with open(runs_dir / name / "metrics.jsonl", encoding="utf-8", errors="replace") as fh:
+                for i, line in enumerate(fh):
+                    if i >= MAX_METRIC_LINES:
+                        break
+                    if not line.strip():
+                        continue
+                    try:
+                        row = _clean_row(json.loads(line))
+                    except ValueError:  # a line cut by a running job, or garbage
+                        row = None
+                    if row is None:
+                        bad += 1
+                    else:
+                        rows.append(row)
+        except OSError as err:
+            missing.append(f"runs/{name}/metrics.jsonl unreadable ({err})")
+            continue
+        if bad:
+            missing.append(f"runs/{name}/metrics.jsonl: {bad} unreadable line(s) skipped")
+        out[name] = rows
+    return out
+
+
+def load_texts(run_dir: Path, missing: list[str]) -> pd.DataFrame | None:
+    """All per-text rows of ``data/web_filtered/*.parquet`` (files lacking the needed columns skipped)."""
+    folder = run_dir / "data" / "web_filtered"
+    paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not paths:
+        missing.append("data/web_filtered/*.parquet not found: no ITM score histograms or per-text decisions")
+        return None
+    tables = []
+    for path in paths:
+        try:
+            table = pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            missing.append(f"data/web_filtered/{path.name} unreadable ({type(err).__name__})")
+            continue
+        lacking = [c for c in TEXT_COLUMNS if c not in table.columns]
+        if lacking:
+            missing.append(f"data/web_filtered/{path.name} lacks column(s) {', '.join(lacking)}: skipped")
+            continue
+        tables.append(table)
+    if not tables:
+        return None
+    table = pd.concat(tables, ignore_index=True)
+    table["itm_score"] = pd.to_numeric(table["itm_score"], errors="coerce")
+    table["kept"] = table["kept"].fillna(False).astype(bool)
+    table["origin"] = table["origin"].astype(str)
+    table["text"] = table["text"].astype(str)
+    table["uid"] = table["uid"].astype(str)
+    return table
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    run_dir = Path(run_dir)
+    missing: list[str] = []
+    data = RunData(run_dir=run_dir, missing=missing)
+    data.summary = load_summary(run_dir, missing)
+    data.metrics = load_metrics(run_dir, missing)
+    data.texts = load_texts(run_dir, missing)
+    return data

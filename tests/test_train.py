@@ -1,0 +1,131 @@
+"""Training: schedules, the resumable data stream, losses going down, exact resume after a stop or a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from capfilt.config import ConfigError, load_recipe
+from capfilt.data.synth import write_synth
+from capfilt.data.transforms import TrainTransform
+from capfilt.train.data import TrainStream, build_sources
+from capfilt.train.optim import lr_at
+from capfilt.train.trainer import TrainJob, train
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    write_synth(out, load_recipe("tiny").synth)
+    return out
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run / "checkpoints" / latest / "model.safetensors"))
+
+
+def test_lr_schedule_warmup_step_and_cosine():
+    cfg = load_recipe("tiny", ["train.warmup_steps=10", "train.warmup_lr=0", "train.lr=1.0", "train.schedule=step", "train.lr_decay_rate=0.5", "train.epochs=3"]).train
+    assert lr_at(0, cfg, 20) == 0.0 and lr_at(5, cfg, 20) == pytest.approx(0.5)
+    assert lr_at(10, cfg, 20) == 1.0 and lr_at(25, cfg, 20) == 0.5 and lr_at(45, cfg, 20) == 0.25
+    cos = load_recipe("tiny", ["train.warmup_steps=0", "train.lr=1.0", "train.min_lr=0.1", "train.epochs=1"]).train
+    assert lr_at(0, cos, 100) == 1.0
+    assert lr_at(50, cos, 100) == pytest.approx(0.55)
+    assert lr_at(100, cos, 100) == pytest.approx(0.1)
+
+
+def _stream(synth_data, skip=0, epoch=0, **kw):
+    sources = build_sources([str(synth_data / "human"), str(synth_data / "web")])
+    return TrainStream(sources, TrainTransform(32, hflip=False), batch_size=4, seed=3, epoch=epoch, skip_batches=skip, shuffle_buffer=16, **kw)
+
+
+def test_stream_is_deterministic_and_resumable_mid_epoch(synth_data):
+    full = iter(_stream(synth_data))
+    batches = [next(full) for _ in range(7)]
+    resumed = iter(_stream(synth_data, skip=4))
+    for expected in batches[4:]:
+        got = next(resumed)
+        assert got["keys"] == expected["keys"] and got["texts"] == expected["texts"]
+        assert torch.equal(got["images"], expected["images"])
+    other_epoch = next(iter(_stream(synth_data, epoch=1)))
+    assert other_epoch["keys"] != batches[0]["keys"]
+
+
+def test_stream_splits_ranks_disjointly(synth_data):
+    seen = []
+    for rank in range(2):
+        it = iter(_stream(synth_data, rank=rank, world_size=2))
+        seen.append({k for _ in range(10) for k in next(it)["keys"]})
+    assert not seen[0] & seen[1]
+
+
+def test_stream_uses_every_caption_of_an_image(synth_data):
+    it = iter(_stream(synth_data))
+    by_key: dict[str, set[str]] = {}
+    for _ in range(150):
+        batch = next(it)
+        for key, text in zip(batch["keys"], batch["texts"]):
+            by_key.setdefault(key, set()).add(text)
+    assert max(len(texts) for key, texts in by_key.items() if key.startswith("synth-human")) > 1
+
+
+def _job(synth_data, out, *overrides, stop_after=None, resume="never"):
+    recipe = load_recipe("tiny", ["train.epochs=1", "train.ckpt_every=4", "train.log_every=2", "data.batch_size=8", *overrides])
+    shards = [str(synth_data / "human"), str(synth_data / "web")]
+    return TrainJob(stage="pretrain", recipe=recipe, shards=shards, out=out, stop_after=stop_after, resume=resume)
+
+
+def test_resume_after_stop_equals_uninterrupted_run(synth_data, tmp_path):
+    train(_job(synth_data, tmp_path / "a", "train.samples_per_epoch=96"))  # 12 steps
+    train(_job(synth_data, tmp_path / "b", "train.samples_per_epoch=96", stop_after=5))
+    assert not (tmp_path / "b" / "model").exists()
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    with pytest.raises(ConfigError, match="--resume auto"):
+        train(_job(synth_data, tmp_path / "b", "train.samples_per_epoch=96"))
+    train(_job(synth_data, tmp_path / "b", "train.samples_per_epoch=96", resume="auto"))
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    lines_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines_a] == [x["step"] for x in lines_b] == [2, 4, 6, 8, 10, 12]
+    # windows that lie wholly before the stop or after the resume are the same figures
+    for x, y in zip(lines_a, lines_b):
+        if x["step"] not in (6,):
+            assert x["loss"] == y["loss"], x["step"]
+
+
+def _pretrain_cmd(synth_data, out):
+    return [
+        sys.executable, "-m", "capfilt", "pretrain", "tiny", "--shards", str(synth_data / "human"), "--shards", str(synth_data / "web"),
+        "--out", str(out), "--resume", "auto", "--set", "train.epochs=1", "--set", "train.samples_per_epoch=240",
+        "--set", "train.ckpt_every=3", "--set", "data.batch_size=8",
+    ]
+
+
+def test_killed_pretrain_resumes_to_the_same_weights(synth_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_pretrain_cmd(synth_data, tmp_path / "ref"), check=True, capture_output=True, env=env)
+    proc = subprocess.Popen(_pretrain_cmd(synth_data, tmp_path / "kill"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    latest = tmp_path / "kill" / "checkpoints" / "latest"
+    while time.monotonic() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step_00000006"):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "kill" / "model").exists(), "the kill should land before the end"
+    subprocess.run(_pretrain_cmd(synth_data, tmp_path / "kill"), check=True, capture_output=True, env=env)
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "kill")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
