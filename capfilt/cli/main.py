@@ -7,7 +7,7 @@ import sys
 import typer
 
 from capfilt import __version__
-from capfilt.cli import config_cmds, data_cmds, demo_cmds, eval_cmds, pipeline_cmds, train_cmds
+from capfilt.cli import config_cmds, data_cmds, demo_cmds, eval_cmds, pipeline_cmds, report_cmds, train_cmds
 from capfilt.cli.common import EXIT_FAILURE, EXIT_USAGE, console
 from capfilt.config import ConfigError
 from capfilt.data.shards import ShardSpecError
@@ -33,6 +33,7 @@ app.command("caption")(pipeline_cmds.caption)
 app.command("filter")(pipeline_cmds.filter_)
 app.add_typer(config_cmds.app, name="config")
 app.add_typer(eval_cmds.app, name="eval")
+app.command("report")(report_cmds.report)
 
 
 def _version(value: bool) -> None:

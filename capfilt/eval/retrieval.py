@@ -311,18 +311,21 @@ def itm_pair_logits(
     was_training = model.training
     model.eval()
     out = torch.empty(image_index.numel(), dtype=torch.float32)
-    for start in range(0, image_index.numel(), batch_size):
-        img = image_index[start : start + batch_size]
-        txt = text_index[start : start + batch_size]
+    # score pairs in order of text length: batches of similar lengths carry little padding
+    # (captions of 5 to 27 tokens would otherwise all be padded to the longest in every batch)
+    order = torch.argsort(feats.text_mask.sum(1)[text_index], stable=True)
+    for start in range(0, order.numel(), batch_size):
+        pos = order[start : start + batch_size]
+        img, txt = image_index[pos], text_index[pos]
         mask = feats.text_mask[txt]
         keep = mask.bool().any(0)  # drop columns that are padding in every row of this batch
         ids, mask = feats.text_ids[txt][:, keep], mask[:, keep]
         embeds = feats.image_embeds[img].to(device, torch.float32)
         with inference_autocast(device):
             logits = model.itm_logits(embeds, ids.to(device), mask.to(device))
-        out[start : start + img.numel()] = logits[:, 1].float().cpu()
+        out[pos] = logits[:, 1].float().cpu()
         if progress is not None:
-            progress.advance(img.numel())
+            progress.advance(pos.numel())
     model.train(was_training)
     return out
 
@@ -436,21 +439,22 @@ def retrieval_scores(
     Under ``torch.distributed`` each rank ranks a contiguous block of the queries and the result
     is all-gathered, so every rank returns the same full rankings.
     """
-    dist = current_dist_info()
+    from capfilt.model.distributed import rank_and_world
+
+    rank, world = rank_and_world()  # (0, 1) unless a process group is initialised
     if device is None:
         device = next(model.parameters()).device if model is not None else torch.device("cpu")
     device = torch.device(device)
     part = score_rows(
         model, feats, k,
-        image_rows=row_block(feats.n_images, dist.rank, dist.world_size),
-        text_rows=row_block(feats.n_texts, dist.rank, dist.world_size),
+        image_rows=row_block(feats.n_images, rank, world),
+        text_rows=row_block(feats.n_texts, rank, world),
         batch_size=batch_size, chunk_size=chunk_size, device=device, full=full, show_progress=show_progress,
     )  # fmt: skip
-    if dist.world_size == 1:
+    if world == 1:
         return part
     import torch.distributed as torch_dist
 
-    world = dist.world_size
     for ranking, n in ((part.i2t, feats.n_images), (part.t2i, feats.n_texts)):
         ranking.indices = _gather_rows(ranking.indices, n, world, device)
         ranking.scores = _gather_rows(ranking.scores, n, world, device)

@@ -431,12 +431,19 @@ class MED(nn.Module):
 
         if "itm" in want:
             with torch.no_grad():
-                # hard negatives over the global batch, scored against its momentum features (BLIP)
-                sim_i2t = image_feat.float() @ text_feat_m_glob.float().t() / self.temp
-                sim_t2i = text_feat.float() @ image_feat_m_glob.float().t() / self.temp
-                neg_image_idx, neg_text_idx = sample_itm_negatives(
-                    sim_i2t, sim_t2i, ids_local, generator=generator, image_ids_all=ids_glob
+                # hard negatives over the global batch, scored against its momentum features (BLIP).
+                # Every rank draws for the whole global batch and keeps its own rows: with the same
+                # generator state the negatives do not depend on the number of ranks.
+                image_feat_glob = gather.no_grad(image_feat).float()
+                text_feat_glob = gather.no_grad(text_feat).float()
+                sim_i2t = image_feat_glob @ text_feat_m_glob.float().t() / self.temp
+                sim_t2i = text_feat_glob @ image_feat_m_glob.float().t() / self.temp
+                neg_image_all, neg_text_all = sample_itm_negatives(
+                    sim_i2t, sim_t2i, ids_glob, generator=generator
                 )
+                offset = gather.rank * b
+                neg_image_idx = neg_image_all[offset : offset + b]
+                neg_text_idx = neg_text_all[offset : offset + b]
                 ids_pad, ids_glob_tok = gather.no_grad_padded(input_ids, value=self.special["pad"])
                 mask_pad, mask_glob = gather.no_grad_padded(attention_mask, value=0)
             image_embeds_glob = gather.with_grad(image_embeds)

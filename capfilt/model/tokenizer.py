@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from capfilt.config.schema import ModelConfig
+from capfilt.model.wordpiece import learn_wordpiece_vocab
 
 DEC_TOKEN = "[DEC]"
 """Decoder start token (the tokenizer's bos_token, as in BLIP)."""
@@ -28,28 +30,26 @@ def add_blip_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBa
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train an uncased BERT-style WordPiece tokenizer on ``texts``.
+    """Train an uncased BERT-style WordPiece tokenizer on ``texts`` (deterministic: same texts,
+    same vocabulary; see :mod:`capfilt.model.wordpiece`).
 
-    Ids: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then the learned pieces (at most
-    ``vocab_size`` in all), then [DEC] and [ENC]; so ``len(tokenizer) <= vocab_size + 2``.
+    Ids: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then the characters and learned pieces
+    (``vocab_size`` in all, or fewer on a small corpus), then [DEC] and [ENC]; so
+    ``len(tokenizer) <= vocab_size + 2`` unless the corpus has more distinct characters.
     """
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None, clean_text=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False
-    )
-    tok.train_from_iterator((str(t) for t in texts), trainer)
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None, clean_text=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        norm = normalizer.normalize_str(str(text))
+        word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(norm))
+    vocab = learn_wordpiece_vocab(word_counts, vocab_size, specials=BERT_SPECIALS)
+
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

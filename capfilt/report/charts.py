@@ -32,8 +32,9 @@ def _finite(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
-    """About ``target`` round tick values (steps of 1, 2 or 5 × 10^k) covering [lo, hi]."""
+def nice_ticks(lo: float, hi: float, target: int = 5, integer: bool = False) -> list[float]:
+    """About ``target`` round tick values (steps of 1, 2 or 5 × 10^k) covering [lo, hi];
+    ``integer`` keeps the step at 1 or more (training steps, counts)."""
     if not (_finite(lo) and _finite(hi)):
         return []
     if hi < lo:
@@ -44,6 +45,8 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     raw = (hi - lo) / max(target, 1)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    if integer:
+        step = max(step, 1.0)
     start = math.floor(lo / step + 1e-9) * step
     end = math.ceil(hi / step - 1e-9) * step
     n = max(1, round((end - start) / step))
@@ -85,15 +88,27 @@ class _Frame:
         xstep = self.xticks[1] - self.xticks[0] if len(self.xticks) > 1 else 1.0
         for t in self.yticks:
             y = self.y(t)
-            parts.append(f'<line class="grid" x1="{self.x0}" y1="{y:.1f}" x2="{self.x1}" y2="{y:.1f}"/>')
-            parts.append(f'<text class="tick" x="{self.x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(fmt_tick(t, ystep))}</text>')
+            parts.append(
+                f'<line class="grid" x1="{self.x0}" y1="{y:.1f}" x2="{self.x1}" y2="{y:.1f}"/>'
+            )
+            parts.append(
+                f'<text class="tick" x="{self.x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(fmt_tick(t, ystep))}</text>'
+            )
         for t in self.xticks:
             x = self.x(t)
-            parts.append(f'<line class="axis" x1="{x:.1f}" y1="{self.y0}" x2="{x:.1f}" y2="{self.y0 + 5}"/>')
+            parts.append(
+                f'<line class="axis" x1="{x:.1f}" y1="{self.y0}" x2="{x:.1f}" y2="{self.y0 + 5}"/>'
+            )
             if x_tick_labels:
-                parts.append(f'<text class="tick" x="{x:.1f}" y="{self.y0 + 18}" text-anchor="middle">{escape(fmt_tick(t, xstep))}</text>')
-        parts.append(f'<line class="axis" x1="{self.x0}" y1="{self.y0}" x2="{self.x1}" y2="{self.y0}"/>')
-        parts.append(f'<line class="axis" x1="{self.x0}" y1="{self.y0}" x2="{self.x0}" y2="{self.y1}"/>')
+                parts.append(
+                    f'<text class="tick" x="{x:.1f}" y="{self.y0 + 18}" text-anchor="middle">{escape(fmt_tick(t, xstep))}</text>'
+                )
+        parts.append(
+            f'<line class="axis" x1="{self.x0}" y1="{self.y0}" x2="{self.x1}" y2="{self.y0}"/>'
+        )
+        parts.append(
+            f'<line class="axis" x1="{self.x0}" y1="{self.y0}" x2="{self.x0}" y2="{self.y1}"/>'
+        )
         parts.append(
             f'<text class="label" x="{(self.x0 + self.x1) / 2:.1f}" y="{self.height - 8}" text-anchor="middle">{escape(x_label)}</text>'
         )
@@ -111,7 +126,9 @@ def _legend(items: list[tuple[str, str, bool]], width: int) -> list[str]:
         if box:
             parts.append(f'<rect x="{x}" y="9" width="12" height="12" fill="{color}"/>')
         else:
-            parts.append(f'<line x1="{x}" y1="15" x2="{x + 16}" y2="15" stroke="{color}" stroke-width="2.5"/>')
+            parts.append(
+                f'<line x1="{x}" y1="15" x2="{x + 16}" y2="15" stroke="{color}" stroke-width="2.5"/>'
+            )
         parts.append(f'<text class="legend" x="{x + 20}" y="19">{escape(name)}</text>')
         x += 28 + 7 * len(name)
         if x > width - 60:
@@ -121,7 +138,7 @@ def _legend(items: list[tuple[str, str, bool]], width: int) -> list[str]:
 
 def _svg(width: int, height: int, title: str, body: list[str], css_class: str) -> str:
     return (
-        f'<svg class="{css_class}" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'<svg class="{css_class}" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}"><title>{escape(title)}</title>'
         + "".join(body)
         + "</svg>"
@@ -147,11 +164,16 @@ def line_chart(
     x_range: tuple[float, float] | None = None,
     y_range: tuple[float, float] | None = None,
     vlines: Sequence[tuple[float, str]] = (),
+    x_integer: bool = False,
 ) -> str:
     """An SVG line chart of ``series`` with ticked axes, a legend and optional labelled vertical lines."""
     clean = []
     for i, s in enumerate(series):
-        pts = [(float(x), float(y)) for x, y in zip(s.xs, s.ys) if _finite(x) and _finite(y)]
+        pts = [
+            (float(x), float(y))
+            for x, y in zip(s.xs, s.ys, strict=False)
+            if _finite(x) and _finite(y)
+        ]
         if pts:
             clean.append((s, s.color or PALETTE[i % len(PALETTE)], pts))
     if not clean:
@@ -162,21 +184,32 @@ def line_chart(
     ylo, yhi = y_range or (min(ys), max(ys))
     if y_range is None and 0 <= ylo < 0.25 * yhi:
         ylo = 0.0  # start at zero when the data nearly reach it anyway: easier to read
-    frame = _Frame(width, height, nice_ticks(xlo, xhi, 6), nice_ticks(ylo, yhi, 5))
+    frame = _Frame(width, height, nice_ticks(xlo, xhi, 6, x_integer), nice_ticks(ylo, yhi, 5))
     body = frame.axes(x_label, y_label)
     for x, label in vlines:
         if _finite(x) and frame.xlo <= x <= frame.xhi:
             px = frame.x(x)
-            body.append(f'<line class="marker" x1="{px:.1f}" y1="{frame.y0}" x2="{px:.1f}" y2="{frame.y1}"/>')
-            body.append(f'<text class="marker-label" x="{px + 4:.1f}" y="{frame.y1 + 12}">{escape(label)}</text>')
+            body.append(
+                f'<line class="marker" x1="{px:.1f}" y1="{frame.y0}" x2="{px:.1f}" y2="{frame.y1}"/>'
+            )
+            body.append(
+                f'<text class="marker-label" x="{px + 4:.1f}" y="{frame.y1 + 12}">{escape(label)}</text>'
+            )
     for s, color, pts in clean:
         dash = ' stroke-dasharray="5 3"' if s.dashed else ""
         if len(pts) == 1:
             x, y = pts[0]
-            body.append(f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="3" fill="{color}"/>')
+            body.append(
+                f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="3" fill="{color}"/>'
+            )
             continue
-        d = " ".join(f"{'M' if j == 0 else 'L'}{frame.x(x):.1f},{frame.y(y):.1f}" for j, (x, y) in enumerate(pts))
-        body.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="{s.width}"{dash}><title>{escape(s.name)}</title></path>')
+        d = " ".join(
+            f"{'M' if j == 0 else 'L'}{frame.x(x):.1f},{frame.y(y):.1f}"
+            for j, (x, y) in enumerate(pts)
+        )
+        body.append(
+            f'<path d="{d}" fill="none" stroke="{color}" stroke-width="{s.width}"{dash}><title>{escape(s.name)}</title></path>'
+        )
     body += _legend([(s.name, color, False) for s, color, _ in clean], width)
     return _svg(width, height, title, body, "chart line-chart")
 
@@ -189,8 +222,8 @@ def histogram_chart(
     x_label: str = "ITM match score",
     y_label: str = "texts",
     threshold: float | None = None,
-    width: int = 460,
-    height: int = 260,
+    width: int = 340,  # three histograms side by side in the 1200 px page
+    height: int = 250,
 ) -> str:
     """Stacked bars over the bins ``edges`` (len = bins + 1); ``stacks`` are (name, counts, colour),
     drawn bottom to top; a dashed line marks ``threshold``."""
@@ -200,7 +233,8 @@ def histogram_chart(
     totals = [sum(int(s[1][i]) for s in stacks if i < len(s[1])) for i in range(n_bins)]
     if sum(totals) == 0:
         return empty_chart(f"{title}: no texts", width)
-    frame = _Frame(width, height, nice_ticks(edges[0], edges[-1], 5), nice_ticks(0, max(totals), 5))
+    yticks = nice_ticks(0, max(totals) * 1.12, 5)  # headroom above the bars for the threshold label
+    frame = _Frame(width, height, nice_ticks(edges[0], edges[-1], 5), yticks)
     body = frame.axes(x_label, y_label)
     for i in range(n_bins):
         left, right = frame.x(edges[i]), frame.x(edges[i + 1])
@@ -218,7 +252,9 @@ def histogram_chart(
             base += c
     if threshold is not None and _finite(threshold) and edges[0] <= threshold <= edges[-1]:
         px = frame.x(threshold)
-        body.append(f'<line class="marker" x1="{px:.1f}" y1="{frame.y0}" x2="{px:.1f}" y2="{frame.y1}"/>')
+        body.append(
+            f'<line class="marker" x1="{px:.1f}" y1="{frame.y0}" x2="{px:.1f}" y2="{frame.y1}"/>'
+        )
         anchor, dx = ("end", -4) if threshold > (edges[0] + edges[-1]) / 2 else ("start", 4)
         body.append(
             f'<text class="marker-label" x="{px + dx:.1f}" y="{frame.y1 + 12}" text-anchor="{anchor}">threshold {threshold:g}</text>'

@@ -68,7 +68,11 @@ def _clean_row(row: Any) -> dict[str, Any] | None:
 def load_metrics(run_dir: Path, missing: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Per run name, the metrics rows with a numeric ``step`` (broken lines are skipped)."""
     runs_dir = run_dir / "runs"
-    found = sorted(p.name for p in runs_dir.iterdir() if (p / "metrics.jsonl").is_file()) if runs_dir.is_dir() else []
+    found = (
+        sorted(p.name for p in runs_dir.iterdir() if (p / "metrics.jsonl").is_file())
+        if runs_dir.is_dir()
+        else []
+    )
     names = [n for n in RUN_NAMES if n in found] + [n for n in found if n not in RUN_NAMES]
     out: dict[str, list[dict[str, Any]]] = {}
     for name in RUN_NAMES:
@@ -105,7 +109,9 @@ def load_texts(run_dir: Path, missing: list[str]) -> pd.DataFrame | None:
     folder = run_dir / "data" / "web_filtered"
     paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not paths:
-        missing.append("data/web_filtered/*.parquet not found: no ITM score histograms or per-text decisions")
+        missing.append(
+            "data/web_filtered/*.parquet not found: no ITM score histograms or per-text decisions"
+        )
         return None
     tables = []
     for path in paths:
@@ -116,7 +122,9 @@ def load_texts(run_dir: Path, missing: list[str]) -> pd.DataFrame | None:
             continue
         lacking = [c for c in TEXT_COLUMNS if c not in table.columns]
         if lacking:
-            missing.append(f"data/web_filtered/{path.name} lacks column(s) {', '.join(lacking)}: skipped")
+            missing.append(
+                f"data/web_filtered/{path.name} lacks column(s) {', '.join(lacking)}: skipped"
+            )
             continue
         tables.append(table)
     if not tables:
@@ -130,11 +138,47 @@ def load_texts(run_dir: Path, missing: list[str]) -> pd.DataFrame | None:
     return table
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def fill_from_folder(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Fill what a run still in progress lacks in ``summary`` from the demo's side files:
+    recipe name and seed (``recipe.json``), stage timings (``stages/*.json``) and sample counts
+    (``data/*/sizes.json``)."""
+    recipe = _read_json(run_dir / "recipe.json")
+    recipe = recipe.get("recipe") if isinstance(recipe, dict) else None
+    if isinstance(recipe, dict):
+        for key, field_name in (("recipe", "name"), ("seed", "seed")):
+            if key not in summary and isinstance(recipe.get(field_name), str | int):
+                summary[key] = recipe[field_name]
+    if not isinstance(summary.get("timings"), dict) and (run_dir / "stages").is_dir():
+        timings = {}
+        for path in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
+            marker = _read_json(path)
+            if isinstance(marker, dict) and isinstance(marker.get("seconds"), int | float):
+                timings[str(marker.get("stage", path.stem))] = marker["seconds"]
+        if timings:
+            summary["timings"] = timings
+    if not isinstance(summary.get("data"), dict) and (run_dir / "data").is_dir():
+        counts = {}
+        for folder in sorted(p for p in (run_dir / "data").iterdir() if p.is_dir()):
+            sizes = _read_json(folder / "sizes.json")
+            if isinstance(sizes, dict) and all(isinstance(v, int) for v in sizes.values()):
+                counts[f"{folder.name} images"] = sum(sizes.values())
+        if counts:
+            summary["data"] = counts
+
+
 def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     missing: list[str] = []
     data = RunData(run_dir=run_dir, missing=missing)
     data.summary = load_summary(run_dir, missing)
+    fill_from_folder(run_dir, data.summary)
     data.metrics = load_metrics(run_dir, missing)
     data.texts = load_texts(run_dir, missing)
     return data

@@ -211,7 +211,7 @@ class Trainer:
                     lr = lr_at(step, cfg, steps_per_epoch)
                     set_lr(optimizer, lr)
                     alpha = mcfg.alpha * min(1.0, step / ramp_steps)
-                    parts = self._step(model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len)
+                    parts = self._step(model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len, step)
                     step += 1
                     for key, value in parts.items():
                         window[key] = window.get(key, 0.0) + value
@@ -238,12 +238,14 @@ class Trainer:
         barrier()
         return self.run.model_dir
 
-    def _step(self, model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len) -> dict[str, float]:
+    def _step(self, model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len, step) -> dict[str, float]:
         cfg = self.cfg
         optimizer.zero_grad(set_to_none=True)
         model.clamp_temp()
         totals: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
+            # ITM negatives from a generator keyed by (seed, step): the same on every rank and after a resume
+            generator = torch.Generator(self.device).manual_seed(self.recipe.seed * 1_000_003 + step * 131 + micro)
             batch = next(batches)
             texts = [prompt + t for t in batch["texts"]] if prompt else batch["texts"]
             ids, mask = tokenize(tokenizer, texts, mcfg.max_text_len)
@@ -251,6 +253,7 @@ class Trainer:
                 out = model.forward_pretrain(
                     batch["images"].to(self.device, non_blocking=True), ids.to(self.device), mask.to(self.device),
                     image_ids=batch["image_ids"].to(self.device), alpha=alpha, weights=self.losses, prompt_len=prompt_len,
+                    generator=generator,
                 )
             (out["loss"] / cfg.grad_accum).backward()
             for key, value in out.items():

@@ -1,0 +1,112 @@
+"""Evaluations of the CapFilt stages: the captioner on test shards, the filter from its score tables.
+
+    capfilt eval caption --model runs/captioner --shards data/test
+    capfilt eval filter --scores data/web_filtered
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from capfilt.config import CaptionConfig
+from capfilt.data.reader import SkipCounter, read_samples
+from capfilt.data.shards import expand_shards
+from capfilt.data.transforms import EvalTransform
+from capfilt.eval.caption_metrics import score_captions
+from capfilt.eval.filter_metrics import filter_report, load_score_tables
+from capfilt.model.generate import GenerationSettings, generate_captions
+from capfilt.pipeline.common import batched, inference_autocast, load_stage_model
+from capfilt.utils.dist import default_device
+
+
+def _scene_of(meta: dict[str, Any]) -> dict | None:
+    truth = meta.get("truth")
+    return truth.get("scene") if isinstance(truth, dict) else None
+
+
+def evaluate_captioner(
+    model_path: str | Path,
+    shards: list[str],
+    cfg: CaptionConfig,
+    metrics: tuple[str, ...] = ("bleu", "cider", "rouge"),
+    max_images: int | None = None,
+) -> dict[str, Any]:
+    """Caption every test image once and score against its reference captions (BLEU, CIDEr-D, ...).
+
+    On the built-in benchmark (samples carrying ``truth.scene``) it also reports the fraction of
+    captions that are true of their scene, by the exact checker.
+    """
+    from capfilt.data.synth import check_caption
+
+    device = default_device()
+    model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
+    transform = EvalTransform(mcfg.image_size)
+    settings = GenerationSettings.from_config(cfg)
+    predictions: dict[str, str] = {}
+    references: dict[str, list[str]] = {}
+    verdicts: list[bool] = []
+    counter = SkipCounter("eval-caption")
+    samples = read_samples(expand_shards(shards), counter)
+    for index, batch in enumerate(batched(samples, cfg.batch_size)):
+        if max_images is not None and index * cfg.batch_size >= max_images:
+            break
+        images = torch.stack([transform(s.image) for s in batch]).to(device)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+        with inference_autocast(device):
+            captions = generate_captions(model, tokenizer, images, settings, 1, generator)
+        for sample, (caption,) in zip(batch, captions):
+            predictions[sample.key] = caption
+            references[sample.key] = [c["text"] for c in sample.captions]
+            scene = _scene_of(sample.meta)
+            if scene is not None:
+                verdicts.append(bool(check_caption(caption, scene)["true"]))
+    if not predictions:
+        raise ValueError("no test images with captions found in the given shards")
+    result = score_captions(predictions, references, metrics=metrics)
+    result["method"] = cfg.method
+    result["truth_rate"] = sum(verdicts) / len(verdicts) if verdicts else None
+    result["skipped"] = counter.as_dict()
+    result["examples"] = [{"uid": k, "caption": v, "references": references[k][:2]} for k, v in list(predictions.items())[:10]]
+    return result
+
+
+def synthetic_truth(table: pd.DataFrame) -> pd.Series:
+    """For synthetic captions of benchmark images: is the caption true of the stored scene."""
+    from capfilt.data.synth import caption_is_true
+
+    def judge(row) -> bool | None:
+        if row.get("origin") != "synthetic" or not isinstance(row.get("truth_json"), str):
+            return None
+        scene = json.loads(row["truth_json"]).get("scene")
+        return None if scene is None else bool(caption_is_true(row["text"], scene))
+
+    return table.apply(judge, axis=1)
+
+
+def evaluate_filter(scores: str | Path, threshold: float) -> dict[str, Any]:
+    """Filter metrics from the per-text parquet of ``capfilt filter`` (a file or a folder).
+
+    Web texts: precision/recall/F1 of rejecting noisy texts, ROC AUC, sweep, per noise kind
+    (needs the benchmark's truth). Synthetic captions on the benchmark: the same figures with
+    "noisy" = not true of the scene (exact checker), under ``synthetic``.
+    """
+    table = load_score_tables(scores).rename(columns={"itm_score": "score"})
+    report = filter_report(table, threshold)
+    if "truth_json" in table.columns:
+        synthetic = table[table["origin"] == "synthetic"].copy()
+        if len(synthetic):
+            truth = synthetic_truth(synthetic)
+            synthetic = synthetic[truth.notna()].copy()
+            synthetic["clean"] = truth[truth.notna()].astype(bool)
+            synthetic["noise"] = synthetic["clean"].map({True: "none", False: "false_caption"})
+            synthetic["origin"] = "web"  # scored with the same rules as web texts
+            if len(synthetic):
+                sub = filter_report(synthetic, threshold)
+                report["synthetic"] = {k: sub.get(k) for k in ("precision", "recall", "f1", "auc", "n_truth", "n_noisy")}
+                report["synthetic"]["true_fraction"] = float(synthetic["clean"].mean())
+    return report

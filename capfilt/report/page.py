@@ -1,0 +1,377 @@
+"""Assemble the self-contained HTML report of a demo run folder.
+
+One page, inline CSS and inline SVG, images as data URIs: it opens from a file, an e-mail or a
+CI artifact with no network. Every piece of text from the run goes through ``html.escape``.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from capfilt import __version__
+from capfilt.report.charts import PALETTE, Series, empty_chart, histogram_chart, line_chart
+from capfilt.report.examples import Example, pick_examples
+from capfilt.report.load import RunData, load_run
+from capfilt.report.tables import (
+    filter_numbers,
+    filter_table,
+    fmt,
+    number,
+    overview_tables,
+    retrieval_table,
+    sweep_rows,
+)
+
+HIST_BINS = 20
+KEPT_COLOR, REJECTED_COLOR = "#2e9d5b", "#d9534f"
+CLEAN_COLOR, NOISY_COLOR = "#1f6fb4", "#e8801a"
+LOSS_COLORS = {
+    "loss": "#222222",
+    "loss_itc": PALETTE[0],
+    "loss_itm": PALETTE[1],
+    "loss_lm": PALETTE[2],
+}
+
+CSS = """
+:root { --fg:#1d2330; --muted:#5d6678; --line:#dde1e8; --bg:#f6f7f9; --card:#fff; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", Helvetica, Arial, sans-serif;
+       color:var(--fg); background:var(--bg); }
+main { max-width:1200px; margin:0 auto; padding:24px 28px 48px; }
+header h1 { font-size:26px; margin:0 0 4px; }
+header .sub { color:var(--muted); margin:0; }
+h2 { font-size:19px; margin:34px 0 10px; padding-bottom:4px; border-bottom:2px solid var(--line); }
+h3 { font-size:15px; margin:0 0 6px; }
+section > p.lead { color:var(--muted); margin:0 0 12px; max-width:900px; }
+.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:14px 16px; }
+.row { display:flex; flex-wrap:wrap; gap:16px; align-items:flex-start; }
+.missing { background:#fff8e6; border:1px solid #f0d58c; border-radius:8px; padding:10px 16px; margin:16px 0 0; }
+.missing h3 { margin:0 0 4px; color:#8a6100; }
+.missing ul { margin:0; padding-left:20px; }
+.note { color:#8a6100; font-size:13px; margin:6px 0 0; }
+table { border-collapse:collapse; background:var(--card); }
+table.metrics { min-width:440px; border:1px solid var(--line); }
+table.metrics th, table.metrics td { padding:5px 12px; border-bottom:1px solid var(--line); text-align:right; }
+table.metrics th:first-child { text-align:left; font-weight:500; }
+table.metrics thead th { background:#eef1f5; font-weight:600; }
+table.metrics tr.mean th, table.metrics tr.mean td { font-weight:600; background:#fafbfc; }
+td.diff.up { color:#1c7a3e; font-weight:600; } td.diff.down { color:#b52b27; font-weight:600; }
+.star { color:#8a6100; margin-left:2px; }
+table.kv th, table.kv td { padding:3px 10px; border-bottom:1px solid var(--line); text-align:left; font-size:13px; }
+table.kv th { font-weight:500; color:var(--muted); }
+table.kv td { text-align:right; font-variant-numeric:tabular-nums; }
+td, th { font-variant-numeric:tabular-nums; }
+svg.chart { display:block; background:var(--card); }
+svg.chart .grid { stroke:#eceef2; stroke-width:1; }
+svg.chart .axis { stroke:#8a93a3; stroke-width:1; }
+svg.chart .tick { font-size:11px; fill:#5d6678; }
+svg.chart .label { font-size:12px; fill:#3b4252; }
+svg.chart .legend { font-size:12px; fill:#1d2330; }
+svg.chart .marker { stroke:#333; stroke-width:1.3; stroke-dasharray:4 3; }
+svg.chart .marker-label { font-size:11px; fill:#333; }
+svg.chart rect.empty { fill:#fafafa; stroke:#ccc; stroke-dasharray:4 3; }
+.chart-card { padding:10px 12px 6px; }
+.examples { display:grid; grid-template-columns:repeat(auto-fill, minmax(540px, 1fr)); gap:14px; }
+.example { display:flex; gap:14px; }
+.example img { width:128px; height:128px; image-rendering:pixelated; border-radius:4px; border:1px solid var(--line); flex:none; }
+.example .texts { flex:1; min-width:0; }
+.example .key { font:11px ui-monospace, "DejaVu Sans Mono", monospace; color:var(--muted); }
+.example .cat { float:right; font-size:11px; color:var(--muted); }
+.text { padding:4px 0; border-top:1px dashed var(--line); }
+.text:first-of-type { border-top:none; }
+.text .t { display:block; margin:1px 0 2px; overflow-wrap:anywhere; }
+.badge { display:inline-block; font-size:11px; padding:0 6px; border-radius:9px; margin-right:4px; line-height:17px; }
+.b-web { background:#e6eefb; color:#234f8e; } .b-synthetic { background:#efe8f8; color:#5b3a8c; } .b-human { background:#eee; color:#444; }
+.b-kept { background:#dff3e6; color:#1c7a3e; } .b-rejected { background:#fbe3e2; color:#b52b27; } .b-unknown { background:#eee; color:#666; }
+.b-true { background:#e7f1ff; color:#1d4f91; } .b-false { background:#fff0dd; color:#9a5300; }
+.score { font:12px ui-monospace, "DejaVu Sans Mono", monospace; color:#333; margin-right:6px; }
+footer { margin-top:40px; color:var(--muted); font-size:12px; }
+"""
+
+
+def _notes(notes: list[str]) -> str:
+    return "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
+
+
+def _header(data: RunData) -> str:
+    s = data.summary
+    bits = [f"run folder <code>{escape(str(data.run_dir))}</code>"]
+    for key in ("recipe", "seed"):
+        if key in s and not isinstance(s[key], dict | list):
+            bits.append(f"{key} <b>{escape(str(s[key]))}</b>")
+    timings, counts = overview_tables(s)
+    missing = ""
+    if data.missing:
+        items = "".join(f"<li>{escape(m)}</li>" for m in data.missing)
+        missing = f'<div class="missing" id="missing"><h3>Missing or incomplete parts</h3><ul>{items}</ul></div>'
+    return (
+        "<header><h1>CapFilt run report</h1>"
+        f'<p class="sub">{" · ".join(bits)}</p></header>{missing}'
+        '<section id="overview"><h2>Run overview</h2>'
+        '<p class="lead">BLIP\'s CapFilt: a captioner writes synthetic captions for web images, an ITM filter '
+        "drops texts that do not match their image, and a fresh model is pretrained on the cleaned data. "
+        "The baseline is pretrained on the same data without CapFilt.</p>"
+        f'<div class="row"><div class="card"><h3>Stage timings</h3>{timings}</div>'
+        f'<div class="card"><h3>Data</h3>{counts}</div></div></section>'
+    )
+
+
+def _retrieval(data: RunData) -> str:
+    table, notes = retrieval_table(data.summary)
+    return (
+        '<section id="retrieval"><h2>1. Retrieval: baseline vs CapFilt</h2>'
+        '<p class="lead">Recall@K (%) on the held-out test set; text retrieval = image→text, image retrieval = '
+        "text→image (ITC top-k reranked by ITM, as in BLIP). Δ &gt; 0 means CapFilt helped.</p>"
+        f"{table}{_notes(notes)}</section>"
+    )
+
+
+def _sweep_chart(data: RunData, threshold: float | None) -> str:
+    rows = sweep_rows(data.summary)
+    if len(rows) < 2:
+        return ""
+    xs = [r["threshold"] for r in rows]
+    series = [
+        Series(
+            name,
+            xs,
+            [r[key] if r[key] is not None else float("nan") for r in rows],
+            color,
+            dashed=dashed,
+        )
+        for key, name, color, dashed in (
+            ("precision", "precision", PALETTE[0], False),
+            ("recall", "recall", PALETTE[1], False),
+            ("f1", "F1", "#222222", False),
+            ("kept_web", "kept web", KEPT_COLOR, True),
+            ("kept_synthetic", "kept synthetic", PALETTE[4], True),
+        )
+    ]
+    vlines = [(threshold, f"t = {threshold:g}")] if threshold is not None else []
+    chart = line_chart(
+        series,
+        title="Threshold sweep",
+        x_label="ITM threshold",
+        y_label="fraction",
+        y_range=(0.0, 1.0),
+        vlines=vlines,
+        width=520,
+        height=280,
+    )
+    return f'<div class="card chart-card"><h3>Threshold sweep</h3>{chart}</div>'
+
+
+def _filter(data: RunData) -> str:
+    table, notes = filter_table(data.summary, data.texts)
+    threshold = filter_numbers(data.summary, None)[0]["threshold"]
+    return (
+        '<section id="filter"><h2>2. Filter on web noise, and caption truth</h2>'
+        '<p class="lead">The filter rejects a text when its ITM match probability is not above the threshold. '
+        "Precision/recall/F1 treat rejecting a noisy web text as a hit; the truth comes from the benchmark's "
+        "ground truth. The truth rate is the share of synthetic captions that are true of their image.</p>"
+        f'<div class="row"><div>{table}{_notes(notes)}</div>{_sweep_chart(data, threshold)}</div></section>'
+    )
+
+
+def _loss_chart(name: str, rows: list[dict[str, Any]]) -> str:
+    keys = []
+    for row in rows:
+        for k, v in row.items():
+            if (k == "loss" or k.startswith("loss_")) and number(v) is not None and k not in keys:
+                keys.append(k)
+    # a part that is zero throughout was not trained in this stage (e.g. ITC/ITM of the captioner)
+    keys = [k for k in keys if k == "loss" or any(number(r.get(k)) for r in rows)]
+    keys.sort(key=lambda k: (k != "loss", k))
+    series = [
+        Series(
+            "total" if k == "loss" else k.removeprefix("loss_"),
+            [r["step"] for r in rows if number(r.get(k)) is not None],
+            [r[k] for r in rows if number(r.get(k)) is not None],
+            LOSS_COLORS.get(k, PALETTE[(3 + i) % len(PALETTE)]),
+            width=2.4 if k == "loss" else 1.5,
+        )
+        for i, k in enumerate(keys)
+    ]
+    title = f"{name}: training loss"
+    chart = (
+        line_chart(
+            series,
+            title=title,
+            x_label="step",
+            y_label="loss",
+            width=530,
+            height=260,
+            x_integer=True,
+        )
+        if series
+        else empty_chart(f"{name}: no loss values")
+    )
+    return f'<div class="card chart-card"><h3>{escape(name)}</h3>{chart}</div>'
+
+
+def _losses(data: RunData) -> str:
+    if not data.metrics:
+        body = '<p class="note">No runs/*/metrics.jsonl found: no loss curves.</p>'
+    else:
+        body = (
+            '<div class="row">'
+            + "".join(_loss_chart(n, rows) for n, rows in data.metrics.items())
+            + "</div>"
+        )
+    return (
+        '<section id="losses"><h2>3. Training loss</h2>'
+        '<p class="lead">Total loss and its parts (ITC, ITM, LM) per logged step for every training run.</p>'
+        f"{body}</section>"
+    )
+
+
+def _hist_counts(scores: pd.Series, edges: np.ndarray) -> list[int]:
+    values = np.clip(
+        scores.dropna().to_numpy(dtype=float), 0.0, 1.0
+    )  # a probability; clip guards rounding
+    return [int(c) for c in np.histogram(values, bins=edges)[0]]
+
+
+def _histograms(data: RunData) -> str:
+    threshold = filter_numbers(data.summary, None)[0]["threshold"]
+    charts, notes = [], []
+    t = data.texts
+    if t is not None and not t.empty:
+        edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+        for origin, label in (("web", "Web texts"), ("synthetic", "Synthetic captions")):
+            rows = t[t["origin"] == origin]
+            if rows.empty:
+                notes.append(f"no {origin} texts in data/web_filtered")
+                continue
+            stacks = [
+                ("kept", _hist_counts(rows.loc[rows["kept"], "itm_score"], edges), KEPT_COLOR),
+                (
+                    "rejected",
+                    _hist_counts(rows.loc[~rows["kept"], "itm_score"], edges),
+                    REJECTED_COLOR,
+                ),
+            ]
+            title = f"{label} (n = {len(rows)})"
+            charts.append((title, histogram_chart(edges, stacks, title=title, threshold=threshold)))
+        if "clean" in t.columns:
+            web = t[(t["origin"] == "web") & t["clean"].notna()]
+            if not web.empty:
+                clean = web["clean"].astype(bool)
+                stacks = [
+                    ("clean", _hist_counts(web.loc[clean, "itm_score"], edges), CLEAN_COLOR),
+                    ("noisy", _hist_counts(web.loc[~clean, "itm_score"], edges), NOISY_COLOR),
+                ]
+                title = f"Web texts by ground truth (n = {len(web)})"
+                charts.append(
+                    (title, histogram_chart(edges, stacks, title=title, threshold=threshold))
+                )
+    else:
+        hist = data.section("filter").get("histograms")
+        edges_list = hist.get("bin_edges") if isinstance(hist, dict) else None
+        if isinstance(edges_list, list) and len(edges_list) > 1:
+            notes.append("from summary.json (coarser bins): data/web_filtered is missing")
+            for origin, label in (("web", "Web texts"), ("synthetic", "Synthetic captions")):
+                h = hist.get(origin)
+                if isinstance(h, dict):
+                    stacks = [
+                        ("kept", h.get("kept") or [], KEPT_COLOR),
+                        ("rejected", h.get("rejected") or [], REJECTED_COLOR),
+                    ]
+                    title = label
+                    charts.append(
+                        (
+                            title,
+                            histogram_chart(edges_list, stacks, title=title, threshold=threshold),
+                        )
+                    )
+        else:
+            notes.append("no per-text scores (data/web_filtered/*.parquet): histograms left out")
+    body = "".join(
+        f'<div class="card chart-card"><h3>{escape(title)}</h3>{svg}</div>' for title, svg in charts
+    )
+    return (
+        '<section id="scores"><h2>4. ITM score distributions</h2>'
+        f'<p class="lead">Filter match probability of every text ({HIST_BINS} bins on [0, 1]); '
+        "the dashed line is the threshold.</p>"
+        f'<div class="row">{body}</div>{_notes(notes)}</section>'
+    )
+
+
+def _badge(kind: str, text: str) -> str:
+    return f'<span class="badge b-{kind}">{escape(text)}</span>'
+
+
+def _example(ex: Example) -> str:
+    lines = []
+    for e in ex.entries:
+        decision = (
+            _badge("unknown", "no score")
+            if e.kept is None
+            else _badge("kept" if e.kept else "rejected", "kept" if e.kept else "rejected")
+        )
+        truth = ""
+        if e.truth is not None:
+            truth = _badge("true" if e.ok else "false", e.truth)
+        score = f'<span class="score">ITM {fmt(e.score, 2)}</span>'
+        lines.append(
+            f'<div class="text">{_badge(e.origin if e.origin in ("web", "synthetic", "human") else "human", e.origin)}'
+            f'{score}{decision}{truth}<span class="t">{escape(e.text)}</span></div>'
+        )
+    return (
+        f'<div class="card example"><img src="{ex.image_uri}" alt="{escape(ex.key)}" width="128" height="128">'
+        f'<div class="texts"><span class="cat">{escape(ex.category)}</span><div class="key">{escape(ex.key)}</div>{"".join(lines)}</div></div>'
+    )
+
+
+def _examples(examples: list[Example]) -> str:
+    body = (
+        '<div class="examples">' + "".join(_example(e) for e in examples) + "</div>"
+        if examples
+        else '<p class="note">No example images (data/web_captioned missing or empty).</p>'
+    )
+    return (
+        '<section id="examples"><h2>5. Examples</h2>'
+        '<p class="lead">Web images with their web text and synthetic captions, each with its ITM score, the '
+        "filter's decision and the truth: for web texts clean or the kind of noise, for synthetic captions "
+        "whether the caption is true of the image. Picked to show successes and mistakes.</p>"
+        f"{body}</section>"
+    )
+
+
+def render_report(run_dir: str | Path, n_examples: int = 12) -> str:
+    """The report of ``run_dir`` as one HTML string (never raises for missing or broken parts)."""
+    data = load_run(run_dir)
+    examples = pick_examples(data.run_dir, data.texts, data.missing, n_examples)
+    title = f"CapFilt report: {data.run_dir.resolve().name}"
+    sections = [
+        _retrieval(data),
+        _filter(data),
+        _losses(data),
+        _histograms(data),
+        _examples(examples),
+    ]
+    header = _header(data)  # after the sections: they may add to data.missing
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>"
+        f"<body><main>{header}{''.join(sections)}"
+        f"<footer>Generated by capfilt {escape(__version__)} (<code>capfilt report</code>). "
+        "Self-contained: no scripts, no external resources.</footer></main></body></html>\n"
+    )
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, n_examples: int = 12) -> Path:
+    """Write the report to ``out`` (default ``run_dir/report.html``) atomically; returns the path."""
+    from capfilt.data.writer import atomic_write_bytes
+
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, render_report(run_dir, n_examples).encode("utf-8"))
+    return out

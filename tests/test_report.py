@@ -1,0 +1,339 @@
+"""``capfilt report``: the HTML page of a demo run, built from a fake run folder.
+
+The fake run uses the real benchmark images (``write_synth`` with the tiny recipe), adds
+synthetic captions like the captioner would, and invents ITM scores that separate clean from
+noisy texts, so every section of the page has something real to show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from capfilt.config import load_recipe
+from capfilt.data.reader import read_samples
+from capfilt.data.sample import build_sample, caption_entry
+from capfilt.data.shards import expand_shards
+from capfilt.data.synth import describe, noisy_text, write_synth
+from capfilt.data.synth.world import Rng, Scene
+from capfilt.data.writer import ShardWriter
+from capfilt.report import render_report, write_report
+from capfilt.report.charts import Series, histogram_chart, line_chart, nice_ticks
+
+EVIL = "<script>alert('x')</script> & a red circle"
+BASELINE = {
+    "tr_r1": 41.2,
+    "tr_r5": 70.0,
+    "tr_r10": 80.5,
+    "ir_r1": 30.1,
+    "ir_r5": 61.0,
+    "ir_r10": 74.4,
+    "tr_mean": 63.9,
+    "ir_mean": 55.17,
+    "r_mean": 59.53,
+}
+CAPFILT = {
+    "tr_r1": 45.6,
+    "tr_r5": 73.1,
+    "tr_r10": 82.0,
+    "ir_r1": 33.3,
+    "ir_r5": 63.2,
+    "ir_r10": 75.0,
+    "tr_mean": 66.9,
+    "ir_mean": 57.17,
+    "r_mean": 62.03,
+}
+SUMMARY = {
+    "recipe": "demo",
+    "seed": 0,
+    "baseline": {"retrieval": BASELINE},
+    "capfilt": {"retrieval": CAPFILT},
+    "filter": {
+        "threshold": 0.5,
+        "precision": 0.8125,
+        "recall": 0.7391,
+        "f1": 0.7741,
+        "roc_auc": 0.9012,
+        "kept_fraction_web": 0.6406,
+        "kept_fraction_synthetic": 0.8828,
+        "by_noise": {"swap": 0.91, "attribute": 0.55, "generic": 0.97, "none": 0.08},
+        "sweep": [
+            {
+                "threshold": t,
+                "precision": 0.5 + 0.4 * t,
+                "recall": 1 - t,
+                "f1": 0.6,
+                "kept_web": 1 - 0.6 * t,
+                "kept_synthetic": 1 - 0.3 * t,
+            }
+            for t in (0.1, 0.3, 0.5, 0.7, 0.9)
+        ],
+    },
+    "captions": {"truth_rate": 0.734, "n": 256},
+    "data": {"human": {"images": 96, "texts": 480}, "web": {"images": 128}},
+    "timings": {"synth": 1.5, "pretrain-baseline": 95.0, "caption": 12.25},
+}
+
+
+def _metrics(path: Path, steps: int, with_lm: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step in range(10, 10 * steps + 1, 10):
+        itc, itm = 4.0 * math.exp(-step / 80) + 0.5, 0.7 * math.exp(-step / 150) + 0.1
+        lm = 5.0 * math.exp(-step / 60) + 1.0 if with_lm else 0.0
+        lines.append(
+            json.dumps(
+                {
+                    "step": step,
+                    "loss": itc + itm + lm,
+                    "loss_itc": itc,
+                    "loss_itm": itm,
+                    "loss_lm": lm,
+                    "lr": 1e-3,
+                    "epoch": 0,
+                }
+            )
+        )
+    lines.append('{"step": 999, "loss": 1.0')  # a line cut by a running job: skipped, not fatal
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_fake_run(root: Path, *, seed: int = 0) -> Path:
+    """A demo-like run folder: summary, metrics, captioned shards and the filter's per-text parquet."""
+    # only the web split is used: keep the others minimal
+    synth_cfg = dataclasses.replace(load_recipe("tiny").synth, n_human=4, n_test=4)
+    write_synth(root / "data", synth_cfg)
+    captioned, filtered = root / "data" / "web_captioned", root / "data" / "web_filtered"
+    rng, np_rng = Rng(seed, "fake-captioner"), np.random.default_rng(seed)
+    for index, url in enumerate(expand_shards(str(root / "data" / "web"))):
+        rows = []
+        with ShardWriter(captioned, index, stage="caption", config_hash="fake") as writer:
+            for n, sample in enumerate(read_samples([url])):
+                truth = sample.meta["truth"]
+                scene = Scene.from_dict(truth["scene"])
+                web_text = EVIL if index == 0 and n == 0 else sample.text
+                syn = [
+                    describe(scene, rng),
+                    describe(scene, rng)
+                    if rng.chance(0.6)
+                    else noisy_text("attribute", scene, rng),
+                ]
+                captions = [caption_entry(web_text, "web")] + [
+                    caption_entry(t, "synthetic") for t in syn
+                ]
+                writer.write(
+                    build_sample(
+                        sample.key, sample.image_bytes, captions, source="synth-web", truth=truth
+                    )
+                )
+                for position, cap in enumerate(captions):
+                    good = truth["clean"] if cap["origin"] == "web" else position == 1
+                    score = float(np.clip(np_rng.beta(5, 2) if good else np_rng.beta(2, 5), 0, 1))
+                    row = {
+                        "uid": sample.key,
+                        "text_index": position,
+                        "origin": cap["origin"],
+                        "text": cap["text"],
+                        "itm_score": score,
+                        "itc_cosine": score - 0.5,
+                        "kept": score > 0.5,
+                        "truth_json": json.dumps(truth),
+                    }
+                    if cap["origin"] == "web":
+                        row.update(clean=truth["clean"], noise=truth["noise"])
+                    rows.append(row)
+            writer.commit()
+        filtered.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_parquet(filtered / f"{index:08d}.parquet", index=False)
+    for name in ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt"):
+        _metrics(root / "runs" / name / "metrics.jsonl", 30, with_lm=name != "filter")
+    (root / "summary.json").write_text(json.dumps(SUMMARY))
+    return root
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory) -> Path:
+    return make_fake_run(tmp_path_factory.mktemp("run"))
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self.scripts += tag == "script"
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(html: str) -> _Collector:
+    parser = _Collector()
+    parser.feed(html)
+    parser.close()
+    return parser
+
+
+def _cell(html: str, table_id: str, key: str) -> list[str]:
+    """The cell texts of the row ``data-key=key`` in table ``table_id``."""
+    table = re.search(rf'<table[^>]*id="{table_id}".*?</table>', html, re.S).group(0)
+    row = re.search(rf'<tr[^>]*data-key="{re.escape(key)}"[^>]*>(.*?)</tr>', table, re.S).group(1)
+    return [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)]
+
+
+def test_full_report(fake_run: Path):
+    out = write_report(fake_run)
+    assert out == fake_run / "report.html"
+    html = out.read_text(encoding="utf-8")
+    parsed = _parse(html)
+    tags = [t for t, _ in parsed.tags]
+
+    # both tables, with the summary's numbers and the difference
+    assert _cell(html, "retrieval-table", "tr_r1") == ["Text retrieval R@1", "41.2", "45.6", "+4.4"]
+    assert _cell(html, "retrieval-table", "r_mean")[1:] == ["59.5", "62.0", "+2.5"]
+    assert _cell(html, "filter-table", "precision")[1] == "0.812"  # 0.8125 rounds half to even
+    assert _cell(html, "filter-table", "roc_auc")[1] == "0.901"
+    assert _cell(html, "filter-table", "kept_fraction_web")[1] == "64.1%"
+    assert _cell(html, "filter-table", "kept_fraction_synthetic")[1] == "88.3%"
+    assert _cell(html, "filter-table", "by_noise.swap")[1] == "91.0%"
+    assert _cell(html, "filter-table", "truth_rate")[1] == "73.4%"
+
+    # charts: a loss curve per run, histograms with a threshold marker, a sweep chart
+    assert tags.count("svg") >= 4 + 3 + 1
+    assert html.count('class="chart histogram"') == 3
+    assert "threshold 0.5" in html
+    assert html.count('class="chart line-chart"') == 5
+    # the only missing parts: the cut last line of each metrics file
+    missing = re.search(r'<div class="missing".*?</div>', html, re.S).group(0)
+    assert (
+        missing.count("<li>") == 4
+        and "runs/captioner/metrics.jsonl: 1 unreadable line(s) skipped" in missing
+    )
+
+    # thumbnails: 12 examples, upscaled data URIs, with a mix of outcomes
+    imgs = [a["src"] for t, a in parsed.tags if t == "img"]
+    assert len(imgs) == 12
+    assert all(src.startswith("data:image/png;base64,") for src in imgs)
+    cats = set(re.findall(r'<span class="cat">([^<]*)</span>', html))
+    assert {"noise rejected", "clean kept"} <= cats and len(cats) >= 3
+
+    # self-contained and escaped
+    assert "http://" not in html and "https://" not in html
+    assert parsed.scripts == 0
+    assert "<script>alert" not in html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; a red circle" in html
+
+
+def test_thumbnail_is_nearest_upscale(fake_run: Path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    html = render_report(fake_run, n_examples=1)
+    src = re.search(r'<img src="data:image/png;base64,([^"]+)"', html).group(1)
+    image = Image.open(io.BytesIO(base64.b64decode(src)))
+    assert image.size == (128, 128)
+    pixels = np.asarray(image)
+    # nearest-neighbour 2x: every pixel repeated in a 2x2 block
+    assert (pixels[0::2] == pixels[1::2]).all()
+    assert (pixels[:, 0::2] == pixels[:, 1::2]).all()
+
+
+def test_missing_parts_render_with_notes(fake_run: Path, tmp_path: Path):
+    # an empty folder: every section says what is missing
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    html = render_report(empty)
+    _parse(html)
+    assert "summary.json not found" in html
+    assert "runs/pretrain_baseline/metrics.jsonl not found" in html
+    assert "data/web_captioned/ not found" in html
+    assert _cell(html, "retrieval-table", "tr_r1")[1:] == ["—", "—", "—"]
+    assert "<img" not in html
+
+    # a partial run: baseline only, no filter stage yet, broken summary section types, no shards
+    part = tmp_path / "partial"
+    shutil.copytree(fake_run / "runs" / "pretrain_baseline", part / "runs" / "pretrain_baseline")
+    (part / "data" / "web_captioned").mkdir(parents=True)
+    (part / "summary.json").write_text(
+        json.dumps(
+            {
+                "baseline": {"retrieval": BASELINE},
+                "capfilt": {},
+                "filter": "oops",
+                "timings": "x",
+                "data": {"web": {"images": "many"}},
+            }
+        )
+    )
+    (part / "stages").mkdir()
+    (part / "stages" / "synth.json").write_text(json.dumps({"stage": "synth", "seconds": 75.0}))
+    (part / "recipe.json").write_text(
+        json.dumps({"hash": "x", "recipe": {"name": "tiny", "seed": 3}})
+    )
+    html = render_report(part)
+    _parse(html)
+    assert "1 min 15 s" in html and "seed <b>3</b>" in html  # from the demo's side files
+    assert _cell(html, "retrieval-table", "tr_r1")[1:] == ["41.2", "—", "—"]
+    assert "CapFilt retrieval results missing" in html
+    assert "filter evaluation missing" in html
+    assert "has no .tar shards" in html
+    assert html.count('class="chart line-chart"') == 1
+
+    # parquet present but the summary lacks the filter: numbers come from the parquet, marked
+    shutil.copytree(fake_run / "data" / "web_filtered", part / "data" / "web_filtered")
+    html = render_report(part)
+    assert "computed from data/web_filtered" in html
+    texts = pd.concat(
+        [pd.read_parquet(p) for p in sorted((part / "data" / "web_filtered").glob("*.parquet"))]
+    )
+    web = texts[texts.origin == "web"]
+    assert _cell(html, "filter-table", "kept_fraction_web")[1] == f"{100 * web.kept.mean():.1f}%*"
+    assert html.count('class="chart histogram"') == 3
+
+    # garbage summary.json: noted, not fatal
+    (part / "summary.json").write_text("{not json")
+    assert "summary.json unreadable" in render_report(part)
+
+
+def test_cli_writes_report(fake_run: Path, tmp_path: Path):
+    from capfilt.cli.main import app
+
+    out = tmp_path / "sub" / "r.html"
+    result = CliRunner().invoke(
+        app, ["report", str(fake_run), "--out", str(out), "--examples", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and out.read_text().count("<img ") == 3
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+
+
+def test_charts_handle_edge_cases():
+    assert nice_ticks(0, 1) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(3, 3)  # a flat series still gets an axis
+    one = line_chart([Series("loss", [5], [2.0])], title="t", x_label="step", y_label="loss")
+    assert "<circle" in one
+    nan = line_chart(
+        [Series("loss", [1, 2], [float("nan"), float("inf")])], title="t", x_label="x", y_label="y"
+    )
+    assert "no data points" in nan
+    assert "no texts" in histogram_chart([0, 0.5, 1], [("kept", [0, 0], "#0f0")], title="h")
+    assert "&lt;b&gt;" in histogram_chart(
+        [0, 0.5, 1], [("<b>", [1, 2], "#0f0")], title="h", threshold=0.5
+    )
