@@ -21,12 +21,7 @@ from capfilt.cli.common import (
     resolve,
 )
 
-app = typer.Typer(help="Evaluate a model: image-text retrieval.", no_args_is_help=True)
-
-
-@app.callback()
-def _group() -> None:  # a callback keeps `eval` a group (`capfilt eval retrieval`) while it has one command
-    """Evaluate a model: image-text retrieval (SPEC §4)."""
+app = typer.Typer(help="Evaluate: retrieval (ITC + ITM re-rank), captioner metrics, filter precision/recall.", no_args_is_help=True)
 
 
 def _print_retrieval(result: dict) -> None:
@@ -92,3 +87,97 @@ def retrieval(
         out_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(out_path, {**result, "model": str(model), "shards": urls})
         out.print(f"wrote {out_path}")
+
+
+def _write(out_path: Path | None, result: dict) -> None:
+    if out_path is None:
+        return
+    from capfilt.pipeline.common import write_json
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out_path, result)
+    out.print(f"wrote {out_path}")
+
+
+@app.command("caption")
+def caption(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Captioner model folder or run folder.")],
+    shards: Annotated[list[str], typer.Option("--shards", help="Test shards whose json captions are the references (repeatable).")],
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics to this JSON file.")] = None,
+    meteor: Annotated[bool, typer.Option(help="Also METEOR (needs Java; slower).")] = False,
+    recipe: RecipeArgument = "demo",
+    set_: SetOption = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Caption each test image (caption.* settings) and score BLEU-1..4, CIDEr-D and ROUGE-L against its references.
+
+    On the built-in benchmark it also reports the fraction of captions true of their scene (exact check).
+    """
+    from rich.table import Table
+
+    from capfilt.config import ConfigError
+    from capfilt.data.shards import ShardSpecError
+    from capfilt.eval.stage_eval import evaluate_captioner
+
+    cfg = resolve(recipe, set_, dry_run)
+    metrics = ("bleu", "cider", "rouge", "meteor") if meteor else ("bleu", "cider", "rouge")
+    try:
+        result = evaluate_captioner(model, shards, cfg.caption, metrics=metrics)
+    except (ShardSpecError, ConfigError) as err:
+        raise fail(str(err), EXIT_USAGE) from None
+    except ValueError as err:
+        raise fail(str(err), EXIT_FAILURE) from None
+    table = Table("metric", "value", title=f"captioner on {result.get('n_images', '?')} images ({result['method']})")
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "meteor", "truth_rate"):
+        value = result.get(key)
+        if value is not None:
+            table.add_row(key, f"{100 * value:.1f}%" if key == "truth_rate" else f"{value:.2f}")
+    out.print(table)
+    _write(out_path, result)
+
+
+@app.command("filter")
+def filter_(
+    scores: Annotated[Path, typer.Option("--scores", help="A filter output folder (its per-text parquet) or one parquet file.")],
+    threshold: Annotated[float | None, typer.Option(help="Decision threshold (default: the recipe's filter.threshold).")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Write the report to this JSON file.")] = None,
+    recipe: RecipeArgument = "demo",
+    set_: SetOption = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Filter quality where the truth is known: precision/recall/F1 of rejecting noisy web texts, ROC AUC, sweep, per noise kind."""
+    from rich.table import Table
+
+    from capfilt.eval.stage_eval import evaluate_filter
+
+    overrides = list(set_ or [])
+    if threshold is not None:
+        overrides.append(f"filter.threshold={threshold}")
+    cfg = resolve(recipe, overrides, dry_run)
+    if not scores.exists():
+        raise fail(f"--scores not found: {scores}", EXIT_USAGE)
+    try:
+        report = evaluate_filter(scores, cfg.filter.threshold)
+    except (ValueError, KeyError) as err:
+        raise fail(f"cannot read filter scores from {scores}: {err}", EXIT_USAGE) from None
+
+    def pct(value) -> str:
+        return "—" if value is None else f"{100 * value:.1f}%"
+
+    table = Table("figure", "value", title=f"filter at threshold {cfg.filter.threshold}")
+    table.add_row("precision (rejected texts that are noisy)", pct(report.get("precision")))
+    table.add_row("recall (noisy texts rejected)", pct(report.get("recall")))
+    table.add_row("F1", pct(report.get("f1")))
+    table.add_row("ROC AUC (clean vs noisy web)", "—" if report.get("auc") is None else f"{report['auc']:.3f}")
+    for origin, info in (report.get("origins") or {}).items():
+        table.add_row(f"kept fraction, {origin}", pct(info.get("kept_frac")))
+    for kind, info in (report.get("rejection_by_noise") or {}).items():
+        table.add_row(f"rejected, noise '{kind}'", pct(info.get("rejected_frac")))
+    synthetic = report.get("synthetic")
+    if synthetic:
+        table.add_row("synthetic captions true of their scene", pct(synthetic.get("true_fraction")))
+        table.add_row("F1 rejecting false synthetic captions", pct(synthetic.get("f1")))
+    out.print(table)
+    for note in report.get("notes") or []:
+        out.print(f"note: {note}")
+    _write(out_path, report)
