@@ -25,3 +25,11 @@ def coco_captions(split_json: Path) -> dict[int, list[str]]:
     for ann in data["annotations"]:
         out.setdefault(ann["image_id"], []).append(ann["caption"])
     return out
+
+
+def pytest_configure(config):
+    # Tiny models gain nothing from a second thread, and OpenMP spin-waiting makes a busy 2-core
+    # machine (or a test's own subprocesses) very slow.
+    import torch
+
+    torch.set_num_threads(1)

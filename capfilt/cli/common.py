@@ -43,7 +43,10 @@ def resolve(recipe: str, overrides: list[str] | None, dry_run: bool = False) -> 
     except ConfigError as err:
         raise fail(str(err), EXIT_USAGE) from None
     if dry_run:
-        out.print(Syntax(dump_yaml(cfg), "yaml"))
+        if out.is_terminal:
+            out.print(Syntax(dump_yaml(cfg), "yaml"))
+        else:  # plain YAML that scripts can parse (rich would wrap long lines)
+            typer.echo(dump_yaml(cfg), nl=False)
         raise typer.Exit(EXIT_OK)
     return cfg
 

@@ -7,7 +7,16 @@ import sys
 import typer
 
 from capfilt import __version__
-from capfilt.cli import config_cmds, data_cmds, demo_cmds, eval_cmds, pipeline_cmds, report_cmds, train_cmds
+from capfilt.cli import (
+    config_cmds,
+    convert_cmds,
+    data_cmds,
+    demo_cmds,
+    eval_cmds,
+    pipeline_cmds,
+    report_cmds,
+    train_cmds,
+)
 from capfilt.cli.common import EXIT_FAILURE, EXIT_USAGE, console
 from capfilt.config import ConfigError
 from capfilt.data.shards import ShardSpecError
@@ -34,6 +43,7 @@ app.command("filter")(pipeline_cmds.filter_)
 app.add_typer(config_cmds.app, name="config")
 app.add_typer(eval_cmds.app, name="eval")
 app.command("report")(report_cmds.report)
+app.command("convert")(convert_cmds.convert)
 
 
 def _version(value: bool) -> None:

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 import capfilt
 from capfilt.config import ModelConfig, from_dict, to_dict
 from capfilt.data.writer import atomic_write_bytes, atomic_write_json
+from capfilt.model.hf_blip import apply_folder_settings
 from capfilt.model.med import MED, count_parameters
 from capfilt.model.tokenizer import load_tokenizer, special_ids
 
@@ -153,6 +154,7 @@ def load_model_folder(
     cfg = from_dict(ModelConfig, json.loads((path / CONFIG).read_text()))
     tokenizer = load_tokenizer(str(path))
     model = build_model(cfg, tokenizer, pretrained=False)
+    apply_folder_settings(model, meta)  # e.g. an imported BLIP checkpoint's ViT LayerNorm eps
 
     with safe_open(str(path / WEIGHTS), framework="pt", device="cpu") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}

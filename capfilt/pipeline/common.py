@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 
+from capfilt.config import ConfigError
 from capfilt.model import load_model_folder
 from capfilt.train.run_folder import resolve_model_dir
 
@@ -18,7 +19,20 @@ T = TypeVar("T")
 
 
 def load_stage_model(path: str | Path, device: torch.device):
-    """(model, tokenizer, model_cfg, meta, folder) from a model folder or a run folder."""
+    """(model, tokenizer, model_cfg, meta, folder) from a model folder, a run folder, or a
+    transformers BLIP captioner/filter (folder, or hub id when online; converted on the fly)."""
+    from capfilt.model.hf_blip import (
+        import_transformers,
+        is_transformers_blip_folder,
+        looks_like_hub_id,
+    )
+
+    if is_transformers_blip_folder(path) or looks_like_hub_id(str(path)):
+        try:
+            model, tokenizer, cfg, meta, folder = import_transformers(path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return model.to(device).eval(), tokenizer, cfg, meta, folder
     folder = resolve_model_dir(path)
     model, tokenizer, cfg, meta = load_model_folder(folder, device=device)
     model.eval()
@@ -28,7 +42,7 @@ def load_stage_model(path: str | Path, device: torch.device):
 def model_fingerprint(folder: Path) -> str:
     """Short identity of a model folder (weights + config), recorded with what it produced."""
     digest = hashlib.sha256()
-    for name in ("model_config.json", "capfilt.json"):
+    for name in ("model_config.json", "capfilt.json", "config.json"):
         path = folder / name
         if path.is_file():
             digest.update(path.read_bytes())

@@ -1,0 +1,243 @@
+"""capfilt's caption and filter stages vs the same model run through transformers' BLIP classes.
+
+    python benchmarks/caption_filter_vs_transformers.py                  # demo-size model, 256 images
+    python benchmarks/caption_filter_vs_transformers.py --images 512 --threads 2
+    python benchmarks/caption_filter_vs_transformers.py --captioner runs/cap/model --filter runs/filt/model
+
+The model has the recipe's dimensions (random weights, or the given capfilt folders) and is
+converted to ``BlipForConditionalGeneration`` / ``BlipForImageTextRetrieval`` with
+:func:`capfilt.model.hf_blip.med_to_hf`, so both sides run the same weights in the same process.
+
+(a) Captioning, images/s: capfilt's ``generate_captions`` (nucleus top-p, repetition penalty,
+    min/max length and batch size of the recipe's ``caption`` section, prompt "a picture of ")
+    vs ``BlipForConditionalGeneration.generate(do_sample=True, top_p, top_k=0,
+    repetition_penalty, min_new_tokens, max_new_tokens)`` on the same batches. Both draw from
+    torch's CPU generator seeded alike, so the captions come out identical (the count is printed):
+    the two do the same work, sample for sample.
+(b) Filtering, texts/s: capfilt's ``score_pairs`` (one image-encoder pass per image, all its texts
+    batched; ITM probability and ITC cosine) on batches of the recipe's ``filter.batch_size``
+    images with 2 texts each (a web text and a synthetic caption) vs
+    ``BlipForImageTextRetrieval(input_ids, pixel_values, use_itm_head=True)`` called once per
+    (image, text) pair, tokenizing each text, as a user of that class would. The largest ITM
+    probability difference between the two is printed as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from capfilt.config import load_recipe
+from capfilt.data.reader import read_samples
+from capfilt.data.shards import expand_shards
+from capfilt.data.synth import write_synth
+from capfilt.data.transforms import EvalTransform
+from capfilt.model import build_model, train_wordpiece_tokenizer
+from capfilt.model.generate import GenerationSettings, generate_captions
+from capfilt.model.hf_blip import med_to_hf
+from capfilt.pipeline.common import load_stage_model
+from capfilt.pipeline.filter import score_pairs
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--recipe", default="demo", help="recipe giving the model size and caption/filter settings"
+    )
+    p.add_argument("--images", type=int, default=256, help="images captioned and filtered")
+    p.add_argument(
+        "--captioner", default=None, help="capfilt captioner folder (default: random weights)"
+    )
+    p.add_argument("--filter", default=None, help="capfilt filter folder (default: random weights)")
+    p.add_argument(
+        "--data",
+        default="/tmp/capfilt-bench/vs-transformers",
+        help="cache folder of the synthetic images",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    data_dir = Path(args.data) / f"{recipe.name}-{args.images}"
+    write_synth(data_dir, dataclasses.replace(recipe.synth, n_human=0, n_web=0, n_test=args.images))
+    samples = list(read_samples(expand_shards([str(data_dir / "test")])))[: args.images]
+    texts = [c["text"] for s in samples for c in s.captions]
+
+    models = {}
+    tokenizer = None
+    for kind, path in (("captioner", args.captioner), ("filter", args.filter)):
+        if path:
+            model, tokenizer, cfg, *_ = load_stage_model(path, torch.device("cpu"))
+        else:
+            if tokenizer is None:
+                tokenizer = train_wordpiece_tokenizer(texts, recipe.model.vocab_size)
+            cfg = recipe.model
+            torch.manual_seed(args.seed)
+            model = build_model(cfg, tokenizer)
+        models[kind] = (
+            model.eval().to(device),
+            med_to_hf(model, cfg, kind).to(device),
+            tokenizer,
+            cfg,
+        )
+
+    def images_for(cfg):
+        transform = EvalTransform(cfg.image_size)
+        return torch.stack([transform(s.image) for s in samples]).to(device)
+
+    print(
+        f"{len(samples)} images; model of recipe '{recipe.name}' "
+        f"({'given folders' if args.captioner or args.filter else 'random weights'}); device {device}, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+    # (a) captioning ---------------------------------------------------------------------------
+    model, hf, tok, cfg = models["captioner"]
+    pixels = images_for(cfg)
+    cc = recipe.caption
+    settings = dataclasses.replace(GenerationSettings.from_config(cc), method="nucleus")
+    sp = model.special
+    bs = cc.batch_size
+    batches = [pixels[i : i + bs] for i in range(0, len(pixels), bs)]
+
+    def capfilt_caption():
+        gen = torch.Generator().manual_seed(args.seed)
+        out = []
+        with torch.inference_mode():
+            for batch in batches:
+                out += [c[0] for c in generate_captions(model, tok, batch, settings, 1, gen)]
+        return out
+
+    prompt = tok(cc.prompt.strip(), return_tensors="pt")
+
+    def hf_caption():
+        torch.manual_seed(args.seed)
+        out = []
+        with torch.inference_mode():
+            for batch in batches:
+                ids = prompt["input_ids"].expand(len(batch), -1).to(device)
+                gen = hf.generate(
+                    pixel_values=batch,
+                    input_ids=ids.clone(),
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=True,
+                    top_p=cc.top_p,
+                    top_k=0,
+                    temperature=cc.temperature,
+                    repetition_penalty=cc.repetition_penalty,
+                    min_new_tokens=cc.min_length,
+                    max_new_tokens=cc.max_length,
+                    suppress_tokens=[sp["pad"], sp["cls"], sp["enc"], sp["dec"]],
+                )
+                out += tok.batch_decode(gen[:, ids.shape[1] - 1 :], skip_special_tokens=True)
+        return out
+
+    # warm-up on one small batch each
+    with torch.inference_mode():
+        generate_captions(model, tok, pixels[:4], dataclasses.replace(settings, max_length=3))
+        hf.generate(pixel_values=pixels[:4], max_new_tokens=3, do_sample=True, top_k=0)
+    ours, t_ours = _timed(capfilt_caption)
+    theirs, t_theirs = _timed(hf_caption)
+    n = len(pixels)
+    words = lambda caps: sum(len(c.split()) for c in caps) / max(1, len(caps))  # noqa: E731
+    print(
+        f"caption: capfilt {n / t_ours:8.1f} images/s ({t_ours:.2f} s, {words(ours):.1f} words/caption) | "
+        f"transformers generate {n / t_theirs:8.1f} images/s ({t_theirs:.2f} s, {words(theirs):.1f} words/caption) | "
+        f"ratio {t_theirs / t_ours:.2f}x   [batch {bs}, top-p {cc.top_p}, rep. penalty {cc.repetition_penalty}, "
+        f"length {cc.min_length}-{cc.max_length}; same seed: {sum(a == b for a, b in zip(ours, theirs, strict=True))}/{n} captions identical]"
+    )
+
+    # (b) filtering -----------------------------------------------------------------------------
+    model, hf, tok, cfg = models["filter"]
+    pixels = images_for(cfg)
+    pair_texts = [(i, s.captions[0]["text"]) for i, s in enumerate(samples)]
+    pair_texts += [
+        (i, samples[(i + 1) % n].captions[-1]["text"]) for i in range(n)
+    ]  # a "synthetic" second text
+    pair_texts.sort(key=lambda p: p[0])
+    fb = recipe.filter.batch_size
+
+    def capfilt_filter():
+        scores = []
+        with torch.inference_mode():
+            for start in range(0, n, fb):
+                chunk = [(i, t) for i, t in pair_texts if start <= i < start + fb]
+                index = torch.tensor([i - start for i, _ in chunk], device=device)
+                itm, _ = score_pairs(
+                    model,
+                    tok,
+                    pixels[start : start + fb],
+                    index,
+                    [t for _, t in chunk],
+                    cfg.max_text_len,
+                )
+                scores.append(itm)
+        return torch.cat(scores)
+
+    enc_id = model.special["enc"]
+
+    def hf_filter():
+        scores = []
+        with torch.inference_mode():
+            for i, text in pair_texts:
+                inputs = tok(
+                    text,
+                    return_tensors="pt",
+                    truncation=True,
+                    max_length=cfg.max_text_len,
+                    return_token_type_ids=False,
+                )
+                ids = inputs["input_ids"].to(device)
+                ids[:, 0] = enc_id  # BLIP's ITM input starts with [ENC]
+                out = hf(
+                    input_ids=ids,
+                    pixel_values=pixels[i : i + 1],
+                    attention_mask=inputs["attention_mask"].to(device),
+                    use_itm_head=True,
+                )
+                scores.append(out.itm_score.softmax(-1)[0, 1].cpu())
+        return torch.stack(scores)
+
+    with torch.inference_mode():
+        score_pairs(
+            model,
+            tok,
+            pixels[:2],
+            torch.arange(2, device=device),
+            [t for _, t in pair_texts[:2]],
+            cfg.max_text_len,
+        )
+        hf(
+            input_ids=torch.tensor([[enc_id, sp["sep"]]], device=device),
+            pixel_values=pixels[:1],
+            use_itm_head=True,
+        )
+    ours, t_ours = _timed(capfilt_filter)
+    theirs, t_theirs = _timed(hf_filter)
+    m = len(pair_texts)
+    print(
+        f"filter:  capfilt {m / t_ours:8.1f} texts/s ({t_ours:.2f} s) | transformers ITM per pair {m / t_theirs:8.1f} texts/s "
+        f"({t_theirs:.2f} s) | ratio {t_theirs / t_ours:.2f}x   [{m} texts, 2 per image, batch {fb} images; "
+        f"max |ITM prob difference| {float((ours.cpu() - theirs).abs().max()):.1e}]"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""Import/export of BLIP checkpoints (issue 6): tiny random transformers BLIP models built in-process
+(no download) must give capfilt the same ITM probabilities, ITC similarities, LM logits and greedy
+captions as transformers; round trips are exact; BLIP's original .pth layout loads too."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    BertTokenizerFast,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipProcessor,
+)
+
+from capfilt.cli.main import app
+from capfilt.config.schema import ModelConfig
+from capfilt.model import build_model, load_model_folder, save_model_folder, tokenize
+from capfilt.model.generate import GenerationSettings, generate_captions
+from capfilt.model.hf_blip import BLIP_PROMPT, convert, med_to_hf, write_transformers_folder
+from capfilt.pipeline.common import load_stage_model
+from capfilt.pipeline.filter import score_pairs
+
+WORDS = "a picture of the red blue green small big circle square triangle dog cat on left right top bottom next to and with".split()
+TEXTS = [
+    "a red circle",
+    "a picture of a big blue square on the left",
+    "green dog",
+    "two cats next to a small triangle at the top",
+]
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A BERT WordPiece tokenizer laid out like BLIP's on the hub: [DEC] is the bos token, no [ENC]."""
+    path = tmp_path_factory.mktemp("tok")
+    chars = sorted(set("".join(WORDS + TEXTS).replace(" ", "")))
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *WORDS,
+        *chars,
+        *(f"##{c}" for c in chars),
+    ]
+    vocab = list(dict.fromkeys(vocab))
+    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.save_pretrained(str(path))
+    return path
+
+
+def _blip_config(tok, kind: str) -> BlipConfig:
+    arch = "BlipForConditionalGeneration" if kind == "captioner" else "BlipForImageTextRetrieval"
+    text = dict(
+        TEXT,
+        vocab_size=len(tok) + 1,  # + [ENC]
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        sep_token_id=tok.sep_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
+    # vision layer_norm_eps stays transformers' default 1e-5 (BLIP's hub configs), not capfilt's 1e-6
+    return BlipConfig(
+        text_config=text,
+        vision_config=dict(VISION, initializer_range=0.02),
+        image_text_hidden_size=16,
+        architectures=[arch],
+    )
+
+
+@torch.no_grad()
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Spread the weights (random init gives near-uniform logits: greedy ties would be luck)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if (
+            "LayerNorm" in name
+            or "layer_norm" in name
+            or name.endswith(("norm.weight", "norm.bias"))
+        ):
+            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+        else:
+            p.copy_((0.25 if p.dim() > 1 else 0.05) * noise)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tok_dir, tmp_path_factory):
+    """Tiny random transformers BLIP captioner and filter, saved as checkpoint folders."""
+    tok = BertTokenizerFast.from_pretrained(str(tok_dir))
+    out = {}
+    for kind, cls in (
+        ("captioner", BlipForConditionalGeneration),
+        ("filter", BlipForImageTextRetrieval),
+    ):
+        torch.manual_seed(1)
+        model = cls(_blip_config(tok, kind))
+        _randomise(model, seed=2 if kind == "captioner" else 3)
+        model.tie_weights()
+        model.eval()
+        folder = tmp_path_factory.mktemp(f"hf_{kind}")
+        model.save_pretrained(str(folder))
+        tok.save_pretrained(str(folder))
+        out[kind] = (model, folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _ids(tokenizer, texts, first):
+    ids, mask = tokenize(tokenizer, texts, 35)
+    ids = ids.clone()
+    ids[:, 0] = first
+    return ids, mask
+
+
+def test_filter_itm_itc_match_transformers(hf_models, images):
+    hf, folder = hf_models["filter"]
+    model, tokenizer, cfg, meta, _ = load_stage_model(folder, torch.device("cpu"))
+    assert meta["stage"] == "filter" and meta["extra"]["imported"]["format"] == "transformers"
+    assert (
+        cfg.image_size == 32 and cfg.embed_dim == 16 and model.special["enc"] == len(tokenizer) - 1
+    )
+    texts = TEXTS[:3]
+    itm, cosine = score_pairs(model, tokenizer, images, torch.arange(3), texts, cfg.max_text_len)
+    ids, mask = _ids(tokenizer, texts, model.special["enc"])  # BLIP's ITM input: [ENC] first
+    with torch.no_grad():
+        ref_itm = hf(
+            input_ids=ids, pixel_values=images, attention_mask=mask, use_itm_head=True
+        ).itm_score.softmax(-1)[:, 1]
+        cls_ids, _ = tokenize(tokenizer, texts, 35)
+        ref_sim = hf(
+            input_ids=cls_ids, pixel_values=images, attention_mask=mask, use_itm_head=False
+        ).itm_score
+        ours_sim = (
+            model.image_features(model.encode_image(images))
+            @ model.text_features(model.encode_text(cls_ids, mask)).t()
+        )
+    assert (itm - ref_itm).abs().max() < 1e-4
+    assert (cosine - ref_sim.diagonal()).abs().max() < 1e-4
+    assert (ours_sim - ref_sim).abs().max() < 1e-4
+    assert itm.std() > 1e-3  # the tiny model is not constant
+
+
+def test_captioner_logits_and_greedy_match_transformers(hf_models, images):
+    hf, folder = hf_models["captioner"]
+    model, tokenizer, cfg, meta, _ = load_stage_model(folder, torch.device("cpu"))
+    assert meta["stage"] == "captioner"
+    ids, mask = _ids(tokenizer, TEXTS, model.special["dec"])
+    with torch.no_grad():
+        embeds = model.encode_image(images[[0, 1, 2, 0]])
+        ours = model.lm_logits(embeds, ids, mask)
+        ref = hf(pixel_values=images[[0, 1, 2, 0]], input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert (ours[keep] - ref[keep]).abs().max() < 1e-4
+
+    settings = GenerationSettings(method="greedy", min_length=2, max_length=12, prompt=BLIP_PROMPT)
+    captions = [c[0] for c in generate_captions(model, tokenizer, images, settings)]
+    prompt = tokenizer([BLIP_PROMPT.strip()] * len(images), return_tensors="pt")
+    sp = model.special
+    with torch.no_grad():
+        out = hf.generate(
+            pixel_values=images,
+            input_ids=prompt["input_ids"],
+            attention_mask=prompt["attention_mask"],
+            do_sample=False,
+            num_beams=1,
+            min_new_tokens=settings.min_length,
+            max_new_tokens=settings.max_length,
+            suppress_tokens=[
+                sp["pad"],
+                sp["cls"],
+                sp["enc"],
+                sp["dec"],
+            ],  # capfilt never generates these
+        )
+    start = prompt["input_ids"].shape[1] - 1  # generate() drops the prompt's [SEP]
+    ref_captions = []
+    for row in out[:, start:].tolist():
+        row = row[: row.index(sp["sep"])] if sp["sep"] in row else row
+        ref_captions.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    assert captions == ref_captions
+    assert len(set(captions)) > 1 and all(captions)
+
+
+def _hf_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["captioner", "filter"])
+def test_round_trip_transformers_capfilt_transformers(hf_models, tmp_path, kind):
+    hf, folder = hf_models[kind]
+    capfilt_dir, fmt, what = convert(folder, tmp_path / "capfilt")
+    assert (fmt, what) == ("capfilt", kind)
+    meta = json.loads((capfilt_dir / "capfilt.json").read_text())
+    assert meta["stage"] == kind and meta["extra"]["vision_layer_norm_eps"] == 1e-5
+    back, fmt, _ = convert(capfilt_dir, tmp_path / "hf")
+    assert fmt == "transformers"
+    cls = type(hf)
+    reloaded, info = cls.from_pretrained(str(back), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.config.vision_config.layer_norm_eps == hf.config.vision_config.layer_norm_eps
+    ref, got = _hf_state(hf), _hf_state(reloaded)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+    processor = BlipProcessor.from_pretrained(str(back))
+    assert processor.image_processor.size["height"] == 32
+
+
+def test_round_trip_capfilt_transformers_capfilt(tok_dir, tmp_path):
+    from capfilt.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tok_dir))
+    cfg = ModelConfig(
+        image_size=32,
+        patch_size=8,
+        vision_width=32,
+        vision_depth=2,
+        vision_heads=2,
+        text_width=32,
+        text_layers=2,
+        text_heads=2,
+        text_intermediate=64,
+        embed_dim=16,
+        queue_size=8,
+    )
+    torch.manual_seed(5)
+    model = build_model(cfg, tokenizer)
+    _randomise(model, seed=6)
+    for kind in ("captioner", "filter"):
+        src = save_model_folder(tmp_path / f"native_{kind}", model, tokenizer, cfg, stage=kind)
+        convert(src, tmp_path / f"hf_{kind}")
+        again, _, _ = convert(tmp_path / f"hf_{kind}", tmp_path / f"again_{kind}")
+        m2, _, cfg2, meta2 = load_model_folder(again)
+        assert meta2["extra"]["vision_layer_norm_eps"] == 1e-6
+        a, b = model.state_dict(), m2.state_dict()
+        held = [k for k in a if k.startswith("visual_encoder.")]
+        held += (
+            [k for k in a if k.startswith("text_decoder.")]
+            if kind == "captioner"
+            else [
+                k
+                for k in a
+                if k.startswith(("text_encoder.", "vision_proj.", "text_proj.", "itm_head."))
+            ]
+        )
+        for key in held:
+            assert torch.equal(a[key], b[key]), key
+        # the side the checkpoint lacks gets the other side's self-attention
+        enc_sa = "text_encoder.encoder.layer.1.attention.self.query.weight"
+        dec_sa = "text_decoder.bert.encoder.layer.1.attention.self.query.weight"
+        assert torch.equal(b[enc_sa], b[dec_sa])
+        assert torch.equal(b[dec_sa], a[dec_sa] if kind == "captioner" else a[enc_sa])
+
+
+def _blip_vit_name(hf_key: str) -> str:
+    """transformers' vision names written out the way BLIP's own vit.py names them."""
+    name = hf_key[len("vision_model.") :]
+    table = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.position_embedding": "pos_embed",
+        "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+        "post_layernorm.weight": "norm.weight",
+        "post_layernorm.bias": "norm.bias",
+    }
+    if name in table:
+        return "visual_encoder." + table[name]
+    parts = name.split(".")  # encoder.layers.{i}.<module>.<p>
+    i, rest = parts[2], ".".join(parts[3:])
+    rest = (
+        rest.replace("layer_norm1", "norm1")
+        .replace("layer_norm2", "norm2")
+        .replace("self_attn.qkv", "attn.qkv")
+        .replace("self_attn.projection", "attn.proj")
+    )
+    return f"visual_encoder.blocks.{i}.{rest}"
+
+
+def _as_blip_pth(hf, kind):
+    sd = {}
+    for key, value in hf.state_dict().items():
+        sd[_blip_vit_name(key) if key.startswith("vision_model.") else key] = value.clone()
+    if kind == "captioner":
+        sd["text_decoder.bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+    else:  # BLIP's retrieval checkpoints carry momentum copies, queues and the temperature
+        for key in [
+            k for k in sd if k.startswith(("visual_encoder.", "vision_proj.", "text_proj."))
+        ]:
+            first, rest = key.split(".", 1)
+            sd[f"{first}_m.{rest}"] = sd[key] + 0.01
+        for key in [k for k in sd if k.startswith("text_encoder.")]:
+            sd["text_encoder_m." + key[len("text_encoder.") :]] = sd[key] + 0.01
+        sd["image_queue"] = torch.nn.functional.normalize(torch.randn(16, 8), dim=0)
+        sd["text_queue"] = torch.nn.functional.normalize(torch.randn(16, 8), dim=0)
+        sd["idx_queue"] = torch.full((1, 8), 7)
+        sd["ptr_queue"] = torch.tensor([3])
+        sd["temp"] = torch.tensor(0.05)
+    return {"model": sd}
+
+
+@pytest.mark.parametrize("kind", ["captioner", "filter"])
+def test_blip_pth_layout_loads_with_same_outputs(hf_models, tok_dir, tmp_path, images, kind):
+    from typer.testing import CliRunner
+
+    hf, _ = hf_models[kind]
+    blip = _as_blip_pth(hf, kind)
+    torch.save(blip, tmp_path / "model.pth")
+    (tmp_path / "cfg.json").write_text(json.dumps({"vision_heads": 2, "text_heads": 2}))
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            str(tmp_path / "model.pth"),
+            str(tmp_path / "out"),
+            "--tokenizer",
+            str(tok_dir),
+            "--model-config",
+            str(tmp_path / "cfg.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    model, tokenizer, cfg, meta = load_model_folder(tmp_path / "out")
+    assert meta["stage"] == kind and meta["extra"]["imported"]["format"] == "blip-pth"
+    model.eval()
+    with torch.no_grad():
+        embeds = model.encode_image(images)
+        if kind == "captioner":
+            ids, mask = _ids(tokenizer, TEXTS[:3], model.special["dec"])
+            ours = model.lm_logits(embeds, ids, mask)[mask.bool()]
+            # BLIP's ViT eps (1e-6) vs the transformers config's 1e-5: equal up to that
+            ref = hf(pixel_values=images, input_ids=ids, attention_mask=mask).logits[mask.bool()]
+            assert (ours - ref).abs().max() < 1e-3
+        else:
+            ids, mask = _ids(tokenizer, TEXTS[:3], model.special["enc"])
+            ours = model.itm_logits(embeds, ids, mask).softmax(-1)[:, 1]
+            ref = hf(input_ids=ids, pixel_values=images, attention_mask=mask).itm_score.softmax(-1)[
+                :, 1
+            ]
+            assert (ours - ref).abs().max() < 1e-3
+            sd = blip["model"]
+            assert torch.equal(model.visual_encoder_m.pos_embed, sd["visual_encoder_m.pos_embed"])
+            assert torch.equal(model.text_queue, sd["text_queue"]) and int(model.queue_ptr) == 3
+            assert bool((model.idx_queue == -1).all()) and abs(float(model.temp) - 0.05) < 1e-7
+    # with eps set as transformers' config, outputs are equal to 1e-4
+    from capfilt.model.hf_blip import set_vision_layer_norm_eps
+
+    set_vision_layer_norm_eps(model, 1e-5)
+    with torch.no_grad():
+        embeds = model.encode_image(images)
+        hf_embeds = hf.vision_model(pixel_values=images).last_hidden_state
+    assert (embeds - hf_embeds).abs().max() < 1e-4
+
+
+def test_export_of_a_pretrain_folder_needs_kind(tok_dir, tmp_path):
+    from capfilt.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tok_dir))
+    cfg = ModelConfig(
+        image_size=32,
+        patch_size=8,
+        vision_width=32,
+        vision_depth=1,
+        vision_heads=2,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=64,
+        embed_dim=16,
+        queue_size=8,
+    )
+    model = build_model(cfg, tokenizer)
+    src = save_model_folder(tmp_path / "pre", model, tokenizer, cfg, stage="pretrain")
+    with pytest.raises(ValueError, match="--kind"):
+        convert(src, tmp_path / "hf")
+    path, _, kind = convert(src, tmp_path / "hf", kind="filter")
+    assert kind == "filter" and BlipForImageTextRetrieval.from_pretrained(str(path)) is not None
+    assert (
+        med_to_hf(model, cfg, "captioner").config.text_config.bos_token_id == model.special["dec"]
+    )
+    assert write_transformers_folder  # the folder writer is the public API used by convert
+
+
+def test_full_blip_pth_imports_as_pretrain(tok_dir, tmp_path):
+    from capfilt.model.hf_blip import import_blip_state_dict, load_blip_pth
+    from capfilt.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tok_dir))
+    cfg = ModelConfig(
+        image_size=32,
+        patch_size=8,
+        vision_width=32,
+        vision_depth=1,
+        vision_heads=2,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=64,
+        embed_dim=16,
+        queue_size=8,
+    )
+    torch.manual_seed(7)
+    model = build_model(cfg, tokenizer)
+    _randomise(model, seed=8)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["ptr_queue"] = sd.pop("queue_ptr") + 5
+    sd["text_encoder_m.encoder.layer.0.crossattention.self.query.weight"] = torch.zeros(
+        32, 32
+    )  # BLIP has it
+    sd["text_encoder.embeddings.position_ids"] = torch.arange(512)[None]
+    torch.save({"model": sd}, tmp_path / "model_base.pth")
+    imported, cfg2, meta = import_blip_state_dict(
+        load_blip_pth(tmp_path / "model_base.pth"),
+        tokenizer,
+        model_config={"vision_heads": 2, "text_heads": 2},
+    )
+    assert meta["stage"] == "pretrain" and meta["extra"]["imported"]["initialised"] == []
+    assert meta["extra"]["imported"]["momentum"] == "loaded" and cfg2.queue_size == 8
+    got = imported.state_dict()
+    for key, value in model.state_dict().items():
+        if key not in ("idx_queue", "queue_ptr"):
+            assert torch.equal(got[key], value), key
+    assert int(imported.queue_ptr) == 5 and bool((imported.idx_queue == -1).all())
