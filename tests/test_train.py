@@ -129,3 +129,27 @@ def test_killed_pretrain_resumes_to_the_same_weights(synth_data, tmp_path):
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "kill")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_tiny_pretrain_lowers_every_loss_and_retrieves_above_chance(synth_data, tmp_path):
+    from capfilt.eval.retrieval import evaluate_retrieval
+
+    recipe = load_recipe(
+        "tiny",
+        ["train.epochs=1", "train.samples_per_epoch=4800", "data.batch_size=16", "train.log_every=25", "train.ckpt_every=1000",
+         "train.warmup_steps=20", "train.lr=2e-3", "model.alpha=0.0"],
+    )  # fmt: skip
+    out = tmp_path / "run"
+    train(TrainJob(stage="pretrain", recipe=recipe, shards=[str(synth_data / "human")], out=out))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 300
+    for part in ("loss_itc", "loss_itm", "loss_lm"):
+        first = sum(x[part] for x in lines[:2]) / 2
+        last = sum(x[part] for x in lines[-2:]) / 2
+        assert last < first, (part, first, last)
+    result = evaluate_retrieval(out / "model", str(synth_data / "test"), k=0, batch_size=32)
+    n_images = result["n_images"]
+    chance_r5 = 100 * 5 / n_images  # text->image: 5 of n images
+    assert result["ir_r5"] > 2 * chance_r5, result
+    assert result["tr_r5"] > 2 * chance_r5, result

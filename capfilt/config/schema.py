@@ -109,7 +109,7 @@ class ModelConfig:
     embed_dim: int = 256
     """ITC projection size."""
     queue_size: int = 57600
-    """Momentum feature queue length (any length: writes wrap around modulo the queue)."""
+    """Momentum feature queue length (any length: writes wrap around; 0 = ITC against the global batch only)."""
     momentum: float = 0.995
     """Momentum-encoder EMA rate."""
     alpha: float = 0.4
@@ -128,6 +128,8 @@ class ModelConfig:
             raise ConfigError("model.text_width: must be divisible by model.text_heads")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError("model.alpha: must be in [0, 1]")
+        if self.queue_size < 0:
+            raise ConfigError("model.queue_size: must be >= 0")
 
 
 @dataclass

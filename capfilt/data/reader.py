@@ -23,6 +23,8 @@ from capfilt.utils.logging import RateLimitedLog, get_logger
 
 log = get_logger("reader")
 
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError)  # bound here: generators closed at interpreter exit can't look up modules
+
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # web images can be big; decompression bombs beyond this still fail
 
 
@@ -101,7 +103,7 @@ def iter_tar_samples(url: str, counter: SkipCounter | None = None) -> Iterator[d
                 if current is None:
                     current = {"__key__": key, "__url__": url}
                 current[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except _TAR_ERRORS as err:
         counter.skip("truncated_tar", url, str(err))
     if current is not None:
         yield current

@@ -204,10 +204,12 @@ class MED(nn.Module):
     ) -> None:
         """Write the momentum features of the GLOBAL batch (already all-gathered) into the queues.
 
-        Writes at ``queue_ptr`` and wraps around modulo ``queue_size``; a batch larger than the
+        With ``queue_size`` 0 there is no queue and this does nothing. Writes at ``queue_ptr`` and wraps around modulo ``queue_size``; a batch larger than the
         queue keeps its last ``queue_size`` rows. Stays on device (no host sync).
         """
         q = self.image_queue.shape[1]
+        if q == 0:  # queue_size 0: ITC against the (global) batch only
+            return
         n = image_feat_m.shape[0]
         k = min(n, q)
         ptr = self.queue_ptr[0]
