@@ -55,3 +55,14 @@ def existing_path(path: Path, what: str) -> Path:
     if not path.exists():
         raise fail(f"{what} not found: {path}", EXIT_USAGE)
     return path
+
+
+def report_stage(result, what: str) -> None:
+    """Print a shard stage's counts; exit 3 (partial) when some shards failed."""
+    stats = result.stats
+    out.print(f"{what}: {stats['count']} samples written of {stats['input_count']} read, in {result.out_dir}")
+    for reason, count in stats["skipped"].items():
+        out.print(f"  skipped {count} bad input sample(s): {reason}")
+    if result.partial:
+        out.print(f"[yellow]{len(result.failed)} shard(s) failed; re-run the same command to retry[/]")
+        raise typer.Exit(EXIT_PARTIAL)

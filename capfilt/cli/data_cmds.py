@@ -15,9 +15,9 @@ from capfilt.cli.common import (
     SetOption,
     fail,
     out,
+    report_stage,
     resolve,
 )
-from capfilt.data.stage import StageResult
 
 app = typer.Typer(help="Make shards: the built-in benchmark, or imports of real data.", no_args_is_help=True)
 import_app = typer.Typer(help="Import real image-caption data as shards.", no_args_is_help=True)
@@ -50,16 +50,6 @@ def synth(
         raise typer.Exit(EXIT_PARTIAL)
 
 
-def _finish(result: StageResult) -> None:
-    stats = result.stats
-    out.print(f"wrote {stats['count']} samples of {stats['input_count']} to {result.out_dir}")
-    for reason, count in stats["skipped"].items():
-        out.print(f"  skipped {count}: {reason}")
-    if result.partial:
-        out.print(f"[yellow]{len(result.failed)} shard(s) failed; re-run the same command to retry[/]")
-        raise typer.Exit(EXIT_PARTIAL)
-
-
 def _run_import(records_fn, *, source: str, out_dir: Path, origin: str, shard_size: int, settings: dict) -> None:
     from capfilt.data.importers import ImportSourceError, import_records
 
@@ -68,7 +58,7 @@ def _run_import(records_fn, *, source: str, out_dir: Path, origin: str, shard_si
         result = import_records(records, out_dir, source=source, origin=origin, shard_size=shard_size, settings=settings)
     except ImportSourceError as err:
         raise fail(str(err), EXIT_USAGE) from None
-    _finish(result)
+    report_stage(result, f"import {source}")
 
 
 @import_app.command("coco")

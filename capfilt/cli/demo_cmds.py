@@ -8,7 +8,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from capfilt.cli.common import EXIT_USAGE, DryRunOption, RecipeArgument, SetOption, fail, out, resolve
+from capfilt.cli.common import (
+    EXIT_USAGE,
+    DryRunOption,
+    RecipeArgument,
+    SetOption,
+    fail,
+    out,
+    resolve,
+)
 
 RETRIEVAL_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
 

@@ -7,22 +7,20 @@ from typing import Annotated
 
 import typer
 
-from capfilt.cli.common import EXIT_PARTIAL, EXIT_USAGE, DryRunOption, RecipeArgument, SetOption, fail, out, resolve
-from capfilt.data.stage import StageResult
+from capfilt.cli.common import (
+    EXIT_USAGE,
+    DryRunOption,
+    RecipeArgument,
+    SetOption,
+    fail,
+    out,
+    report_stage,
+    resolve,
+)
 
 ShardsOption = Annotated[list[str], typer.Option("--shards", help="Input shards: folder, brace pattern or .tar (repeatable).")]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the shards.")]
 ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Model folder, or a run folder (its model/ or latest checkpoint).")]
-
-
-def _report(result: StageResult, what: str) -> None:
-    stats = result.stats
-    out.print(f"{what}: {stats['count']} samples written of {stats['input_count']} read, in {result.out_dir}")
-    for reason, count in stats["skipped"].items():
-        out.print(f"  skipped {count} bad input sample(s): {reason}")
-    if result.partial:
-        out.print(f"[yellow]{len(result.failed)} shard(s) failed; re-run the same command to retry[/]")
-        raise typer.Exit(EXIT_PARTIAL)
 
 
 def caption(
@@ -41,7 +39,7 @@ def caption(
     from capfilt.pipeline.caption import caption_shards
 
     cfg = resolve(recipe, set_, dry_run)
-    _report(caption_shards(model, shards, out_dir, cfg.caption), "caption")
+    report_stage(caption_shards(model, shards, out_dir, cfg.caption), "caption")
 
 
 def filter_(
@@ -69,7 +67,7 @@ def filter_(
         raise fail("give --model (to score) or --scores-from (to re-apply a threshold)", EXIT_USAGE)
     else:
         result = filter_shards(model, shards, out_dir, cfg.filter)
-    _report(result, "filter")
+    report_stage(result, "filter")
     summary = out_dir / "summary.json"
     if summary.is_file():
         import json

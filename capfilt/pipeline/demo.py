@@ -106,7 +106,9 @@ def caption_truth(captioned: Path) -> dict[str, Any]:
             parsed += bool(verdict.get("parsed"))
             if len(examples) < 20:
                 examples.append({"uid": sample.key, "caption": entry["text"], "true": bool(verdict["true"])})
-    rate = (lambda x: x / n if n else None)
+    def rate(count: int) -> float | None:
+        return count / n if n else None
+
     return {"n": n, "truth_rate": rate(true), "complete_rate": rate(complete), "parse_rate": rate(parsed), "examples": examples}
 
 

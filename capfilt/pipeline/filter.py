@@ -28,7 +28,13 @@ from capfilt.data.stage import StageResult, run_shard_stage
 from capfilt.data.transforms import EvalTransform
 from capfilt.data.writer import ShardWriter
 from capfilt.model import tokenize
-from capfilt.pipeline.common import batched, inference_autocast, load_stage_model, model_fingerprint, write_json
+from capfilt.pipeline.common import (
+    batched,
+    inference_autocast,
+    load_stage_model,
+    model_fingerprint,
+    write_json,
+)
 from capfilt.utils.dist import current_dist_info, default_device, init_distributed
 from capfilt.utils.logging import get_logger
 

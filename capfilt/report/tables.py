@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from capfilt.pipeline.demo import STAGES as STAGE_ORDER  # the demo's stages, in pipeline order
+
 DASH = "—"
 STAR = '<span class="star" title="computed from data/web_filtered">*</span>'
 
@@ -293,17 +295,6 @@ def _flatten(d: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple[
     return out
 
 
-STAGE_ORDER = (
-    "synth",
-    "pretrain-baseline",
-    "finetune-captioner",
-    "finetune-filter",
-    "caption",
-    "filter",
-    "pretrain-capfilt",
-    "evaluate",
-)
-"""The demo's stages in pipeline order (summary.json stores its timings sorted by name)."""
 
 
 def overview_tables(summary: dict[str, Any]) -> tuple[str, str]:

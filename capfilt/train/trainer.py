@@ -24,7 +24,13 @@ import torch
 from capfilt.config import ConfigError, Recipe, TrainConfig, to_dict
 from capfilt.data.reader import read_samples
 from capfilt.data.transforms import TrainTransform
-from capfilt.model import build_model, build_tokenizer, load_model_folder, save_model_folder, tokenize
+from capfilt.model import (
+    build_model,
+    build_tokenizer,
+    load_model_folder,
+    save_model_folder,
+    tokenize,
+)
 from capfilt.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from capfilt.train.data import Source, TrainStream, build_sources, make_loader
 from capfilt.train.optim import build_optimizer, lr_at, set_lr
