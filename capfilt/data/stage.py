@@ -57,11 +57,12 @@ def run_shard_stage(
     """Run ``produce`` for every shard of this rank not yet done; write ``sizes.json`` at the end."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in out_dir.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)  # left by a killed run; never visible under a final name
     dist = dist or current_dist_info()
     result = StageResult(out_dir)
     mine = list(range(dist.rank, n_shards, dist.world_size))
+    for index in mine:  # temporaries of a killed run (only this rank's: others may be writing theirs)
+        for tmp in out_dir.glob(f".{shard_name(index, prefix)}[._]*.tmp*"):
+            tmp.unlink(missing_ok=True)
     todo = [i for i in mine if not is_shard_done(out_dir, i, config_hash, prefix)]
     result.skipped_existing = [i for i in mine if i not in todo]
     if result.skipped_existing:

@@ -170,7 +170,8 @@ def rethreshold_shards(scores_from: str | Path, shards: list[str], out_dir: str 
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         table = pd.read_parquet(tables[index])
-        by_uid = {uid: rows.sort_values("text_index") for uid, rows in table.groupby("uid", sort=False)}
+        # a shard whose every input sample was bad has a parquet without rows (and columns)
+        by_uid = {uid: rows.sort_values("text_index") for uid, rows in table.groupby("uid", sort=False)} if len(table) else {}
         counter = SkipCounter("filter")
         for batch in batched(read_samples([urls[index]], counter), 256):
             scored = []
