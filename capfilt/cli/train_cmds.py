@@ -39,7 +39,7 @@ def pretrain(
     set_: SetOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
-    """Pretrain a MED model from scratch with ITC + ITM + LM (SPEC §2).
+    """Pretrain a MED model from scratch with ITC + ITM + LM (BLIP's three losses).
 
     Several --shards sources are mixed by data.weights (default: by size). Under torchrun the
     same command runs data-parallel. Writes the run folder and OUT/model.
