@@ -36,10 +36,15 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     return typer.Exit(code)
 
 
-def resolve(recipe: str, overrides: list[str] | None, dry_run: bool = False) -> Recipe:
-    """Load the recipe with overrides; config errors exit 2; ``--dry-run`` prints it and exits 0."""
+def resolve(recipe: str, overrides: list[str] | None, dry_run: bool = False, shortcuts: dict | None = None) -> Recipe:
+    """Load the recipe with overrides; config errors exit 2; ``--dry-run`` prints it and exits 0.
+
+    ``shortcuts`` maps recipe keys to the values of dedicated options (``--threshold`` for
+    ``filter.threshold``); those given (not None) apply after the ``--set`` overrides.
+    """
+    overrides = list(overrides or []) + [f"{key}={value}" for key, value in (shortcuts or {}).items() if value is not None]
     try:
-        cfg = load_recipe(recipe, overrides or [])
+        cfg = load_recipe(recipe, overrides)
     except ConfigError as err:
         raise fail(str(err), EXIT_USAGE) from None
     if dry_run:

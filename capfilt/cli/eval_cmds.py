@@ -61,10 +61,7 @@ def retrieval(
     from capfilt.eval.retrieval import evaluate_retrieval
     from capfilt.utils.dist import current_dist_info
 
-    overrides = list(set_ or [])
-    if k is not None:
-        overrides.append(f"eval.k={k}")
-    cfg = resolve(recipe, overrides, dry_run)
+    cfg = resolve(recipe, set_, dry_run, shortcuts={"eval.k": k})
     if cfg.eval.k < 0:
         raise fail(f"--k: must be >= 0, got {cfg.eval.k}", EXIT_USAGE)
     try:
@@ -150,10 +147,7 @@ def filter_(
 
     from capfilt.eval.stage_eval import evaluate_filter
 
-    overrides = list(set_ or [])
-    if threshold is not None:
-        overrides.append(f"filter.threshold={threshold}")
-    cfg = resolve(recipe, overrides, dry_run)
+    cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
     if not scores.exists():
         raise fail(f"--scores not found: {scores}", EXIT_USAGE)
     try:

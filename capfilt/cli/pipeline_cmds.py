@@ -57,10 +57,7 @@ def filter_(
     """Keep the web and synthetic texts the ITM head accepts; write kept shards, per-text scores and a summary."""
     from capfilt.pipeline.filter import filter_shards, rethreshold_shards
 
-    overrides = list(set_ or [])
-    if threshold is not None:
-        overrides.append(f"filter.threshold={threshold}")
-    cfg = resolve(recipe, overrides, dry_run)
+    cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
     if scores_from is not None:
         result = rethreshold_shards(scores_from, shards, out_dir, cfg.filter.threshold)
     elif model is None:
