@@ -69,6 +69,8 @@ def test_overrides_set_nested_fields_and_parse_types():
         ("train.schedule=linear", "train.schedule"),
         ("synth.noise_mix.bogus=1", "synth.noise_mix.bogus"),
         ("data.crop_scale=[0.5]", "data.crop_scale"),
+        ("model.image_pool=max", "model.image_pool"),
+        ("model.weight_init=xavier", "model.weight_init"),
     ],
 )
 def test_bad_keys_and_types_name_the_key(override, needle):

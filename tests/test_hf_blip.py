@@ -4,6 +4,7 @@ captions as transformers; round trips are exact; BLIP's original .pth layout loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -398,6 +399,9 @@ def test_export_of_a_pretrain_folder_needs_kind(tok_dir, tmp_path):
         med_to_hf(model, cfg, "captioner").config.text_config.bos_token_id == model.special["dec"]
     )
     assert write_transformers_folder  # the folder writer is the public API used by convert
+    mean_cfg = dataclasses.replace(cfg, image_pool="mean")
+    with pytest.raises(ValueError, match="image_pool"):
+        med_to_hf(build_model(mean_cfg, tokenizer), mean_cfg, "filter")
 
 
 def test_full_blip_pth_imports_as_pretrain(tok_dir, tmp_path):

@@ -223,6 +223,39 @@ def test_vit_outputs_all_tokens_and_heads(tok):
     assert model.temp.item() == pytest.approx(0.001)
 
 
+def test_mean_image_pool_projects_the_mean_patch_token(tok):
+    model = make_model(tok, image_pool="mean")
+    images, ids, mask = batch(tok)
+    emb = model.encode_image(images)
+    expected = torch.nn.functional.normalize(model.vision_proj(emb[:, 1:, :].mean(1)), dim=-1)
+    assert torch.allclose(model.image_features(emb), expected, atol=1e-6)
+    assert not torch.allclose(model.image_features(emb), make_model(tok).image_features(emb), atol=1e-3)
+    # the momentum branch pools the same way: with equal weights, online and momentum features agree
+    out = model.forward_pretrain(images, ids, mask, weights=("itc",), alpha=0.0)
+    assert torch.isfinite(out["loss_itc"])
+    with torch.no_grad():
+        feat_m = torch.nn.functional.normalize(
+            model.vision_proj_m(model.pool_image(model.visual_encoder_m.forward_features(images))), dim=-1
+        )
+    assert torch.allclose(feat_m, model.image_features(emb), atol=1e-5)
+
+
+def test_fan_in_init_scales_with_width(tok):
+    bert = make_model(tok, vision_width=64, text_width=64, text_intermediate=128)
+    fan = make_model(tok, vision_width=64, text_width=64, text_intermediate=128, weight_init="fan_in")
+    ffn_bert = bert.text_encoder.encoder.layer[0].intermediate.dense.weight
+    ffn_fan = fan.text_encoder.encoder.layer[0].intermediate.dense.weight
+    assert ffn_bert.std().item() == pytest.approx(0.02, rel=0.1)
+    assert ffn_fan.std().item() == pytest.approx(64**-0.5, rel=0.1)
+    qkv = fan.visual_encoder.blocks[0].attn.qkv.weight
+    assert qkv.std().item() == pytest.approx(64**-0.5, rel=0.1)
+    words = fan.text_encoder.embeddings.word_embeddings
+    assert words.weight[words.padding_idx].abs().sum() == 0
+    # momentum copies start equal, decoder weights stay tied to the encoder's
+    assert torch.equal(fan.visual_encoder_m.blocks[0].attn.qkv.weight, qkv)
+    assert fan.text_decoder.cls.predictions.decoder.weight is words.weight
+
+
 def test_momentum_copy_and_update_exact(tok):
     model = make_model(tok)
     online, mom = model._momentum_params()

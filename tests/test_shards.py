@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from capfilt.data.reader import SkipCounter, read_samples
+from capfilt.data.reader import SkipCounter, read_caption_texts, read_samples
 from capfilt.data.sample import build_sample, caption_entry, make_key
 from capfilt.data.shards import ShardSpecError, count_samples, expand_shards
 from capfilt.data.stage import StageError, run_shard_stage
@@ -161,6 +161,19 @@ def test_reader_skips_and_counts_bad_samples(tmp_path):
     for sample, (key, jpg) in zip(samples, good):
         assert sample.image_bytes == jpg and sample.text == f"text of {key}"
     assert counter.as_dict() == {"missing_caption": 1, "non_utf8_text": 1, "truncated_tar": 1, "undecodable_image": 1}
+
+
+def test_caption_texts_without_decoding_images(tmp_path):
+    """Tokenizer training reads every caption of a sample, else its txt; broken images do not matter."""
+    with ShardWriter(tmp_path, 0, stage="test", config_hash="h") as writer:
+        captions = [caption_entry("a red circle", "human"), caption_entry("a big red circle", "human")]
+        writer.write(build_sample(make_key("a", 0), _jpeg(), captions))
+        writer.write(build_sample(make_key("a", 1), b"not a jpeg", [caption_entry("a blue square", "web")]))
+        writer.commit()
+    texts = list(read_caption_texts(expand_shards(str(tmp_path))))
+    assert texts == ["a red circle", "a big red circle", "a blue square"]
+    expected = [c["text"] for s in read_samples(expand_shards(str(tmp_path))) for c in s.captions]
+    assert texts[:2] == expected  # same texts as the decoding reader where the image decodes
 
 
 def test_clean_caption_follows_blip():

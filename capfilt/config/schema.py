@@ -70,6 +70,10 @@ class SynthConfig:
             raise ConfigError("synth.captions_per_human/captions_per_test: must be >= 1")
 
 
+IMAGE_POOLS = ("cls", "mean")
+WEIGHT_INITS = ("bert", "fan_in")
+
+
 @dataclass
 class ModelConfig:
     """The MED model: ViT image encoder + BERT-style text encoder/decoder (SPEC §1)."""
@@ -116,6 +120,13 @@ class ModelConfig:
     """Momentum-distillation weight of the soft ITC targets."""
     temp: float = 0.07
     """Initial ITC temperature (learnable, clamped to [0.001, 0.5])."""
+    weight_init: str = "bert"
+    """Initial weights of every linear and embedding layer trained from scratch: ``bert`` (normal,
+    std 0.02, as BERT and timm's ViT) or ``fan_in`` (normal, std 1/sqrt(fan_in)). At widths far below
+    768, std 0.02 leaves cross-attention and the ITM head with almost no signal for hundreds of steps."""
+    image_pool: str = "cls"
+    """ITC image feature from the ViT's ``cls`` token (BLIP) or the ``mean`` of its patch tokens.
+    From scratch, ``mean`` learns in tens of steps where the [CLS] token stays collapsed for hundreds."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
@@ -130,6 +141,10 @@ class ModelConfig:
             raise ConfigError("model.alpha: must be in [0, 1]")
         if self.queue_size < 0:
             raise ConfigError("model.queue_size: must be >= 0")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ConfigError(f"model.weight_init: one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'")
+        if self.image_pool not in IMAGE_POOLS:
+            raise ConfigError(f"model.image_pool: one of {', '.join(IMAGE_POOLS)}, got '{self.image_pool}'")
 
 
 @dataclass

@@ -169,3 +169,25 @@ def read_samples(
                 yield decode_sample(raw, require_caption=require_caption)
             except SampleError as err:
                 counter.skip(err.reason, f"{url}:{raw.get('__key__')}", str(err))
+
+
+def read_caption_texts(urls: Iterable[str], counter: SkipCounter | None = None) -> Iterator[str]:
+    """Every caption text of ``urls`` (all of a sample's captions, else its ``txt``) without decoding
+    images: for tokenizer training, which needs only the words."""
+    counter = counter if counter is not None else SkipCounter()
+    for url in urls:
+        for raw in iter_tar_samples(url, counter):
+            try:
+                meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
+            except (UnicodeDecodeError, ValueError):
+                meta = {}
+            captions = meta.get("captions") if isinstance(meta, dict) else None
+            if isinstance(captions, list) and captions and all(isinstance(c, dict) and c.get("text") for c in captions):
+                yield from (str(c["text"]) for c in captions)
+                continue
+            try:
+                text = raw.get("txt", b"").decode("utf-8").strip()
+            except UnicodeDecodeError:
+                continue
+            if text:
+                yield text

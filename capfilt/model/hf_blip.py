@@ -202,6 +202,12 @@ def hf_config_from_model(model: MED, cfg: ModelConfig, kind: str, eps: float | N
     """The transformers ``BlipConfig`` of a MED exported as ``kind``."""
     from transformers import BlipConfig
 
+    if cfg.image_pool != "cls":
+        raise ValueError(
+            f"model.image_pool '{cfg.image_pool}': transformers' BLIP takes the ITC image feature from the [CLS] "
+            "token, so this model's ITC scores would change on export; export a model trained with image_pool: cls"
+        )
+
     sp = model.special
     text = dict(
         vocab_size=model.vocab_size,

@@ -124,6 +124,8 @@ class MED(nn.Module):
         )
         self.vision_proj_m = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj_m = nn.Linear(cfg.text_width, cfg.embed_dim)
+        if cfg.weight_init == "fan_in":
+            self.init_fan_in()
         self.copy_params()
 
         self.register_buffer(
@@ -150,6 +152,18 @@ class MED(nn.Module):
             for part in SHARED_LAYER_PARTS:
                 setattr(layer_d, part, getattr(layer_e, part))
         self.text_decoder.cls.predictions.decoder.weight = enc.embeddings.word_embeddings.weight
+
+    @torch.no_grad()
+    def init_fan_in(self) -> None:
+        """Re-draw every linear and embedding weight from N(0, 1/fan_in) (``weight_init: fan_in``);
+        biases, norms, the patch convolution and position/[CLS] parameters keep their init."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, module.weight.shape[1] ** -0.5)
+        # after every draw: the LM output layer shares the word embeddings' tensor
+        for module in self.modules():
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [
@@ -224,9 +238,15 @@ class MED(nn.Module):
         """Image tokens [B, 1 + N, vision_width], [CLS] first."""
         return self.visual_encoder.forward_features(images)
 
+    def pool_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The token summary the ITC head projects: [CLS] (BLIP) or the mean of the patch tokens."""
+        if self.cfg.image_pool == "mean":
+            return image_embeds[:, 1:, :].mean(1)
+        return image_embeds[:, 0, :]
+
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Normalised ITC image features [B, embed_dim] from the [CLS] token."""
-        return F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        """Normalised ITC image features [B, embed_dim] (from :meth:`pool_image`)."""
+        return F.normalize(self.vision_proj(self.pool_image(image_embeds)), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unimodal text encoder (bidirectional, no cross-attention): [B, L, text_width]; ids start with [CLS]."""
@@ -391,7 +411,7 @@ class MED(nn.Module):
             ids_glob = gather.no_grad(ids_local)
 
             image_feat_m = F.normalize(
-                self.vision_proj_m(self.visual_encoder_m.forward_features(images)[:, 0, :]), dim=-1
+                self.vision_proj_m(self.pool_image(self.visual_encoder_m.forward_features(images))), dim=-1
             )
             text_out_m = self.text_encoder_m(
                 input_ids=input_ids, attention_mask=attention_mask, is_decoder=False

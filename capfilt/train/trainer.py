@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from capfilt.config import ConfigError, Recipe, TrainConfig, to_dict
-from capfilt.data.reader import read_samples
+from capfilt.data.reader import read_caption_texts
 from capfilt.data.transforms import TrainTransform
 from capfilt.model import (
     build_model,
@@ -72,10 +72,9 @@ class TrainJob:
 def _tokenizer_texts(sources: list[Source], limit: int = TOKENIZER_TEXTS):
     count = 0
     for source in sources:
-        for sample in read_samples(source.urls):
-            for caption in sample.captions or [{"text": sample.text}]:
-                yield caption["text"]
-                count += 1
+        for text in read_caption_texts(source.urls):
+            yield text
+            count += 1
             if count >= limit:
                 return
 
