@@ -1,6 +1,6 @@
 """``capfilt demo``: the whole CapFilt loop on the built-in benchmark, baseline vs CapFilt.
 
-    capfilt demo --out demo-out                 # recipes/demo.yaml, ~15 min on 2 CPU cores
+    capfilt demo --out demo-out                 # recipes/demo.yaml, ~10 min on 2 CPU cores
     capfilt demo tiny --out /tmp/d              # seconds, for a smoke test
 
 Stages, in order, each recorded in ``OUT/stages/NAME.json`` when done (a re-run skips it;
