@@ -109,17 +109,42 @@ def iter_tar_samples(url: str, counter: SkipCounter | None = None) -> Iterator[d
         yield current
 
 
+def _meta_of(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sample's json object ({} when it has none)."""
+    if "json" not in raw:
+        return {}
+    try:
+        meta = json.loads(raw["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SampleError("bad_json", str(err)) from None
+    if not isinstance(meta, dict):
+        raise SampleError("bad_json", "json is not an object")
+    return meta
+
+
+def _text_of(raw: dict[str, Any]) -> str:
+    """The sample's txt ("" when missing or blank)."""
+    if "txt" not in raw:
+        return ""
+    try:
+        text = raw["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise SampleError("non_utf8_text") from None
+    return text if text.strip() else ""
+
+
+def _captions_of(meta: dict[str, Any], text: str) -> list[dict[str, Any]]:
+    """The json's caption entries when well formed, else the txt as one web caption."""
+    captions = meta.get("captions")
+    if not isinstance(captions, list) or not all(isinstance(c, dict) and c.get("text") for c in captions):
+        return [{"text": text, "origin": "web"}] if text else []
+    return captions
+
+
 def decode_sample(raw: dict[str, Any], require_caption: bool = True) -> Sample:
     """Decode a raw sample; raises ``SampleError`` with the reason it is unusable."""
     key = raw["__key__"]
-    meta: dict[str, Any] = {}
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise SampleError("bad_json", str(err)) from None
-        if not isinstance(meta, dict):
-            raise SampleError("bad_json", "json is not an object")
+    meta = _meta_of(raw)
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise SampleError("missing_image")
@@ -129,17 +154,8 @@ def decode_sample(raw: dict[str, Any], require_caption: bool = True) -> Sample:
         image = image.convert("RGB")
     except Exception as err:  # PIL raises many types for broken files
         raise SampleError("undecodable_image", f"{type(err).__name__}: {err}") from None
-    text = ""
-    if "txt" in raw:
-        try:
-            text = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            raise SampleError("non_utf8_text") from None
-        if not text.strip():
-            text = ""
-    captions = meta.get("captions")
-    if not isinstance(captions, list) or not all(isinstance(c, dict) and c.get("text") for c in captions):
-        captions = [{"text": text, "origin": "web"}] if text else []
+    text = _text_of(raw)
+    captions = _captions_of(meta, text)
     if not text and captions:
         text = captions[0]["text"]
     if require_caption and not text:
@@ -172,22 +188,16 @@ def read_samples(
 
 
 def read_caption_texts(urls: Iterable[str], counter: SkipCounter | None = None) -> Iterator[str]:
-    """Every caption text of ``urls`` (all of a sample's captions, else its ``txt``) without decoding
-    images: for tokenizer training, which needs only the words."""
+    """The caption texts of the samples :func:`read_samples` would yield, without decoding images:
+    for tokenizer training, which needs only the words. Samples with bad json or text are skipped
+    and counted as there; an undecodable image does not matter here."""
     counter = counter if counter is not None else SkipCounter()
     for url in urls:
         for raw in iter_tar_samples(url, counter):
             try:
-                meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
-            except (UnicodeDecodeError, ValueError):
-                meta = {}
-            captions = meta.get("captions") if isinstance(meta, dict) else None
-            if isinstance(captions, list) and captions and all(isinstance(c, dict) and c.get("text") for c in captions):
-                yield from (str(c["text"]) for c in captions)
+                meta, text = _meta_of(raw), _text_of(raw)
+            except SampleError as err:
+                counter.skip(err.reason, f"{url}:{raw.get('__key__')}", str(err))
                 continue
-            try:
-                text = raw.get("txt", b"").decode("utf-8").strip()
-            except UnicodeDecodeError:
-                continue
-            if text:
-                yield text
+            captions = _captions_of(meta, text)
+            yield from (c["text"] for c in captions) if captions else ([text] if text else [])
