@@ -6,7 +6,7 @@
 
 The model has the recipe's dimensions (random weights, or the given capfilt folders) and is
 converted to ``BlipForConditionalGeneration`` / ``BlipForImageTextRetrieval`` with
-:func:`capfilt.model.hf_blip.med_to_hf`, so both sides run the same weights in the same process.
+:func:`capfilt.model.convert.transformers_io.med_to_hf`, so both sides run the same weights in the same process.
 
 (a) Captioning, images/s: capfilt's ``generate_captions`` (nucleus top-p, repetition penalty,
     min/max length and batch size of the recipe's ``caption`` section, prompt "a picture of ")
@@ -37,10 +37,10 @@ from capfilt.data.shards import expand_shards
 from capfilt.data.synth import write_synth
 from capfilt.data.transforms import EvalTransform
 from capfilt.model import build_model, train_wordpiece_tokenizer
-from capfilt.model.generate import GenerationSettings, generate_captions
-from capfilt.model.hf_blip import med_to_hf
-from capfilt.pipeline.common import load_stage_model
+from capfilt.model.convert.transformers_io import med_to_hf
+from capfilt.model.generate import generate_captions
 from capfilt.pipeline.filter import score_pairs
+from capfilt.runs.resolve import load_stage_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -112,7 +112,7 @@ def main() -> None:
     model, hf, tok, cfg = models["captioner"]
     pixels = images_for(cfg)
     cc = recipe.caption
-    settings = dataclasses.replace(GenerationSettings.from_config(cc), method="nucleus")
+    settings = dataclasses.replace(cc, method="nucleus")
     sp = model.special
     bs = cc.batch_size
     batches = [pixels[i : i + bs] for i in range(0, len(pixels), bs)]

@@ -26,7 +26,7 @@ from capfilt.data.shards import expand_shards
 from capfilt.data.synth import write_synth
 from capfilt.eval.retrieval import compute_features, recall_at_k, retrieval_scores
 from capfilt.model import build_model, train_wordpiece_tokenizer
-from capfilt.pipeline.common import load_stage_model
+from capfilt.runs.resolve import load_stage_model
 
 
 def parse_args() -> argparse.Namespace:

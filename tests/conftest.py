@@ -33,3 +33,36 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def tiny_model_config(**overrides):
+    """The tiny MED config the model tests share: 32 px images in 8 px patches, width 32,
+    2 layers and 2 heads on both sides, ITC size 16; ``overrides`` are ModelConfig fields."""
+    from capfilt.config import ModelConfig
+
+    fields = dict(
+        image_size=32,
+        patch_size=8,
+        vision_width=32,
+        vision_depth=2,
+        vision_heads=2,
+        text_width=32,
+        text_layers=2,
+        text_heads=2,
+        text_intermediate=64,
+        embed_dim=16,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def build_tiny_model(tokenizer, seed: int | None = 0, **overrides):
+    """A MED of :func:`tiny_model_config` (``overrides`` applied) for ``tokenizer``, its random
+    initialisation drawn after ``torch.manual_seed(seed)`` (None: from torch's current state)."""
+    import torch
+
+    from capfilt.model import build_model
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(tiny_model_config(**overrides), tokenizer)

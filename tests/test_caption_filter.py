@@ -21,10 +21,11 @@ import pandas as pd
 import pytest
 import torch
 
-from capfilt.config import load_recipe
+from capfilt.config import CaptionConfig, load_recipe
 from capfilt.data.importers import ImportRecord, import_records
 from capfilt.data.reader import read_samples
 from capfilt.data.synth import write_synth
+from capfilt.data.writer import STATS_SUFFIX, parquet_path, stats_path, tar_path
 from capfilt.eval.filter_metrics import roc_auc
 from capfilt.model import (
     MED,
@@ -37,20 +38,19 @@ from capfilt.model import (
     train_wordpiece_tokenizer,
 )
 from capfilt.model.generate import (
-    GenerationSettings,
+    _block_specials,
     _penalise_repeats,
     _top_p_filter,
     beam_search_tokens,
     decode_captions,
     generate_captions,
-    greedy_reference,
     prompt_ids,
     sample_tokens,
 )
 from capfilt.pipeline import filter as filter_mod
 from capfilt.pipeline.caption import caption_shards
-from capfilt.pipeline.common import model_fingerprint
 from capfilt.pipeline.filter import filter_shards, is_kept, rethreshold_shards
+from capfilt.runs.resolve import model_fingerprint
 from capfilt.train.trainer import TrainJob, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,8 +217,8 @@ def _raw_samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
 
 def _folder_samples(folder: Path) -> dict[str, dict[str, bytes]]:
     out: dict[str, dict[str, bytes]] = {}
-    for tar_path in sorted(folder.glob("*.tar")):
-        out.update(_raw_samples(tar_path))
+    for path in sorted(folder.glob("*.tar")):
+        out.update(_raw_samples(path))
     return out
 
 
@@ -232,6 +232,36 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def _settings(**fields) -> CaptionConfig:
+    """Generation settings: no prompt, penalty or minimum length unless given."""
+    return CaptionConfig(**{"prompt": "", "repetition_penalty": 1.0, "min_length": 0, **fields})
+
+
+@torch.no_grad()
+def greedy_reference(
+    model, tokenizer, images: torch.Tensor, max_length: int, min_length: int = 0, prompt: str = ""
+) -> list[str]:
+    """Uncached greedy decoding (recomputes the whole sequence every step): the KV cache's reference."""
+    image_embeds = model.encode_image(images)
+    seqs = prompt_ids(model, tokenizer, prompt, images.shape[0], images.device)
+    start_len = seqs.shape[1]
+    finished = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+    for t in range(max_length):
+        mask = torch.ones_like(seqs)
+        logits = model.lm_logits(image_embeds, seqs, mask)[:, -1, :].float()
+        logits = _block_specials(model, logits, allow_eos=t >= min_length)
+        token = torch.where(
+            finished,
+            torch.full_like(logits[:, 0], model.special["pad"], dtype=torch.long),
+            logits.argmax(-1),
+        )
+        finished |= token == model.special["sep"]
+        seqs = torch.cat([seqs, token.unsqueeze(1)], 1)
+        if bool(finished.all()):
+            break
+    return decode_captions(model, tokenizer, seqs[:, start_len:])
+
+
 # ---------------------------------------------------------------- 1. prompt masking
 
 
@@ -239,7 +269,7 @@ def test_captioner_finetune_masks_dec_and_prompt(trained_captioner):
     tokenizer, model = trained_captioner["tok"], trained_captioner["model"]
     recipe = trained_captioner["recipe"]
     assert recipe.caption.prompt == PROMPT
-    # the trainer's formula; [DEC] + "a picture of" is 4 tokens at least
+    # [DEC] + the prompt's own tokens; [DEC] + "a picture of" is 4 tokens at least
     prompt_len = len(tokenizer(PROMPT, add_special_tokens=False)["input_ids"]) + 1
     assert prompt_len == prompt_length(tokenizer, PROMPT) >= 4
 
@@ -310,7 +340,7 @@ def test_generated_captions_have_no_prompt_or_special_tokens(tok, models, traine
     ):
         images = _images(6)
         for method in ("nucleus", "greedy", "beam"):
-            settings = GenerationSettings(
+            settings = _settings(
                 method=method, prompt=PROMPT, max_length=12, min_length=3, repetition_penalty=1.1
             )
             captions = generate_captions(
@@ -330,7 +360,7 @@ def test_generated_captions_have_no_prompt_or_special_tokens(tok, models, traine
     model = models["captioner_model"]
     start = prompt_ids(model, tok, PROMPT, 6, torch.device("cpu"))
     assert start[0, 0] == model.special["dec"] and start.shape[1] == prompt_length(tok, PROMPT)
-    settings = GenerationSettings(prompt=PROMPT, max_length=12, min_length=4)
+    settings = _settings(prompt=PROMPT, max_length=12, min_length=4)
     tokens = sample_tokens(
         model, model.encode_image(_images(6)), start, settings, torch.Generator().manual_seed(0)
     )
@@ -344,7 +374,7 @@ def test_generated_captions_have_no_prompt_or_special_tokens(tok, models, traine
 
 def test_same_seed_same_captions_other_seed_other_captions(tok, models):
     model, images = models["captioner_model"], _images(6)
-    settings = GenerationSettings(
+    settings = _settings(
         method="nucleus",
         top_p=0.9,
         prompt=PROMPT,
@@ -388,7 +418,7 @@ def peaked_captioner(models, synth):
     images = _synth_images(synth, 8)
     embeds = model.encode_image(images)
     start = prompt_ids(model, models["tok"], PROMPT, 8, images.device)
-    settings = GenerationSettings(method="greedy", max_length=16)
+    settings = _settings(method="greedy", max_length=16)
 
     def spread(offset: float) -> int:
         with torch.no_grad():
@@ -410,9 +440,7 @@ def test_kv_cached_greedy_equals_uncached_reference(
 ):
     model = peaked_captioner
     images = _synth_images(synth, 8)
-    settings = GenerationSettings(
-        method="greedy", prompt=prompt, max_length=16, min_length=min_length
-    )
+    settings = _settings(method="greedy", prompt=prompt, max_length=16, min_length=min_length)
     cached = [c[0] for c in generate_captions(model, tok, images, settings)]
     reference = greedy_reference(
         model, tok, images, max_length=16, min_length=min_length, prompt=prompt
@@ -432,7 +460,7 @@ def test_kv_cached_greedy_equals_uncached_reference(
 def test_min_length_changes_greedy_output(peaked_captioner, tok, synth):
     model, images = peaked_captioner, _synth_images(synth, 8)
     free = greedy_reference(model, tok, images, max_length=16, min_length=0)
-    settings = GenerationSettings(method="greedy", max_length=16, min_length=10)
+    settings = _settings(method="greedy", max_length=16, min_length=10)
     forced = [c[0] for c in generate_captions(model, tok, images, settings)]
     assert free != forced
     start = prompt_ids(model, tok, "", images.shape[0], images.device)
@@ -445,9 +473,7 @@ def test_beam_search_returns_captions(trained_captioner, tok, models, synth):
         (trained_captioner["model"], trained_captioner["tok"], _synth_images(synth, 5)),
         (models["captioner_model"], tok, _images(5)),
     ):
-        settings = GenerationSettings(
-            method="beam", num_beams=3, prompt=PROMPT, max_length=12, min_length=3
-        )
+        settings = _settings(method="beam", num_beams=3, prompt=PROMPT, max_length=12, min_length=3)
         captions = generate_captions(model, tokenizer, images, settings)
         assert [len(c) for c in captions] == [1] * 5
         for (text,) in captions:
@@ -523,12 +549,12 @@ def test_caption_passes_every_field_through_and_adds_synthetic(synth, models, ou
             and synthetic[0]["text"].strip()
         )
         assert not synthetic[0]["text"].startswith(PROMPT.strip())
-    stats = json.loads((outputs["captioned"] / "00000000_stats.json").read_text())
+    stats = json.loads(stats_path(outputs["captioned"], 0).read_text())
     assert (
         stats["captioner"] == captioner_id and stats["count"] == stats["input_count"] == SHARD_SIZE
     )
     assert json.loads((outputs["captioned"] / "sizes.json").read_text()) == {
-        f"{i:08d}.tar": SHARD_SIZE for i in range(8)
+        tar_path(outputs["captioned"], i).name: SHARD_SIZE for i in range(8)
     }
     table = _parquet(outputs["captioned"])
     assert len(table) == 128 and (table["n_synthetic"] == 1).all()
@@ -611,7 +637,9 @@ def test_kept_shards_read_back_with_exactly_the_kept_texts(outputs, models):
         assert all(c["itm_score"] > THRESHOLD for c in meta["captions"])
     sizes = json.loads((outputs["filtered"] / "sizes.json").read_text())
     assert sum(sizes.values()) == len(kept)
-    stats = [json.loads(p.read_text()) for p in sorted(outputs["filtered"].glob("*_stats.json"))]
+    stats = [
+        json.loads(p.read_text()) for p in sorted(outputs["filtered"].glob(f"*{STATS_SUFFIX}"))
+    ]
     assert sum(s["dropped"].get("no_text_kept", 0) for s in stats) == len(captioned) - len(kept)
 
 
@@ -679,7 +707,7 @@ def test_a_shard_of_garbage_is_skipped_and_counted_by_every_stage(synth, models,
     )
     # the caption stage wrote an empty shard 1
     assert not result.failed and result.stats["input_count"] == SHARD_SIZE
-    assert len(pd.read_parquet(tmp_path / "filt" / "00000001.parquet")) == 0
+    assert len(pd.read_parquet(parquet_path(tmp_path / "filt", 1))) == 0
     # that shard's parquet has no rows (nor columns): re-thresholding must still go through
     result = rethreshold_shards(tmp_path / "filt", [str(tmp_path / "cap")], tmp_path / "re", 0.1)
     assert not result.failed and result.stats["input_count"] == SHARD_SIZE
@@ -707,7 +735,7 @@ def _kill_at_first_marker(jobs: list[tuple[list[str], Path]], n_shards: int) -> 
         for i in list(live):
             if procs[i].poll() is not None:
                 live.discard(i)
-            elif any(jobs[i][1].glob("*_stats.json")):
+            elif any(jobs[i][1].glob(f"*{STATS_SUFFIX}")):
                 os.killpg(procs[i].pid, signal.SIGKILL)
                 live.discard(i)
         time.sleep(0.002)
@@ -718,7 +746,7 @@ def _kill_at_first_marker(jobs: list[tuple[list[str], Path]], n_shards: int) -> 
         assert proc.returncode == -signal.SIGKILL, (
             f"{cmd[3]} ended by itself ({proc.returncode}): {err.decode()[-2000:]}"
         )
-        done = len(list(out.glob("*_stats.json")))
+        done = len(list(out.glob(f"*{STATS_SUFFIX}")))
         assert 1 <= done < n_shards, f"{cmd[3]}: {done} of {n_shards} shards were done at the kill"
 
 
@@ -806,7 +834,7 @@ def test_torchrun_two_ranks_give_the_single_process_output(synth, models, output
     got, ref = _files(tmp_path / "filt"), _files(outputs["filtered"])
     assert got.keys() == ref.keys()
     for name in got:
-        if name.endswith("_stats.json"):
+        if name.endswith(STATS_SUFFIX):
             a, b = json.loads(got[name]), json.loads(ref[name])
             assert {k: v for k, v in a.items() if k not in ("config_hash", "input_shard")} == {
                 k: v for k, v in b.items() if k not in ("config_hash", "input_shard")

@@ -10,7 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from capfilt.eval.filter_metrics import filter_report, load_score_tables, roc_auc
+from capfilt.eval.filter_metrics import (
+    filter_report,
+    histogram_edges,
+    load_score_tables,
+    roc_auc,
+    score_histogram,
+)
 
 
 def _auc_by_pairs(scores, labels):
@@ -82,14 +88,14 @@ def test_report_by_hand():
     # clean {0.92, 0.83, 0.35} vs noisy {0.74, 0.25, 0.15, 0.45}: 4 + 4 + 2 wins of 12 pairs
     assert rep["auc"] == pytest.approx(10 / 12)
     assert rep["rejection_by_noise"] == {
-        "attribute": {"n": 1, "rejected_frac": 1.0},
-        "generic": {"n": 1, "rejected_frac": 1.0},
-        "none": {"n": 3, "rejected_frac": pytest.approx(1 / 3)},
-        "swap": {"n": 2, "rejected_frac": 0.5},
+        "attribute": {"n": 1, "rejected_fraction": 1.0},
+        "generic": {"n": 1, "rejected_fraction": 1.0},
+        "none": {"n": 3, "rejected_fraction": pytest.approx(1 / 3)},
+        "swap": {"n": 2, "rejected_fraction": 0.5},
     }
-    assert rep["origins"]["web"] == {"n": 7, "kept": 3, "kept_frac": pytest.approx(3 / 7)}
-    assert rep["origins"]["synthetic"] == {"n": 3, "kept": 2, "kept_frac": pytest.approx(2 / 3)}
-    assert rep["origins"]["human"] == {"n": 1, "kept": 1, "kept_frac": 1.0}
+    assert rep["origins"]["web"] == {"n": 7, "kept": 3, "kept_fraction": pytest.approx(3 / 7)}
+    assert rep["origins"]["synthetic"] == {"n": 3, "kept": 2, "kept_fraction": pytest.approx(2 / 3)}
+    assert rep["origins"]["human"] == {"n": 1, "kept": 1, "kept_fraction": 1.0}
     assert rep["synthetic_rejection_rate"] == pytest.approx(1 / 3)
     assert rep["notes"] == []
 
@@ -99,21 +105,21 @@ def test_sweep_by_hand():
     by_t = {row["threshold"]: row for row in rep["sweep"]}
     # 0.1: nothing rejected -> precision undefined, recall 0
     assert by_t[0.1] == {"threshold": 0.1, "precision": None, "recall": 0.0, "f1": None,
-                         "web_kept_frac": 1.0, "synthetic_kept_frac": 1.0}  # fmt: skip
+                         "web_kept_fraction": 1.0, "synthetic_kept_fraction": 1.0}  # fmt: skip
     # 0.2: only 0.15 (noisy) rejected -> P 1, R 1/4, F1 0.4
     assert by_t[0.2]["precision"] == 1.0 and by_t[0.2]["recall"] == 0.25
     assert by_t[0.2]["f1"] == pytest.approx(0.4)
-    assert by_t[0.2]["web_kept_frac"] == pytest.approx(6 / 7)
+    assert by_t[0.2]["web_kept_fraction"] == pytest.approx(6 / 7)
     # 0.5 re-makes the kept decisions exactly
     assert by_t[0.5]["precision"] == pytest.approx(rep["precision"])
     assert by_t[0.5]["recall"] == pytest.approx(rep["recall"])
-    assert by_t[0.5]["synthetic_kept_frac"] == pytest.approx(2 / 3)
+    assert by_t[0.5]["synthetic_kept_fraction"] == pytest.approx(2 / 3)
     # 0.9: only 0.92 kept -> TP 4, FP 2 -> P 2/3, R 1, F1 0.8; no synthetic kept
     assert by_t[0.9]["precision"] == pytest.approx(2 / 3) and by_t[0.9]["recall"] == 1.0
     assert by_t[0.9]["f1"] == pytest.approx(0.8)
     assert (
-        by_t[0.9]["web_kept_frac"] == pytest.approx(1 / 7)
-        and by_t[0.9]["synthetic_kept_frac"] == 0.0
+        by_t[0.9]["web_kept_fraction"] == pytest.approx(1 / 7)
+        and by_t[0.9]["synthetic_kept_fraction"] == 0.0
     )
     assert [r["threshold"] for r in filter_report(hand_table())["sweep"]] == pytest.approx(
         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -151,6 +157,15 @@ def test_perfect_and_inverted_filters():
     )
 
 
+def test_score_histogram():
+    scores = [0.0, 0.05, 0.1, 0.95, 1.0, 1.2, -0.1, float("nan")]
+    assert score_histogram(scores) == [3, 1, 0, 0, 0, 0, 0, 0, 0, 3]  # NaN out, outside clipped
+    assert len(score_histogram(scores, 20)) == 20 and len(histogram_edges(20)) == 21
+    # on [0, 1] it counts as numpy's own equal-width bins do
+    values = np.random.default_rng(0).random(500).round(2)
+    assert score_histogram(values) == np.histogram(values, bins=10, range=(0.0, 1.0))[0].tolist()
+
+
 def test_missing_truth_still_reports_kept_fractions_and_histograms():
     df = hand_table().drop(columns=["clean", "noise"])
     rep = filter_report(df, threshold=0.5)
@@ -158,10 +173,10 @@ def test_missing_truth_still_reports_kept_fractions_and_histograms():
     for key in ("precision", "recall", "f1", "auc", "confusion", "n_truth", "rejection_by_noise"):
         assert rep[key] is None, key
     assert any("no truth columns" in n for n in rep["notes"])
-    assert rep["origins"]["web"]["kept_frac"] == pytest.approx(3 / 7)
+    assert rep["origins"]["web"]["kept_fraction"] == pytest.approx(3 / 7)
     assert rep["synthetic_rejection_rate"] == pytest.approx(1 / 3)
     assert sum(rep["histograms"]["web"]["kept"]) == 3
-    assert all(r["precision"] is None and r["web_kept_frac"] is not None for r in rep["sweep"])
+    assert all(r["precision"] is None and r["web_kept_fraction"] is not None for r in rep["sweep"])
 
 
 def test_truth_from_noise_only_and_no_synthetic():
@@ -170,7 +185,7 @@ def test_truth_from_noise_only_and_no_synthetic():
     rep = filter_report(df, threshold=0.5)
     assert rep["confusion"] == {"tp": 3, "fp": 1, "fn": 1, "tn": 2}
     assert rep["synthetic_rejection_rate"] is None
-    assert all(r["synthetic_kept_frac"] is None for r in rep["sweep"])
+    assert all(r["synthetic_kept_fraction"] is None for r in rep["sweep"])
     assert "synthetic" not in rep["origins"]
     json.dumps(rep, allow_nan=False)
 

@@ -1,4 +1,4 @@
-"""Import/export of BLIP checkpoints (issue 6): tiny random transformers BLIP models built in-process
+"""Import/export of BLIP checkpoints: tiny random transformers BLIP models built in-process
 (no download) must give capfilt the same ITM probabilities, ITC similarities, LM logits and greedy
 captions as transformers; round trips are exact; BLIP's original .pth layout loads too."""
 
@@ -18,12 +18,19 @@ from transformers import (
 )
 
 from capfilt.cli.main import app
-from capfilt.config.schema import ModelConfig
+from capfilt.config.schema import CaptionConfig
+from capfilt.data.transforms import CLIP_MEAN, CLIP_STD
 from capfilt.model import build_model, load_model_folder, save_model_folder, tokenize
-from capfilt.model.generate import GenerationSettings, generate_captions
-from capfilt.model.hf_blip import BLIP_PROMPT, convert, med_to_hf, write_transformers_folder
-from capfilt.pipeline.common import load_stage_model
+from capfilt.model.convert.blip_pth import import_blip_state_dict, load_blip_pth
+from capfilt.model.convert.fill import BLIP_PROMPT
+from capfilt.model.convert.transformers_io import med_to_hf, write_transformers_folder
+from capfilt.model.folder import META
+from capfilt.model.generate import generate_captions
+from capfilt.model.med import set_vision_layer_norm_eps
 from capfilt.pipeline.filter import score_pairs
+from capfilt.runs.convert import convert
+from capfilt.runs.resolve import load_stage_model
+from tests.conftest import build_tiny_model
 
 WORDS = "a picture of the red blue green small big circle square triangle dog cat on left right top bottom next to and with".split()
 TEXTS = [
@@ -173,7 +180,9 @@ def test_captioner_logits_and_greedy_match_transformers(hf_models, images):
     keep = mask.bool()
     assert (ours[keep] - ref[keep]).abs().max() < 1e-4
 
-    settings = GenerationSettings(method="greedy", min_length=2, max_length=12, prompt=BLIP_PROMPT)
+    settings = CaptionConfig(
+        method="greedy", min_length=2, max_length=12, prompt=BLIP_PROMPT, repetition_penalty=1.0
+    )
     captions = [c[0] for c in generate_captions(model, tokenizer, images, settings)]
     prompt = tokenizer([BLIP_PROMPT.strip()] * len(images), return_tensors="pt")
     sp = model.special
@@ -211,8 +220,9 @@ def test_round_trip_transformers_capfilt_transformers(hf_models, tmp_path, kind)
     hf, folder = hf_models[kind]
     capfilt_dir, fmt, what = convert(folder, tmp_path / "capfilt")
     assert (fmt, what) == ("capfilt", kind)
-    meta = json.loads((capfilt_dir / "capfilt.json").read_text())
+    meta = json.loads((capfilt_dir / META).read_text())
     assert meta["stage"] == kind and meta["extra"]["vision_layer_norm_eps"] == 1e-5
+    assert meta["preprocess"] == {"image_size": 32, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
     back, fmt, _ = convert(capfilt_dir, tmp_path / "hf")
     assert fmt == "transformers"
     cls = type(hf)
@@ -231,21 +241,8 @@ def test_round_trip_capfilt_transformers_capfilt(tok_dir, tmp_path):
     from capfilt.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tok_dir))
-    cfg = ModelConfig(
-        image_size=32,
-        patch_size=8,
-        vision_width=32,
-        vision_depth=2,
-        vision_heads=2,
-        text_width=32,
-        text_layers=2,
-        text_heads=2,
-        text_intermediate=64,
-        embed_dim=16,
-        queue_size=8,
-    )
-    torch.manual_seed(5)
-    model = build_model(cfg, tokenizer)
+    model = build_tiny_model(tokenizer, seed=5, queue_size=8)
+    cfg = model.cfg
     _randomise(model, seed=6)
     for kind in ("captioner", "filter"):
         src = save_model_folder(tmp_path / f"native_{kind}", model, tokenizer, cfg, stage=kind)
@@ -363,8 +360,6 @@ def test_blip_pth_layout_loads_with_same_outputs(hf_models, tok_dir, tmp_path, i
             assert torch.equal(model.text_queue, sd["text_queue"]) and int(model.queue_ptr) == 3
             assert bool((model.idx_queue == -1).all()) and abs(float(model.temp) - 0.05) < 1e-7
     # with eps set as transformers' config, outputs are equal to 1e-4
-    from capfilt.model.hf_blip import set_vision_layer_norm_eps
-
     set_vision_layer_norm_eps(model, 1e-5)
     with torch.no_grad():
         embeds = model.encode_image(images)
@@ -376,20 +371,8 @@ def test_export_of_a_pretrain_folder_needs_kind(tok_dir, tmp_path):
     from capfilt.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tok_dir))
-    cfg = ModelConfig(
-        image_size=32,
-        patch_size=8,
-        vision_width=32,
-        vision_depth=1,
-        vision_heads=2,
-        text_width=32,
-        text_layers=1,
-        text_heads=2,
-        text_intermediate=64,
-        embed_dim=16,
-        queue_size=8,
-    )
-    model = build_model(cfg, tokenizer)
+    model = build_tiny_model(tokenizer, seed=None, vision_depth=1, text_layers=1, queue_size=8)
+    cfg = model.cfg
     src = save_model_folder(tmp_path / "pre", model, tokenizer, cfg, stage="pretrain")
     with pytest.raises(ValueError, match="--kind"):
         convert(src, tmp_path / "hf")
@@ -405,25 +388,10 @@ def test_export_of_a_pretrain_folder_needs_kind(tok_dir, tmp_path):
 
 
 def test_full_blip_pth_imports_as_pretrain(tok_dir, tmp_path):
-    from capfilt.model.hf_blip import import_blip_state_dict, load_blip_pth
     from capfilt.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tok_dir))
-    cfg = ModelConfig(
-        image_size=32,
-        patch_size=8,
-        vision_width=32,
-        vision_depth=1,
-        vision_heads=2,
-        text_width=32,
-        text_layers=1,
-        text_heads=2,
-        text_intermediate=64,
-        embed_dim=16,
-        queue_size=8,
-    )
-    torch.manual_seed(7)
-    model = build_model(cfg, tokenizer)
+    model = build_tiny_model(tokenizer, seed=7, vision_depth=1, text_layers=1, queue_size=8)
     _randomise(model, seed=8)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd["ptr_queue"] = sd.pop("queue_ptr") + 5
@@ -444,3 +412,47 @@ def test_full_blip_pth_imports_as_pretrain(tok_dir, tmp_path):
         if key not in ("idx_queue", "queue_ptr"):
             assert torch.equal(got[key], value), key
     assert int(imported.queue_ptr) == 5 and bool((imported.idx_queue == -1).all())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["runs/capp", "./runs/capp", "runs/capp/", "/no/such/model", "~/capp", "a/b/c", "owner/.."],
+)
+def test_a_missing_local_path_is_never_a_hub_id(tmp_path, monkeypatch, spec):
+    """A mistyped local path fails at once with the path in the message, and never goes to the hub."""
+    import re
+
+    import huggingface_hub
+
+    from capfilt.config import ConfigError
+    from capfilt.model.convert import transformers_io
+
+    def no_network(*args, **kwargs):
+        pytest.fail(f"{spec!r} was sent to the hub")
+
+    monkeypatch.setattr(transformers_io, "fetch_hub_checkpoint", no_network)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    message = f"no capfilt model at {re.escape(spec)}"
+    with pytest.raises(ConfigError, match=message):
+        load_stage_model(spec, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=message):
+        convert(spec, tmp_path / "out")
+
+
+def test_an_owner_name_spec_with_nothing_local_is_a_hub_id(tmp_path, monkeypatch):
+    from capfilt.config import ConfigError
+    from capfilt.model.convert import transformers_io
+
+    asked = []
+
+    def offline(repo_id):
+        asked.append(repo_id)
+        raise ValueError(f"'{repo_id}': not a local path, and not reachable as a hub id (offline)")
+
+    monkeypatch.setattr(transformers_io, "fetch_hub_checkpoint", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="not reachable as a hub id"):
+        load_stage_model("Salesforce/blip-itm-base-coco", torch.device("cpu"))
+    assert asked == ["Salesforce/blip-itm-base-coco"]

@@ -1,4 +1,4 @@
-"""The MED model (SPEC §1): tokenizer, weight sharing, momentum, queues, losses end to end, folders."""
+"""The MED model (docs/architecture.md §1): tokenizer, weight sharing, momentum, queues, losses end to end, folders."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from capfilt.model import (
     tokenize,
     train_wordpiece_tokenizer,
 )
+from capfilt.model.folder import CONFIG, META, WEIGHTS
 from capfilt.model.med import SHARED_LAYER_PARTS
+from tests.conftest import build_tiny_model, tiny_model_config
 
 CAPTIONS = [
     "a red cube left of a blue sphere",
@@ -37,25 +39,12 @@ CAPTIONS = [
 ] * 4
 
 
+TINY = dict(text_dropout=0.0, queue_size=10, max_text_len=16, vocab_size=120)
+"""This file's settings on top of the shared tiny config (no dropout: exact comparisons)."""
+
+
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        image_size=32,
-        patch_size=8,
-        vision_width=32,
-        vision_depth=2,
-        vision_heads=2,
-        text_width=32,
-        text_layers=2,
-        text_heads=2,
-        text_intermediate=64,
-        text_dropout=0.0,
-        embed_dim=16,
-        queue_size=10,
-        max_text_len=16,
-        vocab_size=120,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny_model_config(**{**TINY, **kw})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,8 +62,7 @@ def tok():
 
 
 def make_model(tok, seed: int = 0, **kw) -> MED:
-    torch.manual_seed(seed)
-    return build_model(tiny_cfg(**kw), tok)
+    return build_tiny_model(tok, seed, **{**TINY, **kw})
 
 
 def batch(tok, n: int = 4, seed: int = 0):
@@ -229,20 +217,25 @@ def test_mean_image_pool_projects_the_mean_patch_token(tok):
     emb = model.encode_image(images)
     expected = torch.nn.functional.normalize(model.vision_proj(emb[:, 1:, :].mean(1)), dim=-1)
     assert torch.allclose(model.image_features(emb), expected, atol=1e-6)
-    assert not torch.allclose(model.image_features(emb), make_model(tok).image_features(emb), atol=1e-3)
+    assert not torch.allclose(
+        model.image_features(emb), make_model(tok).image_features(emb), atol=1e-3
+    )
     # the momentum branch pools the same way: with equal weights, online and momentum features agree
     out = model.forward_pretrain(images, ids, mask, weights=("itc",), alpha=0.0)
     assert torch.isfinite(out["loss_itc"])
     with torch.no_grad():
         feat_m = torch.nn.functional.normalize(
-            model.vision_proj_m(model.pool_image(model.visual_encoder_m.forward_features(images))), dim=-1
+            model.vision_proj_m(model.pool_image(model.visual_encoder_m.forward_features(images))),
+            dim=-1,
         )
     assert torch.allclose(feat_m, model.image_features(emb), atol=1e-5)
 
 
 def test_fan_in_init_scales_with_width(tok):
     bert = make_model(tok, vision_width=64, text_width=64, text_intermediate=128)
-    fan = make_model(tok, vision_width=64, text_width=64, text_intermediate=128, weight_init="fan_in")
+    fan = make_model(
+        tok, vision_width=64, text_width=64, text_intermediate=128, weight_init="fan_in"
+    )
     ffn_bert = bert.text_encoder.encoder.layer[0].intermediate.dense.weight
     ffn_fan = fan.text_encoder.encoder.layer[0].intermediate.dense.weight
     assert ffn_bert.std().item() == pytest.approx(0.02, rel=0.1)
@@ -382,20 +375,22 @@ def test_forward_pretrain_losses_backward_and_queue(tok):
 def test_forward_loss_selection_prompt_and_image_ids(tok):
     model = make_model(tok).train()
     images, ids, mask = batch(tok)
-    lm = model.forward_lm_only(images, ids, mask)
+    lm = model.forward_pretrain(images, ids, mask, weights=("lm",))
     assert (
         lm["loss_itc"].item() == 0
         and lm["loss_itm"].item() == 0
         and lm["loss"].item() == lm["loss_lm"].item()
     )
     assert model.queue_ptr.item() == 0  # no ITC, no enqueue
-    lm_p = model.forward_lm_only(images, ids, mask, prompt_len=3)
+    lm_p = model.forward_pretrain(images, ids, mask, weights=("lm",), prompt_len=3)
     assert lm_p["loss_lm"].item() != pytest.approx(lm["loss_lm"].item())
-    filt = model.forward_filter(
+    filt = model.forward_pretrain(
         images,
         ids,
         mask,
         image_ids=torch.tensor([3, 4, 3, 5]),
+        alpha=0.4,
+        weights=("itc", "itm"),
         generator=torch.Generator().manual_seed(0),
     )
     assert (
@@ -507,8 +502,8 @@ def test_model_folder_round_trip(tok, tmp_path):
     cfg = model.cfg
     save_model_folder(tmp_path / "m", model, tok, cfg, stage="pretrain", extra={"step": 3})
     files = set(os.listdir(tmp_path / "m"))
-    assert {"model.safetensors", "model_config.json", "capfilt.json", "tokenizer.json"} <= files
-    meta = json.loads((tmp_path / "m" / "capfilt.json").read_text())
+    assert {WEIGHTS, CONFIG, META, "tokenizer.json"} <= files
+    meta = json.loads((tmp_path / "m" / META).read_text())
     assert (
         meta["stage"] == "pretrain" and meta["format_version"] == 1 and meta["extra"] == {"step": 3}
     )
@@ -536,9 +531,7 @@ def test_model_folder_round_trip(tok, tmp_path):
 
     # without the momentum state: smaller, and the momentum weights restart from the online ones
     save_model_folder(tmp_path / "small", model, tok, cfg, stage="filter", include_momentum=False)
-    assert (tmp_path / "small" / "model.safetensors").stat().st_size < (
-        tmp_path / "m" / "model.safetensors"
-    ).stat().st_size
+    assert (tmp_path / "small" / WEIGHTS).stat().st_size < (tmp_path / "m" / WEIGHTS).stat().st_size
     small, _, _, meta3 = load_model_folder(tmp_path / "small")
     assert meta3["stage"] == "filter" and not meta3["includes_momentum"]
     assert torch.equal(small.visual_encoder_m.pos_embed, model.visual_encoder.pos_embed)
@@ -551,7 +544,7 @@ def test_safetensors_file_stores_shared_tensors_once(tok, tmp_path):
 
     model = make_model(tok)
     save_model_folder(tmp_path / "m", model, tok, model.cfg, stage="init")
-    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as fh:
+    with safe_open(str(tmp_path / "m" / WEIGHTS), "pt") as fh:
         keys = set(fh.keys())
         aliases = json.loads(fh.metadata()["capfilt_aliases"])
     assert "text_encoder.embeddings.word_embeddings.weight" in keys
@@ -725,7 +718,8 @@ def test_global_batch_under_two_processes(tok, tmp_path):
     assert (r0["itm"] + r1["itm"]) / 2 == pytest.approx(ref["loss_itm"].item(), rel=1e-5)
     # LM is a per-rank token mean: compare with the halves computed in one process
     halves = [
-        model.forward_lm_only(images[sl], ids[sl], mask[sl]) for sl in (slice(0, 2), slice(2, 4))
+        model.forward_pretrain(images[sl], ids[sl], mask[sl], weights=("lm",))
+        for sl in (slice(0, 2), slice(2, 4))
     ]
     assert [r0["lm"], r1["lm"]] == pytest.approx([h["loss_lm"].item() for h in halves], rel=1e-5)
     # the queue holds the global batch on both ranks, in rank order

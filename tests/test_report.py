@@ -26,7 +26,7 @@ from capfilt.data.sample import build_sample, caption_entry
 from capfilt.data.shards import expand_shards
 from capfilt.data.synth import describe, noisy_text, write_synth
 from capfilt.data.synth.world import Rng, Scene
-from capfilt.data.writer import ShardWriter
+from capfilt.data.writer import ShardWriter, parquet_path
 from capfilt.report import render_report, write_report
 from capfilt.report.charts import Series, histogram_chart, line_chart, nice_ticks
 
@@ -58,23 +58,30 @@ SUMMARY = {
     "seed": 0,
     "baseline": {"retrieval": BASELINE},
     "capfilt": {"retrieval": CAPFILT},
-    "filter": {
+    "filter": {  # as capfilt.eval.filter_metrics.filter_report writes it
         "threshold": 0.5,
         "precision": 0.8125,
         "recall": 0.7391,
         "f1": 0.7741,
-        "roc_auc": 0.9012,
-        "kept_fraction_web": 0.6406,
-        "kept_fraction_synthetic": 0.8828,
-        "by_noise": {"swap": 0.91, "attribute": 0.55, "generic": 0.97, "none": 0.08},
+        "auc": 0.9012,
+        "origins": {
+            "web": {"n": 128, "kept": 82, "kept_fraction": 0.6406},
+            "synthetic": {"n": 256, "kept": 226, "kept_fraction": 0.8828},
+        },
+        "rejection_by_noise": {
+            "swap": {"n": 11, "rejected_fraction": 0.91},
+            "attribute": {"n": 20, "rejected_fraction": 0.55},
+            "generic": {"n": 30, "rejected_fraction": 0.97},
+            "none": {"n": 67, "rejected_fraction": 0.08},
+        },
         "sweep": [
             {
                 "threshold": t,
                 "precision": 0.5 + 0.4 * t,
                 "recall": 1 - t,
                 "f1": 0.6,
-                "kept_web": 1 - 0.6 * t,
-                "kept_synthetic": 1 - 0.3 * t,
+                "web_kept_fraction": 1 - 0.6 * t,
+                "synthetic_kept_fraction": 1 - 0.3 * t,
             }
             for t in (0.1, 0.3, 0.5, 0.7, 0.9)
         ],
@@ -154,7 +161,7 @@ def make_fake_run(root: Path, *, seed: int = 0) -> Path:
                     rows.append(row)
             writer.commit()
         filtered.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).to_parquet(filtered / f"{index:08d}.parquet", index=False)
+        pd.DataFrame(rows).to_parquet(parquet_path(filtered, index), index=False)
     for name in ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt"):
         _metrics(root / "runs" / name / "metrics.jsonl", 30, with_lm=name != "filter")
     (root / "summary.json").write_text(json.dumps(SUMMARY))
@@ -309,6 +316,24 @@ def test_missing_parts_render_with_notes(fake_run: Path, tmp_path: Path):
     # garbage summary.json: noted, not fatal
     (part / "summary.json").write_text("{not json")
     assert "summary.json unreadable" in render_report(part)
+
+
+def test_demo_table_and_report_show_the_same_figures(fake_run: Path):
+    from rich.console import Console
+
+    from capfilt.cli.demo_cmds import summary_tables
+
+    html = render_report(fake_run)
+    console = Console(record=True, width=200)
+    for table in summary_tables(SUMMARY):
+        console.print(table)
+    printed = console.export_text()
+    for key in ("precision", "roc_auc", "kept_fraction_web", "by_noise.none", "truth_rate"):
+        label, value = _cell(html, "filter-table", key)
+        assert re.search(rf"{re.escape(label)}\s*│\s*{re.escape(value)}\s", printed), (label, value)
+    label, base, cap, delta = _cell(html, "retrieval-table", "ir_r1")
+    assert re.search(rf"{label}\s*│\s*{base}\s*│\s*{cap}\s*│\s*\{delta}", printed)
+    assert "Total time" in printed
 
 
 def test_cli_writes_report(fake_run: Path, tmp_path: Path):

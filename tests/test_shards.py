@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from capfilt.data.reader import SkipCounter, read_caption_texts, read_samples
-from capfilt.data.sample import build_sample, caption_entry, make_key
+from capfilt.data.sample import build_sample, caption_entry, make_key, output_sample
 from capfilt.data.shards import ShardSpecError, count_samples, expand_shards
 from capfilt.data.stage import StageError, run_shard_stage
 from capfilt.data.text import clean_caption
-from capfilt.data.writer import ShardWriter, is_shard_done
+from capfilt.data.writer import ShardWriter, is_shard_done, parquet_path, stats_path, tar_path
 
 
 def _jpeg(color=(200, 30, 30), size=16) -> bytes:
@@ -28,7 +28,11 @@ def _write_shard(out, index, n, chash="h"):
     with ShardWriter(out, index, stage="test", config_hash=chash) as writer:
         for i in range(n):
             key = make_key("s", index, i)
-            writer.write(build_sample(key, _jpeg((i * 10 % 255, 0, 0)), [caption_entry(f"caption {index} {i}", "web")]))
+            writer.write(
+                build_sample(
+                    key, _jpeg((i * 10 % 255, 0, 0)), [caption_entry(f"caption {index} {i}", "web")]
+                )
+            )
             writer.record({"uid": key, "status": "kept", "reason": ""})
         return writer.commit()
 
@@ -36,7 +40,11 @@ def _write_shard(out, index, n, chash="h"):
 def test_writer_outputs_and_read_back(tmp_path):
     stats = _write_shard(tmp_path, 0, 5)
     assert stats["count"] == 5 and stats["input_count"] == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000000.parquet", "00000000.tar", "00000000_stats.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000000.parquet",
+        "00000000.tar",
+        "00000000_stats.json",
+    ]
     table = pd.read_parquet(tmp_path / "00000000.parquet")
     assert list(table["uid"]) == [make_key("s", 0, i) for i in range(5)]
     samples = list(read_samples(expand_shards(str(tmp_path))))
@@ -44,6 +52,56 @@ def test_writer_outputs_and_read_back(tmp_path):
     assert samples[0].captions == [{"text": "caption 0 0", "origin": "web"}]
     assert samples[0].image.size == (16, 16) and samples[0].image_ext == "jpg"
     assert is_shard_done(tmp_path, 0, "h") and not is_shard_done(tmp_path, 0, "other")
+
+
+def test_shard_paths_and_merged_skip_counts(tmp_path):
+    assert [
+        p.name for p in (tar_path(tmp_path, 7), parquet_path(tmp_path, 7), stats_path(tmp_path, 7))
+    ] == [
+        "00000007.tar",
+        "00000007.parquet",
+        "00000007_stats.json",
+    ]
+    assert tar_path(tmp_path, 2, prefix="web-").name == "web-00000002.tar"
+    with ShardWriter(tmp_path, 7, stage="test", config_hash="h") as writer:
+        writer.skip("missing_caption")
+        counter = SkipCounter()
+        counter.skip("missing_caption")
+        counter.skip("undecodable_image")
+        writer.add_skipped(counter.counts)
+        stats = writer.commit()
+    assert (writer.tar_path, writer.parquet_path, writer.stats_path) == (
+        tar_path(tmp_path, 7),
+        parquet_path(tmp_path, 7),
+        stats_path(tmp_path, 7),
+    )
+    assert (
+        stats["skipped"] == {"missing_caption": 2, "undecodable_image": 1}
+        and stats["input_count"] == 3
+    )
+
+
+def test_output_sample_passes_input_fields_through(tmp_path):
+    with ShardWriter(tmp_path, 0, stage="test", config_hash="h") as writer:
+        sample = build_sample(
+            "k", _jpeg(), [caption_entry("web text", "web")], source="s", truth={"clean": True}
+        )
+        writer.write({**sample, "cls": b"3"})
+        writer.commit()
+    (sample_in,) = read_samples([str(tar_path(tmp_path, 0))])
+    captions = [*sample_in.captions, caption_entry("a synthetic one", "synthetic")]
+    out = output_sample(sample_in, captions, "a synthetic one", filter={"threshold": 0.5})
+    assert out["__key__"] == "k" and out["jpg"] == sample_in.image_bytes and out["cls"] == b"3"
+    assert out["txt"] == "a synthetic one"
+    assert out["json"] == {
+        "uid": "k",
+        "source": "s",
+        "truth": {"clean": True},
+        "captions": captions,
+        "filter": {"threshold": 0.5},
+    }
+    # the input sample is not changed
+    assert sample_in.meta["captions"] == [caption_entry("web text", "web")]
 
 
 def test_aborted_writer_leaves_nothing_visible(tmp_path):
@@ -76,7 +134,9 @@ def test_shard_specs(tmp_path):
     folder = expand_shards(str(tmp_path))
     braces = expand_shards(str(tmp_path / "{00000000..00000002}.tar"))
     assert folder == braces and len(folder) == 3
-    assert expand_shards([str(tmp_path / "00000001.tar"), str(tmp_path)])[0].endswith("00000001.tar")
+    assert expand_shards([str(tmp_path / "00000001.tar"), str(tmp_path)])[0].endswith(
+        "00000001.tar"
+    )
     assert len(expand_shards([str(tmp_path / "0000000[01].tar")])) == 2
     with pytest.raises(ShardSpecError):
         expand_shards(str(tmp_path / "{00000000..00000005}.tar"))
@@ -90,12 +150,18 @@ def test_stage_resumes_and_writes_sizes(tmp_path):
     def produce(index, writer):
         calls.append(index)
         for i in range(index + 1):
-            writer.write(build_sample(make_key("k", index, i), _jpeg(), [caption_entry("t", "human")]))
+            writer.write(
+                build_sample(make_key("k", index, i), _jpeg(), [caption_entry("t", "human")])
+            )
         return None
 
     run_shard_stage(tmp_path, 3, produce, stage="t", config_hash="h1")
     assert calls == [0, 1, 2]
-    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000000.tar": 1, "00000001.tar": 2, "00000002.tar": 3}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {
+        "00000000.tar": 1,
+        "00000001.tar": 2,
+        "00000002.tar": 3,
+    }
     assert count_samples(expand_shards(str(tmp_path))) == 6
     first = (tmp_path / "00000001.tar").read_bytes()
     (tmp_path / "00000001_stats.json").unlink()  # as if killed before the done-marker
@@ -104,7 +170,9 @@ def test_stage_resumes_and_writes_sizes(tmp_path):
     assert calls == [1]
     assert (tmp_path / "00000001.tar").read_bytes() == first
     calls.clear()
-    run_shard_stage(tmp_path, 3, produce, stage="t", config_hash="h2")  # new config: everything again
+    run_shard_stage(
+        tmp_path, 3, produce, stage="t", config_hash="h2"
+    )  # new config: everything again
     assert calls == [0, 1, 2]
 
 
@@ -160,15 +228,25 @@ def test_reader_skips_and_counts_bad_samples(tmp_path):
     assert [s.key for s in samples] == [k for k, _ in good[:5]]
     for sample, (key, jpg) in zip(samples, good):
         assert sample.image_bytes == jpg and sample.text == f"text of {key}"
-    assert counter.as_dict() == {"missing_caption": 1, "non_utf8_text": 1, "truncated_tar": 1, "undecodable_image": 1}
+    assert counter.as_dict() == {
+        "missing_caption": 1,
+        "non_utf8_text": 1,
+        "truncated_tar": 1,
+        "undecodable_image": 1,
+    }
 
 
 def test_caption_texts_without_decoding_images(tmp_path):
     """Tokenizer training reads every caption of a sample, else its txt; broken images do not matter."""
     with ShardWriter(tmp_path, 0, stage="test", config_hash="h") as writer:
-        captions = [caption_entry("a red circle", "human"), caption_entry("a big red circle", "human")]
+        captions = [
+            caption_entry("a red circle", "human"),
+            caption_entry("a big red circle", "human"),
+        ]
         writer.write(build_sample(make_key("a", 0), _jpeg(), captions))
-        writer.write(build_sample(make_key("a", 1), b"not a jpeg", [caption_entry("a blue square", "web")]))
+        writer.write(
+            build_sample(make_key("a", 1), b"not a jpeg", [caption_entry("a blue square", "web")])
+        )
         writer.commit()
     texts = list(read_caption_texts(expand_shards(str(tmp_path))))
     assert texts == ["a red circle", "a big red circle", "a blue square"]

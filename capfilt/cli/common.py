@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,9 +24,14 @@ SetOption = Annotated[
         metavar="KEY=VALUE",
     ),
 ]
-DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
+DryRunOption = Annotated[
+    bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")
+]
 RecipeArgument = Annotated[
-    str, typer.Argument(help="Recipe: a YAML path or a shipped name (tiny, demo, blip-base).", show_default=True)
+    str,
+    typer.Argument(
+        help="Recipe: a YAML path or a shipped name (tiny, demo, blip-base).", show_default=True
+    ),
 ]
 
 
@@ -36,13 +40,17 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     return typer.Exit(code)
 
 
-def resolve(recipe: str, overrides: list[str] | None, dry_run: bool = False, shortcuts: dict | None = None) -> Recipe:
+def resolve(
+    recipe: str, overrides: list[str] | None, dry_run: bool = False, shortcuts: dict | None = None
+) -> Recipe:
     """Load the recipe with overrides; config errors exit 2; ``--dry-run`` prints it and exits 0.
 
     ``shortcuts`` maps recipe keys to the values of dedicated options (``--threshold`` for
     ``filter.threshold``); those given (not None) apply after the ``--set`` overrides.
     """
-    overrides = list(overrides or []) + [f"{key}={value}" for key, value in (shortcuts or {}).items() if value is not None]
+    overrides = list(overrides or []) + [
+        f"{key}={value}" for key, value in (shortcuts or {}).items() if value is not None
+    ]
     try:
         cfg = load_recipe(recipe, overrides)
     except ConfigError as err:
@@ -56,18 +64,16 @@ def resolve(recipe: str, overrides: list[str] | None, dry_run: bool = False, sho
     return cfg
 
 
-def existing_path(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise fail(f"{what} not found: {path}", EXIT_USAGE)
-    return path
-
-
 def report_stage(result, what: str) -> None:
     """Print a shard stage's counts; exit 3 (partial) when some shards failed."""
     stats = result.stats
-    out.print(f"{what}: {stats['count']} samples written of {stats['input_count']} read, in {result.out_dir}")
+    out.print(
+        f"{what}: {stats['count']} samples written of {stats['input_count']} read, in {result.out_dir}"
+    )
     for reason, count in stats["skipped"].items():
         out.print(f"  skipped {count} bad input sample(s): {reason}")
     if result.partial:
-        out.print(f"[yellow]{len(result.failed)} shard(s) failed; re-run the same command to retry[/]")
+        out.print(
+            f"[yellow]{len(result.failed)} shard(s) failed; re-run the same command to retry[/]"
+        )
         raise typer.Exit(EXIT_PARTIAL)

@@ -63,7 +63,7 @@ def convert(
     capfilt caption/filter/eval also take a transformers BLIP folder or hub id as --model directly;
     convert once to skip the conversion at every start.
     """
-    from capfilt.model.hf_blip import convert as run_convert
+    from capfilt.runs.convert import convert as run_convert
 
     overrides = None
     if model_config is not None:

@@ -1,6 +1,6 @@
 """``capfilt eval ...``: evaluation commands (the work lives in :mod:`capfilt.eval`).
 
-    capfilt eval retrieval demo --model runs/pretrain --shards data/test --k 32 --out results.json
+capfilt eval retrieval demo --model runs/pretrain --shards data/test --k 32 --out results.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from capfilt.cli.common import (
     resolve,
 )
 
-app = typer.Typer(help="Evaluate: retrieval (ITC + ITM re-rank), captioner metrics, filter precision/recall.", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluate: retrieval (ITC + ITM re-rank), captioner metrics, filter precision/recall.",
+    no_args_is_help=True,
+)
 
 
 def _print_retrieval(result: dict) -> None:
@@ -34,18 +37,42 @@ def _print_retrieval(result: dict) -> None:
     table.add_column("")
     for name in ("R@1", "R@5", "R@10", "mean"):
         table.add_column(name, justify="right")
-    for prefix, label in (("tr", "text retrieval (image→text)"), ("ir", "image retrieval (text→image)")):
-        table.add_row(label, *(f"{result[f'{prefix}_{key}']:.2f}" for key in ("r1", "r5", "r10", "mean")))
+    for prefix, label in (
+        ("tr", "text retrieval (image→text)"),
+        ("ir", "image retrieval (text→image)"),
+    ):
+        table.add_row(
+            label, *(f"{result[f'{prefix}_{key}']:.2f}" for key in ("r1", "r5", "r10", "mean"))
+        )
     out.print(table)
 
 
 @app.command("retrieval")
 def retrieval(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model folder, or a run folder (its model/ or latest checkpoint).")],
-    shards: Annotated[list[str], typer.Option("--shards", help="Test shards: folder, brace pattern or .tar (repeatable).")],
-    k: Annotated[int | None, typer.Option("--k", help="Candidates re-ranked by ITM per query; 0 = ITC only (default: the recipe's eval.k).")] = None,
-    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics to this JSON file.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="torch device (default: cuda when available, else cpu).")] = None,
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", "-m", help="Model folder, or a run folder (its model/ or latest checkpoint)."
+        ),
+    ],
+    shards: Annotated[
+        list[str],
+        typer.Option("--shards", help="Test shards: folder, brace pattern or .tar (repeatable)."),
+    ],
+    k: Annotated[
+        int | None,
+        typer.Option(
+            "--k",
+            help="Candidates re-ranked by ITM per query; 0 = ITC only (default: the recipe's eval.k).",
+        ),
+    ] = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the metrics to this JSON file.")
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="torch device (default: cuda when available, else cpu)."),
+    ] = None,
     recipe: RecipeArgument = "demo",
     set_: SetOption = None,
     dry_run: DryRunOption = False,
@@ -79,28 +106,37 @@ def retrieval(
         return
     _print_retrieval(result)
     if out_path is not None:
-        from capfilt.pipeline.common import write_json
+        from capfilt.utils.files import atomic_write_json
 
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out_path, {**result, "model": str(model), "shards": urls})
+        atomic_write_json(out_path, {**result, "model": str(model), "shards": urls})
         out.print(f"wrote {out_path}")
 
 
 def _write(out_path: Path | None, result: dict) -> None:
     if out_path is None:
         return
-    from capfilt.pipeline.common import write_json
+    from capfilt.utils.files import atomic_write_json
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out_path, result)
+    atomic_write_json(out_path, result)
     out.print(f"wrote {out_path}")
 
 
 @app.command("caption")
 def caption(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Captioner model folder or run folder.")],
-    shards: Annotated[list[str], typer.Option("--shards", help="Test shards whose json captions are the references (repeatable).")],
-    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics to this JSON file.")] = None,
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Captioner model folder or run folder.")
+    ],
+    shards: Annotated[
+        list[str],
+        typer.Option(
+            "--shards", help="Test shards whose json captions are the references (repeatable)."
+        ),
+    ],
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the metrics to this JSON file.")
+    ] = None,
     meteor: Annotated[bool, typer.Option(help="Also METEOR (needs Java; slower).")] = False,
     recipe: RecipeArgument = "demo",
     set_: SetOption = None,
@@ -124,7 +160,11 @@ def caption(
         raise fail(str(err), EXIT_USAGE) from None
     except ValueError as err:
         raise fail(str(err), EXIT_FAILURE) from None
-    table = Table("metric", "value", title=f"captioner on {result.get('n_images', '?')} images ({result['method']})")
+    table = Table(
+        "metric",
+        "value",
+        title=f"captioner on {result.get('n_images', '?')} images ({result['method']})",
+    )
     for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "meteor", "truth_rate"):
         value = result.get(key)
         if value is not None:
@@ -135,9 +175,19 @@ def caption(
 
 @app.command("filter")
 def filter_(
-    scores: Annotated[Path, typer.Option("--scores", help="A filter output folder (its per-text parquet) or one parquet file.")],
-    threshold: Annotated[float | None, typer.Option(help="Decision threshold (default: the recipe's filter.threshold).")] = None,
-    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Write the report to this JSON file.")] = None,
+    scores: Annotated[
+        Path,
+        typer.Option(
+            "--scores", help="A filter output folder (its per-text parquet) or one parquet file."
+        ),
+    ],
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Decision threshold (default: the recipe's filter.threshold)."),
+    ] = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the report to this JSON file.")
+    ] = None,
     recipe: RecipeArgument = "demo",
     set_: SetOption = None,
     dry_run: DryRunOption = False,
@@ -155,22 +205,17 @@ def filter_(
     except (ValueError, KeyError) as err:
         raise fail(f"cannot read filter scores from {scores}: {err}", EXIT_USAGE) from None
 
-    def pct(value) -> str:
-        return "—" if value is None else f"{100 * value:.1f}%"
+    from capfilt.pipeline.summary import filter_figures, fmt, fmt_pct
 
     table = Table("figure", "value", title=f"filter at threshold {cfg.filter.threshold}")
-    table.add_row("precision (rejected texts that are noisy)", pct(report.get("precision")))
-    table.add_row("recall (noisy texts rejected)", pct(report.get("recall")))
-    table.add_row("F1", pct(report.get("f1")))
-    table.add_row("ROC AUC (clean vs noisy web)", "—" if report.get("auc") is None else f"{report['auc']:.3f}")
-    for origin, info in (report.get("origins") or {}).items():
-        table.add_row(f"kept fraction, {origin}", pct(info.get("kept_frac")))
-    for kind, info in (report.get("rejection_by_noise") or {}).items():
-        table.add_row(f"rejected, noise '{kind}'", pct(info.get("rejected_frac")))
+    for figure in filter_figures(report):
+        table.add_row(figure.label, figure.text)
     synthetic = report.get("synthetic")
     if synthetic:
-        table.add_row("synthetic captions true of their scene", pct(synthetic.get("true_fraction")))
-        table.add_row("F1 rejecting false synthetic captions", pct(synthetic.get("f1")))
+        table.add_row(
+            "Synthetic captions true of their scene", fmt_pct(synthetic.get("true_fraction"))
+        )
+        table.add_row("F1 rejecting false synthetic captions", fmt(synthetic.get("f1")))
     out.print(table)
     for note in report.get("notes") or []:
         out.print(f"note: {note}")

@@ -11,23 +11,46 @@ from capfilt.cli.common import DryRunOption, RecipeArgument, SetOption, out, res
 
 ShardsOption = Annotated[
     list[str],
-    typer.Option("--shards", help="Training shards: a folder, brace pattern or .tar (repeat for several sources; weights in data.weights)."),
+    typer.Option(
+        "--shards",
+        help="Training shards: a folder, brace pattern or .tar (repeat for several sources; weights in data.weights).",
+    ),
 ]
-OutOption = Annotated[Path, typer.Option("--out", "-o", help="Run folder (config, metrics, checkpoints, model/).")]
+OutOption = Annotated[
+    Path, typer.Option("--out", "-o", help="Run folder (config, metrics, checkpoints, model/).")
+]
 ResumeOption = Annotated[
-    str, typer.Option("--resume", help="'auto': continue the run in --out from its latest checkpoint; 'never': refuse an existing run.")
+    str,
+    typer.Option(
+        "--resume",
+        help="'auto': continue the run in --out from its latest checkpoint; 'never': refuse an existing run.",
+    ),
 ]
 
-finetune_app = typer.Typer(help="Fine-tune a pretrained model into the captioner (LM) or the filter (ITC + ITM).", no_args_is_help=True)
+finetune_app = typer.Typer(
+    help="Fine-tune a pretrained model into the captioner (LM) or the filter (ITC + ITM).",
+    no_args_is_help=True,
+)
 
 
-def _train(stage: str, recipe: str, shards: list[str], out_dir: Path, init: Path | None, resume: str, set_, dry_run: bool) -> None:
+def _train(
+    stage: str,
+    recipe: str,
+    shards: list[str],
+    out_dir: Path,
+    init: Path | None,
+    resume: str,
+    set_,
+    dry_run: bool,
+) -> None:
     from capfilt.train.trainer import TrainJob, train
 
     if resume not in ("auto", "never"):
         raise typer.BadParameter("must be 'auto' or 'never'", param_hint="--resume")
     cfg = resolve(recipe, set_, dry_run)
-    model_dir = train(TrainJob(stage=stage, recipe=cfg, shards=shards, out=out_dir, init=init, resume=resume))
+    model_dir = train(
+        TrainJob(stage=stage, recipe=cfg, shards=shards, out=out_dir, init=init, resume=resume)
+    )
     out.print(f"{stage}: model written to {model_dir}")
 
 
@@ -47,29 +70,32 @@ def pretrain(
     _train("pretrain", recipe, shards, out_dir, None, resume, set_, dry_run)
 
 
-@finetune_app.command("captioner")
-def finetune_captioner(
-    init: Annotated[Path, typer.Option("--init", help="Pretrained run folder or model folder to start from.")],
-    shards: ShardsOption,
-    out_dir: OutOption,
-    recipe: RecipeArgument = "demo",
-    resume: ResumeOption = "never",
-    set_: SetOption = None,
-    dry_run: DryRunOption = False,
-) -> None:
-    """Fine-tune the captioner: LM only, with the caption prompt masked out (finetune.captioner)."""
-    _train("captioner", recipe, shards, out_dir, init, resume, set_, dry_run)
+FINETUNE_HELP = {
+    "captioner": "Fine-tune the captioner: LM only, with the caption prompt masked out (finetune.captioner).",
+    "filter": "Fine-tune the filter: ITC + ITM, captions of one image are positives of each other (finetune.filter).",
+}
+"""The fine-tuning stages (``capfilt finetune STAGE``) and their help."""
 
 
-@finetune_app.command("filter")
-def finetune_filter(
-    init: Annotated[Path, typer.Option("--init", help="Pretrained run folder or model folder to start from.")],
-    shards: ShardsOption,
-    out_dir: OutOption,
-    recipe: RecipeArgument = "demo",
-    resume: ResumeOption = "never",
-    set_: SetOption = None,
-    dry_run: DryRunOption = False,
-) -> None:
-    """Fine-tune the filter: ITC + ITM, captions of one image are positives of each other (finetune.filter)."""
-    _train("filter", recipe, shards, out_dir, init, resume, set_, dry_run)
+def _finetune_command(stage: str):
+    def finetune(
+        init: Annotated[
+            Path,
+            typer.Option("--init", help="Pretrained run folder or model folder to start from."),
+        ],
+        shards: ShardsOption,
+        out_dir: OutOption,
+        recipe: RecipeArgument = "demo",
+        resume: ResumeOption = "never",
+        set_: SetOption = None,
+        dry_run: DryRunOption = False,
+    ) -> None:
+        _train(stage, recipe, shards, out_dir, init, resume, set_, dry_run)
+
+    finetune.__name__ = f"finetune_{stage}"
+    finetune.__doc__ = FINETUNE_HELP[stage]
+    return finetune
+
+
+for _stage in FINETUNE_HELP:
+    finetune_app.command(_stage)(_finetune_command(_stage))

@@ -7,7 +7,7 @@ out takes the default written here. ``capfilt config explain`` prints this schem
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from capfilt.config.core import ConfigError
 
@@ -70,8 +70,10 @@ class SynthConfig:
             raise ConfigError("synth.captions_per_human/captions_per_test: must be >= 1")
 
 
-IMAGE_POOLS = ("cls", "mean")
-WEIGHT_INITS = ("bert", "fan_in")
+ImagePool = Literal["cls", "mean"]
+WeightInit = Literal["bert", "fan_in"]
+IMAGE_POOLS = get_args(ImagePool)
+WEIGHT_INITS = get_args(WeightInit)
 
 
 @dataclass
@@ -120,11 +122,11 @@ class ModelConfig:
     """Momentum-distillation weight of the soft ITC targets."""
     temp: float = 0.07
     """Initial ITC temperature (learnable, clamped to [0.001, 0.5])."""
-    weight_init: str = "bert"
+    weight_init: WeightInit = "bert"
     """Initial weights of every linear and embedding layer trained from scratch: ``bert`` (normal,
     std 0.02, as BERT and timm's ViT) or ``fan_in`` (normal, std 1/sqrt(fan_in)). At widths far below
     768, std 0.02 leaves cross-attention and the ITM head with almost no signal for hundreds of steps."""
-    image_pool: str = "cls"
+    image_pool: ImagePool = "cls"
     """ITC image feature from the ViT's ``cls`` token (BLIP) or the ``mean`` of its patch tokens.
     From scratch, ``mean`` learns in tens of steps where the [CLS] token stays collapsed for hundreds."""
     grad_checkpointing: bool = False
@@ -141,6 +143,7 @@ class ModelConfig:
             raise ConfigError("model.alpha: must be in [0, 1]")
         if self.queue_size < 0:
             raise ConfigError("model.queue_size: must be >= 0")
+        # the recipe loader checks the Literal choices; this also covers configs built in code
         if self.weight_init not in WEIGHT_INITS:
             raise ConfigError(f"model.weight_init: one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'")
         if self.image_pool not in IMAGE_POOLS:
@@ -234,8 +237,8 @@ class CaptionConfig:
 
     num_captions: int = 1
     """Synthetic captions per image."""
-    method: Literal["nucleus", "beam"] = "nucleus"
-    """Nucleus sampling (BLIP's choice for CapFilt) or beam search."""
+    method: Literal["nucleus", "beam", "greedy"] = "nucleus"
+    """Nucleus sampling (BLIP's choice for CapFilt: diverse captions), beam search, or greedy."""
     top_p: float = 0.9
     """Nucleus mass."""
     temperature: float = 1.0

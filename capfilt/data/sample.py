@@ -9,7 +9,7 @@ and any ground-truth fields (``truth`` in the built-in benchmark; no training st
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Protocol
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ORIGINS = ("web", "synthetic", "human")
@@ -48,3 +48,30 @@ def build_sample(
         raise ValueError(f"sample {key!r} has no caption")
     info = {"uid": key, "source": source, "captions": captions, **meta}
     return {"__key__": key, image_ext: image, "txt": captions[0]["text"], "json": info}
+
+
+class InputSample(Protocol):
+    """What a stage's output sample takes from its input (:class:`capfilt.data.reader.Sample`)."""
+
+    key: str
+    meta: dict[str, Any]
+    image_bytes: bytes
+    image_ext: str
+    extra: dict[str, bytes]
+
+
+def output_sample(
+    sample: InputSample, captions: list[dict[str, Any]], txt: str, **meta: Any
+) -> dict[str, Any]:
+    """A stage's output sample from an input ``sample``: image and extra members passed through,
+    the json kept with ``captions`` replaced, ``meta`` added (and ``uid`` set when absent), ``txt``
+    set to ``txt``."""
+    info = {**sample.meta, "captions": captions, **meta}
+    info.setdefault("uid", sample.key)
+    return {
+        "__key__": sample.key,
+        sample.image_ext: sample.image_bytes,
+        "json": info,
+        **sample.extra,
+        "txt": txt,
+    }

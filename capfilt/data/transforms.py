@@ -1,4 +1,4 @@
-"""Image transforms: random-resized-crop training view and a plain resize for evaluation (SPEC §5).
+"""Image transforms: random-resized-crop training view and a plain resize for evaluation (docs/architecture.md §5).
 
 The training transform draws its randomness from a ``random.Random`` passed per sample, not from
 torch's global generator, so a sample's augmentation depends only on its position in the
@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from capfilt.config.schema import ModelConfig
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ASPECT_RANGE = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default ratio range
 
 
-def _crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
+def _crop_box(
+    width: int, height: int, scale: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop covering ``scale`` of the area (RandomResizedCrop's rule)."""
     area = width * height
     log_lo, log_hi = math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])
@@ -53,7 +59,9 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         top, left, h, w = _crop_box(image.width, image.height, self.crop_scale, rng)
-        image = F.resized_crop(image, top, left, h, w, [self.image_size, self.image_size], InterpolationMode.BICUBIC)
+        image = F.resized_crop(
+            image, top, left, h, w, [self.image_size, self.image_size], InterpolationMode.BICUBIC
+        )
         if self.hflip and rng.random() < 0.5:
             image = F.hflip(image)
         return F.normalize(F.to_tensor(image), self.mean, self.std)
@@ -62,10 +70,40 @@ class TrainTransform:
 class EvalTransform:
     """Resize to the model's square input, normalise."""
 
-    def __init__(self, image_size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
+    def __init__(
+        self,
+        image_size: int,
+        mean: tuple[float, ...] = CLIP_MEAN,
+        std: tuple[float, ...] = CLIP_STD,
+    ):
         self.image_size = image_size
         self.mean, self.std = list(mean), list(std)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         image = F.resize(image, [self.image_size, self.image_size], InterpolationMode.BICUBIC)
         return F.normalize(F.to_tensor(image), self.mean, self.std)
+
+
+def preprocess_spec(
+    image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> dict[str, Any]:
+    """What a model folder records about its input images (its meta's ``"preprocess"``): the
+    image side and the normalisation statistics the model was trained with."""
+    return {
+        "image_size": int(image_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
+
+
+def eval_transform_for(meta: Mapping[str, Any] | None, cfg: ModelConfig) -> EvalTransform:
+    """The evaluation transform of a loaded model: the preprocessing saved in its folder's meta
+    (:func:`preprocess_spec`); folders written without one get CLIP's statistics, as before."""
+    saved = (meta or {}).get("preprocess")
+    if not saved:
+        return EvalTransform(cfg.image_size)
+    if int(saved["image_size"]) != cfg.image_size:
+        raise ValueError(
+            f"the model folder's preprocess.image_size {saved['image_size']} differs from its model.image_size {cfg.image_size}"
+        )
+    return EvalTransform(cfg.image_size, tuple(saved["mean"]), tuple(saved["std"]))

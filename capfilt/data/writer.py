@@ -13,49 +13,36 @@ import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from capfilt.utils.files import atomic_write_bytes, atomic_write_json
+
 TAR_MTIME = 0
 """Fixed member mtime so that the same samples give byte-identical tars."""
+
+
+STATS_SUFFIX = "_stats.json"
+"""A shard's done-marker is ``{shard}_stats.json`` beside ``{shard}.tar``."""
 
 
 def shard_name(index: int, prefix: str = "") -> str:
     return f"{prefix}{index:08d}"
 
 
-def stats_path(out_dir: Path, index: int, prefix: str = "") -> Path:
-    return Path(out_dir) / f"{shard_name(index, prefix)}_stats.json"
+def tar_path(out_dir: str | Path, index: int, prefix: str = "") -> Path:
+    return Path(out_dir) / f"{shard_name(index, prefix)}.tar"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def parquet_path(out_dir: str | Path, index: int, prefix: str = "") -> Path:
+    """The shard's per-input-sample table (one row per input sample, kept or dropped)."""
+    return Path(out_dir) / f"{shard_name(index, prefix)}.parquet"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def stats_path(out_dir: str | Path, index: int, prefix: str = "") -> Path:
+    """The shard's done-marker, written last."""
+    return Path(out_dir) / f"{shard_name(index, prefix)}{STATS_SUFFIX}"
 
 
 def read_done_marker(out_dir: Path, index: int, prefix: str = "") -> dict | None:
@@ -71,7 +58,7 @@ def is_shard_done(out_dir: Path, index: int, config_hash: str, prefix: str = "")
     stats = read_done_marker(out_dir, index, prefix)
     if not stats or stats.get("config_hash") != config_hash:
         return False
-    return (Path(out_dir) / f"{shard_name(index, prefix)}.tar").is_file()
+    return tar_path(out_dir, index, prefix).is_file()
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -101,16 +88,18 @@ class ShardWriter:
     Nothing is visible under the final names until ``commit``.
     """
 
-    def __init__(self, out_dir: str | Path, index: int, *, stage: str, config_hash: str, prefix: str = ""):
+    def __init__(
+        self, out_dir: str | Path, index: int, *, stage: str, config_hash: str, prefix: str = ""
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.index = index
         self.stage = stage
         self.config_hash = config_hash
         self.name = shard_name(index, prefix)
-        self.tar_path = self.out_dir / f"{self.name}.tar"
-        self.parquet_path = self.out_dir / f"{self.name}.parquet"
-        self.stats_path = self.out_dir / f"{self.name}_stats.json"
+        self.tar_path = tar_path(self.out_dir, index, prefix)
+        self.parquet_path = parquet_path(self.out_dir, index, prefix)
+        self.stats_path = stats_path(self.out_dir, index, prefix)
         self._tmp_tar = self.out_dir / f".{self.name}.tar.tmp{os.getpid()}"
         self._fh = open(self._tmp_tar, "wb")
         self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.GNU_FORMAT)
@@ -148,6 +137,10 @@ class ShardWriter:
         self.skipped[reason] += 1
         if row is not None:
             self.rows.append({**row, "status": "dropped", "reason": reason})
+
+    def add_skipped(self, counts: Mapping[str, int]) -> None:
+        """Add bad input counted elsewhere (a reader's ``SkipCounter.counts``) to this shard's stats."""
+        self.skipped.update(counts)
 
     def drop(self, reason: str, row: dict[str, Any] | None = None) -> None:
         """Count a good input sample the stage decided not to keep (e.g. every text filtered out)."""
@@ -190,7 +183,9 @@ class ShardWriter:
         return stats
 
 
-def write_sizes(out_dir: str | Path, prefix: str = "", names: Iterable[str] | None = None) -> dict[str, int]:
+def write_sizes(
+    out_dir: str | Path, prefix: str = "", names: Iterable[str] | None = None
+) -> dict[str, int]:
     """Write ``sizes.json`` (shard file → sample count) from the done-markers in ``out_dir``.
 
     ``names`` limits it to those shards (a stage's own), so stale files of another run don't count.
@@ -198,8 +193,8 @@ def write_sizes(out_dir: str | Path, prefix: str = "", names: Iterable[str] | No
     out_dir = Path(out_dir)
     sizes = {}
     wanted = set(names) if names is not None else None
-    for path in sorted(out_dir.glob(f"{prefix}*_stats.json")):
-        if wanted is not None and path.name.removesuffix("_stats.json") not in wanted:
+    for path in sorted(out_dir.glob(f"{prefix}*{STATS_SUFFIX}")):
+        if wanted is not None and path.name.removesuffix(STATS_SUFFIX) not in wanted:
             continue
         stats = json.loads(path.read_text())
         sizes[stats["shard"]] = int(stats["count"])
@@ -211,8 +206,8 @@ def collect_stats(out_dir: str | Path, names: Iterable[str] | None = None) -> di
     """Sum counts and skip reasons over the done-markers of a folder."""
     out_dir = Path(out_dir)
     total, inputs, skipped = 0, 0, Counter()
-    for path in sorted(out_dir.glob("*_stats.json")):
-        if names is not None and path.name.removesuffix("_stats.json") not in names:
+    for path in sorted(out_dir.glob(f"*{STATS_SUFFIX}")):
+        if names is not None and path.name.removesuffix(STATS_SUFFIX) not in names:
             continue
         stats = json.loads(path.read_text())
         total += stats.get("count", 0)

@@ -34,8 +34,24 @@ import numpy as np
 import pandas as pd
 
 DEFAULT_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-HIST_BINS = 10  # equal-width bins on [0, 1]; scores outside are counted in the end bins
+HIST_BINS = 10
+"""Equal-width bins on [0, 1] of the score histograms in the filter's summaries."""
 NOISE_NONE = "none"
+
+
+def histogram_edges(bins: int = HIST_BINS) -> np.ndarray:
+    """The ``bins + 1`` edges of ``bins`` equal-width bins on [0, 1]."""
+    return np.linspace(0.0, 1.0, bins + 1)
+
+
+def score_histogram(
+    scores: Sequence[float] | np.ndarray | pd.Series, bins: int = HIST_BINS
+) -> list[int]:
+    """Counts of ``scores`` in ``bins`` equal-width bins on [0, 1]: missing scores are left out and
+    scores outside [0, 1] (an ITM probability, so only by rounding) count in the end bins."""
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    values = np.clip(values[~np.isnan(values)], 0.0, 1.0)
+    return [int(c) for c in np.histogram(values, bins=histogram_edges(bins))[0]]
 
 
 def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
@@ -82,7 +98,7 @@ def _prf(rejected: np.ndarray, noisy: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _kept_frac(kept: np.ndarray) -> float | None:
+def _kept_fraction(kept: np.ndarray) -> float | None:
     return float(kept.mean()) if kept.size else None
 
 
@@ -121,13 +137,13 @@ def filter_report(
     - ``threshold``, ``decision`` (``"kept"`` column or ``"score > threshold"``), ``n_texts``,
       ``n_no_score`` (rows dropped for a missing score), ``kept_disagrees_with_threshold`` (rows whose
       ``kept`` differs from ``score > threshold``; ``None`` without a ``kept`` column);
-    - ``origins``: per origin ``{"n", "kept", "kept_frac"}``; ``synthetic_rejection_rate``;
+    - ``origins``: per origin ``{"n", "kept", "kept_fraction"}``; ``synthetic_rejection_rate``;
     - on web texts with known truth (``None`` without truth): ``n_truth``, ``n_noisy``,
       ``precision``, ``recall``, ``f1`` and ``confusion`` (tp/fp/fn/tn) of rejecting noisy texts,
       ``auc`` (score separating clean from noisy), ``rejection_by_noise`` (per noise kind ``{"n",
-      "rejected_frac"}``: the recall for each corruption, and for ``"none"`` the false-rejection rate);
+      "rejected_fraction"}``: the recall for each corruption, and for ``"none"`` the false-rejection rate);
     - ``sweep``: one row per threshold t (decision ``score > t``): ``threshold``, ``precision``,
-      ``recall``, ``f1``, ``web_kept_frac``, ``synthetic_kept_frac``;
+      ``recall``, ``f1``, ``web_kept_fraction``, ``synthetic_kept_fraction``;
     - ``histograms``: ``bin_edges`` (11 values) and per origin ``{"kept": [10 counts], "rejected":
       [10 counts]}``;
     - ``notes``: what was left out and why.
@@ -165,7 +181,7 @@ def filter_report(
             o: {
                 "n": int((origin == o).sum()),
                 "kept": int(kept[origin == o].sum()),
-                "kept_frac": _kept_frac(kept[origin == o]),
+                "kept_fraction": _kept_fraction(kept[origin == o]),
             }
             for o in sorted(set(origin))
         },
@@ -204,7 +220,7 @@ def filter_report(
             report["rejection_by_noise"] = {
                 str(k): {
                     "n": int((kinds == k).sum()),
-                    "rejected_frac": float(rej[kinds == k].mean()),
+                    "rejected_fraction": float(rej[kinds == k].mean()),
                 }
                 for k in sorted({k for k in kinds if pd.notna(k)}, key=str)
             }
@@ -219,19 +235,17 @@ def filter_report(
             row.update({k: prf[k] for k in ("precision", "recall", "f1")})
         else:
             row.update(precision=None, recall=None, f1=None)
-        row["web_kept_frac"] = _kept_frac(keep_t[is_web])
-        row["synthetic_kept_frac"] = _kept_frac(keep_t[is_syn])
+        row["web_kept_fraction"] = _kept_fraction(keep_t[is_web])
+        row["synthetic_kept_fraction"] = _kept_fraction(keep_t[is_syn])
         rows.append(row)
     report["sweep"] = rows
 
     # --- score histograms, kept vs rejected, per origin ---------------------------------------------
-    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
-    clipped = np.clip(score, 0.0, 1.0)  # a probability; clipping only guards against rounding
-    hist: dict[str, Any] = {"bin_edges": [float(e) for e in edges]}
+    hist: dict[str, Any] = {"bin_edges": [float(e) for e in histogram_edges()]}
     for o in sorted(set(origin)):
         sel = origin == o
         hist[o] = {
-            name: [int(c) for c in np.histogram(clipped[sel & mask], bins=edges)[0]]
+            name: score_histogram(score[sel & mask])
             for name, mask in (("kept", kept), ("rejected", rejected))
         }
     report["histograms"] = hist

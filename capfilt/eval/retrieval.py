@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.shards import expand_shards
 from capfilt.data.text import clean_caption
-from capfilt.data.transforms import EvalTransform
+from capfilt.data.transforms import eval_transform_for
 from capfilt.model import tokenize
-from capfilt.pipeline.common import inference_autocast
+from capfilt.utils.device import autocast
 from capfilt.utils.dist import current_dist_info
 from capfilt.utils.logging import get_logger
 from capfilt.utils.progress import ProgressReporter
@@ -129,19 +129,21 @@ def compute_features(
     device: torch.device | str | None = None,
     cache_dtype: torch.dtype | None = None,
     show_progress: bool = False,
+    meta: dict[str, Any] | None = None,
 ) -> RetrievalFeatures:
     """ITC features of every image of ``data`` (shard specs or decoded samples) and of every caption.
 
     Each image's texts are all entries of its ``captions`` (COCO-style test sets carry ~5), cleaned
     with :func:`clean_caption` as in training. ``cache_dtype`` of the kept ViT tokens: default
     float16 on a GPU (its forward runs in bf16 anyway; halves host memory), float32 on the CPU.
+    ``meta``: the model folder's meta, whose saved preprocessing the images get.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if cache_dtype is None:
         cache_dtype = torch.float16 if device.type == "cuda" else torch.float32
     was_training = model.training
     model.eval()  # dropout off: retrieval scores must be deterministic
-    transform = EvalTransform(model.cfg.image_size)
+    transform = eval_transform_for(meta, model.cfg)
     max_len = model.cfg.max_text_len
     counter = SkipCounter("eval.retrieval")
 
@@ -155,7 +157,7 @@ def compute_features(
     def flush_images() -> None:
         images = torch.stack(pending_images).to(device)
         pending_images.clear()
-        with inference_autocast(device):
+        with autocast(device):
             embeds = model.encode_image(images)
             feat = model.image_features(embeds)
         image_embeds.append(embeds.to("cpu", cache_dtype))
@@ -165,7 +167,7 @@ def compute_features(
         nonlocal n_text_done
         batch = texts[n_text_done:end]
         ids, mask = tokenize(tokenizer, batch, max_len)
-        with inference_autocast(device):
+        with autocast(device):
             feat = model.text_features(model.encode_text(ids.to(device), mask.to(device)))
         text_feats.append(feat.float().cpu())
         text_ids.append(ids)
@@ -321,7 +323,7 @@ def itm_pair_logits(
         keep = mask.bool().any(0)  # drop columns that are padding in every row of this batch
         ids, mask = feats.text_ids[txt][:, keep], mask[:, keep]
         embeds = feats.image_embeds[img].to(device, torch.float32)
-        with inference_autocast(device):
+        with autocast(device):
             logits = model.itm_logits(embeds, ids.to(device), mask.to(device))
         out[pos] = logits[:, 1].float().cpu()
         if progress is not None:
@@ -439,7 +441,7 @@ def retrieval_scores(
     Under ``torch.distributed`` each rank ranks a contiguous block of the queries and the result
     is all-gathered, so every rank returns the same full rankings.
     """
-    from capfilt.model.distributed import rank_and_world
+    from capfilt.utils.dist import rank_and_world
 
     rank, world = rank_and_world()  # (0, 1) unless a process group is initialised
     if device is None:
@@ -508,28 +510,31 @@ def evaluate_retrieval(
     tokenizer=None,
     chunk_size: int = DEFAULT_CHUNK,
     show_progress: bool = False,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Retrieval metrics of a model on test shards (each image with all its captions).
 
-    ``model``: a model folder / run folder path, or a MED (then give its ``tokenizer``).
+    ``model``: a model folder / run folder path, or a MED (then give its ``tokenizer``, and its
+    folder's ``meta`` for the saved preprocessing).
     Returns the :data:`METRIC_KEYS` metrics plus ``n_images``, ``n_texts``, ``k``, ``itm_pairs``
     and ``seconds`` (features + ranking, model loading excluded).
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     if isinstance(model, str | Path):
-        from capfilt.pipeline.common import load_stage_model
-        from capfilt.utils.dist import default_device, init_distributed
+        from capfilt.runs.resolve import load_stage_model
+        from capfilt.utils.device import default_device
+        from capfilt.utils.dist import init_distributed
 
         init_distributed()
         device = torch.device(device) if device is not None else default_device()
-        model, tokenizer, _, _, _ = load_stage_model(model, device)
+        model, tokenizer, _, meta, _ = load_stage_model(model, device)
     elif tokenizer is None:
         raise ValueError("evaluate_retrieval: pass the tokenizer with a model object")
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     start = time.perf_counter()
-    feats = compute_features(model, tokenizer, shards, batch_size, max_words, device, show_progress=show_progress)
+    feats = compute_features(model, tokenizer, shards, batch_size, max_words, device, show_progress=show_progress, meta=meta)
     scores = retrieval_scores(model, feats, k, batch_size, chunk_size, device, show_progress=show_progress)
     metrics: dict[str, Any] = recall_at_k(scores.i2t, scores.t2i, feats.txt2img)
     metrics.update(

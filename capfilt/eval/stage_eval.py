@@ -16,12 +16,13 @@ import torch
 from capfilt.config import CaptionConfig
 from capfilt.data.reader import SkipCounter, read_samples
 from capfilt.data.shards import expand_shards
-from capfilt.data.transforms import EvalTransform
+from capfilt.data.transforms import eval_transform_for
 from capfilt.eval.caption_metrics import score_captions
 from capfilt.eval.filter_metrics import filter_report, load_score_tables
-from capfilt.model.generate import GenerationSettings, generate_captions
-from capfilt.pipeline.common import batched, inference_autocast, load_stage_model
-from capfilt.utils.dist import default_device
+from capfilt.model.generate import generate_captions
+from capfilt.runs.resolve import load_stage_model
+from capfilt.utils.device import autocast, default_device
+from capfilt.utils.iters import batched
 
 
 def _scene_of(meta: dict[str, Any]) -> dict | None:
@@ -45,8 +46,7 @@ def evaluate_captioner(
 
     device = default_device()
     model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
-    transform = EvalTransform(mcfg.image_size)
-    settings = GenerationSettings.from_config(cfg)
+    transform = eval_transform_for(meta, mcfg)
     predictions: dict[str, str] = {}
     references: dict[str, list[str]] = {}
     verdicts: list[bool] = []
@@ -57,8 +57,8 @@ def evaluate_captioner(
             break
         images = torch.stack([transform(s.image) for s in batch]).to(device)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-        with inference_autocast(device):
-            captions = generate_captions(model, tokenizer, images, settings, 1, generator)
+        with autocast(device):
+            captions = generate_captions(model, tokenizer, images, cfg, 1, generator)
         for sample, (caption,) in zip(batch, captions):
             predictions[sample.key] = caption
             references[sample.key] = [c["text"] for c in sample.captions]

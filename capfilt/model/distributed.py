@@ -1,4 +1,4 @@
-"""All-gather helpers for the losses that work on the global batch (SPEC §2, CONVENTIONS "Scale").
+"""All-gather helpers for the losses that work on the global batch (docs/architecture.md §2 and "Scale").
 
 Everything here is a no-op (identity) when ``torch.distributed`` is not initialised, so the same
 model code runs in a plain single process. Gathers concatenate along dim 0 in rank order and
@@ -11,17 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def is_distributed() -> bool:
-    """True when a default process group exists (torchrun/DDP)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world_size) of the default group; (0, 1) in a single process."""
-    if not is_distributed():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
+from capfilt.utils.dist import is_distributed, rank_and_world
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -88,9 +78,6 @@ class Gather:
     @property
     def world_size(self) -> int:
         return rank_and_world()[1]
-
-    def __call__(self, t: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        return self.with_grad(t) if grad else self.no_grad(t)
 
     def with_grad(self, t: torch.Tensor) -> torch.Tensor:
         return all_gather_with_grad(t)

@@ -1,11 +1,12 @@
-"""Self-describing model folder (CONVENTIONS "Runs and checkpoints").
+"""Self-describing model folder (docs/architecture.md, "Runs and model folders").
 
-    model.safetensors     weights; each shared (tied) tensor stored once, its other names in the metadata
-    model_config.json     the ModelConfig fields
+    WEIGHTS               weights; each shared (tied) tensor stored once, its other names in the metadata
+    CONFIG                the ModelConfig fields
     tokenizer*.json ...   the tokenizer (``save_pretrained``)
-    capfilt.json          {stage, format_version, ...}; written last, so it marks a complete folder
+    META                  {stage, format_version, preprocess, ...}; written last, so it marks a
+                          complete folder
 
-Loading never unpickles: safetensors and JSON only.
+(file names: the constants below). Loading never unpickles: safetensors and JSON only.
 """
 
 from __future__ import annotations
@@ -23,17 +24,23 @@ from transformers import PreTrainedTokenizerBase
 
 import capfilt
 from capfilt.config import ModelConfig, from_dict, to_dict
-from capfilt.data.writer import atomic_write_bytes, atomic_write_json
-from capfilt.model.hf_blip import apply_folder_settings
-from capfilt.model.med import MED, count_parameters
+from capfilt.model.build import build_model
+from capfilt.model.med import MED, count_parameters, set_vision_layer_norm_eps
 from capfilt.model.tokenizer import load_tokenizer, special_ids
+from capfilt.utils.files import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
 """Version of the folder layout; bumped on incompatible changes."""
 
 WEIGHTS = "model.safetensors"
+"""The weights file of a model folder (safetensors; also transformers' weights file name)."""
 CONFIG = "model_config.json"
+"""The ModelConfig of a model folder (JSON)."""
 META = "capfilt.json"
+"""A model folder's meta (JSON): stage, format version, preprocessing, ``extra``; written last."""
+
+EXTRA_EPS = "vision_layer_norm_eps"
+"""``extra`` key of the meta: the ViT LayerNorm eps of an imported checkpoint, re-applied on load."""
 
 MOMENTUM_PREFIXES = (
     "visual_encoder_m.",
@@ -86,13 +93,17 @@ def save_model_folder(
     stage: str,
     extra: dict[str, Any] | None = None,
     include_momentum: bool = True,
+    preprocess: dict[str, Any] | None = None,
 ) -> Path:
     """Write a model folder (see module doc). ``include_momentum=False`` leaves out the momentum
     encoders and queues (a smaller folder for inference; loading then re-copies the momentum
-    weights from the online ones). ``extra`` lands in ``capfilt.json`` under ``"extra"``."""
+    weights from the online ones). ``extra`` lands in the meta under ``"extra"``;
+    ``preprocess`` (:func:`capfilt.data.transforms.preprocess_spec`: the image size, mean and
+    std the model was trained with) under ``"preprocess"``, where every inference site reads it
+    (:func:`capfilt.data.transforms.eval_transform_for`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / META).unlink(missing_ok=True)  # the folder is incomplete until capfilt.json is back
+    (path / META).unlink(missing_ok=True)  # the folder is incomplete until its meta is back
 
     tensors, aliases = unique_state_dict(model)
     if not include_momentum:
@@ -120,12 +131,14 @@ def save_model_folder(
         "parameters": count_parameters(model),
         "extra": extra or {},
     }
+    if preprocess is not None:
+        meta["preprocess"] = dict(preprocess)
     atomic_write_json(path / META, meta)
     return path
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """``capfilt.json`` of a model folder, with a clear error when it is not one."""
+    """The meta (:data:`META`) of a model folder, with a clear error when it is not one."""
     meta_path = Path(path) / META
     if not meta_path.is_file():
         raise ValueError(
@@ -139,6 +152,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def apply_folder_settings(model: MED, meta: dict[str, Any]) -> None:
+    """Settings a model folder keeps in its meta beyond ModelConfig (an imported checkpoint's ViT
+    LayerNorm eps); called by :func:`load_model_folder`."""
+    eps = (meta.get("extra") or {}).get(EXTRA_EPS)
+    if eps is not None:
+        set_vision_layer_norm_eps(model, float(eps))
+
+
 def load_model_folder(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[MED, PreTrainedTokenizerBase, ModelConfig, dict[str, Any]]:
@@ -147,8 +168,6 @@ def load_model_folder(
     The model is rebuilt from the saved config (no checkpoint initialisation), its ties made by
     construction, then filled from the safetensors file; returned in eval mode on ``device``.
     """
-    from capfilt.model import build_model
-
     path = Path(path)
     meta = read_meta(path)
     cfg = from_dict(ModelConfig, json.loads((path / CONFIG).read_text()))

@@ -4,41 +4,30 @@ Batched with a key/value cache: the cross-attention keys/values of each image ar
 (first step) and reused; self-attention keys/values grow by one token per step; a batch stops
 as soon as every sequence has produced ``[SEP]``. Lengths count generated tokens, the prompt
 excluded. The prompt is stripped from the returned text.
+
+The settings are the recipe's :class:`~capfilt.config.CaptionConfig` (``method``, ``top_p``,
+``temperature``, ``repetition_penalty``, ``num_beams``, ``min_length``, ``max_length``,
+``prompt``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from capfilt.config import CaptionConfig
-
-
-@dataclass
-class GenerationSettings:
-    method: str = "nucleus"  # nucleus | greedy | beam
-    top_p: float = 0.9
-    temperature: float = 1.0
-    repetition_penalty: float = 1.0
-    num_beams: int = 3
-    min_length: int = 0
-    max_length: int = 30
-    prompt: str = ""
-
-    @classmethod
-    def from_config(cls, cfg: CaptionConfig) -> GenerationSettings:
-        return cls(
-            method=cfg.method, top_p=cfg.top_p, temperature=cfg.temperature, repetition_penalty=cfg.repetition_penalty,
-            num_beams=cfg.num_beams, min_length=cfg.min_length, max_length=cfg.max_length, prompt=cfg.prompt,
-        )
+from capfilt.model.tokenizer import prompt_token_ids
 
 
 def prompt_ids(model, tokenizer, prompt: str, batch: int, device: torch.device) -> torch.Tensor:
     """[DEC] followed by the prompt's tokens (no [SEP]), repeated ``batch`` times."""
-    ids = [model.special["dec"]] + list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else [model.special["dec"]]
-    return torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0).expand(batch, -1).contiguous()
+    ids = [model.special["dec"], *prompt_token_ids(tokenizer, prompt)]
+    return (
+        torch.tensor(ids, dtype=torch.long, device=device)
+        .unsqueeze(0)
+        .expand(batch, -1)
+        .contiguous()
+    )
 
 
 def _new_cache(model) -> EncoderDecoderCache:
@@ -46,11 +35,17 @@ def _new_cache(model) -> EncoderDecoderCache:
     return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
 
 
-def _decoder_step(model, ids: torch.Tensor, image_embeds: torch.Tensor, cache: EncoderDecoderCache, past: int) -> torch.Tensor:
+def _decoder_step(
+    model, ids: torch.Tensor, image_embeds: torch.Tensor, cache: EncoderDecoderCache, past: int
+) -> torch.Tensor:
     """Logits of the last position after feeding ``ids`` (all new tokens) with the cache."""
     mask = torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.long, device=ids.device)
     out = model.text_decoder(
-        input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds, past_key_values=cache, use_cache=True,
+        input_ids=ids,
+        attention_mask=mask,
+        encoder_hidden_states=image_embeds,
+        past_key_values=cache,
+        use_cache=True,
     )
     return out.logits[:, -1, :].float()
 
@@ -70,7 +65,9 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+    drop = (
+        cumulative - sorted_logits.softmax(-1) >= top_p
+    )  # mass before this token already reaches top_p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
@@ -85,7 +82,11 @@ def _block_specials(model, logits: torch.Tensor, allow_eos: bool) -> torch.Tenso
 
 @torch.no_grad()
 def sample_tokens(
-    model, image_embeds: torch.Tensor, start: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None = None
+    model,
+    image_embeds: torch.Tensor,
+    start: torch.Tensor,
+    settings: CaptionConfig,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Nucleus sampling (or greedy) from ``start`` ids; returns the generated ids [B, T] (pad after [SEP])."""
     sep, pad = model.special["sep"], model.special["pad"]
@@ -104,7 +105,9 @@ def sample_tokens(
             logits = _top_p_filter(logits / max(settings.temperature, 1e-6), settings.top_p)
             probs = logits.softmax(-1)
             if generator is not None:
-                probs = probs.to(generator.device)  # sampling follows the generator's device (CPU for reproducibility)
+                probs = probs.to(
+                    generator.device
+                )  # sampling follows the generator's device (CPU for reproducibility)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(start.device)
         token = torch.where(finished, torch.full_like(token, pad), token)
         generated.append(token)
@@ -117,7 +120,9 @@ def sample_tokens(
 
 
 @torch.no_grad()
-def beam_search_tokens(model, image_embeds: torch.Tensor, start: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+def beam_search_tokens(
+    model, image_embeds: torch.Tensor, start: torch.Tensor, settings: CaptionConfig
+) -> torch.Tensor:
     """Beam search with length-normalised scores; returns the best generated ids per input [B, T]."""
     sep, pad = model.special["sep"], model.special["pad"]
     k = max(1, settings.num_beams)
@@ -142,7 +147,9 @@ def beam_search_tokens(model, image_embeds: torch.Tensor, start: torch.Tensor, s
         new_tok = torch.full((batch, k), pad, dtype=torch.long, device=start.device)
         for b in range(batch):
             filled = 0
-            for score, src, tok in zip(top_scores[b].tolist(), beam_src[b].tolist(), token[b].tolist()):
+            for score, src, tok in zip(
+                top_scores[b].tolist(), beam_src[b].tolist(), token[b].tolist()
+            ):
                 if score == float("-inf"):
                     break
                 if tok == sep or t + 1 == settings.max_length:
@@ -156,7 +163,10 @@ def beam_search_tokens(model, image_embeds: torch.Tensor, start: torch.Tensor, s
                     filled += 1
         # stop an input once its best finished hypothesis beats every live beam's best possible score
         live = new_scores.max(1).values
-        done = all(best[b] is not None and (live[b] == float("-inf") or best[b][0] >= live[b] / (t + 2)) for b in range(batch))
+        done = all(
+            best[b] is not None and (live[b] == float("-inf") or best[b][0] >= live[b] / (t + 2))
+            for b in range(batch)
+        )
         if done or t + 1 == settings.max_length:
             break
         flat_src = (new_src + torch.arange(batch, device=start.device).view(-1, 1) * k).view(-1)
@@ -192,7 +202,7 @@ def generate_captions(
     model,
     tokenizer,
     images: torch.Tensor,
-    settings: GenerationSettings,
+    settings: CaptionConfig,
     num_captions: int = 1,
     generator: torch.Generator | None = None,
 ) -> list[list[str]]:
@@ -200,29 +210,12 @@ def generate_captions(
     image_embeds = model.encode_image(images)
     if num_captions > 1:
         image_embeds = image_embeds.repeat_interleave(num_captions, 0)
-    start = prompt_ids(model, tokenizer, settings.prompt, image_embeds.shape[0], image_embeds.device)
+    start = prompt_ids(
+        model, tokenizer, settings.prompt, image_embeds.shape[0], image_embeds.device
+    )
     if settings.method == "beam":
         tokens = beam_search_tokens(model, image_embeds, start, settings)
     else:
         tokens = sample_tokens(model, image_embeds, start, settings, generator)
     texts = decode_captions(model, tokenizer, tokens)
     return [texts[i * num_captions : (i + 1) * num_captions] for i in range(images.shape[0])]
-
-
-@torch.no_grad()
-def greedy_reference(model, tokenizer, images: torch.Tensor, max_length: int, min_length: int = 0, prompt: str = "") -> list[str]:
-    """Uncached greedy decoding (recomputes the whole sequence every step): the test reference."""
-    image_embeds = model.encode_image(images)
-    seqs = prompt_ids(model, tokenizer, prompt, images.shape[0], images.device)
-    start_len = seqs.shape[1]
-    finished = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
-    for t in range(max_length):
-        mask = torch.ones_like(seqs)
-        logits = model.lm_logits(image_embeds, seqs, mask)[:, -1, :].float()
-        logits = _block_specials(model, logits, allow_eos=t >= min_length)
-        token = torch.where(finished, torch.full_like(logits[:, 0], model.special["pad"], dtype=torch.long), logits.argmax(-1))
-        finished |= token == model.special["sep"]
-        seqs = torch.cat([seqs, token.unsqueeze(1)], 1)
-        if bool(finished.all()):
-            break
-    return decode_captions(model, tokenizer, seqs[:, start_len:])

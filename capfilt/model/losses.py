@@ -1,4 +1,4 @@
-"""The three pretraining losses of SPEC §2 as small pure functions (no module state)."""
+"""The three pretraining losses of docs/architecture.md §2 as small pure functions (no module state)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ IGNORE_INDEX = -100
 """Label of positions that take no part in the LM loss (padding, prompt)."""
 
 LABEL_SMOOTHING = 0.1
-"""LM label smoothing (SPEC §2 LM; BLIP's decoder)."""
+"""LM label smoothing (docs/architecture.md §2, LM; BLIP's decoder)."""
 
 
 def itc_loss(
@@ -23,7 +23,7 @@ def itc_loss(
     image_feat_m: torch.Tensor | None = None,
     text_feat_m: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Image-text contrastive loss with momentum distillation (SPEC §2 ITC, from ALBEF).
+    """Image-text contrastive loss with momentum distillation (docs/architecture.md §2, ITC, from ALBEF).
 
     - ``image_feat``/``text_feat`` [b, D]: normalised features of the local batch (with grad);
     - ``image_feat_m_all``/``text_feat_m_all`` [K, D]: momentum features of the global batch
@@ -72,33 +72,28 @@ def sample_itm_negatives(
     sim_t2i: torch.Tensor,
     image_ids: torch.Tensor,
     generator: torch.Generator | None = None,
-    image_ids_all: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard negatives for ITM (SPEC §2 ITM): one negative image per text, one negative text per image.
+    """Hard negatives for ITM (docs/architecture.md §2, ITM): one negative image per text, one negative text per image.
 
-    ``sim_i2t`` [b, B] (local images vs the texts of the global batch) and ``sim_t2i`` [b, B]
-    (local texts vs global images). ``image_ids`` [b] are the local samples' image ids and
-    ``image_ids_all`` [B] those of the global batch (default: ``image_ids``, i.e. b == B and the
-    local batch is the global one). Sampling probability ``softmax(sim) + 1e-4`` (the 1e-4 keeps
-    rows from being all zero), with the sample itself (diagonal) and every item of the same image
-    id set to 0. Returns (neg_image_idx [b] for each text, neg_text_idx [b] for each image),
-    indices into the global batch. Raises ``ValueError`` when a row has no valid negative.
+    ``sim_i2t`` [B, B] (images vs texts) and ``sim_t2i`` [B, B] (texts vs images) of the global
+    batch, ``image_ids`` [B] its image ids. Sampling probability ``softmax(sim) + 1e-4`` (the 1e-4
+    keeps rows from being all zero), with the sample itself (diagonal) and every item of the same
+    image id set to 0. Returns (neg_image_idx [B] for each text, neg_text_idx [B] for each image).
+    Raises ``ValueError`` when a row has no valid negative.
     """
-    if image_ids_all is None:
-        image_ids_all = image_ids
-    b, big_b = sim_i2t.shape
-    if sim_t2i.shape != (b, big_b) or image_ids.numel() != b or image_ids_all.numel() != big_b:
+    big_b = image_ids.numel()
+    if sim_i2t.shape != (big_b, big_b) or sim_t2i.shape != (big_b, big_b):
         raise ValueError(
             f"sample_itm_negatives: shape mismatch sim_i2t {tuple(sim_i2t.shape)}, sim_t2i {tuple(sim_t2i.shape)}, "
-            f"image_ids {image_ids.numel()}, image_ids_all {image_ids_all.numel()}"
+            f"image_ids {big_b}"
         )
     # a sample's own column carries its own id, so this also zeroes the diagonal
-    same = image_ids.view(-1, 1).to(image_ids_all.device) == image_ids_all.view(1, -1)
+    same = image_ids.view(-1, 1) == image_ids.view(1, -1)
     valid = ~same
     if not bool(valid.any(1).all()):
         raise ValueError(
             "ITM needs at least 2 distinct images in the (global) batch: some sample has no other image to "
-            f"use as a hard negative (global batch of {big_b} with {int(image_ids_all.unique().numel())} distinct "
+            f"use as a hard negative (global batch of {big_b} with {int(image_ids.unique().numel())} distinct "
             "image ids). Use a larger batch or drop 'itm' from the losses."
         )
     w_t2i = (sim_t2i.float().softmax(1) + 1e-4).masked_fill(same, 0)
@@ -109,7 +104,7 @@ def sample_itm_negatives(
 
 
 def itm_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor:
-    """Image-text matching loss (SPEC §2 ITM): 2-way cross-entropy over bs positives (label 1)
+    """Image-text matching loss (docs/architecture.md §2, ITM): 2-way cross-entropy over bs positives (label 1)
     and 2·bs negatives (label 0), averaged over all 3·bs pairs."""
     logits = torch.cat([logits_pos, logits_neg], 0).float()
     labels = torch.cat(
@@ -124,7 +119,7 @@ def itm_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor
 def lm_labels(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int = 0
 ) -> torch.Tensor:
-    """LM labels (SPEC §2 LM): the decoder input ids with padding and the first ``prompt_len``
+    """LM labels (docs/architecture.md §2, LM): the decoder input ids with padding and the first ``prompt_len``
     tokens (the [DEC] token and the prompt) set to -100."""
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     if prompt_len > 0:
@@ -135,7 +130,7 @@ def lm_labels(
 def lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = LABEL_SMOOTHING
 ) -> torch.Tensor:
-    """Captioning LM loss (SPEC §2 LM): next-token cross-entropy with label smoothing.
+    """Captioning LM loss (docs/architecture.md §2, LM): next-token cross-entropy with label smoothing.
 
     ``logits`` [B, L, V] are the decoder outputs at every position and ``labels`` [B, L] the
     input ids with -100 at ignored positions (see :func:`lm_labels`); position t predicts

@@ -1,5 +1,6 @@
-"""The MED model: ViT image encoder + BERT text encoder/decoder sharing all but self-attention (SPEC §1),
-with the ITC (momentum distillation + queues), ITM (hard negatives) and LM losses of SPEC §2.
+"""The MED model: ViT image encoder + BERT text encoder/decoder sharing all but self-attention
+(docs/architecture.md §1), with the ITC (momentum distillation + queues), ITM (hard negatives) and
+LM losses of §2.
 
 Module names follow BLIP's pretraining model (``visual_encoder``, ``text_encoder``,
 ``text_decoder.bert``/``text_decoder.cls``, ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``,
@@ -39,14 +40,17 @@ MAX_POSITIONS = 512
 """Text position table size (BERT's; lets a bert-base checkpoint load as is)."""
 
 TEMP_RANGE = (0.001, 0.5)
-"""Clamp range of the learnable ITC temperature (SPEC §1 Heads)."""
+"""Clamp range of the learnable ITC temperature (docs/architecture.md §1, heads)."""
 
 SHARED_LAYER_PARTS = ("crossattention", "intermediate", "output")
 """Per-layer submodules the decoder takes from the encoder; only ``attention`` (self-attention) is its own."""
 
+VIT_LAYER_NORM_EPS = 1e-6
+"""LayerNorm eps of the ViT (BLIP's, timm's ViT default)."""
+
 
 def build_vit(cfg: ModelConfig, drop_path: float) -> VisionTransformer:
-    """timm ViT returning all tokens ([CLS] first) from ``forward_features`` (SPEC §1 image encoder)."""
+    """timm ViT returning all tokens ([CLS] first) from ``forward_features`` (docs/architecture.md §1)."""
     return VisionTransformer(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -59,7 +63,7 @@ def build_vit(cfg: ModelConfig, drop_path: float) -> VisionTransformer:
         global_pool="",
         class_token=True,
         drop_path_rate=drop_path,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        norm_layer=partial(nn.LayerNorm, eps=VIT_LAYER_NORM_EPS),
     )
 
 
@@ -116,7 +120,7 @@ class MED(nn.Module):
         self.itm_head = nn.Linear(cfg.text_width, 2)
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)).clamp(*TEMP_RANGE))
 
-        # momentum copies (SPEC §2 ITC); the text one is unimodal only, so it has no cross-attention
+        # momentum copies (ITC, docs/architecture.md §2); the text one is unimodal only, so it has no cross-attention
         self.visual_encoder_m = build_vit(cfg, 0.0)
         self.text_encoder_m = BlipTextModel(
             text_config(cfg, vocab_size, self.special, cross_attention=False),
@@ -143,8 +147,8 @@ class MED(nn.Module):
 
     # ------------------------------------------------------------------ structure
     def tie_text_weights(self) -> None:
-        """Make the decoder use the encoder's embeddings, cross-attention and FFN modules (SPEC §1
-        weight sharing; only self-attention stays separate) and tie the LM output layer to the
+        """Make the decoder use the encoder's embeddings, cross-attention and FFN modules (BLIP
+        Table 3 weight sharing; only self-attention stays separate) and tie the LM output layer to the
         shared word embeddings."""
         enc, dec = self.text_encoder, self.text_decoder.bert
         dec.embeddings = enc.embeddings
@@ -311,7 +315,7 @@ class MED(nn.Module):
         prompt_len: int = 0,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses of SPEC §2 on a batch; ``loss`` is the unweighted sum of the selected ones.
+        """Losses of docs/architecture.md §2 on a batch; ``loss`` is the unweighted sum of the selected ones.
 
         - ``input_ids``/``attention_mask``: from :func:`capfilt.model.tokenizer.tokenize` ([CLS] ... [SEP]).
         - ``image_ids``: LongTensor [B] of ids >= 0; samples sharing an id are ITC positives of each
@@ -358,28 +362,6 @@ class MED(nn.Module):
         out["loss"] = sum(out[f"loss_{name}"] for name in LOSSES if name in want)
         return out
 
-    def forward_lm_only(
-        self, images, input_ids, attention_mask, prompt_len: int = 0, **kwargs
-    ) -> dict[str, torch.Tensor]:
-        """Captioner fine-tuning: LM loss only (SPEC §3 step 2)."""
-        return self.forward_pretrain(
-            images, input_ids, attention_mask, weights=("lm",), prompt_len=prompt_len, **kwargs
-        )
-
-    def forward_filter(
-        self, images, input_ids, attention_mask, image_ids=None, alpha: float = 0.4, **kwargs
-    ) -> dict[str, torch.Tensor]:
-        """Filter fine-tuning: ITC + ITM (SPEC §3 step 2)."""
-        return self.forward_pretrain(
-            images,
-            input_ids,
-            attention_mask,
-            image_ids=image_ids,
-            alpha=alpha,
-            weights=("itc", "itm"),
-            **kwargs,
-        )
-
     def _itc_itm(
         self,
         images,
@@ -411,7 +393,8 @@ class MED(nn.Module):
             ids_glob = gather.no_grad(ids_local)
 
             image_feat_m = F.normalize(
-                self.vision_proj_m(self.pool_image(self.visual_encoder_m.forward_features(images))), dim=-1
+                self.vision_proj_m(self.pool_image(self.visual_encoder_m.forward_features(images))),
+                dim=-1,
             )
             text_out_m = self.text_encoder_m(
                 input_ids=input_ids, attention_mask=attention_mask, is_decoder=False
@@ -477,6 +460,23 @@ class MED(nn.Module):
             logits = self.itm_logits(images_all, text_ids, text_mask)
             out["loss_itm"] = itm_loss(logits[:b], logits[b:])
         return out
+
+
+def vision_layer_norm_eps(model: MED) -> float:
+    """The LayerNorm eps the ViT runs with."""
+    for module in model.visual_encoder.modules():
+        if isinstance(module, nn.LayerNorm):
+            return float(module.eps)
+    return VIT_LAYER_NORM_EPS
+
+
+def set_vision_layer_norm_eps(model: MED, eps: float) -> None:
+    """Set the eps of every LayerNorm of the ViT and its momentum copy (an imported checkpoint
+    may have been trained with another eps than :data:`VIT_LAYER_NORM_EPS`)."""
+    for vit in (model.visual_encoder, model.visual_encoder_m):
+        for module in vit.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = float(eps)
 
 
 def count_parameters(model: MED) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Initialise the MED from public checkpoints: a timm ViT and a BERT (SPEC §1).
+"""Initialise the MED from public checkpoints: a timm ViT and a BERT (docs/architecture.md §1).
 
 Files are read without unpickling code: safetensors, or ``torch.load(weights_only=True)``.
 """
@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
 _WEIGHT_FILES = (
-    "model.safetensors",
-    "pytorch_model.bin",
+    SAFE_WEIGHTS_NAME,  # transformers' (and timm's hub) file names
+    WEIGHTS_NAME,
     "open_clip_model.safetensors",
     "model.pth",
 )

@@ -1,4 +1,4 @@
-"""Tokenizers for the MED text stack: BERT-style uncased WordPiece plus BLIP's [DEC] and [ENC] (SPEC §1)."""
+"""Tokenizers for the MED text stack: BERT-style uncased WordPiece plus BLIP's [DEC] and [ENC]."""
 
 from __future__ import annotations
 
@@ -146,9 +146,12 @@ def tokenize(
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The prompt's tokens as they follow [DEC] at the start of a decoder input (no [CLS]/[SEP])."""
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+
+
 def prompt_length(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
     """Tokens that the prompt takes at the start of a decoder input, the leading [DEC] included
-    (BLIP: ``len(tokenizer(prompt).input_ids) - 1``); pass it as ``prompt_len``."""
-    if not prompt:
-        return 0
-    return len(tokenizer(prompt)["input_ids"]) - 1
+    (BLIP: ``len(tokenizer(prompt).input_ids) - 1``), 0 without a prompt; pass it as ``prompt_len``."""
+    return 1 + len(prompt_token_ids(tokenizer, prompt)) if prompt else 0

@@ -1,4 +1,4 @@
-"""``capfilt caption``: synthetic captions for every image of the input shards (SPEC §3 step 3).
+"""``capfilt caption``: synthetic captions for every image of the input shards (BLIP's captioner).
 
     capfilt caption demo --model runs/captioner --shards data/web --out data/web_captioned
     torchrun --nproc_per_node 4 -m capfilt caption demo --model ... --shards ... --out ...
@@ -18,13 +18,16 @@ import torch
 
 from capfilt.config import CaptionConfig, config_hash, to_dict
 from capfilt.data.reader import SkipCounter, read_samples
+from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import StageResult, run_shard_stage
-from capfilt.data.transforms import EvalTransform
+from capfilt.data.transforms import eval_transform_for
 from capfilt.data.writer import ShardWriter
-from capfilt.model.generate import GenerationSettings, generate_captions
-from capfilt.pipeline.common import batched, inference_autocast, load_stage_model, model_fingerprint
-from capfilt.utils.dist import default_device, init_distributed
+from capfilt.model.generate import generate_captions
+from capfilt.runs.resolve import load_stage_model, model_fingerprint
+from capfilt.utils.device import autocast, default_device
+from capfilt.utils.dist import init_distributed
+from capfilt.utils.iters import batched
 from capfilt.utils.logging import get_logger
 
 log = get_logger("caption")
@@ -36,11 +39,10 @@ def caption_shards(model_path: str | Path, shards: list[str], out_dir: str | Pat
     device = default_device()
     urls = expand_shards(shards)
     model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
-    if meta.get("stage") not in ("captioner", "pretrain", "imported"):
+    if meta.get("stage") not in ("captioner", "pretrain"):
         log.warning("model %s was made by stage '%s', not a captioner", folder, meta.get("stage"))
     captioner_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
-    settings = GenerationSettings.from_config(cfg)
-    transform = EvalTransform(mcfg.image_size)
+    transform = eval_transform_for(meta, mcfg)
     chash = config_hash({"stage": "caption", "model": captioner_id, "caption": to_dict(cfg), "inputs": urls})
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
@@ -50,20 +52,15 @@ def caption_shards(model_path: str | Path, shards: list[str], out_dir: str | Pat
         for batch_index, batch in enumerate(batched(samples, cfg.batch_size)):
             images = torch.stack([transform(s.image) for s in batch]).to(device)
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index * 10_007 + batch_index)
-            with inference_autocast(device):
-                captions = generate_captions(model, tokenizer, images, settings, cfg.num_captions, generator)
+            with autocast(device):
+                captions = generate_captions(model, tokenizer, images, cfg, cfg.num_captions, generator)
             for sample, texts in zip(batch, captions):
                 entries = [{"text": t, "origin": "synthetic", "model": captioner_id} for t in texts if t]
-                meta_out = dict(sample.meta)
-                meta_out.setdefault("uid", sample.key)
-                meta_out["captions"] = list(sample.captions) + entries
-                out = {"__key__": sample.key, sample.image_ext: sample.image_bytes, "json": meta_out, **sample.extra}
-                out["txt"] = sample.text if sample.text else (entries[0]["text"] if entries else "")
-                writer.write(out)
+                txt = sample.text if sample.text else (entries[0]["text"] if entries else "")
+                writer.write(output_sample(sample, list(sample.captions) + entries, txt))
                 writer.record({"uid": sample.key, "status": "kept", "reason": "", "n_synthetic": len(entries), "synthetic": [e["text"] for e in entries]})
                 n_captions += len(entries)
-        for reason, count in counter.counts.items():
-            writer.skipped[reason] += count
+        writer.add_skipped(counter.counts)
         return {"input_shard": urls[index], "captioner": captioner_id, "synthetic_captions": n_captions}
 
     sizes = shard_sizes(urls)

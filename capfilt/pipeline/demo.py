@@ -14,7 +14,9 @@ an interrupted stage resumes from its own checkpoints/done-markers):
 6. ``filter``             web + synthetic texts scored and filtered → data/web_filtered
 7. ``pretrain-capfilt``   a new MED from scratch on human + filtered → runs/pretrain_capfilt
 8. ``evaluate``           retrieval of both models on test/, filter and caption metrics
-   → eval/*.json, summary.json, report.html
+   → eval/*.json, summary.json
+
+``capfilt demo`` then writes ``report.html`` from the folder (:mod:`capfilt.report`).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.config import Recipe, config_hash, dump_yaml, to_dict
-from capfilt.data.writer import atomic_write_bytes, atomic_write_json
+from capfilt.utils.files import atomic_write_bytes, atomic_write_json
 from capfilt.utils.logging import get_logger
 
 log = get_logger("demo")
 
-STAGES = (
+STAGES = (  # in pipeline order
     "synth",
     "pretrain-baseline",
     "finetune-captioner",
@@ -78,10 +80,21 @@ def _stage_marker(layout: DemoLayout, stage: str) -> Path:
     return layout.stages / f"{stage}.json"
 
 
-def _train(stage: str, recipe: Recipe, shards: list[Path], out: Path, init: Path | None = None) -> None:
+def _train(
+    stage: str, recipe: Recipe, shards: list[Path], out: Path, init: Path | None = None
+) -> None:
     from capfilt.train.trainer import TrainJob, train
 
-    train(TrainJob(stage=stage, recipe=recipe, shards=[str(s) for s in shards], out=out, init=init, resume="auto"))
+    train(
+        TrainJob(
+            stage=stage,
+            recipe=recipe,
+            shards=[str(s) for s in shards],
+            out=out,
+            init=init,
+            resume="auto",
+        )
+    )
 
 
 def caption_truth(captioned: Path) -> dict[str, Any]:
@@ -105,11 +118,20 @@ def caption_truth(captioned: Path) -> dict[str, Any]:
             complete += bool(verdict["true"] and verdict.get("complete"))
             parsed += bool(verdict.get("parsed"))
             if len(examples) < 20:
-                examples.append({"uid": sample.key, "caption": entry["text"], "true": bool(verdict["true"])})
+                examples.append(
+                    {"uid": sample.key, "caption": entry["text"], "true": bool(verdict["true"])}
+                )
+
     def rate(count: int) -> float | None:
         return count / n if n else None
 
-    return {"n": n, "truth_rate": rate(true), "complete_rate": rate(complete), "parse_rate": rate(parsed), "examples": examples}
+    return {
+        "n": n,
+        "truth_rate": rate(true),
+        "complete_rate": rate(complete),
+        "parse_rate": rate(parsed),
+        "examples": examples,
+    }
 
 
 def filter_metrics(filtered: Path, threshold: float) -> dict[str, Any]:
@@ -123,10 +145,21 @@ def filter_metrics(filtered: Path, threshold: float) -> dict[str, Any]:
 def _retrieval(model_dir: Path, test: Path, recipe: Recipe) -> dict[str, Any]:
     from capfilt.eval.retrieval import evaluate_retrieval
 
-    return evaluate_retrieval(model_dir, str(test), k=recipe.eval.k, batch_size=recipe.eval.batch_size, max_words=recipe.data.max_words)
+    return evaluate_retrieval(
+        model_dir,
+        str(test),
+        k=recipe.eval.k,
+        batch_size=recipe.eval.batch_size,
+        max_words=recipe.data.max_words,
+    )
 
 
-def run_demo(recipe: Recipe, out: Path, skip: tuple[str, ...] = (), on_stage: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+def run_demo(
+    recipe: Recipe,
+    out: Path,
+    skip: tuple[str, ...] = (),
+    on_stage: Callable[[str, str], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary written to ``OUT/summary.json``."""
     layout = DemoLayout(out)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -134,16 +167,26 @@ def run_demo(recipe: Recipe, out: Path, skip: tuple[str, ...] = (), on_stage: Ca
     recipe_file = layout.root / "recipe.yaml"
     recipe_hash = config_hash(recipe)
     if recipe_file.is_file():
-        previous = json.loads((layout.root / "recipe.json").read_text()) if (layout.root / "recipe.json").is_file() else {}
+        previous = (
+            json.loads((layout.root / "recipe.json").read_text())
+            if (layout.root / "recipe.json").is_file()
+            else {}
+        )
         if previous.get("hash") != recipe_hash:
-            raise ValueError(f"{layout.root} holds a demo run with another recipe; use a new --out (or the same recipe to resume)")
+            raise ValueError(
+                f"{layout.root} holds a demo run with another recipe; use a new --out (or the same recipe to resume)"
+            )
     else:
         atomic_write_bytes(recipe_file, dump_yaml(recipe).encode())
-        atomic_write_json(layout.root / "recipe.json", {"hash": recipe_hash, "recipe": to_dict(recipe)})
+        atomic_write_json(
+            layout.root / "recipe.json", {"hash": recipe_hash, "recipe": to_dict(recipe)}
+        )
 
     human, web, test = layout.split("human"), layout.split("web"), layout.split("test")
     captioned, filtered = layout.split("web_captioned"), layout.split("web_filtered")
-    baseline, captioner, filt, capfilt = (layout.run(n) for n in ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt"))
+    baseline, captioner, filt, capfilt_run = (
+        layout.run(n) for n in ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt")
+    )
 
     def do_synth() -> dict:
         from capfilt.data.synth import write_synth
@@ -163,10 +206,12 @@ def run_demo(recipe: Recipe, out: Path, skip: tuple[str, ...] = (), on_stage: Ca
     def do_evaluate() -> dict:
         layout.eval.mkdir(exist_ok=True)
         results: dict[str, Any] = {}
-        for name, run in (("baseline", baseline), ("capfilt", capfilt)):
+        for name, run in (("baseline", baseline), ("capfilt", capfilt_run)):
             if (run / "model").is_dir():
                 results[name] = {"retrieval": _retrieval(run / "model", test, recipe)}
-                atomic_write_json(layout.eval / f"{name}_retrieval.json", results[name]["retrieval"])
+                atomic_write_json(
+                    layout.eval / f"{name}_retrieval.json", results[name]["retrieval"]
+                )
         if filtered.is_dir():
             results["filter"] = filter_metrics(filtered, recipe.filter.threshold)
             atomic_write_json(layout.eval / "filter.json", results["filter"])
@@ -178,11 +223,13 @@ def run_demo(recipe: Recipe, out: Path, skip: tuple[str, ...] = (), on_stage: Ca
     actions: dict[str, Callable[[], Any]] = {
         "synth": do_synth,
         "pretrain-baseline": lambda: _train("pretrain", recipe, [human, web], baseline),
-        "finetune-captioner": lambda: _train("captioner", recipe, [human], captioner, init=baseline),
+        "finetune-captioner": lambda: _train(
+            "captioner", recipe, [human], captioner, init=baseline
+        ),
         "finetune-filter": lambda: _train("filter", recipe, [human], filt, init=baseline),
         "caption": do_caption,
         "filter": do_filter,
-        "pretrain-capfilt": lambda: _train("pretrain", recipe, [human, filtered], capfilt),
+        "pretrain-capfilt": lambda: _train("pretrain", recipe, [human, filtered], capfilt_run),
         "evaluate": do_evaluate,
     }
     timings: dict[str, float] = {}
@@ -219,10 +266,4 @@ def run_demo(recipe: Recipe, out: Path, skip: tuple[str, ...] = (), on_stage: Ca
         "total_seconds": round(sum(timings.values()), 1),
     }
     atomic_write_json(layout.summary, summary)
-    try:
-        from capfilt.report import write_report
-
-        write_report(layout.root)
-    except ImportError:
-        log.info("report module not available; skipping report.html")
     return summary

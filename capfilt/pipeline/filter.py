@@ -1,4 +1,4 @@
-"""``capfilt filter``: keep the web and synthetic texts the ITM head accepts (SPEC §3 step 4).
+"""``capfilt filter``: keep the web and synthetic texts the ITM head accepts (BLIP's filter).
 
     capfilt filter demo --model runs/filter --shards data/web_captioned --out data/web_filtered --threshold 0.5
 
@@ -17,33 +17,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from capfilt.config import ConfigError, FilterConfig, config_hash, to_dict
 from capfilt.data.reader import Sample, SkipCounter, read_samples
+from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import StageResult, run_shard_stage
-from capfilt.data.transforms import EvalTransform
-from capfilt.data.writer import ShardWriter
+from capfilt.data.transforms import eval_transform_for
+from capfilt.data.writer import ShardWriter, parquet_path, stats_path
+from capfilt.eval.filter_metrics import HIST_BINS, score_histogram
 from capfilt.model import tokenize
-from capfilt.pipeline.common import (
-    batched,
-    inference_autocast,
-    load_stage_model,
-    model_fingerprint,
-    write_json,
-)
-from capfilt.utils.dist import current_dist_info, default_device, init_distributed
+from capfilt.runs.resolve import load_stage_model, model_fingerprint
+from capfilt.utils.device import autocast, default_device
+from capfilt.utils.dist import current_dist_info, init_distributed
+from capfilt.utils.files import atomic_write_json
+from capfilt.utils.iters import batched
 from capfilt.utils.logging import get_logger
 
 log = get_logger("filter")
 
 FILTERED_ORIGINS = ("web", "synthetic")
 """Origins the filter judges; human-annotated texts pass untouched (BLIP filters web and synthetic only)."""
-
-HIST_BINS = 10
 
 
 @torch.no_grad()
@@ -72,16 +68,6 @@ def _truth_columns(sample: Sample, entry: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _kept_sample(sample: Sample, kept: list[dict[str, Any]], rejected: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
-    meta = dict(sample.meta)
-    meta.setdefault("uid", sample.key)
-    meta["captions"] = kept
-    meta["filter"] = {**info, "rejected": rejected}
-    out = {"__key__": sample.key, sample.image_ext: sample.image_bytes, "json": meta, **sample.extra}
-    out["txt"] = kept[0]["text"]
-    return out
-
-
 def is_kept(entry: dict[str, Any], threshold: float) -> bool:
     """The filter's rule: web and synthetic texts need ``score > threshold``; others always stay."""
     return entry.get("origin") not in FILTERED_ORIGINS or entry["itm_score"] > threshold
@@ -94,7 +80,7 @@ def filter_shards(model_path: str | Path, shards: list[str], out_dir: str | Path
     urls = expand_shards(shards)
     model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
     filter_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
-    transform = EvalTransform(mcfg.image_size)
+    transform = eval_transform_for(meta, mcfg)
     chash = config_hash({"stage": "filter", "model": filter_id, "filter": to_dict(cfg), "inputs": urls})
     info = {"model": filter_id, "threshold": cfg.threshold}
 
@@ -104,14 +90,13 @@ def filter_shards(model_path: str | Path, shards: list[str], out_dir: str | Path
             images = torch.stack([transform(s.image) for s in batch]).to(device)
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
             image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
-            with inference_autocast(device):
+            with autocast(device):
                 itm, cosine = score_pairs(model, tokenizer, images, image_index, [c["text"] for _, c in pairs], mcfg.max_text_len)
             scored: list[list[dict]] = [[] for _ in batch]
             for (i, caption), score, cos in zip(pairs, itm.tolist(), cosine.tolist()):
                 scored[i].append({**caption, "itm_score": round(score, 6), "itc_cosine": round(cos, 6)})
             _write_batch(writer, batch, scored, cfg.threshold, info)
-        for reason, count in counter.counts.items():
-            writer.skipped[reason] += count
+        writer.add_skipped(counter.counts)
         return {"input_shard": urls[index], "filter": filter_id, "threshold": cfg.threshold}
 
     return _run(out_dir, urls, produce, chash)
@@ -136,7 +121,7 @@ def _write_batch(writer: ShardWriter, batch: list[Sample], scored: list[list[dic
                 }
             )
         if kept:
-            writer.write(_kept_sample(sample, kept, rejected, info))
+            writer.write(output_sample(sample, kept, kept[0]["text"], filter={**info, "rejected": rejected}))
         else:
             writer.drop("no_text_kept")
 
@@ -146,7 +131,7 @@ def _run(out_dir, urls: list[str], produce: Callable, chash: str) -> StageResult
     known = None if any(s is None for s in sizes) else [int(s) for s in sizes]  # type: ignore[arg-type]
     result = run_shard_stage(out_dir, len(urls), produce, stage="filter", config_hash=chash, samples_per_shard=known, desc="filter")
     if current_dist_info().is_main:
-        write_json(Path(out_dir) / "summary.json", summarize(Path(out_dir), n_shards=len(urls)))
+        atomic_write_json(Path(out_dir) / "summary.json", summarize(Path(out_dir), n_shards=len(urls)))
     return result
 
 
@@ -160,11 +145,12 @@ def rethreshold_shards(scores_from: str | Path, shards: list[str], out_dir: str 
     urls = expand_shards(shards)
     tables = {}
     for index in range(len(urls)):
-        path = scores_from / f"{index:08d}.parquet"
+        path = parquet_path(scores_from, index)
         if not path.is_file():
             raise ConfigError(f"{path} missing: --scores-from must be the output of a filter run over the same --shards")
         tables[index] = path
-    previous = json.loads((scores_from / "00000000_stats.json").read_text()) if (scores_from / "00000000_stats.json").is_file() else {}
+    first = stats_path(scores_from, 0)
+    previous = json.loads(first.read_text()) if first.is_file() else {}
     info = {"model": previous.get("filter", "unknown"), "threshold": threshold, "rescored_from": str(scores_from)}
     chash = config_hash({"stage": "filter-rethreshold", "threshold": threshold, "scores_from": str(scores_from.resolve()), "inputs": urls})
 
@@ -183,23 +169,18 @@ def rethreshold_shards(scores_from: str | Path, shards: list[str], out_dir: str 
                     [{**c, "itm_score": float(r.itm_score), "itc_cosine": float(r.itc_cosine)} for c, r in zip(sample.captions, rows.itertuples())]
                 )
             _write_batch(writer, batch, scored, threshold, info)
-        for reason, count in counter.counts.items():
-            writer.skipped[reason] += count
+        writer.add_skipped(counter.counts)
         return {"input_shard": urls[index], "filter": info["model"], "threshold": threshold}
 
     return _run(out_dir, urls, produce, chash)
 
 
-def _histogram(scores: pd.Series) -> list[int]:
-    counts, _ = np.histogram(scores.to_numpy(dtype=float), bins=HIST_BINS, range=(0.0, 1.0))
-    return [int(c) for c in counts]
-
-
 def summarize(out_dir: Path, n_shards: int | None = None) -> dict[str, Any]:
     """Kept fractions of web vs synthetic texts and ITM score histograms (kept / rejected) per origin."""
-    names = sorted(out_dir.glob("*.parquet"))
-    if n_shards is not None:
-        names = [p for p in names if p.stem.isdigit() and int(p.stem) < n_shards]
+    if n_shards is None:
+        names = sorted(out_dir.glob("*.parquet"))
+    else:
+        names = [p for p in (parquet_path(out_dir, i) for i in range(n_shards)) if p.is_file()]
     if not names:
         return {"texts": 0}
     table = pd.concat([pd.read_parquet(p) for p in names], ignore_index=True)
@@ -216,7 +197,7 @@ def summarize(out_dir: Path, n_shards: int | None = None) -> dict[str, Any]:
             "kept": int(rows["kept"].sum()),
             "kept_fraction": float(rows["kept"].mean()),
             "mean_score": float(rows["itm_score"].mean()),
-            "histogram_kept": _histogram(rows.loc[rows["kept"], "itm_score"]),
-            "histogram_rejected": _histogram(rows.loc[~rows["kept"], "itm_score"]),
+            "histogram_kept": score_histogram(rows.loc[rows["kept"], "itm_score"]),
+            "histogram_rejected": score_histogram(rows.loc[~rows["kept"], "itm_score"]),
         }
     return summary

@@ -10,24 +10,22 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from capfilt import __version__
+from capfilt.eval.filter_metrics import HIST_BINS, histogram_edges, score_histogram
+from capfilt.pipeline.summary import fmt, number
 from capfilt.report.charts import PALETTE, Series, empty_chart, histogram_chart, line_chart
 from capfilt.report.examples import Example, pick_examples
 from capfilt.report.load import RunData, load_run
 from capfilt.report.tables import (
-    filter_numbers,
     filter_table,
-    fmt,
-    number,
+    filter_threshold,
     overview_tables,
     retrieval_table,
     sweep_rows,
 )
 
-HIST_BINS = 20
+CHART_BINS = 2 * HIST_BINS
+"""Bins of the page's score histograms: twice the summary's, since the page has the per-text scores."""
 KEPT_COLOR, REJECTED_COLOR = "#2e9d5b", "#d9534f"
 CLEAN_COLOR, NOISY_COLOR = "#1f6fb4", "#e8801a"
 LOSS_COLORS = {
@@ -168,7 +166,7 @@ def _sweep_chart(data: RunData, threshold: float | None) -> str:
 
 def _filter(data: RunData) -> str:
     table, notes = filter_table(data.summary, data.texts)
-    threshold = filter_numbers(data.summary, None)[0]["threshold"]
+    threshold = filter_threshold(data.summary)
     return (
         '<section id="filter"><h2>2. Filter on web noise, and caption truth</h2>'
         '<p class="lead">The filter rejects a text when its ITM match probability is not above the threshold. '
@@ -230,29 +228,26 @@ def _losses(data: RunData) -> str:
     )
 
 
-def _hist_counts(scores: pd.Series, edges: np.ndarray) -> list[int]:
-    values = np.clip(
-        scores.dropna().to_numpy(dtype=float), 0.0, 1.0
-    )  # a probability; clip guards rounding
-    return [int(c) for c in np.histogram(values, bins=edges)[0]]
-
-
 def _histograms(data: RunData) -> str:
-    threshold = filter_numbers(data.summary, None)[0]["threshold"]
+    threshold = filter_threshold(data.summary)
     charts, notes = [], []
     t = data.texts
     if t is not None and not t.empty:
-        edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+        edges = histogram_edges(CHART_BINS)
         for origin, label in (("web", "Web texts"), ("synthetic", "Synthetic captions")):
             rows = t[t["origin"] == origin]
             if rows.empty:
                 notes.append(f"no {origin} texts in data/web_filtered")
                 continue
             stacks = [
-                ("kept", _hist_counts(rows.loc[rows["kept"], "itm_score"], edges), KEPT_COLOR),
+                (
+                    "kept",
+                    score_histogram(rows.loc[rows["kept"], "itm_score"], CHART_BINS),
+                    KEPT_COLOR,
+                ),
                 (
                     "rejected",
-                    _hist_counts(rows.loc[~rows["kept"], "itm_score"], edges),
+                    score_histogram(rows.loc[~rows["kept"], "itm_score"], CHART_BINS),
                     REJECTED_COLOR,
                 ),
             ]
@@ -263,8 +258,16 @@ def _histograms(data: RunData) -> str:
             if not web.empty:
                 clean = web["clean"].astype(bool)
                 stacks = [
-                    ("clean", _hist_counts(web.loc[clean, "itm_score"], edges), CLEAN_COLOR),
-                    ("noisy", _hist_counts(web.loc[~clean, "itm_score"], edges), NOISY_COLOR),
+                    (
+                        "clean",
+                        score_histogram(web.loc[clean, "itm_score"], CHART_BINS),
+                        CLEAN_COLOR,
+                    ),
+                    (
+                        "noisy",
+                        score_histogram(web.loc[~clean, "itm_score"], CHART_BINS),
+                        NOISY_COLOR,
+                    ),
                 ]
                 title = f"Web texts by ground truth (n = {len(web)})"
                 charts.append(
@@ -296,7 +299,7 @@ def _histograms(data: RunData) -> str:
     )
     return (
         '<section id="scores"><h2>4. ITM score distributions</h2>'
-        f'<p class="lead">Filter match probability of every text ({HIST_BINS} bins on [0, 1]); '
+        f'<p class="lead">Filter match probability of every text ({CHART_BINS} bins on [0, 1]); '
         "the dashed line is the threshold.</p>"
         f'<div class="row">{body}</div>{_notes(notes)}</section>'
     )
@@ -368,7 +371,7 @@ def render_report(run_dir: str | Path, n_examples: int = 12) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, n_examples: int = 12) -> Path:
     """Write the report to ``out`` (default ``run_dir/report.html``) atomically; returns the path."""
-    from capfilt.data.writer import atomic_write_bytes
+    from capfilt.utils.files import atomic_write_bytes
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report.html"

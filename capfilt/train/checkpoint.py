@@ -1,6 +1,6 @@
 """Training checkpoints: a self-describing model folder plus the trainer state beside it.
 
-    checkpoints/step_00000200/  model.safetensors, model_config.json, tokenizer files, capfilt.json
+    checkpoints/step_00000200/  a model folder (model/folder.py: weights, config, tokenizer, meta)
                                 trainer_state.pt  (optimizer, RNG, step/epoch: tensors and plain types only)
     checkpoints/latest          name of the newest complete checkpoint
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from capfilt.model import load_model_folder, save_model_folder
-from capfilt.train.run_folder import RunFolder
+from capfilt.runs.run_folder import RunFolder
 
 
 def rng_state() -> dict[str, Any]:
@@ -46,14 +46,26 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer: dict[str, Any],
     keep: int = 2,
+    preprocess: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step_{step:08d}``, point ``latest`` at it, keep the newest ``keep``."""
     name = f"step_{trainer['step']:08d}"
     final = run.checkpoints / name
     tmp = run.checkpoints / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(tmp, model, tokenizer, model_cfg, stage, extra={"step": trainer["step"]})
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "trainer": trainer}, tmp / "trainer_state.pt")
+    save_model_folder(
+        tmp,
+        model,
+        tokenizer,
+        model_cfg,
+        stage,
+        extra={"step": trainer["step"]},
+        preprocess=preprocess,
+    )
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "rng": rng_state(), "trainer": trainer},
+        tmp / "trainer_state.pt",
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     run.set_latest(final)

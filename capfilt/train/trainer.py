@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,19 +22,22 @@ import torch
 
 from capfilt.config import ConfigError, Recipe, TrainConfig, to_dict
 from capfilt.data.reader import read_caption_texts
-from capfilt.data.transforms import TrainTransform
+from capfilt.data.transforms import TrainTransform, preprocess_spec
 from capfilt.model import (
     build_model,
     build_tokenizer,
     load_model_folder,
+    prompt_length,
     save_model_folder,
     tokenize,
 )
+from capfilt.runs.resolve import resolve_model_dir
+from capfilt.runs.run_folder import RunFolder
 from capfilt.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from capfilt.train.data import Source, TrainStream, build_sources, make_loader
 from capfilt.train.optim import build_optimizer, lr_at, set_lr
-from capfilt.train.run_folder import RunFolder, resolve_model_dir
-from capfilt.utils.dist import DistInfo, barrier, default_device, init_distributed
+from capfilt.utils.device import autocast, default_device
+from capfilt.utils.dist import DistInfo, barrier, init_distributed
 from capfilt.utils.logging import get_logger, setup_logging
 from capfilt.utils.progress import ProgressReporter
 
@@ -94,16 +96,12 @@ def allreduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
         offset += n
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 class Trainer:
     def __init__(self, job: TrainJob):
         if job.stage not in STAGE_LOSSES:
-            raise ConfigError(f"unknown training stage '{job.stage}' (one of {', '.join(STAGE_LOSSES)})")
+            raise ConfigError(
+                f"unknown training stage '{job.stage}' (one of {', '.join(STAGE_LOSSES)})"
+            )
         self.job = job
         self.cfg = job.train_cfg
         self.recipe = job.recipe
@@ -136,7 +134,9 @@ class Trainer:
     def _build(self, sources: list[Source]):
         mcfg = self.recipe.model
         if self.job.init is not None:
-            model, tokenizer, mcfg, meta = load_model_folder(resolve_model_dir(self.job.init), device="cpu")
+            model, tokenizer, mcfg, meta = load_model_folder(
+                resolve_model_dir(self.job.init), device="cpu"
+            )
             log.info("initialised from %s (stage %s)", self.job.init, meta.get("stage"))
             return model, tokenizer, mcfg
         tok_dir = self.run.path / "tokenizer"
@@ -165,7 +165,9 @@ class Trainer:
 
             known = [count_samples(s.urls) for s in sources]
             if any(k is None for k in known):
-                raise ConfigError("train.samples_per_epoch: shard sizes unknown (no sizes.json); set it explicitly")
+                raise ConfigError(
+                    "train.samples_per_epoch: shard sizes unknown (no sizes.json); set it explicitly"
+                )
             samples_per_epoch = int(sum(known))  # type: ignore[arg-type]
         steps_per_epoch = max(1, samples_per_epoch // (global_batch * cfg.grad_accum))
         total_steps = cfg.epochs * steps_per_epoch
@@ -191,32 +193,64 @@ class Trainer:
         n_params = sum(p.numel() for p in params)
         log.info(
             "%s: %d steps (%d epochs x %d), global batch %d, %.2fM trainable parameters, device %s, world %d",
-            job.stage, total_steps, cfg.epochs, steps_per_epoch, global_batch * cfg.grad_accum, n_params / 1e6,
-            self.device, self.dist.world_size,
+            job.stage,
+            total_steps,
+            cfg.epochs,
+            steps_per_epoch,
+            global_batch * cfg.grad_accum,
+            n_params / 1e6,
+            self.device,
+            self.dist.world_size,
         )
         prompt = self.recipe.caption.prompt if job.stage == "captioner" else ""
-        prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + 1 if prompt else 0
-        transform = TrainTransform(mcfg.image_size, data_cfg.crop_scale, data_cfg.hflip, data_cfg.mean, data_cfg.std)
+        prompt_len = prompt_length(tokenizer, prompt)
+        transform = TrainTransform(
+            mcfg.image_size, data_cfg.crop_scale, data_cfg.hflip, data_cfg.mean, data_cfg.std
+        )
         last = total_steps if job.stop_after is None else min(total_steps, job.stop_after)
 
         window: dict[str, float] = {}
         window_n, window_start = 0, time.monotonic()
-        progress = ProgressReporter(f"{job.stage}", total=(last - step) * global_batch * cfg.grad_accum, enabled=self.dist.is_main)
+        progress = ProgressReporter(
+            f"{job.stage}",
+            total=(last - step) * global_batch * cfg.grad_accum,
+            enabled=self.dist.is_main,
+        )
         with progress:
             while step < last:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 stream = TrainStream(
-                    sources, transform, batch_size=data_cfg.batch_size, seed=self.recipe.seed, epoch=epoch,
-                    skip_batches=in_epoch * cfg.grad_accum, rank=self.dist.rank, world_size=self.dist.world_size,
-                    shuffle_buffer=data_cfg.shuffle_buffer, max_words=data_cfg.max_words,
+                    sources,
+                    transform,
+                    batch_size=data_cfg.batch_size,
+                    seed=self.recipe.seed,
+                    epoch=epoch,
+                    skip_batches=in_epoch * cfg.grad_accum,
+                    rank=self.dist.rank,
+                    world_size=self.dist.world_size,
+                    shuffle_buffer=data_cfg.shuffle_buffer,
+                    max_words=data_cfg.max_words,
                 )
-                batches = iter(make_loader(stream, data_cfg.num_workers, seed=self.recipe.seed + epoch))
+                batches = iter(
+                    make_loader(stream, data_cfg.num_workers, seed=self.recipe.seed + epoch)
+                )
                 epoch_end = min(last, (epoch + 1) * steps_per_epoch)
                 while step < epoch_end:
                     lr = lr_at(step, cfg, steps_per_epoch)
                     set_lr(optimizer, lr)
                     alpha = mcfg.alpha * min(1.0, step / ramp_steps)
-                    parts = self._step(model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len, step)
+                    parts = self._step(
+                        model,
+                        tokenizer,
+                        mcfg,
+                        batches,
+                        optimizer,
+                        params,
+                        alpha,
+                        prompt,
+                        prompt_len,
+                        step,
+                    )
                     step += 1
                     for key, value in parts.items():
                         window[key] = window.get(key, 0.0) + value
@@ -226,38 +260,71 @@ class Trainer:
                         elapsed = time.monotonic() - window_start
                         record = {k: v / window_n for k, v in window.items()}
                         record.update(
-                            step=step, epoch=epoch, lr=lr, alpha=alpha, temp=float(model.temp.item()),
-                            samples_per_s=window_n * global_batch * cfg.grad_accum / max(elapsed, 1e-9),
+                            step=step,
+                            epoch=epoch,
+                            lr=lr,
+                            alpha=alpha,
+                            temp=float(model.temp.item()),
+                            samples_per_s=window_n
+                            * global_batch
+                            * cfg.grad_accum
+                            / max(elapsed, 1e-9),
                         )
                         if self.dist.is_main:
                             self.run.log_metrics(record)
-                            if not progress._bar:
-                                log.info("step %d/%d %s", step, total_steps, " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss")))
+                            if not progress.shows_bar:
+                                log.info(
+                                    "step %d/%d %s",
+                                    step,
+                                    total_steps,
+                                    " ".join(
+                                        f"{k}={v:.4g}"
+                                        for k, v in record.items()
+                                        if k.startswith("loss")
+                                    ),
+                                )
                         window, window_n, window_start = {}, 0, time.monotonic()
                     if step % cfg.ckpt_every == 0 or step == last:
                         self._checkpoint(model, tokenizer, mcfg, optimizer, step)
                 del batches
         if step >= total_steps and self.dist.is_main:
-            save_model_folder(self.run.model_dir, model, tokenizer, mcfg, job.stage, extra={"steps": step, "run": str(self.run.path)})
+            save_model_folder(
+                self.run.model_dir,
+                model,
+                tokenizer,
+                mcfg,
+                job.stage,
+                extra={"steps": step, "run": str(self.run.path)},
+                preprocess=self._preprocess(mcfg),
+            )
             log.info("%s done: model in %s", job.stage, self.run.model_dir)
         barrier()
         return self.run.model_dir
 
-    def _step(self, model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len, step) -> dict[str, float]:
+    def _step(
+        self, model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len, step
+    ) -> dict[str, float]:
         cfg = self.cfg
         optimizer.zero_grad(set_to_none=True)
         model.clamp_temp()
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             # ITM negatives from a generator keyed by (seed, step): the same on every rank and after a resume
-            generator = torch.Generator(self.device).manual_seed(self.recipe.seed * 1_000_003 + step * 131 + micro)
+            generator = torch.Generator(self.device).manual_seed(
+                self.recipe.seed * 1_000_003 + step * 131 + micro
+            )
             batch = next(batches)
             texts = [prompt + t for t in batch["texts"]] if prompt else batch["texts"]
             ids, mask = tokenize(tokenizer, texts, mcfg.max_text_len)
-            with _autocast(self.device, cfg.precision):
+            with autocast(self.device, cfg.precision):
                 out = model.forward_pretrain(
-                    batch["images"].to(self.device, non_blocking=True), ids.to(self.device), mask.to(self.device),
-                    image_ids=batch["image_ids"].to(self.device), alpha=alpha, weights=self.losses, prompt_len=prompt_len,
+                    batch["images"].to(self.device, non_blocking=True),
+                    ids.to(self.device),
+                    mask.to(self.device),
+                    image_ids=batch["image_ids"].to(self.device),
+                    alpha=alpha,
+                    weights=self.losses,
+                    prompt_len=prompt_len,
                     generator=generator,
                 )
             (out["loss"] / cfg.grad_accum).backward()
@@ -272,14 +339,28 @@ class Trainer:
         if "itc" in self.losses or "itm" in self.losses:
             model.momentum_update()
         if not all(math.isfinite(v) for v in totals.values()):
-            raise FloatingPointError(f"non-finite loss at this step: {totals}; lower train.lr or enable train.clip_grad")
+            raise FloatingPointError(
+                f"non-finite loss at this step: {totals}; lower train.lr or enable train.clip_grad"
+            )
         return totals
+
+    def _preprocess(self, mcfg) -> dict[str, Any]:
+        """The image preprocessing this run trains with, saved in every model folder it writes."""
+        data_cfg = self.recipe.data
+        return preprocess_spec(mcfg.image_size, data_cfg.mean, data_cfg.std)
 
     def _checkpoint(self, model, tokenizer, mcfg, optimizer, step: int) -> None:
         if self.dist.is_main:
             save_checkpoint(
-                self.run, model=model, tokenizer=tokenizer, model_cfg=mcfg, stage=self.job.stage, optimizer=optimizer,
-                trainer={"step": step}, keep=self.cfg.keep_checkpoints,
+                self.run,
+                model=model,
+                tokenizer=tokenizer,
+                model_cfg=mcfg,
+                stage=self.job.stage,
+                optimizer=optimizer,
+                trainer={"step": step},
+                keep=self.cfg.keep_checkpoints,
+                preprocess=self._preprocess(mcfg),
             )
         barrier()
 
@@ -287,4 +368,3 @@ class Trainer:
 def train(job: TrainJob) -> Path:
     """Run a training stage; returns the final model folder."""
     return Trainer(job).fit()
-

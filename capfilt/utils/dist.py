@@ -52,22 +52,36 @@ def init_distributed() -> DistInfo:
     return info
 
 
-def current_dist_info() -> DistInfo:
+def is_distributed() -> bool:
+    """True when a default process group exists (torchrun); never imports torch.distributed itself."""
     if "torch.distributed" not in sys.modules:  # nothing can have initialised a process group
-        return env_dist_info()
+        return False
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def current_dist_info() -> DistInfo:
+    """Rank/world of the process group when one is initialised, else from the environment."""
+    if is_distributed():
+        import torch.distributed as dist
+
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     return env_dist_info()
 
 
-def barrier() -> None:
-    if "torch.distributed" not in sys.modules:
-        return
-    import torch.distributed as dist
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world_size) of the initialised process group; (0, 1) without one (what collectives see)."""
+    if not is_distributed():
+        return 0, 1
+    info = current_dist_info()
+    return info.rank, info.world_size
 
-    if dist.is_available() and dist.is_initialized():
+
+def barrier() -> None:
+    if is_distributed():
+        import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -76,11 +90,3 @@ def destroy_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def default_device():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", env_dist_info().local_rank)
-    return torch.device("cpu")

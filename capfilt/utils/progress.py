@@ -75,6 +75,11 @@ class ProgressReporter:
             self._log_line(final=True)
 
     @property
+    def shows_bar(self) -> bool:
+        """True when progress is drawn as a bar (so periodic log lines would only repeat it)."""
+        return self._bar is not None
+
+    @property
     def rate(self) -> float:
         elapsed = time.monotonic() - self._start
         return self.done / elapsed if elapsed > 0 else 0.0
@@ -91,7 +96,17 @@ class ProgressReporter:
         eta = ""
         if self.total and rate > 0 and not final:
             eta = f" eta {max(0.0, (self.total - self.done) / rate):.0f}s"
-        log.info("%s: %d%s %s, %.1f %s/s%s %s", self.desc, self.done, total, self.unit, rate, self.unit, eta, self._metrics_text())
+        log.info(
+            "%s: %d%s %s, %.1f %s/s%s %s",
+            self.desc,
+            self.done,
+            total,
+            self.unit,
+            rate,
+            self.unit,
+            eta,
+            self._metrics_text(),
+        )
 
     def advance(self, n: int = 1, **metrics: Any) -> None:
         self.done += n
@@ -100,7 +115,10 @@ class ProgressReporter:
             return
         if self._bar is not None:
             self._bar.update(
-                self._task, advance=n, rate=f"{self.rate:.1f} {self.unit}/s", metrics=self._metrics_text()
+                self._task,
+                advance=n,
+                rate=f"{self.rate:.1f} {self.unit}/s",
+                metrics=self._metrics_text(),
             )
             return
         now = time.monotonic()

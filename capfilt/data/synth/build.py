@@ -25,8 +25,9 @@ from capfilt.data.stage import run_shard_stage
 from capfilt.data.synth.captions import describe, describe_distinct, noisy_text
 from capfilt.data.synth.render import render_jpeg
 from capfilt.data.synth.world import Rng, sample_scene
-from capfilt.data.writer import ShardWriter, atomic_write_json, shard_name
+from capfilt.data.writer import ShardWriter, shard_name, stats_path
 from capfilt.utils.dist import current_dist_info
+from capfilt.utils.files import atomic_write_json
 from capfilt.utils.logging import get_logger
 
 log = get_logger("synth")
@@ -119,7 +120,7 @@ def _split_summary(out_dir: Path, n_shards: int) -> dict[str, Any]:
     count = captions = 0
     for index in range(n_shards):
         try:
-            stats = json.loads((out_dir / f"{shard_name(index)}_stats.json").read_text())
+            stats = json.loads(stats_path(out_dir, index).read_text())
         except (OSError, ValueError):
             continue
         count += stats.get("count", 0)

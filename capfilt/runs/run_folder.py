@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from capfilt.config import ConfigError, dump_yaml
-from capfilt.data.writer import atomic_write_bytes
+from capfilt.utils.files import atomic_write_bytes
 
 
 class RunFolder:
@@ -74,16 +74,3 @@ class RunFolder:
             return
         kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
         atomic_write_bytes(self.metrics_path, ("\n".join(kept) + "\n" if kept else "").encode())
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder, or a run folder's ``model/`` (finished run) or latest checkpoint."""
-    path = Path(path)
-    if (path / "model_config.json").is_file():
-        return path
-    if (path / "model" / "model_config.json").is_file():
-        return path / "model"
-    checkpoint = RunFolder(path).latest_checkpoint()
-    if checkpoint is not None:
-        return checkpoint
-    raise ConfigError(f"no capfilt model at {path} (expected a model folder, or a run folder with model/ or checkpoints/)")

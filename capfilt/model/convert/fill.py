@@ -1,0 +1,125 @@
+"""Filling a MED from a checkpoint's tensors: a seeded model, the side a checkpoint lacks taken
+from the side it has, and the meta of the imported model."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from capfilt.config.schema import ModelConfig
+from capfilt.data.transforms import preprocess_spec
+from capfilt.model.convert.keymaps import MOMENTUM_MODULES, QUEUES, partner_key
+from capfilt.model.folder import EXTRA_EPS, FORMAT_VERSION
+from capfilt.model.med import MED
+from capfilt.model.tokenizer import special_ids
+
+BLIP_PROMPT = "a picture of "
+"""BLIP's caption prompt (capfilt's ``caption.prompt`` default)."""
+INIT_SEED = 0
+"""Seed of the initialisation of the parts a checkpoint lacks (conversion is deterministic)."""
+
+
+def new_med(cfg: ModelConfig, tokenizer, vocab_size: int) -> MED:
+    """A MED with a seeded initialisation (so a conversion always writes the same bytes)."""
+    ids = special_ids(tokenizer)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens (with [DEC]/[ENC]) but the checkpoint's vocabulary only {vocab_size}"
+        )
+    if len(tokenizer) < vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens (with [DEC]/[ENC]) but the checkpoint's vocabulary {vocab_size}: "
+            "is it the checkpoint's tokenizer?"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        model = MED(cfg, vocab_size=vocab_size, special=ids)
+    return model
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+
+@torch.no_grad()
+def fill_med(model: MED, values: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Write MED-named tensors into ``model``; fill the absent text side from the present one.
+
+    Returns ``{"filled": [...], "initialised": [...], "momentum": [...]}``: parameters copied
+    from the other text side's self-attention, parameters the source lacks (kept at their seeded
+    initialisation), and whether the momentum state came from the source.
+    Raises ValueError on unknown names or shape mismatches.
+    """
+    sd = model.state_dict()
+    unknown = sorted(k for k in values if k not in sd)
+    if unknown:
+        raise ValueError(f"unknown weights for this model: {unknown[:8]}")
+    bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(sd[k].shape)}"
+        for k, v in values.items()
+        if tuple(v.shape) != tuple(sd[k].shape)
+    ]
+    if bad:
+        raise ValueError(f"weights do not fit the model config: {bad[:6]}")
+
+    plan: dict[str, torch.Tensor] = {}
+    filled = []
+    for key in sd:
+        if key in values:
+            continue
+        partner = partner_key(key)
+        if partner is not None and partner in values:
+            plan[key] = values[partner]
+            if (
+                ".attention." in key
+            ):  # self-attention: a copy; shared parts are the same tensor anyway
+                filled.append(key)
+    plan.update(values)  # the source's own tensors last: they win over any fill of a shared tensor
+    written = set()
+    for key, value in plan.items():
+        sd[key].copy_(value.to(sd[key].dtype))
+        written.add(_storage_key(sd[key]))
+
+    online = {k: v for k, v in sd.items() if not k.startswith(MOMENTUM_MODULES) and k not in QUEUES}
+    initialised = sorted(k for k, v in online.items() if _storage_key(v) not in written)
+
+    momentum_keys = [k for k in sd if k.startswith(MOMENTUM_MODULES)]
+    has_momentum = bool(momentum_keys) and all(k in values for k in momentum_keys)
+    if not has_momentum:
+        model.copy_params()
+    if not ("image_queue" in values and "text_queue" in values):
+        model.queue_ptr.zero_()
+    model.idx_queue.fill_(-1)  # image ids of someone else's data set mean nothing here
+    return {
+        "filled": filled,
+        "initialised": initialised,
+        "momentum": ["loaded" if has_momentum else "copied from online"],
+    }
+
+
+def summarise(keys: list[str]) -> list[str]:
+    """Module-level summary of parameter names (``text_decoder.cls.predictions.bias`` ->
+    ``text_decoder.cls.predictions``; layer indices collapsed)."""
+    out = []
+    for key in keys:
+        name = re.sub(r"\.\d+\.", ".*.", key.rsplit(".", 1)[0])
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def imported_meta(
+    kind: str, cfg: ModelConfig, tokenizer, model: MED, eps: float, imported: dict
+) -> dict[str, Any]:
+    """The meta of an imported model, laid out like a model folder's (``stage``, ``preprocess``:
+    BLIP's CLIP statistics, ``extra.imported``, ``extra.vision_layer_norm_eps``)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "stage": kind,
+        "vocab_size": model.vocab_size,
+        "special_ids": special_ids(tokenizer),
+        "preprocess": preprocess_spec(cfg.image_size),
+        "extra": {"imported": imported, EXTRA_EPS: eps},
+    }

@@ -1,0 +1,193 @@
+"""transformers' BLIP checkpoints <-> MED: load a local transformers BLIP folder (or fetch a hub
+snapshot) as a MED, and write a MED as a transformers folder (weights, config, tokenizer,
+``BlipProcessor``). Which path is such a folder is decided by ``capfilt.runs.resolve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capfilt.config.schema import ModelConfig
+from capfilt.data.transforms import CLIP_MEAN, CLIP_STD
+from capfilt.model.convert.config_map import (
+    hf_config_from_model,
+    kind_of_hf_config,
+    model_config_from_hf,
+)
+from capfilt.model.convert.fill import INIT_SEED, fill_med, imported_meta, new_med, summarise
+from capfilt.model.convert.keymaps import ARCHITECTURES, KINDS, hf_key_to_med
+from capfilt.model.med import MED, set_vision_layer_norm_eps
+from capfilt.model.tokenizer import load_tokenizer, special_ids
+
+
+# ---------------------------------------------------------------------------------- import
+def med_from_hf_model(
+    hf_model, tokenizer, kind: str | None = None, source: str = ""
+) -> tuple[MED, ModelConfig, dict[str, Any]]:
+    """MED from an in-memory transformers BLIP captioner or retrieval model.
+
+    Returns (model in eval mode, ModelConfig, meta) where ``meta`` is laid out like a model
+    folder's (``stage``, ``preprocess``, ``extra.imported``, ``extra.vision_layer_norm_eps``).
+    """
+    kind = kind_of_hf_config(hf_model.config, kind)
+    cfg, eps = model_config_from_hf(hf_model.config, kind)
+    tc = hf_model.config.text_config
+    ids = special_ids(tokenizer)
+    expected = {"dec": tc.bos_token_id, "pad": tc.pad_token_id, "sep": tc.sep_token_id}
+    wrong = {k: (ids[k], v) for k, v in expected.items() if v is not None and ids[k] != v}
+    if wrong:
+        raise ValueError(
+            "tokenizer and checkpoint disagree on special ids (tokenizer, config): "
+            + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in wrong.items())
+        )
+    model = new_med(cfg, tokenizer, tc.vocab_size)
+    values, unknown = {}, []
+    for key, tensor in hf_model.state_dict().items():
+        target = hf_key_to_med(key, kind)
+        if target is None:
+            unknown.append(key)
+        else:
+            values[target] = tensor
+    if unknown:
+        raise ValueError(f"transformers weights with no place in capfilt's MED: {unknown[:8]}")
+    report = fill_med(model, values)
+    set_vision_layer_norm_eps(model, eps)
+    model.eval()
+    meta = imported_meta(
+        kind,
+        cfg,
+        tokenizer,
+        model,
+        eps,
+        {
+            "format": "transformers",
+            "architecture": ARCHITECTURES[kind],
+            "source": source,
+            "self_attention_filled_from": "decoder" if kind == "captioner" else "encoder",
+            "filled": summarise(report["filled"]),
+            "initialised": summarise(report["initialised"]),
+        },
+    )
+    return model, cfg, meta
+
+
+def fetch_hub_checkpoint(repo_id: str) -> Path:
+    """Local snapshot of a hub checkpoint (config, tokenizer, processor, safetensors weights)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.bin"]))
+    except Exception as exc:  # offline, unknown id, gated
+        raise ValueError(
+            f"'{repo_id}': not a local path, and not reachable as a hub id ({type(exc).__name__}: {exc})"
+        ) from exc
+    return path
+
+
+def load_hf_blip(folder: str | Path, kind: str | None = None, tokenizer: str | None = None):
+    """Load a local transformers BLIP captioner/filter folder as transformers itself does;
+    returns (hf_model, tokenizer, kind)."""
+    from transformers import AutoConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    if getattr(config, "model_type", None) != "blip":
+        raise ValueError(
+            f"{folder}: not a transformers BLIP checkpoint (no config.json with model_type 'blip')"
+        )
+    kind = kind_of_hf_config(config, kind)
+    cls = BlipForConditionalGeneration if kind == "captioner" else BlipForImageTextRetrieval
+    hf_model, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    if missing:
+        raise ValueError(
+            f"{folder}: the checkpoint lacks weights of {cls.__name__}: {sorted(missing)[:8]}"
+        )
+    tok_source = tokenizer or str(folder)
+    try:
+        tok = load_tokenizer(tok_source)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc} (pass the checkpoint's tokenizer explicitly: --tokenizer)"
+        ) from exc
+    return hf_model.eval(), tok, kind
+
+
+def import_transformers(
+    folder: str | Path,
+    kind: str | None = None,
+    tokenizer: str | None = None,
+    source: str | None = None,
+):
+    """(MED, tokenizer, ModelConfig, meta) from a local transformers BLIP folder; ``source`` (the
+    folder, or the hub id it was fetched for) is recorded in the meta."""
+    hf_model, tok, kind = load_hf_blip(folder, kind, tokenizer)
+    model, cfg, meta = med_from_hf_model(hf_model, tok, kind, source=str(source or folder))
+    return model, tok, cfg, meta
+
+
+# ---------------------------------------------------------------------------------- export
+@torch.no_grad()
+def med_to_hf(model: MED, cfg: ModelConfig, kind: str, eps: float | None = None):
+    """A transformers ``BlipForConditionalGeneration`` (captioner) or ``BlipForImageTextRetrieval``
+    (filter) with the MED's weights (eval mode)."""
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    if kind not in KINDS:
+        raise ValueError(f"kind: choose captioner or filter, got '{kind}'")
+    config = hf_config_from_model(model, cfg, kind, eps)
+    cls = BlipForConditionalGeneration if kind == "captioner" else BlipForImageTextRetrieval
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        hf_model = cls(config)
+    med_sd = model.state_dict()
+    hf_sd = hf_model.state_dict()
+    missing = []
+    for key, tensor in hf_sd.items():
+        source = hf_key_to_med(key, kind)
+        if source is None or source not in med_sd:
+            missing.append(key)
+            continue
+        tensor.copy_(med_sd[source].to(tensor.dtype))
+    if missing:
+        raise ValueError(f"no capfilt weights for transformers keys {missing[:8]}")
+    return hf_model.eval()
+
+
+def write_transformers_folder(
+    model: MED,
+    tokenizer,
+    cfg: ModelConfig,
+    out: str | Path,
+    kind: str,
+    eps: float | None = None,
+    preprocess: dict[str, Any] | None = None,
+) -> Path:
+    """Save a MED as a transformers BLIP checkpoint folder: weights + config, tokenizer, and a
+    ``BlipProcessor`` (image size, bicubic, and the mean/std of ``preprocess``, the model
+    folder's saved preprocessing; CLIP's when there is none)."""
+    from transformers import BlipImageProcessor, BlipProcessor
+
+    mean = list((preprocess or {}).get("mean") or CLIP_MEAN)
+    std = list((preprocess or {}).get("std") or CLIP_STD)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model = med_to_hf(model, cfg, kind, eps)
+    hf_model.save_pretrained(str(out))
+    image_processor = BlipImageProcessor(
+        size={"height": cfg.image_size, "width": cfg.image_size},
+        image_mean=mean,
+        image_std=std,
+    )
+    try:
+        BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+            str(out)
+        )
+    except Exception:  # a tokenizer class the processor refuses: save the parts on their own
+        image_processor.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,196 @@
+"""The demo summary's figures as labelled rows of text: what ``capfilt demo`` prints and the
+HTML report shows, formatted once here so that the two only lay them out.
+
+``summary.json`` (written by :func:`capfilt.pipeline.demo.run_demo`) holds ``baseline.retrieval``
+and ``capfilt.retrieval`` (:func:`capfilt.eval.retrieval.evaluate_retrieval`), ``filter``
+(:func:`capfilt.eval.filter_metrics.filter_report`), ``captions`` (truth rate of the synthetic
+captions) and ``timings``. Any part may be missing or broken (a run still in progress): its
+figures then read as a dash.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DASH = "—"
+
+RETRIEVAL_ROWS = (
+    ("tr_r1", "Text retrieval R@1"),
+    ("tr_r5", "Text retrieval R@5"),
+    ("tr_r10", "Text retrieval R@10"),
+    ("ir_r1", "Image retrieval R@1"),
+    ("ir_r5", "Image retrieval R@5"),
+    ("ir_r10", "Image retrieval R@10"),
+    ("tr_mean", "Text retrieval mean"),
+    ("ir_mean", "Image retrieval mean"),
+    ("r_mean", "Mean of all"),
+)
+"""Retrieval figures (recall in percent, as ``evaluate_retrieval`` gives them) and their labels."""
+
+
+def number(value: Any) -> float | None:
+    """``value`` as a finite float, else None (bools, strings, NaN and missing all give None)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    v = number(value)
+    return DASH if v is None else f"{v:.{digits}f}"
+
+
+def fmt_pct(fraction: Any, digits: int = 1) -> str:
+    v = number(fraction)
+    return DASH if v is None else f"{100 * v:.{digits}f}%"
+
+
+def fmt_seconds(seconds: Any) -> str:
+    s = number(seconds)
+    if s is None:
+        return DASH
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def dig(d: Any, *path: str) -> Any:
+    """``d[path[0]][path[1]]...``, or None where a level is missing or not a dict."""
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def section(summary: Any, key: str) -> dict[str, Any]:
+    """``summary[key]`` when it is a dict, else ``{}``."""
+    value = dig(summary, key)
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class RetrievalRow:
+    """One retrieval figure of baseline and CapFilt; ``change`` is CapFilt − baseline (or None)."""
+
+    key: str
+    label: str
+    baseline: str
+    capfilt: str
+    delta: str
+    change: float | None
+
+
+def retrieval_rows(summary: dict[str, Any]) -> list[RetrievalRow]:
+    """Baseline vs CapFilt retrieval recall (percent, one decimal) with the difference."""
+    base = section(section(summary, "baseline"), "retrieval")
+    cap = section(section(summary, "capfilt"), "retrieval")
+    rows = []
+    for key, label in RETRIEVAL_ROWS:
+        b, c = number(base.get(key)), number(cap.get(key))
+        change = None if b is None or c is None else c - b
+        delta = DASH if change is None else f"{change:+.1f}"
+        rows.append(RetrievalRow(key, label, fmt(b, 1), fmt(c, 1), delta, change))
+    return rows
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One labelled figure; ``derived`` when it comes from the fallback, not the summary."""
+
+    key: str
+    label: str
+    text: str
+    derived: bool = False
+
+
+def _noise_rates(report: dict[str, Any]) -> dict[str, float | None]:
+    by_noise = report.get("rejection_by_noise")
+    if not isinstance(by_noise, dict):
+        return {}
+    return {str(k): number(dig(v, "rejected_fraction")) for k, v in by_noise.items()}
+
+
+def filter_figures(report: dict[str, Any], fallback: dict[str, Any] | None = None) -> list[Figure]:
+    """The figures of a ``filter_report`` (the demo summary's ``filter``): threshold,
+    precision/recall/F1 of rejecting noisy web texts, ROC AUC, kept fractions, rejection rate per
+    noise kind.
+
+    ``fallback`` is another ``filter_report`` (e.g. computed from the per-text parquet) that fills
+    the figures ``report`` lacks, except the threshold; those figures are marked ``derived``.
+    """
+    report = report if isinstance(report, dict) else {}
+    spare = fallback or {}
+
+    def pick(*path: str) -> tuple[float | None, bool]:
+        value = number(dig(report, *path))
+        if value is not None:
+            return value, False
+        value = number(dig(spare, *path))
+        return value, value is not None
+
+    figures = [
+        Figure(
+            "threshold",
+            "ITM threshold (keep if score > t)",
+            fmt(number(report.get("threshold")), 2),
+        )
+    ]
+    for key, label, path, as_pct in (
+        ("precision", "Precision (rejected texts that are noisy)", ("precision",), False),
+        ("recall", "Recall (noisy web texts rejected)", ("recall",), False),
+        ("f1", "F1", ("f1",), False),
+        ("roc_auc", "ROC AUC (score: clean vs noisy)", ("auc",), False),
+        (
+            "kept_fraction_web",
+            "Kept fraction, web texts",
+            ("origins", "web", "kept_fraction"),
+            True,
+        ),
+        (
+            "kept_fraction_synthetic",
+            "Kept fraction, synthetic captions",
+            ("origins", "synthetic", "kept_fraction"),
+            True,
+        ),
+    ):
+        value, derived = pick(*path)
+        figures.append(Figure(key, label, fmt_pct(value) if as_pct else fmt(value), derived))
+    rates, derived = _noise_rates(report), False
+    if not rates:
+        rates, derived = _noise_rates(spare), True
+    for kind, rate in sorted(rates.items(), key=lambda kv: (kv[0] == "none", kv[0])):
+        label = (
+            "False rejection rate (clean web texts)"
+            if kind == "none"
+            else f"Rejection rate, noise “{kind}”"
+        )
+        figures.append(Figure(f"by_noise.{kind}", label, fmt_pct(rate), derived))
+    if not rates:
+        figures.append(Figure("by_noise", "Rejection rate per noise kind", DASH))
+    return figures
+
+
+def truth_figure(captions: dict[str, Any]) -> Figure:
+    """The share of synthetic captions true of their scene (the demo summary's ``captions``)."""
+    captions = captions if isinstance(captions, dict) else {}
+    n = number(captions.get("n"))
+    n_text = f" (n = {int(n)})" if n is not None else ""
+    return Figure(
+        "truth_rate", f"Synthetic caption truth rate{n_text}", fmt_pct(captions.get("truth_rate"))
+    )
+
+
+def demo_figures(summary: dict[str, Any], fallback: dict[str, Any] | None = None) -> list[Figure]:
+    """The demo summary's filter figures (see :func:`filter_figures`) and the captions' truth rate."""
+    return [
+        *filter_figures(section(summary, "filter"), fallback),
+        truth_figure(section(summary, "captions")),
+    ]

@@ -1,0 +1,176 @@
+"""What model is at a path: the one place that decides.
+
+A ``--model`` / ``--init`` / ``convert`` source is, in this order:
+
+1. a capfilt model folder (it holds ``folder.CONFIG``);
+2. a transformers BLIP folder (a ``config.json`` with ``model_type`` blip);
+3. a run folder: its ``model/`` when the run finished, else its latest checkpoint;
+4. a file: BLIP's original ``.pth`` (only ``capfilt convert`` reads one);
+5. a hub id, only when nothing exists at the path and it reads as ``owner/name`` (no ``./``,
+   ``/`` or ``~`` in front, no trailing or second slash, and no leading component that exists
+   locally: ``runs/capp`` beside a ``runs/`` folder is a mistyped local path, never a download).
+
+Anything else is a :class:`ConfigError` naming the path, raised before any network access.
+``capfilt.model.convert`` only provides the loaders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from capfilt.config import ConfigError
+from capfilt.model import load_model_folder
+from capfilt.model.convert import transformers_io
+from capfilt.model.folder import CONFIG, META, WEIGHTS
+from capfilt.runs.run_folder import RunFolder
+
+HF_CONFIG = "config.json"
+"""transformers' config file of a checkpoint folder."""
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"""``owner/name`` as the hub spells repository ids."""
+
+SourceKind = Literal["capfilt", "transformers", "hub", "file"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model spec points: ``kind`` and ``path`` (the capfilt model folder itself, e.g. a
+    run's ``model/`` or checkpoint; a transformers folder; a file (a BLIP ``.pth`` for
+    ``convert``); for ``hub``, the id)."""
+
+    kind: SourceKind
+    path: Path
+    spec: str
+
+
+def is_transformers_blip_folder(path: str | Path) -> bool:
+    """A folder with a transformers ``config.json`` of ``model_type`` blip (and not a capfilt folder)."""
+    path = Path(path)
+    config = path / HF_CONFIG
+    if not config.is_file() or (path / CONFIG).is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "blip"
+    except (OSError, ValueError):
+        return False
+
+
+def is_hub_id(spec: str) -> bool:
+    """``spec`` can only mean a hub repository: nothing exists at it, it reads ``owner/name``,
+    and its first component is not an existing local folder or file."""
+    spec = str(spec)
+    if Path(spec).exists() or not HUB_ID.match(spec):
+        return False
+    if os.altsep and os.altsep != "/" and os.altsep in spec:
+        return False
+    if os.sep != "/" and os.sep in spec:
+        return False
+    owner, name = spec.split("/")
+    if owner.startswith(".") or name in (".", ".."):
+        return False
+    return not Path(owner).exists()
+
+
+def find_model(spec: str | Path) -> ModelSource:
+    """What ``spec`` holds, decided locally (no network; see the module doc for the order)."""
+    text = str(spec)
+    path = Path(spec)
+    if path.is_dir():
+        if (path / CONFIG).is_file():
+            return ModelSource("capfilt", path, text)
+        if is_transformers_blip_folder(path):
+            return ModelSource("transformers", path, text)
+        if (path / "model" / CONFIG).is_file():
+            return ModelSource("capfilt", path / "model", text)
+        checkpoint = RunFolder(path).latest_checkpoint()
+        if checkpoint is not None:
+            return ModelSource("capfilt", checkpoint, text)
+    elif path.is_file():
+        return ModelSource("file", path, text)
+    elif is_hub_id(text):
+        return ModelSource("hub", path, text)
+    if path.exists():
+        hint = "expected a model folder, or a run folder with model/ or checkpoints/"
+    else:
+        hint = "no such file or folder, and not a hub id (owner/name)"
+    raise ConfigError(f"no capfilt model at {spec} ({hint})")
+
+
+def transformers_folder(source: ModelSource) -> Path:
+    """The local transformers BLIP folder of a ``transformers`` or ``hub`` source (a hub id is
+    fetched here, and only here)."""
+    if source.kind == "transformers":
+        return source.path
+    if source.kind != "hub":
+        raise ConfigError(f"{source.spec}: not a transformers BLIP checkpoint")
+    try:
+        folder = transformers_io.fetch_hub_checkpoint(source.spec)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not is_transformers_blip_folder(folder):
+        raise ConfigError(
+            f"{source.spec}: not a transformers BLIP checkpoint (no {HF_CONFIG} with model_type 'blip')"
+        )
+    return folder
+
+
+_NOT_CAPFILT = {
+    "transformers": "a transformers BLIP folder: convert it first with capfilt convert",
+    "file": "a file, not a model folder: convert a BLIP .pth first with capfilt convert",
+    "hub": "no such file or folder",
+}
+
+
+def _capfilt_folder(source: ModelSource) -> Path:
+    if source.kind != "capfilt":
+        raise ConfigError(f"no capfilt model at {source.spec} ({_NOT_CAPFILT[source.kind]})")
+    return source.path
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The capfilt model folder at ``path``: itself, or a run folder's ``model/`` (finished run)
+    or latest checkpoint."""
+    return _capfilt_folder(find_model(path))
+
+
+def load_stage_model(path: str | Path, device: torch.device):
+    """(model, tokenizer, model_cfg, meta, folder) from a model folder, a run folder, or a
+    transformers BLIP captioner/filter (folder, or hub id when online; converted on the fly)."""
+    source = find_model(path)
+    if source.kind in ("transformers", "hub"):
+        folder = transformers_folder(source)
+        try:
+            model, tokenizer, cfg, meta = transformers_io.import_transformers(
+                folder, source=source.spec
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return model.to(device).eval(), tokenizer, cfg, meta, folder
+    folder = _capfilt_folder(source)
+    model, tokenizer, cfg, meta = load_model_folder(folder, device=device)
+    model.eval()
+    return model, tokenizer, cfg, meta, folder
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Short identity of a model folder (weights + config), recorded with what it produced."""
+    digest = hashlib.sha256()
+    for name in (CONFIG, META, HF_CONFIG):
+        path = folder / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    weights = folder / WEIGHTS  # transformers' safetensors weights file has the same name
+    if weights.is_file():
+        with open(weights, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]

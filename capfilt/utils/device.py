@@ -1,0 +1,24 @@
+"""Which device a process computes on, and the precision it computes in there."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from capfilt.utils.dist import env_dist_info
+
+
+def default_device() -> torch.device:
+    """This rank's GPU when there is one (torchrun's LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", env_dist_info().local_rank)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The autocast context for ``precision``: ``auto`` = bf16 on GPU, fp32 on CPU; ``bf16`` /
+    ``fp32`` force it. Training and inference share this rule."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
