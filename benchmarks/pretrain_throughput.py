@@ -30,7 +30,9 @@ from capfilt.train.data import TrainStream, build_sources
 from capfilt.train.optim import build_optimizer
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+def matmul_rate(
+    device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 3.0
+) -> float:
     """Best sustained FLOP/s of ``size``² matmuls over about ``seconds``."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -49,9 +51,13 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 2048, seco
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", default="demo")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimiser steps (after 1 warm-up step)")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="timed optimiser steps (after 1 warm-up step)"
+    )
     parser.add_argument("--batch", type=int, default=0, help="batch size (default: the recipe's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -65,17 +71,28 @@ def main() -> None:
         write_synth(tmp, recipe.synth)
         sources = build_sources([str(Path(tmp) / "human")])
         stream = iter(
-            TrainStream(sources, TrainTransform(recipe.model.image_size, hflip=False), batch_size=batch, seed=0, epoch=0, shuffle_buffer=64)
+            TrainStream(
+                sources,
+                TrainTransform(recipe.model.image_size, hflip=False),
+                batch_size=batch,
+                seed=0,
+                epoch=0,
+                shuffle_buffer=64,
+            )
         )
         batches = [next(stream) for _ in range(args.steps + 1)]
-    tokenizer = train_wordpiece_tokenizer([t for b in batches for t in b["texts"]], recipe.model.vocab_size)
+    tokenizer = train_wordpiece_tokenizer(
+        [t for b in batches for t in b["texts"]], recipe.model.vocab_size
+    )
     torch.manual_seed(0)
     model = build_model(recipe.model, tokenizer).to(device).train()
     optimizer = build_optimizer(model, recipe.train)
     inputs = []
     for b in batches:
         ids, mask = tokenize(tokenizer, b["texts"], recipe.model.max_text_len)
-        inputs.append((b["images"].to(device), ids.to(device), mask.to(device), b["image_ids"].to(device)))
+        inputs.append(
+            (b["images"].to(device), ids.to(device), mask.to(device), b["image_ids"].to(device))
+        )
 
     def step(images, ids, mask, image_ids) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -104,9 +121,13 @@ def main() -> None:
     achieved = flops_per_step * args.steps / elapsed
     result = {
         "recipe": args.recipe,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()} threads",
         "batch": batch,
-        "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2),
+        "trainable_params_m": round(
+            sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2
+        ),
         "gflop_per_step": round(flops_per_step / 1e9, 2),
         "samples_per_s": round(samples_per_s, 2),
         "achieved_gflops": round(achieved / 1e9, 2),

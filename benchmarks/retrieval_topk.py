@@ -1,4 +1,4 @@
-"""Exhaustive vs top-k ITM re-ranking in retrieval evaluation (SPEC §4): time and agreement.
+"""Exhaustive vs top-k ITM re-ranking in retrieval evaluation (docs/architecture.md §4): time and agreement.
 
     python benchmarks/retrieval_topk.py                      # 1000 test images x 5 captions, k = 16, demo size
     python benchmarks/retrieval_topk.py --n-images 100 --k 16 --model runs/pretrain
@@ -32,12 +32,29 @@ from capfilt.runs.resolve import load_stage_model
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-images", type=int, default=1000, help="test images (5 captions each)")
-    p.add_argument("--k", type=int, default=16, help="candidates re-ranked per query in the top-k run")
-    p.add_argument("--recipe", default="demo", help="recipe giving the model size (and eval.batch_size)")
-    p.add_argument("--model", default=None, help="model or run folder to load instead of a random-weight model")
-    p.add_argument("--data", default="/tmp/capfilt-bench/retrieval", help="cache folder of the synthetic test shards")
-    p.add_argument("--batch-size", type=int, default=None, help="ITM pairs per forward pass (default: the recipe's eval.batch_size)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--k", type=int, default=16, help="candidates re-ranked per query in the top-k run"
+    )
+    p.add_argument(
+        "--recipe", default="demo", help="recipe giving the model size (and eval.batch_size)"
+    )
+    p.add_argument(
+        "--model", default=None, help="model or run folder to load instead of a random-weight model"
+    )
+    p.add_argument(
+        "--data",
+        default="/tmp/capfilt-bench/retrieval",
+        help="cache folder of the synthetic test shards",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="ITM pairs per forward pass (default: the recipe's eval.batch_size)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     p.add_argument("--skip-exhaustive", action="store_true", help="only the top-k run")
     return p.parse_args()
 
@@ -60,17 +77,23 @@ def main() -> None:
     if args.model:
         model, tokenizer, *_ = load_stage_model(args.model, device)
     else:
-        tokenizer = train_wordpiece_tokenizer([c["text"] for s in samples for c in s.captions], recipe.model.vocab_size)
+        tokenizer = train_wordpiece_tokenizer(
+            [c["text"] for s in samples for c in s.captions], recipe.model.vocab_size
+        )
         torch.manual_seed(0)
         model = build_model(recipe.model, tokenizer).to(device).eval()
-    print(f"model: {args.model or 'random weights, recipe ' + recipe.name}; device {device}, {torch.get_num_threads()} threads")
+    print(
+        f"model: {args.model or 'random weights, recipe ' + recipe.name}; device {device}, {torch.get_num_threads()} threads"
+    )
 
     start = time.perf_counter()
     feats = compute_features(model, tokenizer, samples, batch_size, recipe.data.max_words, device)
     t_feat = time.perf_counter() - start
     print(f"features: {feats.n_images} images, {feats.n_texts} texts in {t_feat:.1f} s")
 
-    runs = [("top-k", args.k)] + ([] if args.skip_exhaustive else [("exhaustive", max(feats.n_images, feats.n_texts))])
+    runs = [("top-k", args.k)] + (
+        [] if args.skip_exhaustive else [("exhaustive", max(feats.n_images, feats.n_texts))]
+    )
     results = {}
     for name, k in runs:
         start, cpu_start = time.perf_counter(), time.process_time()

@@ -145,7 +145,11 @@ def test_no_import_cycle():
 
 def test_the_checks_catch_what_they_claim():
     # The checker itself: a cycle and an upward import in a hand-made graph are found.
-    graph = {"capfilt.data.a": {"capfilt.data.b"}, "capfilt.data.b": {"capfilt.data.a"}, "capfilt.utils.x": set()}
+    graph = {
+        "capfilt.data.a": {"capfilt.data.b"},
+        "capfilt.data.b": {"capfilt.data.a"},
+        "capfilt.utils.x": set(),
+    }
     assert find_cycles(graph) == [["capfilt.data.a", "capfilt.data.b"]]
     assert layer_of("capfilt.data.reader") > layer_of("capfilt.utils.files")
     assert layer_of("capfilt.train.trainer") == layer_of("capfilt.eval.retrieval")

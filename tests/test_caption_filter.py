@@ -1,4 +1,4 @@
-"""Issue 4: captioner / filter fine-tuning, ``capfilt caption`` and ``capfilt filter`` (SPEC §2 LM, §3).
+"""Captioner / filter fine-tuning, ``capfilt caption`` and ``capfilt filter`` (docs/architecture.md §2 LM, §3).
 
 Tiny MED models (random weights, or a few seconds of LM training) on the built-in benchmark and
 on real coco-mini photos: prompt masking, generation (decoding, seeding, KV cache vs an uncached

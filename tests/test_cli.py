@@ -17,7 +17,9 @@ STAGES = ("data", "pretrain", "finetune", "caption", "filter", "eval", "demo", "
 
 
 def capfilt(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "capfilt", *args], capture_output=True, text=True, **kw)
+    proc = subprocess.run(
+        [sys.executable, "-m", "capfilt", *args], capture_output=True, text=True, **kw
+    )
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -27,13 +29,28 @@ def test_help_lists_every_stage():
     proc = capfilt("--help", check=True)
     for stage in STAGES:
         assert stage in proc.stdout
-    for group, subs in (("finetune", ("captioner", "filter")), ("eval", ("retrieval", "caption", "filter")), ("data", ("synth", "import"))):
+    for group, subs in (
+        ("finetune", ("captioner", "filter")),
+        ("eval", ("retrieval", "caption", "filter")),
+        ("data", ("synth", "import")),
+    ):
         text = capfilt(group, "--help", check=True).stdout
         assert all(sub in text for sub in subs), text
 
 
 def test_dry_run_prints_the_resolved_recipe(tmp_path):
-    proc = capfilt("pretrain", "tiny", "--shards", "x", "--out", str(tmp_path / "r"), "--set", "train.lr=2e-4", "--dry-run", check=True)
+    proc = capfilt(
+        "pretrain",
+        "tiny",
+        "--shards",
+        "x",
+        "--out",
+        str(tmp_path / "r"),
+        "--set",
+        "train.lr=2e-4",
+        "--dry-run",
+        check=True,
+    )
     data = yaml.safe_load(proc.stdout)
     assert data["train"]["lr"] == pytest.approx(2e-4) and data["name"] == "tiny"
     assert not (tmp_path / "r").exists()
@@ -74,7 +91,12 @@ def test_synth_is_byte_identical_by_seed_and_resumes_after_a_kill(tmp_path):
     assert not filecmp.cmpfiles(web_a, tmp_path / "b" / "web", names, shallow=False)[1]
     assert (web_a / "00000000.tar").read_bytes() != (other / "web" / "00000000.tar").read_bytes()
 
-    proc = subprocess.Popen([sys.executable, "-m", "capfilt", *SYNTH, "--out", str(tmp_path / "kill")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "capfilt", *SYNTH, "--out", str(tmp_path / "kill")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(web_c.glob("*_stats.json"))) < 3:
         time.sleep(0.01)
@@ -94,5 +116,7 @@ def test_console_script_and_module_agree():
     script = Path(sys.executable).with_name("capfilt")
     if not script.exists():
         pytest.skip("console script not installed in this environment")
-    a = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True).stdout
+    a = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert a == capfilt("--version", check=True).stdout

@@ -43,14 +43,22 @@ def test_every_shipped_recipe_loads_and_round_trips(path, tmp_path):
 def test_blip_base_holds_the_paper_settings():
     cfg = load_recipe("blip-base")
     assert (cfg.model.image_size, cfg.model.patch_size, cfg.model.vision_width) == (224, 16, 768)
-    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.warmup_lr) == (3e-4, 0.05, 3000, 1e-6)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.warmup_lr) == (
+        3e-4,
+        0.05,
+        3000,
+        1e-6,
+    )
     assert (cfg.train.lr_decay_rate, cfg.train.epochs, cfg.train.schedule) == (0.9, 20, "step")
     assert cfg.model.queue_size == 57600 and cfg.model.momentum == 0.995 and cfg.model.alpha == 0.4
     assert cfg.caption.top_p == 0.9 and cfg.filter.threshold == 0.5
 
 
 def test_overrides_set_nested_fields_and_parse_types():
-    cfg = load_recipe("tiny", ["train.lr=1e-4", "model.grad_checkpointing=true", "data.crop_scale=[0.3, 1.0]", "name=x"])
+    cfg = load_recipe(
+        "tiny",
+        ["train.lr=1e-4", "model.grad_checkpointing=true", "data.crop_scale=[0.3, 1.0]", "name=x"],
+    )
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.model.grad_checkpointing is True
     assert cfg.data.crop_scale == (0.3, 1.0)
@@ -86,7 +94,11 @@ def test_unknown_recipe_and_malformed_override():
 
 
 def test_every_field_has_a_docstring():
-    for cls in [c for c in vars(schema_module).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]:
+    for cls in [
+        c
+        for c in vars(schema_module).values()
+        if dataclasses.is_dataclass(c) and isinstance(c, type)
+    ]:
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without docstring: {missing}"

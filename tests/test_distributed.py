@@ -13,7 +13,11 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_step.py"
 
 
 def _run(args: list[str], tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -21,7 +25,19 @@ def _run(args: list[str], tmp_path: Path) -> None:
 def test_two_ranks_match_one_process_with_double_batch(tmp_path):
     single, double = tmp_path / "single.pt", tmp_path / "ddp.pt"
     _run([sys.executable, str(SCRIPT), str(single)], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(double)], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(SCRIPT),
+            str(double),
+        ],
+        tmp_path,
+    )
     a = torch.load(single, weights_only=True)
     b = torch.load(double, weights_only=True)
     assert torch.allclose(a["losses"], b["losses"], atol=1e-5), (a["losses"], b["losses"])

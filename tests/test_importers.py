@@ -38,7 +38,9 @@ def test_coco_mini_imports_exactly(coco_mini, tmp_path):
     total_images, total_captions = 0, 0
     for split in ("train2017", "val2017"):
         ann = coco_mini / "annotations" / f"captions_{split}.json"
-        result = import_records(coco_records(ann, coco_mini / split), tmp_path / split, source="coco", shard_size=32)
+        result = import_records(
+            coco_records(ann, coco_mini / split), tmp_path / split, source="coco", shard_size=32
+        )
         assert not result.partial
         samples, counter = _read_all(tmp_path / split)
         assert counter.total == 0
@@ -73,7 +75,9 @@ def test_csv_folder_and_bad_rows(tmp_path):
     (images / "a.txt").write_text("a red square\nanother caption\n")
     (images / "bad.txt").write_text("whatever")
     # b.png has no sidecar: dropped as missing_caption
-    result = import_records(folder_records(images), tmp_path / "from_folder", source="folder", origin="web")
+    result = import_records(
+        folder_records(images), tmp_path / "from_folder", source="folder", origin="web"
+    )
     samples, _ = _read_all(tmp_path / "from_folder")
     assert [s.text for s in samples] == ["a red square"]
     assert [c["text"] for c in samples[0].captions] == ["a red square", "another caption"]
@@ -82,11 +86,18 @@ def test_csv_folder_and_bad_rows(tmp_path):
     assert sorted(table["status"]) == ["dropped", "dropped", "kept"]
 
     tsv = tmp_path / "pairs.tsv"
-    tsv.write_text("image\tcaption\nimgs/a.png\tfirst\nimgs/b.png\tgreen one\nimgs/a.png\tsecond\nimgs/missing.png\tgone\n")
+    tsv.write_text(
+        "image\tcaption\nimgs/a.png\tfirst\nimgs/b.png\tgreen one\nimgs/a.png\tsecond\nimgs/missing.png\tgone\n"
+    )
     result = import_records(table_records(tsv), tmp_path / "from_tsv", source="csv", origin="web")
     samples, _ = _read_all(tmp_path / "from_tsv")
-    assert [[c["text"] for c in s.captions] for s in samples] == [["first", "second"], ["green one"]]
-    assert samples[1].image_bytes == (images / "b.png").read_bytes() and samples[1].image_ext == "png"
+    assert [[c["text"] for c in s.captions] for s in samples] == [
+        ["first", "second"],
+        ["green one"],
+    ]
+    assert (
+        samples[1].image_bytes == (images / "b.png").read_bytes() and samples[1].image_ext == "png"
+    )
     assert result.stats["skipped"] == {"missing_image": 1}
     with pytest.raises(ImportSourceError, match="no column 'url'"):
         table_records(tsv, image_column="url")
@@ -106,9 +117,18 @@ def test_hf_dataset_and_parquet(coco_mini, tmp_path):
     assert [s.text for s in samples] == [f"caption {i}" for i in range(5)]
     assert [s.image_bytes for s in samples] == [f.read_bytes() for f in files]
 
-    frame = pd.DataFrame({"image": [{"bytes": f.read_bytes(), "path": None} for f in files], "text": [[f"c{i}", "x"] for i in range(5)]})
+    frame = pd.DataFrame(
+        {
+            "image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+            "text": [[f"c{i}", "x"] for i in range(5)],
+        }
+    )
     frame.to_parquet(tmp_path / "part.parquet")
-    import_records(hf_records(tmp_path / "part.parquet", caption_column="text"), tmp_path / "from_pq", source="hf")
+    import_records(
+        hf_records(tmp_path / "part.parquet", caption_column="text"),
+        tmp_path / "from_pq",
+        source="hf",
+    )
     samples, _ = _read_all(tmp_path / "from_pq")
     assert [[c["text"] for c in s.captions] for s in samples] == [[f"c{i}", "x"] for i in range(5)]
     assert samples[2].image_bytes == files[2].read_bytes()
@@ -117,9 +137,18 @@ def test_hf_dataset_and_parquet(coco_mini, tmp_path):
 def _import_cmd(coco_mini, out):
     split = "val2017"
     return [
-        sys.executable, "-m", "capfilt", "data", "import", "coco",
-        str(coco_mini / "annotations" / f"captions_{split}.json"), str(coco_mini / split),
-        "--out", str(out), "--shard-size", "4",
+        sys.executable,
+        "-m",
+        "capfilt",
+        "data",
+        "import",
+        "coco",
+        str(coco_mini / "annotations" / f"captions_{split}.json"),
+        str(coco_mini / split),
+        "--out",
+        str(out),
+        "--shard-size",
+        "4",
     ]
 
 
@@ -127,7 +156,12 @@ def test_import_killed_midway_resumes_to_identical_output(coco_mini, tmp_path):
     reference = tmp_path / "reference"
     subprocess.run(_import_cmd(coco_mini, reference), check=True, capture_output=True)
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(_import_cmd(coco_mini, resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _import_cmd(coco_mini, resumed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(resumed.glob("*_stats.json"))) < 3:
         time.sleep(0.01)
@@ -148,8 +182,20 @@ def test_import_killed_midway_resumes_to_identical_output(coco_mini, tmp_path):
 
 def test_cli_import_errors_exit_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "capfilt", "data", "import", "coco", str(tmp_path / "none.json"), str(tmp_path), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "capfilt",
+            "data",
+            "import",
+            "coco",
+            str(tmp_path / "none.json"),
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2 and "not found" in proc.stderr
     shutil.rmtree(tmp_path / "o", ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The SPEC §2 losses against independent hand computations on tiny tensors."""
+"""The docs/architecture.md §2 losses against independent hand computations on tiny tensors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retrieval evaluation (SPEC §4): ITC top-k + ITM re-rank, recalls, chunking, rank split, CLI."""
+"""Retrieval evaluation (docs/architecture.md §4): ITC top-k + ITM re-rank, recalls, chunking, rank split, CLI."""
 
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ def samples(test_dir):
 
 @pytest.fixture(scope="module")
 def model_and_tok(samples, recipe):
-    tok = train_wordpiece_tokenizer([c["text"] for s in samples for c in s.captions], recipe.model.vocab_size)
+    tok = train_wordpiece_tokenizer(
+        [c["text"] for s in samples for c in s.captions], recipe.model.vocab_size
+    )
     torch.manual_seed(0)
     model = build_model(recipe.model, tok).eval()  # random weights: enough for equality tests
     return model, tok
@@ -66,7 +68,9 @@ def model_and_tok(samples, recipe):
 @pytest.fixture(scope="module")
 def feats8(model_and_tok, samples):
     model, tok = model_and_tok
-    return compute_features(model, tok, samples[:8], batch_size=3)  # odd batch size: partial batches on both sides
+    return compute_features(
+        model, tok, samples[:8], batch_size=3
+    )  # odd batch size: partial batches on both sides
 
 
 # --------------------------------------------------------------------------- features
@@ -120,12 +124,23 @@ def hand_features() -> RetrievalFeatures:
     s = torch.tensor(
         [
             #  t0   t1   t2   t3   t4   t5      t0,t1 -> img0; t2,t3 -> img1; t4,t5 -> img2
-            [0.1, 0.9, 0.5, 0.3, 0.2, 0.0],  # img0: t1 first (t0 only 5th): any caption counts, R@1 hit
+            [
+                0.1,
+                0.9,
+                0.5,
+                0.3,
+                0.2,
+                0.0,
+            ],  # img0: t1 first (t0 only 5th): any caption counts, R@1 hit
             [0.8, 0.7, 0.6, 0.1, 0.5, 0.4],  # img1: best own text t2 at rank 3: R@1 miss, R@5 hit
             [0.9, 0.8, 0.7, 0.6, 0.3, 0.35],  # img2: best own text t5 at rank 5: R@1 miss, R@5 hit
         ]
     )
-    return RetrievalFeatures(image_feat=torch.eye(3), text_feat=s.t().contiguous(), txt2img=torch.tensor([0, 0, 1, 1, 2, 2]))
+    return RetrievalFeatures(
+        image_feat=torch.eye(3),
+        text_feat=s.t().contiguous(),
+        txt2img=torch.tensor([0, 0, 1, 1, 2, 2]),
+    )
 
 
 def test_hand_made_recalls():
@@ -133,7 +148,14 @@ def test_hand_made_recalls():
     scores = retrieval_scores(None, feats, k=0)
     got = recall_at_k(scores.i2t, scores.t2i, feats.txt2img)
     # IR: t0 ranks img0 3rd, t1 1st, t2 2nd, t3 3rd, t4 2nd, t5 2nd -> only t1 at R@1
-    expected = {"tr_r1": 100 / 3, "tr_r5": 100.0, "tr_r10": 100.0, "ir_r1": 100 / 6, "ir_r5": 100.0, "ir_r10": 100.0}
+    expected = {
+        "tr_r1": 100 / 3,
+        "tr_r5": 100.0,
+        "tr_r10": 100.0,
+        "ir_r1": 100 / 6,
+        "ir_r5": 100.0,
+        "ir_r10": 100.0,
+    }
     expected["tr_mean"] = (100 / 3 + 200) / 3
     expected["ir_mean"] = (100 / 6 + 200) / 3
     expected["r_mean"] = (expected["tr_mean"] + expected["ir_mean"]) / 2
@@ -166,8 +188,12 @@ def test_k0_is_cosine_ranking():
     image_feat = torch.nn.functional.normalize(torch.randn(n_img, 8, generator=g), dim=1)
     txt2img = [i for i in range(n_img) for _ in range(per)]
     # captions near their image, so recalls are neither 0 nor 100
-    text_feat = torch.nn.functional.normalize(image_feat[txt2img] + 0.9 * torch.randn(n_img * per, 8, generator=g), dim=1)
-    feats = RetrievalFeatures(image_feat=image_feat, text_feat=text_feat, txt2img=torch.tensor(txt2img))
+    text_feat = torch.nn.functional.normalize(
+        image_feat[txt2img] + 0.9 * torch.randn(n_img * per, 8, generator=g), dim=1
+    )
+    feats = RetrievalFeatures(
+        image_feat=image_feat, text_feat=text_feat, txt2img=torch.tensor(txt2img)
+    )
     s = image_feat @ text_feat.t()
 
     full = retrieval_scores(None, feats, k=0, full=True)
@@ -189,7 +215,10 @@ def test_dense_ranking_roundtrip_and_blip_fill():
     assert r.indices.tolist() == [[1, 2, 0], [0, 2, 1]]
     assert torch.equal(r.dense(), s)
     head = Ranking(indices=r.indices[:, :2], scores=r.scores[:, :2], n_candidates=3, k=1)
-    assert head.dense().tolist() == [[-100.0, pytest.approx(0.9), -100.0], [pytest.approx(0.7), -100.0, -100.0]]
+    assert head.dense().tolist() == [
+        [-100.0, pytest.approx(0.9), -100.0],
+        [pytest.approx(0.7), -100.0, -100.0],
+    ]
     with pytest.raises(ValueError):
         Ranking(indices=r.indices[:, :2], scores=r.scores[:, :2], n_candidates=3, k=0).dense()
 
@@ -212,7 +241,9 @@ def test_small_k_reranks_head_and_matches_blip_fill(model_and_tok, feats8):
         # the re-ranked head is the cosine top-k as a set; the tail keeps cosine order
         k_i2t = min(k, feats8.n_texts)
         for q in range(feats8.n_images):
-            assert set(scores.i2t.indices[q, :k_i2t].tolist()) == set(cosine.i2t.indices[q, :k_i2t].tolist())
+            assert set(scores.i2t.indices[q, :k_i2t].tolist()) == set(
+                cosine.i2t.indices[q, :k_i2t].tolist()
+            )
         assert torch.equal(scores.i2t.indices[:, k_i2t:10], cosine.i2t.indices[:, k_i2t:10])
         head = retrieval_scores(model, feats8, k=k)
         metrics = recall_at_k(head.i2t, head.t2i, feats8.txt2img)
@@ -226,7 +257,13 @@ def test_rank_blocks_reassemble(model_and_tok, feats8):
     single = score_rows(model, feats8, 4, range(feats8.n_images), range(feats8.n_texts))
     for world in (2, 3, 16):
         parts = [
-            score_rows(model, feats8, 4, row_block(feats8.n_images, r, world), row_block(feats8.n_texts, r, world))
+            score_rows(
+                model,
+                feats8,
+                4,
+                row_block(feats8.n_images, r, world),
+                row_block(feats8.n_texts, r, world),
+            )
             for r in range(world)
         ]
         for direction in ("i2t", "t2i"):
@@ -252,21 +289,32 @@ def test_cli_writes_json(tmp_path, model_and_tok, test_dir, recipe):
     from capfilt.cli.eval_cmds import app  # the `capfilt eval` group
 
     model, tok = model_and_tok
-    folder = save_model_folder(tmp_path / "model", model, tok, recipe.model, stage="pretrain", include_momentum=False)
+    folder = save_model_folder(
+        tmp_path / "model", model, tok, recipe.model, stage="pretrain", include_momentum=False
+    )
     runner = CliRunner()
     out = tmp_path / "res" / "retrieval.json"
-    result = runner.invoke(app, ["retrieval", "tiny", "--model", str(folder), "--shards", str(test_dir), "--out", str(out)])
+    result = runner.invoke(
+        app,
+        ["retrieval", "tiny", "--model", str(folder), "--shards", str(test_dir), "--out", str(out)],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert set(METRIC_KEYS) <= set(data)
     assert data["n_images"] == 32 and data["n_texts"] == 160 and data["k"] == recipe.eval.k
     assert str(out) in result.output.replace("\n", "")
 
-    k0 = runner.invoke(app, ["retrieval", "tiny", "--model", str(folder), "--shards", str(test_dir), "--k", "0"])
+    k0 = runner.invoke(
+        app, ["retrieval", "tiny", "--model", str(folder), "--shards", str(test_dir), "--k", "0"]
+    )
     assert k0.exit_code == 0, k0.output
     assert "R@10" in k0.output
 
-    bad = runner.invoke(app, ["retrieval", "tiny", "--model", str(folder), "--shards", str(tmp_path / "nope")])
+    bad = runner.invoke(
+        app, ["retrieval", "tiny", "--model", str(folder), "--shards", str(tmp_path / "nope")]
+    )
     assert bad.exit_code == 2
-    bad_model = runner.invoke(app, ["retrieval", "tiny", "--model", str(tmp_path / "nomodel"), "--shards", str(test_dir)])
+    bad_model = runner.invoke(
+        app, ["retrieval", "tiny", "--model", str(tmp_path / "nomodel"), "--shards", str(test_dir)]
+    )
     assert bad_model.exit_code == 2

@@ -35,10 +35,22 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_lr_schedule_warmup_step_and_cosine():
-    cfg = load_recipe("tiny", ["train.warmup_steps=10", "train.warmup_lr=0", "train.lr=1.0", "train.schedule=step", "train.lr_decay_rate=0.5", "train.epochs=3"]).train
+    cfg = load_recipe(
+        "tiny",
+        [
+            "train.warmup_steps=10",
+            "train.warmup_lr=0",
+            "train.lr=1.0",
+            "train.schedule=step",
+            "train.lr_decay_rate=0.5",
+            "train.epochs=3",
+        ],
+    ).train
     assert lr_at(0, cfg, 20) == 0.0 and lr_at(5, cfg, 20) == pytest.approx(0.5)
     assert lr_at(10, cfg, 20) == 1.0 and lr_at(25, cfg, 20) == 0.5 and lr_at(45, cfg, 20) == 0.25
-    cos = load_recipe("tiny", ["train.warmup_steps=0", "train.lr=1.0", "train.min_lr=0.1", "train.epochs=1"]).train
+    cos = load_recipe(
+        "tiny", ["train.warmup_steps=0", "train.lr=1.0", "train.min_lr=0.1", "train.epochs=1"]
+    ).train
     assert lr_at(0, cos, 100) == 1.0
     assert lr_at(50, cos, 100) == pytest.approx(0.55)
     assert lr_at(100, cos, 100) == pytest.approx(0.1)
@@ -46,7 +58,16 @@ def test_lr_schedule_warmup_step_and_cosine():
 
 def _stream(synth_data, skip=0, epoch=0, **kw):
     sources = build_sources([str(synth_data / "human"), str(synth_data / "web")])
-    return TrainStream(sources, TrainTransform(32, hflip=False), batch_size=4, seed=3, epoch=epoch, skip_batches=skip, shuffle_buffer=16, **kw)
+    return TrainStream(
+        sources,
+        TrainTransform(32, hflip=False),
+        batch_size=4,
+        seed=3,
+        epoch=epoch,
+        skip_batches=skip,
+        shuffle_buffer=16,
+        **kw,
+    )
 
 
 def test_stream_is_deterministic_and_resumable_mid_epoch(synth_data):
@@ -80,9 +101,25 @@ def test_stream_uses_every_caption_of_an_image(synth_data):
 
 
 def _job(synth_data, out, *overrides, stop_after=None, resume="never"):
-    recipe = load_recipe("tiny", ["train.epochs=1", "train.ckpt_every=4", "train.log_every=2", "data.batch_size=8", *overrides])
+    recipe = load_recipe(
+        "tiny",
+        [
+            "train.epochs=1",
+            "train.ckpt_every=4",
+            "train.log_every=2",
+            "data.batch_size=8",
+            *overrides,
+        ],
+    )
     shards = [str(synth_data / "human"), str(synth_data / "web")]
-    return TrainJob(stage="pretrain", recipe=recipe, shards=shards, out=out, stop_after=stop_after, resume=resume)
+    return TrainJob(
+        stage="pretrain",
+        recipe=recipe,
+        shards=shards,
+        out=out,
+        stop_after=stop_after,
+        resume=resume,
+    )
 
 
 def test_resume_after_stop_equals_uninterrupted_run(synth_data, tmp_path):
@@ -108,24 +145,54 @@ def test_resume_after_stop_equals_uninterrupted_run(synth_data, tmp_path):
 
 def _pretrain_cmd(synth_data, out):
     return [
-        sys.executable, "-m", "capfilt", "pretrain", "tiny", "--shards", str(synth_data / "human"), "--shards", str(synth_data / "web"),
-        "--out", str(out), "--resume", "auto", "--set", "train.epochs=1", "--set", "train.samples_per_epoch=240",
-        "--set", "train.ckpt_every=3", "--set", "data.batch_size=8",
+        sys.executable,
+        "-m",
+        "capfilt",
+        "pretrain",
+        "tiny",
+        "--shards",
+        str(synth_data / "human"),
+        "--shards",
+        str(synth_data / "web"),
+        "--out",
+        str(out),
+        "--resume",
+        "auto",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.samples_per_epoch=240",
+        "--set",
+        "train.ckpt_every=3",
+        "--set",
+        "data.batch_size=8",
     ]
 
 
 def test_killed_pretrain_resumes_to_the_same_weights(synth_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_pretrain_cmd(synth_data, tmp_path / "ref"), check=True, capture_output=True, env=env)
-    proc = subprocess.Popen(_pretrain_cmd(synth_data, tmp_path / "kill"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    subprocess.run(
+        _pretrain_cmd(synth_data, tmp_path / "ref"), check=True, capture_output=True, env=env
+    )
+    proc = subprocess.Popen(
+        _pretrain_cmd(synth_data, tmp_path / "kill"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     latest = tmp_path / "kill" / "checkpoints" / "latest"
-    while time.monotonic() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step_00000006"):
+    while time.monotonic() < deadline and not (
+        latest.is_file() and latest.read_text().strip() >= "step_00000006"
+    ):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "kill" / "model").exists(), "the kill should land before the end"
-    subprocess.run(_pretrain_cmd(synth_data, tmp_path / "kill"), check=True, capture_output=True, env=env)
+    subprocess.run(
+        _pretrain_cmd(synth_data, tmp_path / "kill"), check=True, capture_output=True, env=env
+    )
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "kill")
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -21,7 +21,9 @@ def show(recipe: RecipeArgument = "demo", set_: SetOption = None) -> None:
 
 @app.command("explain")
 def explain_cmd(
-    section: Annotated[str | None, typer.Argument(help="Only keys starting with this, e.g. 'train'.")] = None,
+    section: Annotated[
+        str | None, typer.Argument(help="Only keys starting with this, e.g. 'train'.")
+    ] = None,
 ) -> None:
     """List every recipe key with its type and meaning."""
     table = Table("key", "type", "meaning", show_lines=False)

@@ -19,12 +19,17 @@ from capfilt.cli.common import (
     resolve,
 )
 
-app = typer.Typer(help="Make shards: the built-in benchmark, or imports of real data.", no_args_is_help=True)
+app = typer.Typer(
+    help="Make shards: the built-in benchmark, or imports of real data.", no_args_is_help=True
+)
 import_app = typer.Typer(help="Import real image-caption data as shards.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the shards.")]
-OriginOption = Annotated[str, typer.Option(help="Caption origin recorded in the json: human (curated) or web (alt-text).")]
+OriginOption = Annotated[
+    str,
+    typer.Option(help="Caption origin recorded in the json: human (curated) or web (alt-text)."),
+]
 ShardSizeOption = Annotated[int, typer.Option(help="Samples per shard.")]
 
 
@@ -50,12 +55,16 @@ def synth(
         raise typer.Exit(EXIT_PARTIAL)
 
 
-def _run_import(records_fn, *, source: str, out_dir: Path, origin: str, shard_size: int, settings: dict) -> None:
+def _run_import(
+    records_fn, *, source: str, out_dir: Path, origin: str, shard_size: int, settings: dict
+) -> None:
     from capfilt.data.importers import ImportSourceError, import_records
 
     try:
         records = records_fn()
-        result = import_records(records, out_dir, source=source, origin=origin, shard_size=shard_size, settings=settings)
+        result = import_records(
+            records, out_dir, source=source, origin=origin, shard_size=shard_size, settings=settings
+        )
     except ImportSourceError as err:
         raise fail(str(err), EXIT_USAGE) from None
     report_stage(result, f"import {source}")
@@ -74,7 +83,10 @@ def import_coco(
 
     _run_import(
         lambda: coco_records(annotations, images),
-        source="coco", out_dir=out_dir, origin=origin, shard_size=shard_size,
+        source="coco",
+        out_dir=out_dir,
+        origin=origin,
+        shard_size=shard_size,
         settings={"annotations": str(annotations.resolve()), "images": str(images.resolve())},
     )
 
@@ -83,7 +95,10 @@ def import_coco(
 def import_csv(
     table: Annotated[Path, typer.Argument(help="CSV or TSV file (TSV by .tsv extension).")],
     out_dir: OutOption,
-    image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to (default: the table's folder).")] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(help="Folder image paths are relative to (default: the table's folder)."),
+    ] = None,
     image_column: Annotated[str, typer.Option(help="Column with the image path.")] = "image",
     caption_column: Annotated[str, typer.Option(help="Column with the caption.")] = "caption",
     origin: OriginOption = "web",
@@ -94,14 +109,23 @@ def import_csv(
 
     _run_import(
         lambda: table_records(table, image_root, image_column, caption_column),
-        source="csv", out_dir=out_dir, origin=origin, shard_size=shard_size,
-        settings={"table": str(table.resolve()), "image_root": str(image_root), "columns": [image_column, caption_column]},
+        source="csv",
+        out_dir=out_dir,
+        origin=origin,
+        shard_size=shard_size,
+        settings={
+            "table": str(table.resolve()),
+            "image_root": str(image_root),
+            "columns": [image_column, caption_column],
+        },
     )
 
 
 @import_app.command("folder")
 def import_folder(
-    folder: Annotated[Path, typer.Argument(help="Folder of images, each with a sidecar <name>.txt caption file.")],
+    folder: Annotated[
+        Path, typer.Argument(help="Folder of images, each with a sidecar <name>.txt caption file.")
+    ],
     out_dir: OutOption,
     origin: OriginOption = "web",
     shard_size: ShardSizeOption = 1000,
@@ -111,17 +135,29 @@ def import_folder(
 
     _run_import(
         lambda: folder_records(folder),
-        source="folder", out_dir=out_dir, origin=origin, shard_size=shard_size,
+        source="folder",
+        out_dir=out_dir,
+        origin=origin,
+        shard_size=shard_size,
         settings={"folder": str(folder.resolve())},
     )
 
 
 @import_app.command("hf")
 def import_hf(
-    path: Annotated[Path, typer.Argument(help="A `datasets` dataset saved with save_to_disk, or a parquet file/folder.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A `datasets` dataset saved with save_to_disk, or a parquet file/folder."
+        ),
+    ],
     out_dir: OutOption,
-    image_column: Annotated[str, typer.Option(help="Image column (datasets Image feature, bytes or path).")] = "image",
-    caption_column: Annotated[str, typer.Option(help="Caption column (a string or a list of strings).")] = "caption",
+    image_column: Annotated[
+        str, typer.Option(help="Image column (datasets Image feature, bytes or path).")
+    ] = "image",
+    caption_column: Annotated[
+        str, typer.Option(help="Caption column (a string or a list of strings).")
+    ] = "caption",
     origin: OriginOption = "web",
     shard_size: ShardSizeOption = 1000,
 ) -> None:
@@ -130,6 +166,9 @@ def import_hf(
 
     _run_import(
         lambda: hf_records(path, image_column, caption_column),
-        source="hf", out_dir=out_dir, origin=origin, shard_size=shard_size,
+        source="hf",
+        out_dir=out_dir,
+        origin=origin,
+        shard_size=shard_size,
         settings={"path": str(path.resolve()), "columns": [image_column, caption_column]},
     )

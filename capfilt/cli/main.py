@@ -55,7 +55,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     from capfilt.utils.dist import env_dist_info
 

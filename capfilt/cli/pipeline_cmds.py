@@ -18,9 +18,17 @@ from capfilt.cli.common import (
     resolve,
 )
 
-ShardsOption = Annotated[list[str], typer.Option("--shards", help="Input shards: folder, brace pattern or .tar (repeatable).")]
+ShardsOption = Annotated[
+    list[str],
+    typer.Option("--shards", help="Input shards: folder, brace pattern or .tar (repeatable)."),
+]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the shards.")]
-ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Model folder, or a run folder (its model/ or latest checkpoint).")]
+ModelOption = Annotated[
+    Path,
+    typer.Option(
+        "--model", "-m", help="Model folder, or a run folder (its model/ or latest checkpoint)."
+    ),
+]
 
 
 def caption(
@@ -45,10 +53,21 @@ def caption(
 def filter_(
     shards: ShardsOption,
     out_dir: OutOption,
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Filter model folder or run folder.")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Keep a text when softmax(itm)[1] > threshold (default: the recipe's filter.threshold).")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Filter model folder or run folder.")
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Keep a text when softmax(itm)[1] > threshold (default: the recipe's filter.threshold)."
+        ),
+    ] = None,
     scores_from: Annotated[
-        Path | None, typer.Option("--scores-from", help="Re-apply --threshold to an earlier filter output's scores, without the model.")
+        Path | None,
+        typer.Option(
+            "--scores-from",
+            help="Re-apply --threshold to an earlier filter output's scores, without the model.",
+        ),
     ] = None,
     recipe: RecipeArgument = "demo",
     set_: SetOption = None,
@@ -70,4 +89,6 @@ def filter_(
         import json
 
         for origin, info in json.loads(summary.read_text()).get("origins", {}).items():
-            out.print(f"  {origin:>9}: kept {info['kept']} of {info['texts']} texts ({100 * info['kept_fraction']:.1f}%)")
+            out.print(
+                f"  {origin:>9}: kept {info['kept']} of {info['texts']} texts ({100 * info['kept_fraction']:.1f}%)"
+            )

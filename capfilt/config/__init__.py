@@ -40,7 +40,9 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     if shipped.is_file():
         return shipped
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-    raise ConfigError(f"recipe not found: '{recipe}' (a YAML path, or one of: {', '.join(names) or 'none shipped'})")
+    raise ConfigError(
+        f"recipe not found: '{recipe}' (a YAML path, or one of: {', '.join(names) or 'none shipped'})"
+    )
 
 
 def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:

@@ -73,7 +73,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for section {_type_name(tp)}, got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping for section {_type_name(tp)}, got {value!r}"
+            )
         return from_dict(tp, value, prefix=key)
     if tp is bool:
         if isinstance(value, bool):

@@ -59,7 +59,9 @@ class SynthConfig:
             raise ConfigError("synth.max_objects: only 1 or 2 objects per scene are supported")
         for kind, weight in self.noise_mix.items():
             if kind not in NOISE_KINDS:
-                raise ConfigError(f"synth.noise_mix.{kind}: unknown noise kind (known: {', '.join(NOISE_KINDS)})")
+                raise ConfigError(
+                    f"synth.noise_mix.{kind}: unknown noise kind (known: {', '.join(NOISE_KINDS)})"
+                )
             if weight < 0:
                 raise ConfigError(f"synth.noise_mix.{kind}: weight must be >= 0")
         if self.noise_rate > 0 and sum(self.noise_mix.values()) <= 0:
@@ -78,7 +80,7 @@ WEIGHT_INITS = get_args(WeightInit)
 
 @dataclass
 class ModelConfig:
-    """The MED model: ViT image encoder + BERT-style text encoder/decoder (SPEC §1)."""
+    """The MED model: ViT image encoder + BERT-style text encoder/decoder (docs/architecture.md §1)."""
 
     image_size: int = 224
     """Input image side in pixels."""
@@ -145,9 +147,13 @@ class ModelConfig:
             raise ConfigError("model.queue_size: must be >= 0")
         # the recipe loader checks the Literal choices; this also covers configs built in code
         if self.weight_init not in WEIGHT_INITS:
-            raise ConfigError(f"model.weight_init: one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'")
+            raise ConfigError(
+                f"model.weight_init: one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'"
+            )
         if self.image_pool not in IMAGE_POOLS:
-            raise ConfigError(f"model.image_pool: one of {', '.join(IMAGE_POOLS)}, got '{self.image_pool}'")
+            raise ConfigError(
+                f"model.image_pool: one of {', '.join(IMAGE_POOLS)}, got '{self.image_pool}'"
+            )
 
 
 @dataclass
@@ -165,7 +171,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Sample shuffle buffer per worker."""
     max_words: int = 30
-    """Captions are cut to this many words (SPEC §5)."""
+    """Captions are cut to this many words (docs/architecture.md §5)."""
     crop_scale: tuple[float, float] = (0.5, 1.0)
     """RandomResizedCrop scale range for training images."""
     hflip: bool = True
@@ -281,14 +287,18 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning of the captioner and the filter (SPEC §3 step 2)."""
+    """Fine-tuning of the captioner and the filter (docs/architecture.md §3 step 2)."""
 
     captioner: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=5, lr=1e-5, warmup_steps=0, schedule="cosine", weight_decay=0.05)
+        default_factory=lambda: TrainConfig(
+            epochs=5, lr=1e-5, warmup_steps=0, schedule="cosine", weight_decay=0.05
+        )
     )
     """Captioner optimisation (LM only)."""
     filter: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=6, lr=1e-5, warmup_steps=0, schedule="cosine", weight_decay=0.05)
+        default_factory=lambda: TrainConfig(
+            epochs=6, lr=1e-5, warmup_steps=0, schedule="cosine", weight_decay=0.05
+        )
     )
     """Filter optimisation (ITC + ITM)."""
 

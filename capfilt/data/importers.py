@@ -66,7 +66,9 @@ def coco_records(annotations: str | Path, images: str | Path) -> list[ImportReco
         raise ImportSourceError(f"image folder not found: {images}")
     data = json.loads(annotations.read_text())
     if "images" not in data or "annotations" not in data:
-        raise ImportSourceError(f"{annotations} is not a COCO caption file (needs 'images' and 'annotations')")
+        raise ImportSourceError(
+            f"{annotations} is not a COCO caption file (needs 'images' and 'annotations')"
+        )
     captions: dict[Any, list[str]] = {}
     for ann in data["annotations"]:
         captions.setdefault(ann["image_id"], []).append(ann["caption"])
@@ -74,7 +76,11 @@ def coco_records(annotations: str | Path, images: str | Path) -> list[ImportReco
     for img in sorted(data["images"], key=lambda im: im["id"]):
         path = images / img["file_name"]
         meta = {"coco_id": img["id"], "file_name": img["file_name"]}
-        records.append(ImportRecord(make_key("coco", img["id"]), _read_file(path), captions.get(img["id"], []), meta))
+        records.append(
+            ImportRecord(
+                make_key("coco", img["id"]), _read_file(path), captions.get(img["id"], []), meta
+            )
+        )
     return records
 
 
@@ -94,7 +100,9 @@ def table_records(
     table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     for column in (image_column, caption_column):
         if column not in table.columns:
-            raise ImportSourceError(f"{path} has no column '{column}' (columns: {', '.join(table.columns)})")
+            raise ImportSourceError(
+                f"{path} has no column '{column}' (columns: {', '.join(table.columns)})"
+            )
     root = Path(image_root) if image_root else path.parent
     grouped: dict[str, list[str]] = {}
     for image, caption in zip(table[image_column], table[caption_column]):
@@ -102,7 +110,12 @@ def table_records(
         if caption.strip():
             grouped[image].append(caption)
     return [
-        ImportRecord(make_key("row", i, Path(image).stem), _read_file(root / image), caps, {"image_path": image})
+        ImportRecord(
+            make_key("row", i, Path(image).stem),
+            _read_file(root / image),
+            caps,
+            {"image_path": image},
+        )
         for i, (image, caps) in enumerate(grouped.items())
     ]
 
@@ -118,11 +131,22 @@ def folder_records(folder: str | Path) -> list[ImportRecord]:
         captions = []
         if sidecar.is_file():
             try:
-                captions = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
+                captions = [
+                    line.strip()
+                    for line in sidecar.read_text(encoding="utf-8").splitlines()
+                    if line.strip()
+                ]
             except UnicodeDecodeError:
                 captions = []
         rel = path.relative_to(folder)
-        records.append(ImportRecord(make_key("file", *rel.with_suffix("").parts), _read_file(path), captions, {"file": str(rel)}))
+        records.append(
+            ImportRecord(
+                make_key("file", *rel.with_suffix("").parts),
+                _read_file(path),
+                captions,
+                {"file": str(rel)},
+            )
+        )
     return records
 
 
@@ -158,10 +182,14 @@ def _caption_list(value: Any) -> list[str]:
     return []
 
 
-def hf_records(path: str | Path, image_column: str = "image", caption_column: str = "caption") -> list[ImportRecord]:
+def hf_records(
+    path: str | Path, image_column: str = "image", caption_column: str = "caption"
+) -> list[ImportRecord]:
     """A ``datasets`` dataset saved with ``save_to_disk``, or parquet file(s) with an image column."""
     path = Path(path)
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+    if path.is_dir() and (
+        (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+    ):
         import datasets
 
         ds = datasets.load_from_disk(str(path))
@@ -170,17 +198,26 @@ def hf_records(path: str | Path, image_column: str = "image", caption_column: st
             ds = ds[split]
         for column in (image_column, caption_column):
             if column not in ds.column_names:
-                raise ImportSourceError(f"{path} has no column '{column}' (columns: {', '.join(ds.column_names)})")
+                raise ImportSourceError(
+                    f"{path} has no column '{column}' (columns: {', '.join(ds.column_names)})"
+                )
         if isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
         captions = ds[caption_column]
         return [
-            ImportRecord(make_key("hf", i), (lambda i=i: _image_bytes(ds[i][image_column], path)), _caption_list(c), {"row": i})
+            ImportRecord(
+                make_key("hf", i),
+                (lambda i=i: _image_bytes(ds[i][image_column], path)),
+                _caption_list(c),
+                {"row": i},
+            )
             for i, c in enumerate(captions)
         ]
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
-        raise ImportSourceError(f"no dataset saved with save_to_disk and no parquet files at {path}")
+        raise ImportSourceError(
+            f"no dataset saved with save_to_disk and no parquet files at {path}"
+        )
     records = []
     for file_index, file in enumerate(files):
         import pyarrow.parquet as pq
@@ -188,11 +225,23 @@ def hf_records(path: str | Path, image_column: str = "image", caption_column: st
         schema = pq.read_schema(file)
         for column in (image_column, caption_column):
             if column not in schema.names:
-                raise ImportSourceError(f"{file} has no column '{column}' (columns: {', '.join(schema.names)})")
+                raise ImportSourceError(
+                    f"{file} has no column '{column}' (columns: {', '.join(schema.names)})"
+                )
         captions = pq.read_table(file, columns=[caption_column]).column(caption_column).to_pylist()
         for row, value in enumerate(captions):
-            load = lambda file=file, row=row: _image_bytes(_parquet_images(file, image_column)[row].as_py(), file.parent)  # noqa: E731
-            records.append(ImportRecord(make_key("pq", file_index, row), load, _caption_list(value), {"file": file.name, "row": row}))
+
+            def load(file=file, row=row):
+                return _image_bytes(_parquet_images(file, image_column)[row].as_py(), file.parent)
+
+            records.append(
+                ImportRecord(
+                    make_key("pq", file_index, row),
+                    load,
+                    _caption_list(value),
+                    {"file": file.name, "row": row},
+                )
+            )
     return records
 
 
@@ -220,7 +269,16 @@ def import_records(
         raise ImportSourceError("shard size must be >= 1")
     caption_entry("", origin)  # validates origin early
     n_shards = (len(records) + shard_size - 1) // shard_size
-    chash = config_hash({"stage": "import", "source": source, "origin": origin, "shard_size": shard_size, "n": len(records), **(settings or {})})
+    chash = config_hash(
+        {
+            "stage": "import",
+            "source": source,
+            "origin": origin,
+            "shard_size": shard_size,
+            "n": len(records),
+            **(settings or {}),
+        }
+    )
 
     def produce(index: int, writer: ShardWriter) -> dict:
         for record in records[index * shard_size : (index + 1) * shard_size]:
@@ -242,9 +300,21 @@ def import_records(
                 writer.skip("undecodable_image", {**row, "detail": f"{type(err).__name__}: {err}"})
                 continue
             captions = [caption_entry(c, origin) for c in record.captions]
-            writer.write(build_sample(record.uid, data, captions, image_ext=ext, source=source, **record.meta))
+            writer.write(
+                build_sample(
+                    record.uid, data, captions, image_ext=ext, source=source, **record.meta
+                )
+            )
             writer.record({**row, "status": "kept", "reason": ""})
         return {"source": source}
 
     sizes = [len(records[i * shard_size : (i + 1) * shard_size]) for i in range(n_shards)]
-    return run_shard_stage(out_dir, n_shards, produce, stage="import", config_hash=chash, samples_per_shard=sizes, desc=f"import {source}")
+    return run_shard_stage(
+        out_dir,
+        n_shards,
+        produce,
+        stage="import",
+        config_hash=chash,
+        samples_per_shard=sizes,
+        desc=f"import {source}",
+    )

@@ -1,6 +1,6 @@
 """Streaming shard reader that skips bad samples and counts them by reason.
 
-Bad input never kills a job (CONVENTIONS.md): a truncated tar ends its shard early, an
+Bad input never kills a job: a truncated tar ends its shard early, an
 undecodable image, a missing or non-UTF-8 caption or broken json drops that sample, and each is
 counted in a ``SkipCounter`` and logged at a bounded rate. Memory does not grow with the number
 of shards: tars are read as streams, one at a time.
@@ -23,9 +23,15 @@ from capfilt.utils.logging import RateLimitedLog, get_logger
 
 log = get_logger("reader")
 
-_TAR_ERRORS = (tarfile.TarError, OSError, EOFError)  # bound here: generators closed at interpreter exit can't look up modules
+_TAR_ERRORS = (
+    tarfile.TarError,
+    OSError,
+    EOFError,
+)  # bound here: generators closed at interpreter exit can't look up modules
 
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # web images can be big; decompression bombs beyond this still fail
+Image.MAX_IMAGE_PIXELS = (
+    20_000 * 20_000
+)  # web images can be big; decompression bombs beyond this still fail
 
 
 class SampleError(Exception):
@@ -45,7 +51,12 @@ class SkipCounter:
 
     def skip(self, reason: str, where: str = "", detail: str = "") -> None:
         self.counts[reason] += 1
-        self._log.warning("skipping %s%s%s", reason, f" at {where}" if where else "", f" ({detail})" if detail else "")
+        self._log.warning(
+            "skipping %s%s%s",
+            reason,
+            f" at {where}" if where else "",
+            f" ({detail})" if detail else "",
+        )
 
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
@@ -136,7 +147,9 @@ def _text_of(raw: dict[str, Any]) -> str:
 def _captions_of(meta: dict[str, Any], text: str) -> list[dict[str, Any]]:
     """The json's caption entries when well formed, else the txt as one web caption."""
     captions = meta.get("captions")
-    if not isinstance(captions, list) or not all(isinstance(c, dict) and c.get("text") for c in captions):
+    if not isinstance(captions, list) or not all(
+        isinstance(c, dict) and c.get("text") for c in captions
+    ):
         return [{"text": text, "origin": "web"}] if text else []
     return captions
 
@@ -160,7 +173,9 @@ def decode_sample(raw: dict[str, Any], require_caption: bool = True) -> Sample:
         text = captions[0]["text"]
     if require_caption and not text:
         raise SampleError("missing_caption")
-    extra = {k: v for k, v in raw.items() if not k.startswith("__") and k not in (ext, "txt", "json")}
+    extra = {
+        k: v for k, v in raw.items() if not k.startswith("__") and k not in (ext, "txt", "json")
+    }
     return Sample(
         key=key,
         url=raw.get("__url__", ""),

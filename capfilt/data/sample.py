@@ -1,4 +1,4 @@
-"""The one sample layout every stage reads and writes (CONVENTIONS.md, "Shards").
+"""The one sample layout every stage reads and writes (docs/architecture.md, "One sample").
 
 A sample is ``__key__`` (stable uid, no dots), one image field (``jpg``/``png``/``webp``), ``txt``
 (the caption used for training) and ``json``: ``uid``, ``source``, ``captions`` (a list of

@@ -60,24 +60,41 @@ def run_shard_stage(
     dist = dist or current_dist_info()
     result = StageResult(out_dir)
     mine = list(range(dist.rank, n_shards, dist.world_size))
-    for index in mine:  # temporaries of a killed run (only this rank's: others may be writing theirs)
+    for (
+        index
+    ) in mine:  # temporaries of a killed run (only this rank's: others may be writing theirs)
         for tmp in out_dir.glob(f".{shard_name(index, prefix)}[._]*.tmp*"):
             tmp.unlink(missing_ok=True)
     todo = [i for i in mine if not is_shard_done(out_dir, i, config_hash, prefix)]
     result.skipped_existing = [i for i in mine if i not in todo]
     if result.skipped_existing:
-        log.info("%s: %d of %d shards already done, resuming", stage, len(result.skipped_existing), len(mine))
+        log.info(
+            "%s: %d of %d shards already done, resuming",
+            stage,
+            len(result.skipped_existing),
+            len(mine),
+        )
     total = sum(samples_per_shard[i] for i in todo) if samples_per_shard else None
     with ProgressReporter(desc or stage, total=total, enabled=dist.is_main) as progress:
         for index in todo:
             try:
-                with ShardWriter(out_dir, index, stage=stage, config_hash=config_hash, prefix=prefix) as writer:
+                with ShardWriter(
+                    out_dir, index, stage=stage, config_hash=config_hash, prefix=prefix
+                ) as writer:
                     extra = produce(index, writer)
                     stats = writer.commit(extra)
             except KeyboardInterrupt:
                 raise
-            except Exception as err:  # one bad shard must not lose the others; exit code 3 says retry
-                log.error("%s: shard %s failed: %s\n%s", stage, shard_name(index, prefix), err, traceback.format_exc())
+            except (
+                Exception
+            ) as err:  # one bad shard must not lose the others; exit code 3 says retry
+                log.error(
+                    "%s: shard %s failed: %s\n%s",
+                    stage,
+                    shard_name(index, prefix),
+                    err,
+                    traceback.format_exc(),
+                )
                 result.failed[index] = f"{type(err).__name__}: {err}"
                 continue
             result.done.append(index)
@@ -88,7 +105,15 @@ def run_shard_stage(
         write_sizes(out_dir, prefix=prefix, names=names)
     result.stats = collect_stats(out_dir, names=names)
     n_bad = sum(result.stats["skipped"].values())
-    if result.stats["input_count"] > 0 and n_bad == result.stats["input_count"] and not result.failed:
-        reasons = ", ".join(f"{k}: {v}" for k, v in result.stats["skipped"].items()) or "none recorded"
-        raise StageError(f"{stage}: every input sample was rejected ({reasons}); check the input data")
+    if (
+        result.stats["input_count"] > 0
+        and n_bad == result.stats["input_count"]
+        and not result.failed
+    ):
+        reasons = (
+            ", ".join(f"{k}: {v}" for k, v in result.stats["skipped"].items()) or "none recorded"
+        )
+        raise StageError(
+            f"{stage}: every input sample was rejected ({reasons}); check the input data"
+        )
     return result

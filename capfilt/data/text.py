@@ -1,4 +1,4 @@
-"""Caption preprocessing (SPEC §5, as BLIP's ``pre_caption``)."""
+"""Caption preprocessing (docs/architecture.md §5, as BLIP's ``pre_caption``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image–text retrieval evaluation in the BLIP / ALBEF scheme (SPEC §4).
+"""Image–text retrieval evaluation in the BLIP / ALBEF scheme (docs/architecture.md §4).
 
     metrics = evaluate_retrieval("runs/pretrain", ["data/test"], k=256)
 
@@ -46,7 +46,17 @@ log = get_logger("eval.retrieval")
 RECALL_KS = (1, 5, 10)
 """The K of the reported R@K."""
 
-METRIC_KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_mean", "ir_mean", "r_mean")
+METRIC_KEYS = (
+    "tr_r1",
+    "tr_r5",
+    "tr_r10",
+    "ir_r1",
+    "ir_r5",
+    "ir_r10",
+    "tr_mean",
+    "ir_mean",
+    "r_mean",
+)
 """Keys of :func:`recall_at_k`'s result, in report order."""
 
 NOT_RERANKED = -100.0
@@ -85,8 +95,12 @@ class RetrievalFeatures:
     def __post_init__(self) -> None:
         self.txt2img = torch.as_tensor(self.txt2img, dtype=torch.long)
         if self.txt2img.shape != (self.text_feat.shape[0],):
-            raise ValueError(f"txt2img: expected {self.text_feat.shape[0]} entries, got {tuple(self.txt2img.shape)}")
-        if self.n_texts and (int(self.txt2img.min()) < 0 or int(self.txt2img.max()) >= self.n_images):
+            raise ValueError(
+                f"txt2img: expected {self.text_feat.shape[0]} entries, got {tuple(self.txt2img.shape)}"
+            )
+        if self.n_texts and (
+            int(self.txt2img.min()) < 0 or int(self.txt2img.max()) >= self.n_images
+        ):
             raise ValueError("txt2img: image index out of range")
 
     @property
@@ -109,7 +123,11 @@ class RetrievalFeatures:
 def _is_shard_spec(data: Any) -> bool:
     if isinstance(data, str | Path):
         return True
-    return isinstance(data, list | tuple) and bool(data) and all(isinstance(x, str | Path) for x in data)
+    return (
+        isinstance(data, list | tuple)
+        and bool(data)
+        and all(isinstance(x, str | Path) for x in data)
+    )
 
 
 def _iter_samples(data: Any, counter: SkipCounter) -> Iterable[Sample]:
@@ -174,7 +192,9 @@ def compute_features(
         text_masks.append(mask)
         n_text_done = end
 
-    with ProgressReporter("retrieval features", unit="images", enabled=show_progress and current_dist_info().is_main) as progress:
+    with ProgressReporter(
+        "retrieval features", unit="images", enabled=show_progress and current_dist_info().is_main
+    ) as progress:
         for sample in _iter_samples(data, counter):
             index = len(image_keys)
             image_keys.append(sample.key)
@@ -253,7 +273,9 @@ class Ranking:
         n_query = self.indices.shape[0]
         if self.k == 0:
             if not self.complete:
-                raise ValueError("dense(): a k = 0 ranking must be complete (retrieval_scores(..., full=True))")
+                raise ValueError(
+                    "dense(): a k = 0 ranking must be complete (retrieval_scores(..., full=True))"
+                )
             head = self.indices.shape[1]
         else:
             head = min(self.k, self.indices.shape[1])
@@ -278,7 +300,9 @@ class RetrievalScores:
         return self.i2t.dense(), self.t2i.dense()
 
 
-def _itc_head(query: torch.Tensor, cand: torch.Tensor, m: int, chunk_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _itc_head(
+    query: torch.Tensor, cand: torch.Tensor, m: int, chunk_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-m candidates of each query by cosine, computed ``chunk_size`` query rows at a time.
 
     Returns (cosines, indices), each [N_query, m], sorted descending. A stable sort (not topk)
@@ -308,7 +332,9 @@ def itm_pair_logits(
 ) -> torch.Tensor:
     """ITM match logit (index 1, no softmax) of each (image_index[p], text_index[p]) pair, float32 on CPU."""
     if feats.image_embeds is None or feats.text_ids is None or feats.text_mask is None:
-        raise ValueError("k > 0 needs image_embeds, text_ids and text_mask in the features (compute_features)")
+        raise ValueError(
+            "k > 0 needs image_embeds, text_ids and text_mask in the features (compute_features)"
+        )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -332,7 +358,9 @@ def itm_pair_logits(
     return out
 
 
-def _rerank_head(cos: torch.Tensor, idx: torch.Tensor, itm: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rerank_head(
+    cos: torch.Tensor, idx: torch.Tensor, itm: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace the first k cosines by ``itm + cos`` and re-sort those k entries; the tail keeps its order."""
     if k == 0:
         return cos, idx
@@ -387,8 +415,15 @@ def score_rows(
         code_t2i = idx_t2i[:, :k_t2i].reshape(-1) * n_txt + rows_txt
         unique, inverse = torch.unique(torch.cat([code_i2t, code_t2i]), return_inverse=True)
         n_pairs = int(unique.numel())
-        with ProgressReporter("retrieval itm", total=n_pairs, unit="pairs", enabled=show_progress and current_dist_info().is_main) as progress:
-            logits = itm_pair_logits(model, feats, unique // n_txt, unique % n_txt, batch_size, device, progress)
+        with ProgressReporter(
+            "retrieval itm",
+            total=n_pairs,
+            unit="pairs",
+            enabled=show_progress and current_dist_info().is_main,
+        ) as progress:
+            logits = itm_pair_logits(
+                model, feats, unique // n_txt, unique % n_txt, batch_size, device, progress
+            )
         itm_i2t, itm_t2i = logits[inverse[: code_i2t.numel()]], logits[inverse[code_i2t.numel() :]]
 
     s_i2t, i_i2t = _rerank_head(cos_i2t, idx_i2t, itm_i2t, k_i2t)
@@ -414,9 +449,13 @@ def _gather_rows(t: torch.Tensor, n: int, world: int, device: torch.device) -> t
     from capfilt.model.distributed import all_gather_no_grad
 
     size = -(-n // world)
-    padded = F.pad(t, (0, 0, 0, size - t.shape[0])) if t.shape[0] < size else t  # all_gather needs equal shapes
+    padded = (
+        F.pad(t, (0, 0, 0, size - t.shape[0])) if t.shape[0] < size else t
+    )  # all_gather needs equal shapes
     # NCCL only gathers device tensors; gloo is happy with CPU ones
-    return all_gather_no_grad(padded.to(device))[:n].cpu()  # rank r's block sits at rows [r*size, (r+1)*size)
+    return all_gather_no_grad(padded.to(device))[
+        :n
+    ].cpu()  # rank r's block sits at rows [r*size, (r+1)*size)
 
 
 def retrieval_scores(
@@ -429,7 +468,7 @@ def retrieval_scores(
     full: bool = False,
     show_progress: bool = False,
 ) -> RetrievalScores:
-    """Rank all texts for each image and all images for each text (SPEC §4; see module doc).
+    """Rank all texts for each image and all images for each text (docs/architecture.md §4; see module doc).
 
     - ``k``: candidates per query re-ranked with ITM logit + cosine; 0 = cosine only; ``k >= N``
       re-ranks everything. ``model`` may be None when k = 0.
@@ -487,13 +526,17 @@ def recall_at_k(
     txt2img = torch.as_tensor(txt2img, dtype=torch.long)
     n_img, n_txt = i2t.indices.shape[0], t2i.indices.shape[0]
     if txt2img.numel() != n_txt or i2t.n_candidates != n_txt or t2i.n_candidates != n_img:
-        raise ValueError(f"shapes disagree: i2t {n_img}x{i2t.n_candidates}, t2i {n_txt}x{t2i.n_candidates}, txt2img {txt2img.numel()}")
+        raise ValueError(
+            f"shapes disagree: i2t {n_img}x{i2t.n_candidates}, t2i {n_txt}x{t2i.n_candidates}, txt2img {txt2img.numel()}"
+        )
     tr_rank = _first_hit(txt2img[i2t.indices] == torch.arange(n_img).unsqueeze(1))
     ir_rank = _first_hit(t2i.indices == txt2img.unsqueeze(1))
     out: dict[str, float] = {}
     for name, rank in (("tr", tr_rank), ("ir", ir_rank)):
         for kk in RECALL_KS:
-            out[f"{name}_r{kk}"] = 100.0 * float((rank < kk).float().mean()) if rank.numel() else 0.0
+            out[f"{name}_r{kk}"] = (
+                100.0 * float((rank < kk).float().mean()) if rank.numel() else 0.0
+            )
         out[f"{name}_mean"] = sum(out[f"{name}_r{kk}"] for kk in RECALL_KS) / len(RECALL_KS)
     out["r_mean"] = (out["tr_mean"] + out["ir_mean"]) / 2
     return {key: out[key] for key in METRIC_KEYS}
@@ -534,8 +577,19 @@ def evaluate_retrieval(
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     start = time.perf_counter()
-    feats = compute_features(model, tokenizer, shards, batch_size, max_words, device, show_progress=show_progress, meta=meta)
-    scores = retrieval_scores(model, feats, k, batch_size, chunk_size, device, show_progress=show_progress)
+    feats = compute_features(
+        model,
+        tokenizer,
+        shards,
+        batch_size,
+        max_words,
+        device,
+        show_progress=show_progress,
+        meta=meta,
+    )
+    scores = retrieval_scores(
+        model, feats, k, batch_size, chunk_size, device, show_progress=show_progress
+    )
     metrics: dict[str, Any] = recall_at_k(scores.i2t, scores.t2i, feats.txt2img)
     metrics.update(
         n_images=feats.n_images,

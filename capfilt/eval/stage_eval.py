@@ -1,7 +1,7 @@
 """Evaluations of the CapFilt stages: the captioner on test shards, the filter from its score tables.
 
-    capfilt eval caption --model runs/captioner --shards data/test
-    capfilt eval filter --scores data/web_filtered
+capfilt eval caption --model runs/captioner --shards data/test
+capfilt eval filter --scores data/web_filtered
 """
 
 from __future__ import annotations
@@ -71,7 +71,10 @@ def evaluate_captioner(
     result["method"] = cfg.method
     result["truth_rate"] = sum(verdicts) / len(verdicts) if verdicts else None
     result["skipped"] = counter.as_dict()
-    result["examples"] = [{"uid": k, "caption": v, "references": references[k][:2]} for k, v in list(predictions.items())[:10]]
+    result["examples"] = [
+        {"uid": k, "caption": v, "references": references[k][:2]}
+        for k, v in list(predictions.items())[:10]
+    ]
     return result
 
 
@@ -107,6 +110,9 @@ def evaluate_filter(scores: str | Path, threshold: float) -> dict[str, Any]:
             synthetic["origin"] = "web"  # scored with the same rules as web texts
             if len(synthetic):
                 sub = filter_report(synthetic, threshold)
-                report["synthetic"] = {k: sub.get(k) for k in ("precision", "recall", "f1", "auc", "n_truth", "n_noisy")}
+                report["synthetic"] = {
+                    k: sub.get(k)
+                    for k in ("precision", "recall", "f1", "auc", "n_truth", "n_noisy")
+                }
                 report["synthetic"]["true_fraction"] = float(synthetic["clean"].mean())
     return report

@@ -33,7 +33,9 @@ from capfilt.utils.logging import get_logger
 log = get_logger("caption")
 
 
-def caption_shards(model_path: str | Path, shards: list[str], out_dir: str | Path, cfg: CaptionConfig) -> StageResult:
+def caption_shards(
+    model_path: str | Path, shards: list[str], out_dir: str | Path, cfg: CaptionConfig
+) -> StageResult:
     """Caption every image of ``shards`` into ``out_dir``; resumable and rank-split."""
     dist = init_distributed()
     device = default_device()
@@ -43,7 +45,9 @@ def caption_shards(model_path: str | Path, shards: list[str], out_dir: str | Pat
         log.warning("model %s was made by stage '%s', not a captioner", folder, meta.get("stage"))
     captioner_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
     transform = eval_transform_for(meta, mcfg)
-    chash = config_hash({"stage": "caption", "model": captioner_id, "caption": to_dict(cfg), "inputs": urls})
+    chash = config_hash(
+        {"stage": "caption", "model": captioner_id, "caption": to_dict(cfg), "inputs": urls}
+    )
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("caption")
@@ -51,18 +55,45 @@ def caption_shards(model_path: str | Path, shards: list[str], out_dir: str | Pat
         n_captions = 0
         for batch_index, batch in enumerate(batched(samples, cfg.batch_size)):
             images = torch.stack([transform(s.image) for s in batch]).to(device)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index * 10_007 + batch_index)
+            generator = torch.Generator().manual_seed(
+                cfg.seed * 1_000_003 + index * 10_007 + batch_index
+            )
             with autocast(device):
-                captions = generate_captions(model, tokenizer, images, cfg, cfg.num_captions, generator)
+                captions = generate_captions(
+                    model, tokenizer, images, cfg, cfg.num_captions, generator
+                )
             for sample, texts in zip(batch, captions):
-                entries = [{"text": t, "origin": "synthetic", "model": captioner_id} for t in texts if t]
+                entries = [
+                    {"text": t, "origin": "synthetic", "model": captioner_id} for t in texts if t
+                ]
                 txt = sample.text if sample.text else (entries[0]["text"] if entries else "")
                 writer.write(output_sample(sample, list(sample.captions) + entries, txt))
-                writer.record({"uid": sample.key, "status": "kept", "reason": "", "n_synthetic": len(entries), "synthetic": [e["text"] for e in entries]})
+                writer.record(
+                    {
+                        "uid": sample.key,
+                        "status": "kept",
+                        "reason": "",
+                        "n_synthetic": len(entries),
+                        "synthetic": [e["text"] for e in entries],
+                    }
+                )
                 n_captions += len(entries)
         writer.add_skipped(counter.counts)
-        return {"input_shard": urls[index], "captioner": captioner_id, "synthetic_captions": n_captions}
+        return {
+            "input_shard": urls[index],
+            "captioner": captioner_id,
+            "synthetic_captions": n_captions,
+        }
 
     sizes = shard_sizes(urls)
     known = None if any(s is None for s in sizes) else [int(s) for s in sizes]  # type: ignore[arg-type]
-    return run_shard_stage(out_dir, len(urls), produce, stage="caption", config_hash=chash, samples_per_shard=known, dist=dist, desc="caption")
+    return run_shard_stage(
+        out_dir,
+        len(urls),
+        produce,
+        stage="caption",
+        config_hash=chash,
+        samples_per_shard=known,
+        dist=dist,
+        desc="caption",
+    )

@@ -43,7 +43,14 @@ FILTERED_ORIGINS = ("web", "synthetic")
 
 
 @torch.no_grad()
-def score_pairs(model, tokenizer, images: torch.Tensor, image_index: torch.Tensor, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(
+    model,
+    tokenizer,
+    images: torch.Tensor,
+    image_index: torch.Tensor,
+    texts: list[str],
+    max_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair."""
     image_embeds = model.encode_image(images)
     image_feat = model.image_features(image_embeds)
@@ -73,7 +80,9 @@ def is_kept(entry: dict[str, Any], threshold: float) -> bool:
     return entry.get("origin") not in FILTERED_ORIGINS or entry["itm_score"] > threshold
 
 
-def filter_shards(model_path: str | Path, shards: list[str], out_dir: str | Path, cfg: FilterConfig) -> StageResult:
+def filter_shards(
+    model_path: str | Path, shards: list[str], out_dir: str | Path, cfg: FilterConfig
+) -> StageResult:
     """Score and filter every text of ``shards`` into ``out_dir``; resumable and rank-split."""
     init_distributed()
     device = default_device()
@@ -81,7 +90,9 @@ def filter_shards(model_path: str | Path, shards: list[str], out_dir: str | Path
     model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
     filter_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
     transform = eval_transform_for(meta, mcfg)
-    chash = config_hash({"stage": "filter", "model": filter_id, "filter": to_dict(cfg), "inputs": urls})
+    chash = config_hash(
+        {"stage": "filter", "model": filter_id, "filter": to_dict(cfg), "inputs": urls}
+    )
     info = {"model": filter_id, "threshold": cfg.threshold}
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
@@ -91,10 +102,19 @@ def filter_shards(model_path: str | Path, shards: list[str], out_dir: str | Path
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
             image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
             with autocast(device):
-                itm, cosine = score_pairs(model, tokenizer, images, image_index, [c["text"] for _, c in pairs], mcfg.max_text_len)
+                itm, cosine = score_pairs(
+                    model,
+                    tokenizer,
+                    images,
+                    image_index,
+                    [c["text"] for _, c in pairs],
+                    mcfg.max_text_len,
+                )
             scored: list[list[dict]] = [[] for _ in batch]
             for (i, caption), score, cos in zip(pairs, itm.tolist(), cosine.tolist()):
-                scored[i].append({**caption, "itm_score": round(score, 6), "itc_cosine": round(cos, 6)})
+                scored[i].append(
+                    {**caption, "itm_score": round(score, 6), "itc_cosine": round(cos, 6)}
+                )
             _write_batch(writer, batch, scored, cfg.threshold, info)
         writer.add_skipped(counter.counts)
         return {"input_shard": urls[index], "filter": filter_id, "threshold": cfg.threshold}
@@ -102,7 +122,9 @@ def filter_shards(model_path: str | Path, shards: list[str], out_dir: str | Path
     return _run(out_dir, urls, produce, chash)
 
 
-def _write_batch(writer: ShardWriter, batch: list[Sample], scored: list[list[dict]], threshold: float, info: dict) -> None:
+def _write_batch(
+    writer: ShardWriter, batch: list[Sample], scored: list[list[dict]], threshold: float, info: dict
+) -> None:
     for sample, entries in zip(batch, scored):
         decisions = [is_kept(entry, threshold) for entry in entries]
         kept = [e for e, keep in zip(entries, decisions) if keep]
@@ -121,7 +143,9 @@ def _write_batch(writer: ShardWriter, batch: list[Sample], scored: list[list[dic
                 }
             )
         if kept:
-            writer.write(output_sample(sample, kept, kept[0]["text"], filter={**info, "rejected": rejected}))
+            writer.write(
+                output_sample(sample, kept, kept[0]["text"], filter={**info, "rejected": rejected})
+            )
         else:
             writer.drop("no_text_kept")
 
@@ -129,13 +153,25 @@ def _write_batch(writer: ShardWriter, batch: list[Sample], scored: list[list[dic
 def _run(out_dir, urls: list[str], produce: Callable, chash: str) -> StageResult:
     sizes = shard_sizes(urls)
     known = None if any(s is None for s in sizes) else [int(s) for s in sizes]  # type: ignore[arg-type]
-    result = run_shard_stage(out_dir, len(urls), produce, stage="filter", config_hash=chash, samples_per_shard=known, desc="filter")
+    result = run_shard_stage(
+        out_dir,
+        len(urls),
+        produce,
+        stage="filter",
+        config_hash=chash,
+        samples_per_shard=known,
+        desc="filter",
+    )
     if current_dist_info().is_main:
-        atomic_write_json(Path(out_dir) / "summary.json", summarize(Path(out_dir), n_shards=len(urls)))
+        atomic_write_json(
+            Path(out_dir) / "summary.json", summarize(Path(out_dir), n_shards=len(urls))
+        )
     return result
 
 
-def rethreshold_shards(scores_from: str | Path, shards: list[str], out_dir: str | Path, threshold: float) -> StageResult:
+def rethreshold_shards(
+    scores_from: str | Path, shards: list[str], out_dir: str | Path, threshold: float
+) -> StageResult:
     """Re-apply a threshold to the scores of an earlier ``capfilt filter`` run, without the model.
 
     ``scores_from`` is that run's output folder (its per-shard parquet); ``shards`` are the same
@@ -147,26 +183,48 @@ def rethreshold_shards(scores_from: str | Path, shards: list[str], out_dir: str 
     for index in range(len(urls)):
         path = parquet_path(scores_from, index)
         if not path.is_file():
-            raise ConfigError(f"{path} missing: --scores-from must be the output of a filter run over the same --shards")
+            raise ConfigError(
+                f"{path} missing: --scores-from must be the output of a filter run over the same --shards"
+            )
         tables[index] = path
     first = stats_path(scores_from, 0)
     previous = json.loads(first.read_text()) if first.is_file() else {}
-    info = {"model": previous.get("filter", "unknown"), "threshold": threshold, "rescored_from": str(scores_from)}
-    chash = config_hash({"stage": "filter-rethreshold", "threshold": threshold, "scores_from": str(scores_from.resolve()), "inputs": urls})
+    info = {
+        "model": previous.get("filter", "unknown"),
+        "threshold": threshold,
+        "rescored_from": str(scores_from),
+    }
+    chash = config_hash(
+        {
+            "stage": "filter-rethreshold",
+            "threshold": threshold,
+            "scores_from": str(scores_from.resolve()),
+            "inputs": urls,
+        }
+    )
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         table = pd.read_parquet(tables[index])
         # a shard whose every input sample was bad has a parquet without rows (and columns)
-        by_uid = {uid: rows.sort_values("text_index") for uid, rows in table.groupby("uid", sort=False)} if len(table) else {}
+        by_uid = (
+            {uid: rows.sort_values("text_index") for uid, rows in table.groupby("uid", sort=False)}
+            if len(table)
+            else {}
+        )
         counter = SkipCounter("filter")
         for batch in batched(read_samples([urls[index]], counter), 256):
             scored = []
             for sample in batch:
                 rows = by_uid.get(sample.key)
                 if rows is None or len(rows) != len(sample.captions):
-                    raise ConfigError(f"scores for {sample.key} do not match its captions: was --scores-from made from these shards?")
+                    raise ConfigError(
+                        f"scores for {sample.key} do not match its captions: was --scores-from made from these shards?"
+                    )
                 scored.append(
-                    [{**c, "itm_score": float(r.itm_score), "itc_cosine": float(r.itc_cosine)} for c, r in zip(sample.captions, rows.itertuples())]
+                    [
+                        {**c, "itm_score": float(r.itm_score), "itc_cosine": float(r.itc_cosine)}
+                        for c, r in zip(sample.captions, rows.itertuples())
+                    ]
                 )
             _write_batch(writer, batch, scored, threshold, info)
         writer.add_skipped(counter.counts)

@@ -102,10 +102,14 @@ class TrainStream(IterableDataset):
         self.max_words = max_words
         self.skips = SkipCounter("train-data")
 
-    def _split_samples(self, urls: list[str], split: int, n_splits: int, pass_rng: random.Random) -> Iterator[dict]:
+    def _split_samples(
+        self, urls: list[str], split: int, n_splits: int, pass_rng: random.Random
+    ) -> Iterator[dict]:
         """One pass over this split's share of ``urls`` (already in this epoch's order)."""
         if len(urls) >= n_splits:
-            mine = urls[split::n_splits]  # fixed for the epoch: ranks never read each other's shards
+            mine = urls[
+                split::n_splits
+            ]  # fixed for the epoch: ranks never read each other's shards
             pass_rng.shuffle(mine)
             for url in mine:
                 yield from iter_tar_samples(url, self.skips)
@@ -122,7 +126,11 @@ class TrainStream(IterableDataset):
         source = self.sources[si]
         known = count_samples(source.urls)
         # A buffer larger than the split's share would hold back the first samples for many passes.
-        size = self.shuffle_buffer if known is None else max(1, min(self.shuffle_buffer, known // n_splits))
+        size = (
+            self.shuffle_buffer
+            if known is None
+            else max(1, min(self.shuffle_buffer, known // n_splits))
+        )
         rng = random.Random(_seed(self.seed, self.epoch, si, split, "buffer"))
         order = list(source.urls)
         random.Random(_seed(self.seed, self.epoch, si, "shards")).shuffle(order)
@@ -139,7 +147,9 @@ class TrainStream(IterableDataset):
                 buffer[j], sample = sample, buffer[j]
                 yield sample
             if got == 0:
-                raise RuntimeError(f"shard source {source.name} gives no samples to reader {split} of {n_splits}")
+                raise RuntimeError(
+                    f"shard source {source.name} gives no samples to reader {split} of {n_splits}"
+                )
 
     def _decode(self, raw: dict, rng: random.Random) -> tuple[torch.Tensor, str, int, str] | None:
         try:
@@ -165,7 +175,10 @@ class TrainStream(IterableDataset):
         b = self.skip_batches
         to_skip = (b - virtual + n_workers - 1) // n_workers if b > virtual else 0
         for local_batch in itertools.count():
-            raws = [next(streams[mix.choices(range(len(streams)), weights)[0]]) for _ in range(self.batch_size)]
+            raws = [
+                next(streams[mix.choices(range(len(streams)), weights)[0]])
+                for _ in range(self.batch_size)
+            ]
             if local_batch < to_skip:
                 continue
             decoded = []

@@ -1,4 +1,4 @@
-"""AdamW with BLIP's parameter groups and learning-rate schedules (SPEC §5)."""
+"""AdamW with BLIP's parameter groups and learning-rate schedules (docs/architecture.md §5)."""
 
 from __future__ import annotations
 
@@ -27,11 +27,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(param)
         else:
             decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas)
+    )
 
 
 def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:

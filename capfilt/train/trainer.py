@@ -44,7 +44,7 @@ from capfilt.utils.progress import ProgressReporter
 log = get_logger("train")
 
 STAGE_LOSSES = {"pretrain": ("itc", "itm", "lm"), "captioner": ("lm",), "filter": ("itc", "itm")}
-"""Losses per stage (SPEC §3: the captioner fine-tunes with LM only, the filter with ITC + ITM)."""
+"""Losses per stage (docs/architecture.md §3: the captioner fine-tunes with LM only, the filter with ITC + ITM)."""
 
 TOKENIZER_TEXTS = 200_000
 """Captions read to train a WordPiece tokenizer (plenty for a vocabulary of a few thousand)."""

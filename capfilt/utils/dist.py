@@ -66,7 +66,9 @@ def current_dist_info() -> DistInfo:
     if is_distributed():
         import torch.distributed as dist
 
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        )
     return env_dist_info()
 
 

@@ -14,7 +14,9 @@ def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
 
 
-def setup_logging(level: str | int = "INFO", log_file: str | Path | None = None, rank: int = 0) -> None:
+def setup_logging(
+    level: str | int = "INFO", log_file: str | Path | None = None, rank: int = 0
+) -> None:
     """Log to stderr (rank 0 only, others warn and above) and, when given, to a file."""
     root = logging.getLogger(LOGGER_NAME)
     root.setLevel(logging.DEBUG)

@@ -26,7 +26,10 @@ def main(out_path: str) -> None:
     info = init_distributed()
     cfg = load_recipe("tiny", ["model.text_dropout=0.0", "model.queue_size=32"]).model
     gen = torch.Generator().manual_seed(0)
-    texts = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (6,), generator=gen)) for _ in range(GLOBAL_BATCH)]
+    texts = [
+        " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (6,), generator=gen))
+        for _ in range(GLOBAL_BATCH)
+    ]
     images = torch.randn(GLOBAL_BATCH, 3, cfg.image_size, cfg.image_size, generator=gen)
     tokenizer = train_wordpiece_tokenizer(WORDS * 4, 100)
     torch.manual_seed(0)
@@ -36,7 +39,11 @@ def main(out_path: str) -> None:
     lo, hi = info.rank * b, (info.rank + 1) * b
     ids, mask = tokenize(tokenizer, texts, cfg.max_text_len)
     out = model.forward_pretrain(
-        images[lo:hi], ids[lo:hi], mask[lo:hi], image_ids=torch.arange(GLOBAL_BATCH)[lo:hi], alpha=0.4,
+        images[lo:hi],
+        ids[lo:hi],
+        mask[lo:hi],
+        image_ids=torch.arange(GLOBAL_BATCH)[lo:hi],
+        alpha=0.4,
         generator=torch.Generator().manual_seed(123),
     )
     out["loss"].backward()
@@ -50,7 +57,10 @@ def main(out_path: str) -> None:
         parts /= info.world_size
     if info.is_main:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in zip(names, params)}
+        grads = {
+            n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in zip(names, params)
+        }
         torch.save({"losses": parts, "grads": grads}, out_path)
     destroy_distributed()
 
