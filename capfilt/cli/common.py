@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import errno
+import pickle
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.syntax import Syntax
+from rich.text import Text
 
 from capfilt.config import ConfigError, Recipe, dump_yaml, load_recipe
+from capfilt.data.shards import ShardSpecError
+from capfilt.data.stage import StageError
+from capfilt.utils.lock import FolderInUseError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
-console = Console(stderr=True)
-out = Console()
+# Markup off: paths, captions and origins are user data, and "[/]" or "[bold]" in them must print
+# as written (with markup on, rich parses them: a MarkupError, or text silently removed). Styled
+# output is built as rich Text instead.
+console = Console(stderr=True, markup=False)
+out = Console(markup=False)
+
+
+class CliState:
+    """Options of the root command that error reporting needs."""
+
+    verbose: bool = False
+
+
+def styled(label: str, style: str, message: str = "") -> Text:
+    """``label`` in ``style``, then ``message`` as plain text."""
+    return Text.assemble((label, style), f" {message}" if message else "")
+
 
 SetOption = Annotated[
     list[str] | None,
@@ -35,9 +56,52 @@ RecipeArgument = Annotated[
 ]
 
 
+def print_error(message: str) -> None:
+    console.print(styled("error:", "bold red", message))
+
+
 def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    print_error(message)
     return typer.Exit(code)
+
+
+_PATH_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+_SPACE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def describe_error(err: BaseException) -> tuple[int, str]:
+    """The exit code and one-line message for an exception that reached the command line.
+
+    The one place that maps library errors to exit codes: a wrong recipe, option, path or input
+    file exits 2 (usage); a folder another job holds exits 2; a full disk exits 1 (free space and
+    re-run: finished shards and checkpoints are kept); anything else exits 1 with its type and
+    message (``--verbose`` prints the traceback).
+    """
+    if isinstance(err, ConfigError | ShardSpecError | FolderInUseError):
+        return EXIT_USAGE, str(err)
+    if isinstance(err, StageError):
+        return EXIT_FAILURE, str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        return EXIT_USAGE, f"not a readable checkpoint: {err}"
+    if isinstance(err, OSError) and err.errno is not None:
+        where = err.filename if err.filename is not None else ""
+        if err.errno in _PATH_ERRNOS:
+            reason = _PATH_ERRNOS[err.errno]
+            return EXIT_USAGE, f"{where}: {reason}" if where else reason
+        if err.errno in _SPACE_ERRNOS:
+            return EXIT_FAILURE, (
+                f"{_SPACE_ERRNOS[err.errno]} while writing {where or 'the output'}; free space and "
+                "re-run the same command (finished shards and checkpoints are kept)"
+            )
+    text = str(err).splitlines()[0] if str(err) else ""
+    name = type(err).__name__
+    return EXIT_FAILURE, (
+        f"{name}: {text}" if text else name
+    ) + " (capfilt --verbose ... prints the traceback)"
 
 
 def resolve(
@@ -74,6 +138,8 @@ def report_stage(result, what: str) -> None:
         out.print(f"  skipped {count} bad input sample(s): {reason}")
     if result.partial:
         out.print(
-            f"[yellow]{len(result.failed)} shard(s) failed; re-run the same command to retry[/]"
+            styled(
+                f"{len(result.failed)} shard(s) failed; re-run the same command to retry", "yellow"
+            )
         )
         raise typer.Exit(EXIT_PARTIAL)

@@ -17,10 +17,7 @@ from capfilt.cli import (
     report_cmds,
     train_cmds,
 )
-from capfilt.cli.common import EXIT_FAILURE, EXIT_USAGE, console
-from capfilt.config import ConfigError
-from capfilt.data.shards import ShardSpecError
-from capfilt.data.stage import StageError
+from capfilt.cli.common import CliState, console, describe_error, print_error, styled
 from capfilt.utils.logging import setup_logging
 
 app = typer.Typer(
@@ -61,24 +58,29 @@ def root(
 ) -> None:
     from capfilt.utils.dist import env_dist_info
 
+    CliState.verbose = verbose
     setup_logging("DEBUG" if verbose else "INFO", rank=env_dist_info().rank)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: maps library errors to the documented exit codes."""
+    """Console entry point: maps library errors to the documented exit codes (see describe_error).
+
+    A user error prints one line, never a traceback; ``--verbose`` adds the traceback.
+    """
+    CliState.verbose = False
     try:
         app(args=argv, standalone_mode=True)
     except SystemExit:
         raise
-    except (ConfigError, ShardSpecError) as err:
-        console.print(f"[bold red]error:[/] {err}")
-        sys.exit(EXIT_USAGE)
-    except StageError as err:
-        console.print(f"[bold red]error:[/] {err}")
-        sys.exit(EXIT_FAILURE)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted; re-run the same command to resume[/]")
+        console.print(styled("interrupted; re-run the same command to resume", "yellow"))
         sys.exit(130)
+    except Exception as err:
+        code, message = describe_error(err)
+        if CliState.verbose:
+            console.print_exception()
+        print_error(message)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,22 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError as err:  # validate() names keys within its section; add the section
+            if prefix:
+                raise ConfigError(f"{prefix}.{err}") from None
+            raise
     return obj
+
+
+def check(ok: bool, key: str, rule: str, value: Any) -> None:
+    """For ``validate()`` methods: raise ``ConfigError("KEY: must be RULE, got VALUE")`` unless ``ok``.
+
+    ``key`` is the field name within its section; the loader adds the section (``train.lr``).
+    """
+    if not ok:
+        raise ConfigError(f"{key}: must be {rule}, got {value!r}")
 
 
 def to_dict(obj: Any) -> Any:

@@ -2,6 +2,11 @@
 
 A recipe (``recipes/*.yaml``) is a mapping with the sections below; any section or field left
 out takes the default written here. ``capfilt config explain`` prints this schema.
+
+Each section's ``validate()`` checks its ranges when the recipe loads, so that a value no stage
+can use (a batch size of 0, ``top_p=5``, ``ckpt_every=0``) exits 2 naming its key instead of
+failing, or silently doing something else, hours into a job. Its messages name keys within the
+section; the loader adds the section's name.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from capfilt.config.core import ConfigError
+from capfilt.config.core import ConfigError, check
 
 NOISE_KINDS = ("swap", "attribute", "generic")
 """Kinds of web-text noise in the built-in benchmark: a caption of another image, one attribute
@@ -48,28 +53,23 @@ class SynthConfig:
     """JPEG quality of the rendered images."""
 
     def validate(self) -> None:
-        if self.image_size < 16:
-            raise ConfigError("synth.image_size: must be at least 16")
+        check(self.image_size >= 16, "image_size", "at least 16", self.image_size)
         for name in ("n_human", "n_web", "n_test"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"synth.{name}: must be >= 0")
-        if not 0.0 <= self.noise_rate <= 1.0:
-            raise ConfigError("synth.noise_rate: must be in [0, 1]")
-        if self.max_objects not in (1, 2):
-            raise ConfigError("synth.max_objects: only 1 or 2 objects per scene are supported")
+            check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        check(0.0 <= self.noise_rate <= 1.0, "noise_rate", "in [0, 1]", self.noise_rate)
+        check(self.max_objects in (1, 2), "max_objects", "1 or 2", self.max_objects)
         for kind, weight in self.noise_mix.items():
             if kind not in NOISE_KINDS:
                 raise ConfigError(
-                    f"synth.noise_mix.{kind}: unknown noise kind (known: {', '.join(NOISE_KINDS)})"
+                    f"noise_mix.{kind}: unknown noise kind (known: {', '.join(NOISE_KINDS)})"
                 )
-            if weight < 0:
-                raise ConfigError(f"synth.noise_mix.{kind}: weight must be >= 0")
+            check(weight >= 0, f"noise_mix.{kind}", ">= 0", weight)
         if self.noise_rate > 0 and sum(self.noise_mix.values()) <= 0:
-            raise ConfigError("synth.noise_mix: weights must not all be zero when noise_rate > 0")
-        if self.shard_size < 1:
-            raise ConfigError("synth.shard_size: must be >= 1")
-        if self.captions_per_human < 1 or self.captions_per_test < 1:
-            raise ConfigError("synth.captions_per_human/captions_per_test: must be >= 1")
+            raise ConfigError("noise_mix: weights must not all be zero when noise_rate > 0")
+        check(self.shard_size >= 1, "shard_size", ">= 1", self.shard_size)
+        for name in ("captions_per_human", "captions_per_test"):
+            check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "in [1, 100]", self.jpeg_quality)
 
 
 ImagePool = Literal["cls", "mean"]
@@ -135,25 +135,34 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory."""
 
     def validate(self) -> None:
+        for name in ("image_size", "patch_size", "vision_width", "vision_depth", "vision_heads"):
+            check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        for name in ("text_width", "text_layers", "text_heads", "text_intermediate", "embed_dim"):
+            check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         if self.image_size % self.patch_size:
-            raise ConfigError("model.image_size: must be a multiple of model.patch_size")
+            raise ConfigError("image_size: must be a multiple of patch_size")
         if self.vision_width % self.vision_heads:
-            raise ConfigError("model.vision_width: must be divisible by model.vision_heads")
+            raise ConfigError("vision_width: must be divisible by vision_heads")
         if self.text_width % self.text_heads:
-            raise ConfigError("model.text_width: must be divisible by model.text_heads")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError("model.alpha: must be in [0, 1]")
-        if self.queue_size < 0:
-            raise ConfigError("model.queue_size: must be >= 0")
+            raise ConfigError("text_width: must be divisible by text_heads")
+        check(self.max_text_len >= 3, "max_text_len", ">= 3", self.max_text_len)
+        check(self.vocab_size >= 1, "vocab_size", ">= 1", self.vocab_size)
+        check(0.0 <= self.drop_path < 1.0, "drop_path", "in [0, 1)", self.drop_path)
+        check(0.0 <= self.text_dropout < 1.0, "text_dropout", "in [0, 1)", self.text_dropout)
+        check(0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]", self.alpha)
+        check(0.0 <= self.momentum <= 1.0, "momentum", "in [0, 1]", self.momentum)
+        check(self.temp > 0, "temp", "> 0", self.temp)
+        check(self.queue_size >= 0, "queue_size", ">= 0", self.queue_size)
         # the recipe loader checks the Literal choices; this also covers configs built in code
-        if self.weight_init not in WEIGHT_INITS:
-            raise ConfigError(
-                f"model.weight_init: one of {', '.join(WEIGHT_INITS)}, got '{self.weight_init}'"
-            )
-        if self.image_pool not in IMAGE_POOLS:
-            raise ConfigError(
-                f"model.image_pool: one of {', '.join(IMAGE_POOLS)}, got '{self.image_pool}'"
-            )
+        check(
+            self.weight_init in WEIGHT_INITS,
+            "weight_init",
+            " or ".join(WEIGHT_INITS),
+            self.weight_init,
+        )
+        check(
+            self.image_pool in IMAGE_POOLS, "image_pool", " or ".join(IMAGE_POOLS), self.image_pool
+        )
 
 
 @dataclass
@@ -182,13 +191,20 @@ class DataConfig:
     """Image normalisation std (CLIP's, as BLIP)."""
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("data.batch_size: must be >= 1")
+        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        check(self.num_workers >= 0, "num_workers", ">= 0", self.num_workers)
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", ">= 1", self.shuffle_buffer)
+        check(self.max_words >= 1, "max_words", ">= 1", self.max_words)
+        for i, weight in enumerate(self.weights):
+            check(weight >= 0, f"weights[{i}]", ">= 0", weight)
+        if self.weights and sum(self.weights) <= 0:
+            raise ConfigError("weights: must not all be zero")
         if self.weights and self.shards and len(self.weights) != len(self.shards):
-            raise ConfigError("data.weights: needs one weight per shard source")
+            raise ConfigError("weights: needs one weight per shard source")
         lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError("data.crop_scale: must satisfy 0 < low <= high <= 1")
+        check(0 < lo <= hi <= 1, "crop_scale", "0 < low <= high <= 1", list(self.crop_scale))
+        for i, value in enumerate(self.std):
+            check(value > 0, f"std[{i}]", "> 0", value)
 
 
 @dataclass
@@ -231,10 +247,23 @@ class TrainConfig:
     """Checkpoints kept on disk (the newest ones)."""
 
     def validate(self) -> None:
-        if self.grad_accum < 1:
-            raise ConfigError("train.grad_accum: must be >= 1")
-        if self.epochs < 1:
-            raise ConfigError("train.epochs: must be >= 1")
+        check(self.epochs >= 1, "epochs", ">= 1", self.epochs)
+        check(self.samples_per_epoch >= 0, "samples_per_epoch", ">= 0", self.samples_per_epoch)
+        check(self.lr > 0, "lr", "> 0", self.lr)
+        check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        for i, beta in enumerate(self.betas):
+            check(0 <= beta < 1, f"betas[{i}]", "in [0, 1)", beta)
+        check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        check(self.warmup_lr >= 0, "warmup_lr", ">= 0", self.warmup_lr)
+        check(0 < self.lr_decay_rate <= 1, "lr_decay_rate", "in (0, 1]", self.lr_decay_rate)
+        check(0 <= self.min_lr <= self.lr, "min_lr", "in [0, lr]", self.min_lr)
+        check(self.grad_accum >= 1, "grad_accum", ">= 1", self.grad_accum)
+        check(self.clip_grad >= 0, "clip_grad", ">= 0 (0 = off)", self.clip_grad)
+        check(self.alpha_ramp_epochs >= 0, "alpha_ramp_epochs", ">= 0", self.alpha_ramp_epochs)
+        check(self.log_every >= 1, "log_every", ">= 1", self.log_every)
+        check(self.ckpt_every >= 1, "ckpt_every", ">= 1", self.ckpt_every)
+        # 0 would delete the checkpoint just written, leaving ``latest`` naming nothing
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1", self.keep_checkpoints)
 
 
 @dataclass
@@ -264,6 +293,27 @@ class CaptionConfig:
     seed: int = 0
     """Sampling seed (per shard, so output does not depend on the number of ranks)."""
 
+    def validate(self) -> None:
+        check(self.num_captions >= 1, "num_captions", ">= 1", self.num_captions)
+        check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        check(self.temperature > 0, "temperature", "> 0", self.temperature)
+        check(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            "> 0 (1 = off)",
+            self.repetition_penalty,
+        )
+        check(self.num_beams >= 1, "num_beams", ">= 1", self.num_beams)
+        check(self.min_length >= 0, "min_length", ">= 0", self.min_length)
+        check(self.max_length >= 1, "max_length", ">= 1", self.max_length)
+        check(
+            self.min_length <= self.max_length,
+            "min_length",
+            f"<= max_length ({self.max_length})",
+            self.min_length,
+        )
+        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+
 
 @dataclass
 class FilterConfig:
@@ -274,6 +324,11 @@ class FilterConfig:
     batch_size: int = 64
     """Images per scoring batch."""
 
+    def validate(self) -> None:
+        # a probability: above 1 nothing is ever kept, below 0 everything is
+        check(0 <= self.threshold <= 1, "threshold", "in [0, 1]", self.threshold)
+        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+
 
 @dataclass
 class EvalConfig:
@@ -283,6 +338,10 @@ class EvalConfig:
     """Candidates re-ranked by ITM per query (0 = ITC only)."""
     batch_size: int = 64
     """Images or texts per feature batch."""
+
+    def validate(self) -> None:
+        check(self.k >= 0, "k", ">= 0 (0 = ITC only)", self.k)
+        check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
 @dataclass

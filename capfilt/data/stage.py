@@ -7,7 +7,7 @@ hash is skipped, so a killed run re-run with the same command continues where it
 
 from __future__ import annotations
 
-import traceback
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +15,15 @@ from typing import Any
 
 from capfilt.data.writer import ShardWriter, collect_stats, is_shard_done, shard_name, write_sizes
 from capfilt.utils.dist import DistInfo, barrier, current_dist_info
+from capfilt.utils.lock import locks_out_dir
 from capfilt.utils.logging import get_logger
 from capfilt.utils.progress import ProgressReporter
 
 log = get_logger("stage")
+
+STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+"""Errors of the output folder itself (full, read-only): every later shard would fail the same
+way after doing its work, so the stage stops at the first one instead of trying each."""
 
 
 class StageError(RuntimeError):
@@ -42,6 +47,7 @@ ProduceFn = Callable[[int, ShardWriter], dict[str, Any] | None]
 """Fills one shard: ``produce(index, writer)`` writes samples/rows; returns extra stats or None."""
 
 
+@locks_out_dir  # one job per output folder: a second one would delete this one's temporaries
 def run_shard_stage(
     out_dir: str | Path,
     n_shards: int,
@@ -88,13 +94,10 @@ def run_shard_stage(
             except (
                 Exception
             ) as err:  # one bad shard must not lose the others; exit code 3 says retry
-                log.error(
-                    "%s: shard %s failed: %s\n%s",
-                    stage,
-                    shard_name(index, prefix),
-                    err,
-                    traceback.format_exc(),
-                )
+                if isinstance(err, OSError) and err.errno in STOP_ERRNOS:
+                    raise
+                log.error("%s: shard %s failed: %s", stage, shard_name(index, prefix), err)
+                log.debug("traceback of shard %s", shard_name(index, prefix), exc_info=True)
                 result.failed[index] = f"{type(err).__name__}: {err}"
                 continue
             result.done.append(index)

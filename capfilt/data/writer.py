@@ -8,6 +8,7 @@ config hash.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -149,9 +150,13 @@ class ShardWriter:
             self.rows.append({**row, "status": "dropped", "reason": reason})
 
     def abort(self) -> None:
+        # closing flushes, which fails again on a full disk: the error that made us abort is
+        # the one to report, and the temporary goes either way
         try:
-            self._tar.close()
-            self._fh.close()
+            with contextlib.suppress(OSError):
+                self._tar.close()
+            with contextlib.suppress(OSError):
+                self._fh.close()
         finally:
             self._tmp_tar.unlink(missing_ok=True)
 

@@ -22,6 +22,20 @@ _WEIGHT_FILES = (
 )
 
 
+def torch_load_weights(path: str | Path):
+    """``torch.load(weights_only=True)`` on CPU; a file that is not a torch checkpoint (or holds
+    pickled code) raises ``ValueError`` naming it, whatever torch's unpickler raised."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # UnpicklingError, KeyError, RuntimeError, EOFError, ... by content
+        reason = (str(err).splitlines() or [""])[0]
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {reason})"
+        ) from err
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors or torch file (``weights_only``), unwrapping ``model``/``state_dict``."""
     path = Path(path)
@@ -36,7 +50,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    sd = torch_load_weights(path)
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -367,4 +367,6 @@ class Trainer:
 
 def train(job: TrainJob) -> Path:
     """Run a training stage; returns the final model folder."""
-    return Trainer(job).fit()
+    trainer = Trainer(job)
+    with trainer.run.lock(trainer.dist):
+        return trainer.fit()

@@ -16,6 +16,7 @@ from capfilt.model.convert.config_map import TEXT_LEN
 from capfilt.model.convert.fill import fill_med, imported_meta, new_med, summarise
 from capfilt.model.convert.keymaps import KINDS, blip_state_dict_to_med
 from capfilt.model.med import MED, VIT_LAYER_NORM_EPS, set_vision_layer_norm_eps
+from capfilt.model.pretrained import torch_load_weights
 
 
 def _count(prefix: str, keys, pattern: str) -> int:
@@ -146,7 +147,7 @@ def import_blip_state_dict(
 
 def load_blip_pth(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of an original BLIP checkpoint (``torch.load(weights_only=True)``; ``{"model": ...}`` unwrapped)."""
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    sd = torch_load_weights(path)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict):
