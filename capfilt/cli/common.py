@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import pickle
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,8 +23,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 # Markup off: paths, captions and origins are user data, and "[/]" or "[bold]" in them must print
 # as written (with markup on, rich parses them: a MarkupError, or text silently removed). Styled
 # output is built as rich Text instead.
-console = Console(stderr=True, markup=False)
-out = Console(markup=False)
+# Soft wrap: a long path stays one line that can be copied (rich would fold it).
+console = Console(stderr=True, markup=False, soft_wrap=True)
+out = Console(markup=False, soft_wrap=True)
 
 
 class CliState:
@@ -143,3 +146,13 @@ def report_stage(result, what: str) -> None:
             )
         )
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def report_origins(summary_path: Path) -> None:
+    """Print a filter summary's kept fraction per text origin (origins come from the data)."""
+    if not summary_path.is_file():
+        return
+    for origin, info in json.loads(summary_path.read_text()).get("origins", {}).items():
+        out.print(
+            f"  {origin:>9}: kept {info['kept']} of {info['texts']} texts ({100 * info['kept_fraction']:.1f}%)"
+        )

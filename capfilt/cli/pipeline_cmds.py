@@ -13,7 +13,7 @@ from capfilt.cli.common import (
     RecipeArgument,
     SetOption,
     fail,
-    out,
+    report_origins,
     report_stage,
     resolve,
 )
@@ -84,11 +84,4 @@ def filter_(
     else:
         result = filter_shards(model, shards, out_dir, cfg.filter)
     report_stage(result, "filter")
-    summary = out_dir / "summary.json"
-    if summary.is_file():
-        import json
-
-        for origin, info in json.loads(summary.read_text()).get("origins", {}).items():
-            out.print(
-                f"  {origin:>9}: kept {info['kept']} of {info['texts']} texts ({100 * info['kept_fraction']:.1f}%)"
-            )
+    report_origins(out_dir / "summary.json")

@@ -139,12 +139,24 @@ class ModelConfig:
             check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         for name in ("text_width", "text_layers", "text_heads", "text_intermediate", "embed_dim"):
             check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
-        if self.image_size % self.patch_size:
-            raise ConfigError("image_size: must be a multiple of patch_size")
-        if self.vision_width % self.vision_heads:
-            raise ConfigError("vision_width: must be divisible by vision_heads")
-        if self.text_width % self.text_heads:
-            raise ConfigError("text_width: must be divisible by text_heads")
+        check(
+            self.image_size % self.patch_size == 0,
+            "image_size",
+            f"a multiple of patch_size ({self.patch_size})",
+            self.image_size,
+        )
+        check(
+            self.vision_width % self.vision_heads == 0,
+            "vision_width",
+            f"divisible by vision_heads ({self.vision_heads})",
+            self.vision_width,
+        )
+        check(
+            self.text_width % self.text_heads == 0,
+            "text_width",
+            f"divisible by text_heads ({self.text_heads})",
+            self.text_width,
+        )
         check(self.max_text_len >= 3, "max_text_len", ">= 3", self.max_text_len)
         check(self.vocab_size >= 1, "vocab_size", ">= 1", self.vocab_size)
         check(0.0 <= self.drop_path < 1.0, "drop_path", "in [0, 1)", self.drop_path)
