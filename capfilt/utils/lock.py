@@ -7,7 +7,9 @@ folder, so only rank 0 takes the lock and tells the other ranks whether it got i
 rank would let a second job's rank r run beside a first job of another world size.
 
 The lock is released when the holder's file descriptor closes, so a killed job never leaves a
-stale lock behind; the file itself stays (removing it would race with a job opening it).
+stale lock behind (only the file, which the next job takes over). A job that ends removes the
+file, so a finished folder holds only its output; a job that opened the file just before it
+was removed notices (the path no longer names what it locked) and locks the new file instead.
 """
 
 from __future__ import annotations
@@ -37,22 +39,44 @@ class FolderInUseError(RuntimeError):
 def _try_lock(folder: Path):
     """Open and exclusively lock ``folder/.capfilt.lock``; the open file, or the holder's pid."""
     folder.mkdir(parents=True, exist_ok=True)
-    fh = open(folder / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown"
+    path = folder / LOCK_NAME
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            return None, holder
+        except BaseException:
+            fh.close()
+            raise
+        # the previous holder may have removed the file between our open and our lock: then we
+        # locked an orphan, and must lock the file now at the path
+        try:
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         fh.close()
-        return None, holder
-    except BaseException:
-        fh.close()
-        raise
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
     fh.flush()
     return fh, None
+
+
+def _release(fh) -> None:
+    """Remove the lock file while still holding it (a finished job leaves its folder as it
+    found it), then close it, which releases the lock."""
+    try:
+        Path(fh.name).unlink(missing_ok=True)
+    except OSError:
+        pass
+    finally:
+        fh.close()
 
 
 def _share_from_main(value: Any) -> Any:
@@ -93,7 +117,7 @@ def folder_lock(folder: str | Path, dist: DistInfo | None = None) -> Iterator[No
         yield
     finally:
         if fh is not None:
-            fh.close()  # closing the descriptor releases the flock
+            _release(fh)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

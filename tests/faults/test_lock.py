@@ -45,6 +45,7 @@ def test_a_second_shard_stage_on_a_held_folder_exits_2_and_leaves_it_alone(tmp_p
     assert result.code == 0, result.output
     assert (out / "00000000.tar").is_file() and (out / "sizes.json").is_file()
     assert not (out / ".00000000.tar.tmp999").exists()
+    assert not (out / ".capfilt.lock").exists()  # a finished job leaves only its output
 
 
 def test_a_second_training_run_on_a_held_run_folder_exits_2(tmp_path, capsys):
@@ -71,3 +72,36 @@ def test_the_lock_is_released_when_the_job_fails(tmp_path):
             raise KeyError("the job failed")
     with folder_lock(tmp_path):  # free again
         assert (tmp_path / ".capfilt.lock").read_text().strip() == str(os.getpid())
+    assert not (tmp_path / ".capfilt.lock").exists()
+
+
+def test_a_lock_file_removed_under_a_waiting_job_is_not_trusted(tmp_path, monkeypatch):
+    """A job that opened the lock file just before its holder removed it must not count the
+    orphan it then locks: it locks the file at the path."""
+    from capfilt.utils import lock
+
+    real_open = open
+    opened = []
+
+    def open_then_lose_the_race(path, *args, **kwargs):
+        fh = real_open(path, *args, **kwargs)
+        if not opened:  # the first open's file is removed before we lock it
+            Path(path).unlink()
+        opened.append(path)
+        return fh
+
+    monkeypatch.setattr(lock, "open", open_then_lose_the_race, raising=False)
+    with lock.folder_lock(tmp_path):
+        assert len(opened) == 2
+        assert (tmp_path / ".capfilt.lock").read_text().strip() == str(os.getpid())
+        assert hold_lock_fails(tmp_path)
+
+
+def hold_lock_fails(folder: Path) -> bool:
+    """True when ``folder``'s lock file is held (a non-blocking lock on it fails)."""
+    with open(folder / ".capfilt.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
