@@ -258,4 +258,5 @@ def drop_skipped_rows(table):
     what score tables and summaries count."""
     if "status" not in table.columns:
         return table
-    return table[table["status"] != SKIPPED].reset_index(drop=True)
+    # without the skipped rows' gaps, columns such as ``kept`` are plain bool again
+    return table[table["status"] != SKIPPED].reset_index(drop=True).infer_objects()
