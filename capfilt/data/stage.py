@@ -160,6 +160,8 @@ def _check_not_all_bad(result: StageResult, stage: str, inputs, hints: Mapping[s
     files = [f for item in (inputs or []) for f in ([item] if isinstance(item, str) else item)]
     where = f" in {_names(files)}" if files else ""
     if stats["input_count"] == 0:
+        if inputs is None:  # a stage that generates its samples (synth) may make none
+            return
         errors = ", ".join(f"{k}: {v}" for k, v in stats.get("shard_errors", {}).items())
         if errors:
             raise StageError(f"{stage}: no input shard could be read ({errors}){where}")
