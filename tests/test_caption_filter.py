@@ -697,7 +697,8 @@ def test_a_shard_of_garbage_is_skipped_and_counted_by_every_stage(synth, models,
     assert (
         not result.failed
         and result.stats["count"] == SHARD_SIZE
-        and result.stats["skipped"] == {"truncated_tar": 1}
+        and result.stats["skipped"] == {}
+        and result.stats["shard_errors"] == {"unreadable_shard": 1}
     )
     result = filter_shards(
         models["filter"],

@@ -268,5 +268,7 @@ def load_score_tables(path: str | Path) -> pd.DataFrame:
         files = [path]
     else:
         raise FileNotFoundError(f"score table not found: {path}")
+    from capfilt.data.writer import drop_skipped_rows  # rows of bad input samples hold no score
+
     tables = [pd.read_parquet(f) for f in files]
-    return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+    return drop_skipped_rows(pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0])

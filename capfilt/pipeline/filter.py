@@ -26,7 +26,7 @@ from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import StageResult, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
-from capfilt.data.writer import ShardWriter, parquet_path, stats_path
+from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, stats_path
 from capfilt.eval.filter_metrics import HIST_BINS, score_histogram
 from capfilt.model import tokenize
 from capfilt.runs.resolve import load_stage_model, model_fingerprint
@@ -97,7 +97,9 @@ def filter_shards(
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("filter")
-        for batch in batched(read_samples([urls[index]], counter), cfg.batch_size):
+        for batch in batched(
+            read_samples([urls[index]], counter, min_side=transform.image_size), cfg.batch_size
+        ):
             images = torch.stack([transform(s.image) for s in batch]).to(device)
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
             image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
@@ -116,10 +118,10 @@ def filter_shards(
                     {**caption, "itm_score": round(score, 6), "itc_cosine": round(cos, 6)}
                 )
             _write_batch(writer, batch, scored, cfg.threshold, info)
-        writer.add_skipped(counter.counts)
+        writer.add_skipped(counter)
         return {"input_shard": urls[index], "filter": filter_id, "threshold": cfg.threshold}
 
-    return _run(out_dir, urls, produce, chash)
+    return _run(out_dir, urls, produce, chash, inputs=urls)
 
 
 def _write_batch(
@@ -150,7 +152,7 @@ def _write_batch(
             writer.drop("no_text_kept")
 
 
-def _run(out_dir, urls: list[str], produce: Callable, chash: str) -> StageResult:
+def _run(out_dir, urls: list[str], produce: Callable, chash: str, inputs: list) -> StageResult:
     sizes = shard_sizes(urls)
     known = None if any(s is None for s in sizes) else [int(s) for s in sizes]  # type: ignore[arg-type]
     result = run_shard_stage(
@@ -161,6 +163,7 @@ def _run(out_dir, urls: list[str], produce: Callable, chash: str) -> StageResult
         config_hash=chash,
         samples_per_shard=known,
         desc="filter",
+        inputs=inputs,
     )
     if current_dist_info().is_main:
         atomic_write_json(
@@ -204,7 +207,7 @@ def rethreshold_shards(
     )
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
-        table = pd.read_parquet(tables[index])
+        table = drop_skipped_rows(pd.read_parquet(tables[index]))
         # a shard whose every input sample was bad has a parquet without rows (and columns)
         by_uid = (
             {uid: rows.sort_values("text_index") for uid, rows in table.groupby("uid", sort=False)}
@@ -227,10 +230,12 @@ def rethreshold_shards(
                     ]
                 )
             _write_batch(writer, batch, scored, threshold, info)
-        writer.add_skipped(counter.counts)
+        writer.add_skipped(counter)
         return {"input_shard": urls[index], "filter": info["model"], "threshold": threshold}
 
-    return _run(out_dir, urls, produce, chash)
+    return _run(
+        out_dir, urls, produce, chash, inputs=[[u, str(tables[i])] for i, u in enumerate(urls)]
+    )
 
 
 def summarize(out_dir: Path, n_shards: int | None = None) -> dict[str, Any]:
@@ -241,7 +246,9 @@ def summarize(out_dir: Path, n_shards: int | None = None) -> dict[str, Any]:
         names = [p for p in (parquet_path(out_dir, i) for i in range(n_shards)) if p.is_file()]
     if not names:
         return {"texts": 0}
-    table = pd.concat([pd.read_parquet(p) for p in names], ignore_index=True)
+    table = drop_skipped_rows(pd.concat([pd.read_parquet(p) for p in names], ignore_index=True))
+    if not len(table) or "uid" not in table.columns:
+        return {"texts": 0}
     summary: dict[str, Any] = {
         "texts": int(len(table)),
         "images": int(table["uid"].nunique()),

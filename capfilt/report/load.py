@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from capfilt.data.writer import drop_skipped_rows
+
 RUN_NAMES = ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt")
 """The demo's training runs, in pipeline order (other run folders found are shown after these)."""
 
@@ -116,7 +118,7 @@ def load_texts(run_dir: Path, missing: list[str]) -> pd.DataFrame | None:
     tables = []
     for path in paths:
         try:
-            table = pd.read_parquet(path)
+            table = drop_skipped_rows(pd.read_parquet(path))
         except Exception as err:  # pyarrow raises several types for a damaged file
             missing.append(f"data/web_filtered/{path.name} unreadable ({type(err).__name__})")
             continue

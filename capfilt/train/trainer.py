@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,11 @@ from capfilt.model import (
 from capfilt.runs.resolve import resolve_model_dir
 from capfilt.runs.run_folder import RunFolder
 from capfilt.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from capfilt.train.data import Source, TrainStream, build_sources, make_loader
+from capfilt.train.data import Source, TrainStream, build_sources, check_sources, make_loader
 from capfilt.train.optim import build_optimizer, lr_at, set_lr
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import DistInfo, barrier, init_distributed
+from capfilt.utils.files import atomic_write_json
 from capfilt.utils.logging import get_logger, setup_logging
 from capfilt.utils.progress import ProgressReporter
 
@@ -45,6 +47,9 @@ log = get_logger("train")
 
 STAGE_LOSSES = {"pretrain": ("itc", "itm", "lm"), "captioner": ("lm",), "filter": ("itc", "itm")}
 """Losses per stage (docs/architecture.md §3: the captioner fine-tunes with LM only, the filter with ITC + ITM)."""
+
+SKIPPED_FILE = "skipped.json"
+"""Run-folder file with the counts of bad input samples met while training, by reason."""
 
 TOKENIZER_TEXTS = 200_000
 """Captions read to train a WordPiece tokenizer (plenty for a vocabulary of a few thousand)."""
@@ -109,6 +114,8 @@ class Trainer:
         self.device = default_device()
         self.run = RunFolder(job.out)
         self.losses = STAGE_LOSSES[job.stage]
+        self.skipped: Counter[str] = Counter()
+        """Bad input met by the batches trained on so far (this rank's share), by reason."""
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -156,8 +163,10 @@ class Trainer:
 
     def fit(self) -> Path:
         job, cfg, data_cfg = self.job, self.cfg, self.recipe.data
-        resumed = self._prepare_folder()
+        # the shards are checked before the run folder exists, so a fixed command can be re-run
         sources = build_sources(job.shards, data_cfg.weights or None)
+        check_sources(sources)
+        resumed = self._prepare_folder()
         global_batch = data_cfg.batch_size * self.dist.world_size
         samples_per_epoch = cfg.samples_per_epoch
         if samples_per_epoch <= 0:
@@ -178,6 +187,7 @@ class Trainer:
         if checkpoint is not None:
             model, tokenizer, mcfg, _, state = load_checkpoint(checkpoint)
             step = int(state["trainer"]["step"])
+            self.skipped = Counter(state["trainer"].get("skipped", {}))
             log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
         else:
             model, tokenizer, mcfg = self._build(sources)
@@ -297,6 +307,7 @@ class Trainer:
                 extra={"steps": step, "run": str(self.run.path)},
                 preprocess=self._preprocess(mcfg),
             )
+            self._save_skipped()
             log.info("%s done: model in %s", job.stage, self.run.model_dir)
         barrier()
         return self.run.model_dir
@@ -314,6 +325,7 @@ class Trainer:
                 self.recipe.seed * 1_000_003 + step * 131 + micro
             )
             batch = next(batches)
+            self.skipped.update(batch.get("skips", {}))
             texts = [prompt + t for t in batch["texts"]] if prompt else batch["texts"]
             ids, mask = tokenize(tokenizer, texts, mcfg.max_text_len)
             with autocast(self.device, cfg.precision):
@@ -358,11 +370,18 @@ class Trainer:
                 model_cfg=mcfg,
                 stage=self.job.stage,
                 optimizer=optimizer,
-                trainer={"step": step},
+                trainer={"step": step, "skipped": dict(self.skipped)},
                 keep=self.cfg.keep_checkpoints,
                 preprocess=self._preprocess(mcfg),
             )
+            self._save_skipped()
         barrier()
+
+    def _save_skipped(self) -> None:
+        """``skipped.json`` in the run folder: the bad input counts of the batches trained on (of
+        rank 0's share under torchrun), with ``truncated_tar``/``unreadable_shard`` counted each
+        time the stream met such a tar."""
+        atomic_write_json(self.run.path / SKIPPED_FILE, dict(sorted(self.skipped.items())))
 
 
 def train(job: TrainJob) -> Path:
