@@ -425,9 +425,11 @@ def open_manifest(
     if previous is not None and restart_from is None:
         stage = _first_affected(previous, recipe_hash, fingerprint)
         if stage is not None:
-            what = "recipe" if previous.get("recipe_hash") != recipe_hash else "inputs"
+            what = (
+                "another recipe" if previous.get("recipe_hash") != recipe_hash else "other inputs"
+            )
             raise BootstrapConflict(
-                f"{layout.root} holds a run made with another {what}; re-run with the same "
+                f"{layout.root} holds a run made with {what}; re-run with the same "
                 f"recipe and inputs to resume, pass --restart-from {stage} to redo the affected "
                 "stages, or use a new --out"
             )
