@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from capfilt.config import load_recipe
+from capfilt.config import FilterConfig, load_recipe
 from capfilt.data.synth import write_synth
 from capfilt.eval.filter_metrics import load_score_tables
 from capfilt.pipeline.bootstrap import BootstrapConflict, BootstrapInputs, run_bootstrap
+from capfilt.pipeline.filter import rethreshold_shards
 
 FAST = [
     "train.epochs=1",
@@ -207,3 +208,34 @@ def test_released_models_caption_and_filter_only(run_a, shards, tmp_path):
         run_bootstrap(load_recipe("tiny", FAST), BootstrapInputs(
             web=inputs.web, captioner=inputs.captioner, filter=inputs.filter, rounds=2
         ), tmp_path / "rel2")  # fmt: skip
+
+
+def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, tmp_path):
+    from capfilt.report import render_report
+
+    out, _ = run_a
+    html = render_report(out)
+    assert 'id="retrieval"' in html or "Baseline" in html
+    assert "summary.json not found" not in html and "<img" in html
+    if (out / "round_2").is_dir():  # after test_two_rounds
+        assert 'id="rounds"' in html
+    # a filter folder alone: re-decided to keep half of the run's texts (a whole-run quantile)
+    texts = _texts(out / "data" / "web_filtered")
+    half = tmp_path / "half"
+    rethreshold_shards(
+        out / "data" / "web_filtered",
+        [str(out / "data" / "web_captioned")],
+        half,
+        FilterConfig(rule="itc", keep_fraction=0.5),
+    )
+    cosines = sorted(texts["itc_cosine"], reverse=True)
+    cut = cosines[round(0.5 * len(cosines))]
+    assert json.loads((half / "summary.json").read_text())["rule"]["itc_threshold"] == cut
+    decided = _texts(half)
+    assert decided["kept"].sum() == (texts["itc_cosine"] > cut).sum() > 0
+    alone = render_report(half)
+    assert "holds a filter stage output" in alone and "<img" in alone and "<svg" in alone
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    page = render_report(empty)
+    assert "no capfilt run, stage output or training run" in page and 'id="missing"' in page

@@ -15,27 +15,10 @@ from capfilt.cli.common import (
     SetOption,
     fail,
     out,
+    print_stage_event,
     resolve,
 )
-
-ShardList = Annotated[
-    list[str] | None,
-    typer.Option(help="Shards: folder, brace pattern or .tar (repeatable)."),
-]
-
-
-def _print_event(event) -> None:
-    where = f"→ {event.output}"
-    if event.status == "start":
-        out.print(f"[bold]{event.key}[/]: running {where}")
-    elif event.status == "done":
-        out.print(f"[bold]{event.key}[/]: done in {event.seconds:.1f} s {where}")
-    elif event.status == "done-earlier":
-        out.print(f"{event.key}: done earlier {where}")
-    elif event.status == "skipped":
-        out.print(f"{event.key}: skipped (--skip/--only)")
-    else:
-        out.print(f"[yellow]{event.key}: some shards failed {where}; re-run to retry[/]")
+from capfilt.cli.demo_cmds import summary_tables
 
 
 def bootstrap(
@@ -122,12 +105,10 @@ def bootstrap(
             skip=tuple(skip or ()),
             only=tuple(only or ()),
             restart_from=restart_from,
-            on_stage=_print_event,
+            on_stage=print_stage_event,
         )
     except ConfigError as err:
         raise fail(str(err), EXIT_USAGE) from None
-    from capfilt.cli.demo_cmds import summary_tables
-
     for table in summary_tables(summary):
         out.print(table)
     out.print(f"manifest: {out_dir / 'manifest.json'}")

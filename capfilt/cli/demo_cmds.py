@@ -15,6 +15,7 @@ from capfilt.cli.common import (
     SetOption,
     fail,
     out,
+    print_stage_event,
     resolve,
 )
 
@@ -59,7 +60,6 @@ def demo(
     caption web → filter web + synthetic → re-pretrain from scratch on human + cleaned →
     evaluate both. Re-running the same command resumes where it stopped.
     """
-    from capfilt.cli.bootstrap_cmds import _print_event
     from capfilt.pipeline.demo import STAGES, run_demo
 
     unknown = sorted(set(skip or []) - set(STAGES))
@@ -69,7 +69,7 @@ def demo(
         )
     cfg = resolve(recipe, set_, dry_run)
     try:
-        summary = run_demo(cfg, out_dir, tuple(skip or ()), on_stage=_print_event)
+        summary = run_demo(cfg, out_dir, tuple(skip or ()), on_stage=print_stage_event)
     except ValueError as err:
         raise fail(str(err), EXIT_USAGE) from None
     from capfilt.report import write_report
