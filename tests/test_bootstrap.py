@@ -239,3 +239,37 @@ def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, tm
     empty.mkdir()
     page = render_report(empty)
     assert "no capfilt run, stage output or training run" in page and 'id="missing"' in page
+
+
+def test_readme_your_own_data_on_coco_mini(coco_mini, tmp_path, monkeypatch):
+    """The README's "Your own data" commands, as written, on a tiny budget (recipe tiny)."""
+    from capfilt.cli.main import app
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Your own data", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [c.split() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    assert [c[:2] for c in commands] == [["capfilt", "data"]] * 2 + [
+        ["capfilt", "bootstrap"],
+        ["capfilt", "report"],
+    ]
+    repo = tmp_path / "project"
+    repo.mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").mkdir()
+    (tmp_path / "shared" / "data" / "coco-mini").symlink_to(coco_mini)
+    monkeypatch.chdir(repo)
+    budget = [*FAST, "train.samples_per_epoch=16"]
+    budget += ["finetune.captioner.samples_per_epoch=16", "finetune.filter.samples_per_epoch=16"]
+    runner = CliRunner()
+    for args in commands:
+        args = [a.split("#")[0] for a in args[1 : args.index("#") if "#" in args else None]]
+        if args[0] == "bootstrap":
+            args[1] = "tiny"
+            for item in budget:
+                args += ["--set", item]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert (repo / "my-run" / "report.html").is_file()
+    summary = json.loads((repo / "my-run" / "summary.json").read_text())
+    assert summary["filter"]["origins"]["web"]["n"] == 79 * 5  # every val2017 caption judged
+    assert summary["filter"]["origins"]["synthetic"]["n"] == 79
