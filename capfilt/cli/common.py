@@ -77,3 +77,18 @@ def report_stage(result, what: str) -> None:
             f"[yellow]{len(result.failed)} shard(s) failed; re-run the same command to retry[/]"
         )
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def print_stage_event(event) -> None:
+    """One line per bootstrap/demo stage event, saying where its output is."""
+    where = f"→ {event.output}"
+    if event.status == "start":
+        out.print(f"[bold]{event.key}[/]: running {where}")
+    elif event.status == "done":
+        out.print(f"[bold]{event.key}[/]: done in {event.seconds:.1f} s {where}")
+    elif event.status == "done-earlier":
+        out.print(f"{event.key}: done earlier {where}")
+    elif event.status == "skipped":
+        out.print(f"{event.key}: skipped (--skip/--only)")
+    else:
+        out.print(f"[yellow]{event.key}: some shards failed {where}; re-run to retry[/]")

@@ -265,14 +265,48 @@ class CaptionConfig:
     """Sampling seed (per shard, so output does not depend on the number of ranks)."""
 
 
+FilterRule = Literal["itm", "itc", "both"]
+FILTER_RULES = get_args(FilterRule)
+
+
 @dataclass
 class FilterConfig:
-    """ITM filtering (``capfilt filter``)."""
+    """Filtering (``capfilt filter``): which web and synthetic texts stay. Human texts always stay;
+    a text with no origin is judged as web alt-text, and any other origin is judged like web."""
 
+    rule: FilterRule = "itm"
+    """Which score decides: ``itm`` (BLIP: the ITM match probability softmax(itm)[1]), ``itc``
+    (CLIP-score style, as DataComp filters: the cosine of the image and text ITC features), or
+    ``both`` (a text must pass both)."""
     threshold: float = 0.5
-    """Keep a text when softmax(itm)[1] is above this."""
+    """ITM rule: keep a text when softmax(itm)[1] is above this (a probability, in [0, 1])."""
+    itc_threshold: float = 0.3
+    """ITC rule: keep a text when its ITC cosine with the image is above this (in [-1, 1])."""
+    keep_fraction: float | None = None
+    """Keep this fraction of the judged texts instead of using the fixed thresholds: each score's
+    threshold becomes its quantile over the whole run (every shard is scored first, then decided).
+    Under ``both`` a text must be in the top fraction by both scores, so fewer may stay.
+    None = the fixed thresholds."""
     batch_size: int = 64
     """Images per scoring batch."""
+
+    def validate(self) -> None:
+        if self.rule not in FILTER_RULES:
+            raise ConfigError(f"filter.rule: one of {', '.join(FILTER_RULES)}, got '{self.rule}'")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(
+                f"filter.threshold: an ITM probability, must be in [0, 1], got {self.threshold}"
+            )
+        if not -1.0 <= self.itc_threshold <= 1.0:
+            raise ConfigError(
+                f"filter.itc_threshold: a cosine, must be in [-1, 1], got {self.itc_threshold}"
+            )
+        if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
+            raise ConfigError(
+                f"filter.keep_fraction: must be in (0, 1] (or null), got {self.keep_fraction}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError("filter.batch_size: must be >= 1")
 
 
 @dataclass
@@ -324,6 +358,6 @@ class Recipe:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     """Synthetic captioning."""
     filter: FilterConfig = field(default_factory=FilterConfig)
-    """ITM filtering."""
+    """Filtering of web and synthetic texts."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
