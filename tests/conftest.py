@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,14 @@ def coco_captions(split_json: Path) -> dict[int, list[str]]:
     for ann in data["annotations"]:
         out.setdefault(ann["image_id"], []).append(ann["caption"])
     return out
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's subprocess: this one, one OpenMP thread, and this checkout
+    first on ``PYTHONPATH``, ahead of (not instead of) what is already there, e.g. packages a GPU
+    image brings in a side folder."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
 def pytest_configure(config):
