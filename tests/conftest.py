@@ -42,6 +42,8 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+    # and what a stage chooses under runtime.threads = 0 (auto), in this process and its children
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def tiny_model_config(**overrides):

@@ -23,6 +23,7 @@ from capfilt.config.schema import (
     FinetuneConfig,
     ModelConfig,
     Recipe,
+    RuntimeConfig,
     SynthConfig,
     TrainConfig,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "ModelConfig",
     "RECIPES_DIR",
     "Recipe",
+    "RuntimeConfig",
     "SynthConfig",
     "TrainConfig",
     "apply_overrides",

@@ -307,6 +307,21 @@ class FinetuneConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How a process uses the machine it runs on."""
+
+    threads: int = 0
+    """Intra-op threads per process (torch.set_num_threads). 0 = auto: ``OMP_NUM_THREADS`` when
+    set, else this rank's share of the cores (CPU affinity ÷ ranks on the node) less one core per
+    ``data.num_workers`` loader process, at least 1. Small models on a few cores train fastest
+    without oversubscription (benchmarks/threads.py)."""
+
+    def validate(self) -> None:
+        if self.threads < 0:
+            raise ConfigError("runtime.threads: must be >= 0 (0 = auto)")
+
+
+@dataclass
 class Recipe:
     """A whole recipe: every stage's settings."""
 
@@ -330,3 +345,5 @@ class Recipe:
     """ITM filtering."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Threads and other per-process settings."""

@@ -43,6 +43,7 @@ from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import DistInfo, barrier, init_distributed
 from capfilt.utils.logging import get_logger, setup_logging
 from capfilt.utils.progress import ProgressReporter
+from capfilt.utils.threads import use_threads
 
 log = get_logger("train")
 
@@ -184,8 +185,14 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> Path:
+        data_cfg = self.recipe.data
+        with use_threads(self.recipe.runtime.threads, data_cfg.num_workers) as threads:
+            return self._fit(threads)
+
+    def _fit(self, threads: int) -> Path:
         job, cfg, data_cfg = self.job, self.cfg, self.recipe.data
         resumed = self._prepare_folder()
+        log.info("%d intra-op threads, %d loader workers", threads, data_cfg.num_workers)
         sources = build_sources(job.shards, data_cfg.weights or None)
         global_batch = data_cfg.batch_size * self.dist.world_size
         samples_per_epoch = cfg.samples_per_epoch
