@@ -245,3 +245,21 @@ def test_threads_are_chosen_for_the_stage_and_restored(synth_data, tmp_path, mon
     )
     assert torch.get_num_threads() == before
     assert "2 intra-op threads, 0 loader workers" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_train_compile_wraps_the_step_module_lazily():
+    from contextlib import nullcontext
+
+    from capfilt.train.trainer import STAGE_LOSSES, sync_unless_last, wrap_for_training
+    from capfilt.utils.dist import DistInfo
+
+    assert load_recipe("tiny").train.compile is False  # off unless asked for
+    assert load_recipe("tiny", ["train.compile=true"]).train.compile is True
+    model = torch.nn.Linear(2, 2)
+    plain = wrap_for_training(model, STAGE_LOSSES["pretrain"], DistInfo(), torch.device("cpu"))
+    assert plain is model  # one process: no DDP, no wrapper
+    compiled = wrap_for_training(
+        model, STAGE_LOSSES["pretrain"], DistInfo(), torch.device("cpu"), compile=True
+    )
+    assert compiled is not model and compiled._orig_mod is model  # compiles on first call only
+    assert isinstance(sync_unless_last(compiled, 0, 2), nullcontext)  # nothing to hold back
