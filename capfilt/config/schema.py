@@ -313,8 +313,9 @@ class RuntimeConfig:
     threads: int = 0
     """Intra-op threads per process (torch.set_num_threads). 0 = auto: ``OMP_NUM_THREADS`` when
     set, else this rank's share of the cores (CPU affinity ÷ ranks on the node) less one core per
-    ``data.num_workers`` loader process, at least 1. Small models on a few cores train fastest
-    without oversubscription (benchmarks/threads.py)."""
+    ``data.num_workers`` loader process and one for everything else, at least 1. Small models on a
+    few cores train fastest without oversubscription (benchmarks/threads.py); on an idle 2-core
+    machine set 2."""
 
     def validate(self) -> None:
         if self.threads < 0:

@@ -27,7 +27,11 @@ def choose_threads(requested: int, num_workers: int = 0) -> int:
 
     ``requested`` > 0 is taken as is. 0 (auto): ``OMP_NUM_THREADS`` when the environment sets it
     (torchrun sets 1 per rank unless told otherwise); else this rank's share of the cores (the
-    affinity divided among the node's ranks) less one core per loader worker process, at least 1.
+    affinity divided among the node's ranks) less one core per loader worker process and one for
+    the main process's own Python work and the rest of the machine, at least 1. OpenMP threads
+    spin-wait for each other, so one without a core of its own stalls the rest: on a busy 2-core
+    machine 2 threads ran the demo's steps at 0.08-0.11x the speed of 1 (benchmarks/threads.py),
+    against at most 1.35x faster when the machine is idle.
     """
     if requested > 0:
         return requested
@@ -37,7 +41,7 @@ def choose_threads(requested: int, num_workers: int = 0) -> int:
     info = env_dist_info()
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size if info.distributed else 1))
     share = available_cores() // max(1, ranks_here)
-    return max(1, share - max(0, num_workers))
+    return max(1, share - max(0, num_workers) - 1)
 
 
 @contextmanager
