@@ -23,6 +23,7 @@ from capfilt.config.schema import (
     FinetuneConfig,
     ModelConfig,
     Recipe,
+    RuntimeConfig,
     SynthConfig,
     TrainConfig,
 )
@@ -100,6 +101,7 @@ __all__ = [
     "ModelConfig",
     "RECIPES_DIR",
     "Recipe",
+    "RuntimeConfig",
     "SynthConfig",
     "TrainConfig",
     "apply_overrides",

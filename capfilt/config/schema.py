@@ -229,6 +229,9 @@ class TrainConfig:
     """Optimiser steps between checkpoints (a checkpoint is also written at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the newest ones)."""
+    compile: bool = False
+    """Run the training step through ``torch.compile`` (inductor). Pays a compile of tens of
+    seconds to minutes at start-up for faster steps on GPU; the saved weights are the same model's."""
 
     def validate(self) -> None:
         if self.grad_accum < 1:
@@ -338,6 +341,22 @@ class FinetuneConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How a process uses the machine it runs on."""
+
+    threads: int = 0
+    """Intra-op threads per process (torch.set_num_threads). 0 = auto: ``OMP_NUM_THREADS`` when
+    set, else this rank's share of the cores (CPU affinity ÷ ranks on the node) less one core per
+    ``data.num_workers`` loader process and one for everything else, at least 1. Small models on a
+    few cores train fastest without oversubscription (benchmarks/threads.py); on an idle 2-core
+    machine set 2."""
+
+    def validate(self) -> None:
+        if self.threads < 0:
+            raise ConfigError("runtime.threads: must be >= 0 (0 = auto)")
+
+
+@dataclass
 class Recipe:
     """A whole recipe: every stage's settings."""
 
@@ -361,3 +380,5 @@ class Recipe:
     """Filtering of web and synthetic texts."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Threads and other per-process settings."""

@@ -222,6 +222,19 @@ def _train(
     )
 
 
+def _repretrain_sources(human: list[str], filtered: Path) -> list[str]:
+    """Human shards + the filter's kept shards; human alone when the filter kept nothing (a
+    source without samples cannot feed the training stream)."""
+    from capfilt.data.shards import count_samples, expand_shards
+
+    if count_samples(expand_shards([str(filtered)])) == 0:
+        log.warning(
+            "the filter kept no text in %s: re-pretraining on the human shards only", filtered
+        )
+        return list(human)
+    return [*human, str(filtered)]
+
+
 def _shard_stage(result) -> dict[str, Any]:
     return {"stats": result.stats, "partial": result.partial, "failed": list(result.failed)}
 
@@ -288,7 +301,7 @@ def plan_steps(recipe: Recipe, inputs: BootstrapInputs, layout: BootstrapLayout)
                     step_key("pretrain-capfilt", r), "pretrain-capfilt", r, out,
                     [*human, str(filtered)],
                     lambda out=out, filtered=filtered: _train(
-                        "pretrain", recipe, [*human, str(filtered)], out
+                        "pretrain", recipe, _repretrain_sources(human, filtered), out
                     ),
                     [step_key("filter", r)],
                 )

@@ -42,7 +42,9 @@ class RunFolder:
                     f"{self.path} already holds a run; pass --resume auto to continue it, or choose another --out"
                 )
             saved = yaml.safe_load(self.config_path.read_text()) or {}
-            if saved.get("recipe") != run_config.get("recipe") or saved.get("stage") != run_config.get("stage"):
+            if saved.get("recipe") != run_config.get("recipe") or saved.get(
+                "stage"
+            ) != run_config.get("stage"):
                 raise ConfigError(
                     f"{self.path} holds a run with a different stage or recipe; use a new --out to start another run"
                 )
@@ -64,7 +66,10 @@ class RunFolder:
         atomic_write_bytes(self.latest_path, (checkpoint.name + "\n").encode())
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
 
@@ -72,5 +77,9 @@ class RunFolder:
         """Drop metric lines past ``after_step`` (written after the checkpoint a resume starts from)."""
         if not self.metrics_path.is_file():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line and json.loads(line).get("step", 0) <= after_step
+        ]
         atomic_write_bytes(self.metrics_path, ("\n".join(kept) + "\n" if kept else "").encode())
