@@ -263,3 +263,18 @@ def test_train_compile_wraps_the_step_module_lazily():
     )
     assert compiled is not model and compiled._orig_mod is model  # compiles on first call only
     assert isinstance(sync_unless_last(compiled, 0, 2), nullcontext)  # nothing to hold back
+
+
+def test_resume_accepts_another_thread_count_but_not_another_recipe(tmp_path):
+    from capfilt.config import ConfigError, load_recipe, to_dict
+    from capfilt.runs.run_folder import RunFolder
+
+    recipe = to_dict(load_recipe("tiny", ["runtime.threads=1"]))
+    RunFolder(tmp_path / "run").prepare({"stage": "pretrain", "recipe": recipe}, "never")
+    more_threads = to_dict(load_recipe("tiny", ["runtime.threads=2"]))
+    assert RunFolder(tmp_path / "run").prepare(
+        {"stage": "pretrain", "recipe": more_threads}, "auto"
+    )
+    other_lr = to_dict(load_recipe("tiny", ["runtime.threads=1", "train.lr=0.123"]))
+    with pytest.raises(ConfigError, match="different stage or recipe"):
+        RunFolder(tmp_path / "run").prepare({"stage": "pretrain", "recipe": other_lr}, "auto")

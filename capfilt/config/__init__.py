@@ -26,6 +26,7 @@ from capfilt.config.schema import (
     RuntimeConfig,
     SynthConfig,
     TrainConfig,
+    recipe_identity,
 )
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -113,6 +114,7 @@ __all__ = [
     "load_recipe",
     "load_recipe_data",
     "load_yaml",
+    "recipe_identity",
     "resolve_recipe_path",
     "to_dict",
 ]

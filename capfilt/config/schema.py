@@ -382,3 +382,16 @@ class Recipe:
     """Evaluation."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Threads and other per-process settings."""
+
+
+RUNTIME_SECTIONS = ("runtime",)
+"""Recipe sections that say how a process uses its machine, not what it computes."""
+
+
+def recipe_identity(recipe: Recipe | dict) -> dict:
+    """The recipe as a dict without :data:`RUNTIME_SECTIONS`: what decides a run's results, so a
+    resumed run or a re-run of ``capfilt bootstrap`` may change its thread count."""
+    from capfilt.config.core import to_dict
+
+    data = recipe if isinstance(recipe, dict) else to_dict(recipe)
+    return {k: v for k, v in data.items() if k not in RUNTIME_SECTIONS}

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capfilt.config import ConfigError, Recipe, config_hash, dump_yaml, to_dict
+from capfilt.config import ConfigError, Recipe, config_hash, dump_yaml, recipe_identity, to_dict
 from capfilt.utils.files import atomic_write_bytes, atomic_write_json
 from capfilt.utils.logging import get_logger
 
@@ -433,7 +433,7 @@ def open_manifest(
     """Create the manifest, or re-open it: a changed recipe or input is refused unless
     ``restart_from`` is given (the caller then redoes that stage and every later one)."""
     layout.root.mkdir(parents=True, exist_ok=True)
-    recipe_hash, fingerprint = config_hash(recipe), inputs.fingerprint()
+    recipe_hash, fingerprint = config_hash(recipe_identity(recipe)), inputs.fingerprint()
     previous = _read_manifest(layout)
     if previous is not None and restart_from is None:
         stage = _first_affected(previous, recipe_hash, fingerprint)
