@@ -24,3 +24,14 @@ lint:
 # Benchmarks (throughput and model FLOP utilisation; ratios against baselines in the same run).
 bench:
     {{py}} benchmarks/pretrain_throughput.py --recipe demo
+
+# Thread and loader-worker settings compared on this machine (pretraining steps of the demo recipe).
+bench-threads:
+    {{py}} benchmarks/threads.py --recipe demo
+
+# On one CUDA GPU (H100/H200), under 8 minutes: the suite with CUDA, the demo, BLIP-base pretrain
+# MFU, caption/filter throughput on real photos and the transformers comparison (see the script's
+# header for bringing braceexpand/webdataset/datasets to a GPU image without a package index).
+# `python` is the interpreter with torch+CUDA (a GPU image's own, not necessarily the venv's).
+bench-gpu out="gpu-check-out" python="python":
+    PY={{python}} bash benchmarks/gpu_check.sh {{out}}

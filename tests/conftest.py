@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,22 @@ def coco_captions(split_json: Path) -> dict[int, list[str]]:
     return out
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's subprocess: this one, one OpenMP thread, and this checkout
+    first on ``PYTHONPATH``, ahead of (not instead of) what is already there, e.g. packages a GPU
+    image brings in a side folder."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
 def pytest_configure(config):
     # Tiny models gain nothing from a second thread, and OpenMP spin-waiting makes a busy 2-core
     # machine (or a test's own subprocesses) very slow.
     import torch
 
     torch.set_num_threads(1)
+    # and what a stage chooses under runtime.threads = 0 (auto), in this process and its children
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def tiny_model_config(**overrides):

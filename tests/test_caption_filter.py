@@ -52,6 +52,8 @@ from capfilt.pipeline.caption import caption_shards
 from capfilt.pipeline.filter import filter_shards, is_kept, rethreshold_shards
 from capfilt.runs.resolve import model_fingerprint
 from capfilt.train.trainer import TrainJob, train
+from capfilt.utils.device import default_device
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -74,7 +76,7 @@ def _one_thread():
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess_env()
 
 
 # ---------------------------------------------------------------- fixtures
@@ -277,7 +279,7 @@ def test_captioner_finetune_masks_dec_and_prompt(trained_captioner):
     call = trained_captioner["first_call"]
     assert tuple(call["weights"]) == ("lm",) and call["prompt_len"] == prompt_len
     prompt_tokens = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    assert (call["input_ids"][:, 1:prompt_len] == torch.tensor(prompt_tokens)).all()
+    assert (call["input_ids"][:, 1:prompt_len].cpu() == torch.tensor(prompt_tokens)).all()
 
     texts = [
         PROMPT + t
@@ -593,6 +595,8 @@ def test_filter_parquet_has_one_row_per_text_and_the_threshold_rule(outputs):
 
 def test_filter_scores_match_the_model_one_pair_at_a_time(models, outputs):
     model, tokenizer, cfg, _ = load_model_folder(models["filter"])
+    # the stage scores under bf16 autocast on a GPU (utils/device.py), this reference in fp32
+    tol = 2e-5 if default_device().type == "cpu" else 2e-2
     from capfilt.data.transforms import EvalTransform
 
     transform = EvalTransform(cfg.image_size)
@@ -611,8 +615,8 @@ def test_filter_scores_match_the_model_one_pair_at_a_time(models, outputs):
                     ).sum()
                 )
                 row = table.loc[(sample.key, index)]
-                assert row["itm_score"] == pytest.approx(score, abs=2e-5)
-                assert row["itc_cosine"] == pytest.approx(cosine, abs=2e-5)
+                assert row["itm_score"] == pytest.approx(score, abs=tol)
+                assert row["itc_cosine"] == pytest.approx(cosine, abs=tol)
 
 
 def test_kept_shards_read_back_with_exactly_the_kept_texts(outputs, models):
@@ -665,7 +669,10 @@ def test_rethreshold_reapplies_the_rule_without_the_model(outputs, tmp_path, mon
 
     monkeypatch.setattr(filter_mod, "load_stage_model", no_model)
     before = _parquet(outputs["filtered"])
-    new_t = float(before["itm_score"].quantile(0.3))
+    # below the stage's threshold, amid the rejected scores: some of them are kept now, some not
+    rejected = before.loc[~before["kept"], "itm_score"]
+    new_t = float(rejected.median())
+    assert new_t < THRESHOLD and (rejected > new_t).any()
     rethreshold_shards(outputs["filtered"], [str(outputs["captioned"])], tmp_path / "re", new_t)
     after = _parquet(tmp_path / "re")
     assert after[["uid", "text_index", "text", "origin"]].equals(
@@ -675,7 +682,7 @@ def test_rethreshold_reapplies_the_rule_without_the_model(outputs, tmp_path, mon
         after["itc_cosine"] == before["itc_cosine"]
     ).all()
     assert (after["kept"] == (after["itm_score"] > new_t)).all()
-    assert after["kept"].sum() > before["kept"].sum()
+    assert after["kept"].sum() == before["kept"].sum() + (rejected > new_t).sum()
     kept = _folder_samples(tmp_path / "re")
     assert set(kept) == set(after.loc[after["kept"], "uid"])
     for raw in kept.values():
@@ -697,7 +704,8 @@ def test_a_shard_of_garbage_is_skipped_and_counted_by_every_stage(synth, models,
     assert (
         not result.failed
         and result.stats["count"] == SHARD_SIZE
-        and result.stats["skipped"] == {"truncated_tar": 1}
+        and result.stats["skipped"] == {}
+        and result.stats["shard_errors"] == {"unreadable_shard": 1}
     )
     result = filter_shards(
         models["filter"],
@@ -800,38 +808,51 @@ def test_killed_caption_and_filter_resume_to_identical_output(synth, models, out
 
 
 def test_torchrun_two_ranks_give_the_single_process_output(synth, models, outputs, tmp_path):
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "capfilt",
+    env, reference = _env(), outputs
+    launchers = [
+        (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+            ],
+            tmp_path / "cap",
+            tmp_path / "filt",
+        )
     ]
-    for stage, model, shards, out, sets in (
-        ("caption", models["captioner"], synth / "web", tmp_path / "cap", CAPTION_SETS),
-        ("filter", models["filter"], tmp_path / "cap", tmp_path / "filt", FILTER_SETS),
-    ):
-        cmd = [
-            *launcher,
-            stage,
-            "tiny",
-            "--model",
-            str(model),
-            "--shards",
-            str(shards),
-            "--out",
-            str(out),
-            *[x for s in sets for x in ("--set", s)],
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        # two ranks need a GPU each (NCCL refuses a shared one): both sides run on the CPU instead
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        reference = {"captioned": tmp_path / "ref_cap", "filtered": tmp_path / "ref_filt"}
+        launchers.insert(0, ([sys.executable], reference["captioned"], reference["filtered"]))
+    for launcher, cap_out, filt_out in launchers:
+        for stage, model, shards, out, sets in (
+            ("caption", models["captioner"], synth / "web", cap_out, CAPTION_SETS),
+            ("filter", models["filter"], cap_out, filt_out, FILTER_SETS),
+        ):
+            cmd = [
+                *launcher,
+                "-m",
+                "capfilt",
+                stage,
+                "tiny",
+                "--model",
+                str(model),
+                "--shards",
+                str(shards),
+                "--out",
+                str(out),
+                *[x for s in sets for x in ("--set", s)],
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     # caption: same inputs, so every file is the same, stats and sizes.json included
-    assert _files(tmp_path / "cap") == _files(outputs["captioned"])
+    assert _files(tmp_path / "cap") == _files(reference["captioned"])
     # filter: shards, parquet and summary identical; the stats differ only in naming their input folder
-    got, ref = _files(tmp_path / "filt"), _files(outputs["filtered"])
+    got, ref = _files(tmp_path / "filt"), _files(reference["filtered"])
     assert got.keys() == ref.keys()
     for name in got:
         if name.endswith(STATS_SUFFIX):
@@ -841,7 +862,7 @@ def test_torchrun_two_ranks_give_the_single_process_output(synth, models, output
             }
         else:
             assert got[name] == ref[name], name
-    assert set(_folder_samples(tmp_path / "filt")) == set(_folder_samples(outputs["filtered"]))
+    assert set(_folder_samples(tmp_path / "filt")) == set(_folder_samples(reference["filtered"]))
 
 
 # ---------------------------------------------------------------- 6. the filter learns something

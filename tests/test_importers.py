@@ -74,7 +74,7 @@ def test_csv_folder_and_bad_rows(tmp_path):
     (images / "bad.png").write_bytes(b"not an image")
     (images / "a.txt").write_text("a red square\nanother caption\n")
     (images / "bad.txt").write_text("whatever")
-    # b.png has no sidecar: dropped as missing_caption
+    # b.png has no sidecar: skipped as missing_caption
     result = import_records(
         folder_records(images), tmp_path / "from_folder", source="folder", origin="web"
     )
@@ -83,7 +83,7 @@ def test_csv_folder_and_bad_rows(tmp_path):
     assert [c["text"] for c in samples[0].captions] == ["a red square", "another caption"]
     assert result.stats["skipped"] == {"missing_caption": 1, "undecodable_image": 1}
     table = pd.read_parquet(tmp_path / "from_folder" / "00000000.parquet")
-    assert sorted(table["status"]) == ["dropped", "dropped", "kept"]
+    assert sorted(table["status"]) == ["kept", "skipped", "skipped"]
 
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text(

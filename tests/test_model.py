@@ -685,13 +685,14 @@ def test_global_batch_under_two_processes(tok, tmp_path):
     import torch.multiprocessing as mp
 
     tok.save_pretrained(tmp_path / "tok")
-    # fork: the children reuse the imported modules (spawn would re-import torch/transformers, ~10 s)
+    # spawn, not fork: this process has run autograd (and maybe CUDA) already, whose worker threads
+    # a forked child inherits broken
     ctx = mp.start_processes(
         _dist_worker,
         args=(2, str(tmp_path / "pg"), str(tmp_path / "tok"), str(tmp_path)),
         nprocs=2,
         join=False,
-        start_method="fork",
+        start_method="spawn",
     )
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):

@@ -220,3 +220,61 @@ def test_tiny_pretrain_lowers_every_loss_and_retrieves_above_chance(synth_data, 
     chance_r5 = 100 * 5 / n_images  # text->image: 5 of n images
     assert result["ir_r5"] > 2 * chance_r5, result
     assert result["tr_r5"] > 2 * chance_r5, result
+
+
+def test_threads_are_chosen_for_the_stage_and_restored(synth_data, tmp_path, monkeypatch):
+    from capfilt.utils.threads import available_cores, choose_threads
+
+    with pytest.raises(ConfigError, match="runtime.threads"):
+        load_recipe("tiny", ["runtime.threads=-1"])
+    assert choose_threads(3, num_workers=2) == 3  # asked for: taken as is
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert choose_threads(0, num_workers=2) == 5  # auto honours an explicit environment
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cores = available_cores()
+    assert choose_threads(0) == max(1, cores - 1)  # one core left for the rest
+    assert choose_threads(0, num_workers=1) == max(1, cores - 2)
+    assert choose_threads(0, num_workers=cores + 4) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # a rank per core: one thread each
+    assert choose_threads(0) == 1
+
+    before = torch.get_num_threads()
+    train(
+        _job(synth_data, tmp_path / "run", "runtime.threads=2", "data.num_workers=0", stop_after=1)
+    )
+    assert torch.get_num_threads() == before
+    assert "2 intra-op threads, 0 loader workers" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_train_compile_wraps_the_step_module_lazily():
+    from contextlib import nullcontext
+
+    from capfilt.train.trainer import STAGE_LOSSES, sync_unless_last, wrap_for_training
+    from capfilt.utils.dist import DistInfo
+
+    assert load_recipe("tiny").train.compile is False  # off unless asked for
+    assert load_recipe("tiny", ["train.compile=true"]).train.compile is True
+    model = torch.nn.Linear(2, 2)
+    plain = wrap_for_training(model, STAGE_LOSSES["pretrain"], DistInfo(), torch.device("cpu"))
+    assert plain is model  # one process: no DDP, no wrapper
+    compiled = wrap_for_training(
+        model, STAGE_LOSSES["pretrain"], DistInfo(), torch.device("cpu"), compile=True
+    )
+    assert compiled is not model and compiled._orig_mod is model  # compiles on first call only
+    assert isinstance(sync_unless_last(compiled, 0, 2), nullcontext)  # nothing to hold back
+
+
+def test_resume_accepts_another_thread_count_but_not_another_recipe(tmp_path):
+    from capfilt.config import ConfigError, load_recipe, to_dict
+    from capfilt.runs.run_folder import RunFolder
+
+    recipe = to_dict(load_recipe("tiny", ["runtime.threads=1"]))
+    RunFolder(tmp_path / "run").prepare({"stage": "pretrain", "recipe": recipe}, "never")
+    more_threads = to_dict(load_recipe("tiny", ["runtime.threads=2"]))
+    assert RunFolder(tmp_path / "run").prepare(
+        {"stage": "pretrain", "recipe": more_threads}, "auto"
+    )
+    other_lr = to_dict(load_recipe("tiny", ["runtime.threads=1", "train.lr=0.123"]))
+    with pytest.raises(ConfigError, match="different stage or recipe"):
+        RunFolder(tmp_path / "run").prepare({"stage": "pretrain", "recipe": other_lr}, "auto")

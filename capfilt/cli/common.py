@@ -156,3 +156,18 @@ def report_origins(summary_path: Path) -> None:
         out.print(
             f"  {origin:>9}: kept {info['kept']} of {info['texts']} texts ({100 * info['kept_fraction']:.1f}%)"
         )
+
+
+def print_stage_event(event) -> None:
+    """One line per bootstrap/demo stage event, saying where its output is."""
+    where = f"→ {event.output}"
+    if event.status == "start":
+        out.print(styled(f"{event.key}:", "bold", f"running {where}"))
+    elif event.status == "done":
+        out.print(styled(f"{event.key}:", "bold", f"done in {event.seconds:.1f} s {where}"))
+    elif event.status == "done-earlier":
+        out.print(f"{event.key}: done earlier {where}")
+    elif event.status == "skipped":
+        out.print(f"{event.key}: skipped (--skip/--only)")
+    else:
+        out.print(styled(f"{event.key}: some shards failed {where}; re-run to retry", "yellow"))

@@ -15,6 +15,7 @@ from capfilt.cli.common import (
     SetOption,
     fail,
     out,
+    print_stage_event,
     resolve,
 )
 
@@ -68,7 +69,7 @@ def demo(
         )
     cfg = resolve(recipe, set_, dry_run)
     try:
-        summary = run_demo(cfg, out_dir, tuple(skip or ()))
+        summary = run_demo(cfg, out_dir, tuple(skip or ()), on_stage=print_stage_event)
     except ValueError as err:
         raise fail(str(err), EXIT_USAGE) from None
     from capfilt.report import write_report

@@ -173,6 +173,24 @@ def caption(
     _write(out_path, result)
 
 
+def _print_truth(result: dict) -> None:
+    from rich.table import Table
+
+    from capfilt.pipeline.summary import fmt
+
+    heads = result["heads"]
+    table = Table(
+        "figure",
+        f"ITM > {heads['itm']['threshold']:g}",
+        f"ITC cosine > {heads['itc']['threshold']:g}",
+        title=f"against the truth file: {result['n_matched']} labelled texts "
+        f"({result['n_noisy']} not clean, {result['n_unmatched']} without a score)",
+    )
+    for key in ("precision", "recall", "f1", "auc"):
+        table.add_row(key, fmt(heads["itm"].get(key)), fmt(heads["itc"].get(key)))
+    out.print(table)
+
+
 @app.command("filter")
 def filter_(
     scores: Annotated[
@@ -183,7 +201,18 @@ def filter_(
     ],
     threshold: Annotated[
         float | None,
-        typer.Option(help="Decision threshold (default: the recipe's filter.threshold)."),
+        typer.Option(
+            help="Re-decide every text at softmax(itm)[1] > threshold (default: the decisions "
+            "the filter stored, and the recipe's filter.threshold for the truth file)."
+        ),
+    ] = None,
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            "--truth",
+            help="Hand labels: csv/parquet of uid,clean (and optionally text_index); reports "
+            "ITM and ITC cosine precision/recall/F1/AUC side by side.",
+        ),
     ] = None,
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write the report to this JSON file.")
@@ -201,9 +230,20 @@ def filter_(
     if not scores.exists():
         raise fail(f"--scores not found: {scores}", EXIT_USAGE)
     try:
-        report = evaluate_filter(scores, cfg.filter.threshold)
+        report = evaluate_filter(scores, cfg.filter.threshold, redecide=threshold is not None)
     except (ValueError, KeyError) as err:
         raise fail(f"cannot read filter scores from {scores}: {err}", EXIT_USAGE) from None
+    if truth is not None:
+        from capfilt.eval.filter_metrics import load_score_tables, load_truth, truth_report
+
+        try:
+            labels = load_truth(truth)
+        except (OSError, ValueError) as err:
+            raise fail(str(err), EXIT_USAGE) from None
+        report["truth_file"] = truth_report(
+            load_score_tables(scores), labels, cfg.filter.threshold, cfg.filter.itc_threshold
+        )
+        _print_truth(report["truth_file"])
 
     from capfilt.pipeline.summary import filter_figures, fmt, fmt_pct
 

@@ -8,6 +8,7 @@ import typer
 
 from capfilt import __version__
 from capfilt.cli import (
+    bootstrap_cmds,
     config_cmds,
     convert_cmds,
     data_cmds,
@@ -33,6 +34,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cmds.app, name="data")
 app.command("demo")(demo_cmds.demo)
+app.command("bootstrap")(bootstrap_cmds.bootstrap)
 app.command("pretrain")(train_cmds.pretrain)
 app.add_typer(train_cmds.finetune_app, name="finetune")
 app.command("caption")(pipeline_cmds.caption)

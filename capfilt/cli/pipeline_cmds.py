@@ -66,19 +66,22 @@ def filter_(
         Path | None,
         typer.Option(
             "--scores-from",
-            help="Re-apply --threshold to an earlier filter output's scores, without the model.",
+            help="Re-decide an earlier filter output's scores with this recipe's filter.* rule "
+            "(threshold, itc_threshold, rule, keep_fraction), without the model.",
         ),
     ] = None,
     recipe: RecipeArgument = "demo",
     set_: SetOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
-    """Keep the web and synthetic texts the ITM head accepts; write kept shards, per-text scores and a summary."""
+    """Keep the web and synthetic texts the filter accepts (filter.rule: ITM probability, ITC
+    cosine or both; fixed thresholds or filter.keep_fraction of the whole run); write kept
+    shards, per-text scores and a summary."""
     from capfilt.pipeline.filter import filter_shards, rethreshold_shards
 
     cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
     if scores_from is not None:
-        result = rethreshold_shards(scores_from, shards, out_dir, cfg.filter.threshold)
+        result = rethreshold_shards(scores_from, shards, out_dir, cfg.filter)
     elif model is None:
         raise fail("give --model (to score) or --scores-from (to re-apply a threshold)", EXIT_USAGE)
     else:

@@ -1,4 +1,4 @@
-"""``capfilt report``: a self-contained HTML summary of a demo run folder."""
+"""``capfilt report``: a self-contained HTML summary of a bootstrap or demo folder, or of one stage's output."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from capfilt.cli.common import out as stdout
 def report(
     run_dir: Annotated[
         Path,
-        typer.Argument(help="Run folder written by `capfilt demo` (summary.json, runs/, data/)."),
+        typer.Argument(
+            help="A `capfilt bootstrap` or `capfilt demo` folder, or one stage's output "
+            "(a filter folder gives its histograms and examples)."
+        ),
     ],
     out: Annotated[
         Path | None,

@@ -23,8 +23,10 @@ from capfilt.config.schema import (
     FinetuneConfig,
     ModelConfig,
     Recipe,
+    RuntimeConfig,
     SynthConfig,
     TrainConfig,
+    recipe_identity,
 )
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -45,9 +47,47 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     )
 
 
+EXTENDS_KEY = "extends"
+"""Top-level recipe key naming the recipe this one starts from (a shipped name or a path)."""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` laid on top, section by section (lists and values replace)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe_data(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe's mapping with its ``extends`` chain resolved (a base's fields, overridden by
+    the recipe's own). A relative base path is taken from the extending recipe's folder."""
+    path = resolve_recipe_path(recipe).resolve()
+    if path in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path))
+        raise ConfigError(f"extends: recipes extend each other in a loop ({chain})")
+    data = load_yaml(path)
+    base = data.pop(EXTENDS_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path.name}: extends: expected a recipe name or path, got {base!r}")
+    relative = path.parent / base
+    base_ref = relative if relative.is_file() else base
+    try:
+        base_data = load_recipe_data(base_ref, (*_seen, path))
+    except ConfigError as err:
+        raise ConfigError(f"{path.name}: extends: {err}") from None
+    return _merge(base_data, data)
+
+
 def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe file (or the defaults when None) and apply ``section.key=value`` overrides."""
-    data = load_yaml(resolve_recipe_path(recipe)) if recipe is not None else {}
+    """Load a recipe file (or the defaults when None), following ``extends``, and apply
+    ``section.key=value`` overrides."""
+    data = load_recipe_data(recipe) if recipe is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(Recipe, data)
 
@@ -62,6 +102,7 @@ __all__ = [
     "ModelConfig",
     "RECIPES_DIR",
     "Recipe",
+    "RuntimeConfig",
     "SynthConfig",
     "TrainConfig",
     "apply_overrides",
@@ -71,7 +112,9 @@ __all__ = [
     "field_docs",
     "from_dict",
     "load_recipe",
+    "load_recipe_data",
     "load_yaml",
+    "recipe_identity",
     "resolve_recipe_path",
     "to_dict",
 ]

@@ -257,6 +257,9 @@ class TrainConfig:
     """Optimiser steps between checkpoints (a checkpoint is also written at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the newest ones)."""
+    compile: bool = False
+    """Run the training step through ``torch.compile`` (inductor). Pays a compile of tens of
+    seconds to minutes at start-up for faster steps on GPU; the saved weights are the same model's."""
 
     def validate(self) -> None:
         check(self.epochs >= 1, "epochs", ">= 1", self.epochs)
@@ -327,18 +330,50 @@ class CaptionConfig:
         check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
+FilterRule = Literal["itm", "itc", "both"]
+FILTER_RULES = get_args(FilterRule)
+
+
 @dataclass
 class FilterConfig:
-    """ITM filtering (``capfilt filter``)."""
+    """Filtering (``capfilt filter``): which web and synthetic texts stay. Human texts always stay;
+    a text with no origin is judged as web alt-text, and any other origin is judged like web."""
 
+    rule: FilterRule = "itm"
+    """Which score decides: ``itm`` (BLIP: the ITM match probability softmax(itm)[1]), ``itc``
+    (CLIP-score style, as DataComp filters: the cosine of the image and text ITC features), or
+    ``both`` (a text must pass both)."""
     threshold: float = 0.5
-    """Keep a text when softmax(itm)[1] is above this."""
+    """ITM rule: keep a text when softmax(itm)[1] is above this (a probability, in [0, 1])."""
+    itc_threshold: float = 0.3
+    """ITC rule: keep a text when its ITC cosine with the image is above this (in [-1, 1])."""
+    keep_fraction: float | None = None
+    """Keep this fraction of the judged texts instead of using the fixed thresholds: each score's
+    threshold becomes its quantile over the whole run (every shard is scored first, then decided).
+    Under ``both`` a text must be in the top fraction by both scores, so fewer may stay.
+    None = the fixed thresholds."""
     batch_size: int = 64
     """Images per scoring batch."""
 
     def validate(self) -> None:
+        check(self.rule in FILTER_RULES, "rule", " or ".join(FILTER_RULES), self.rule)
         # a probability: above 1 nothing is ever kept, below 0 everything is
-        check(0 <= self.threshold <= 1, "threshold", "in [0, 1]", self.threshold)
+        check(
+            0 <= self.threshold <= 1, "threshold", "in [0, 1] (an ITM probability)", self.threshold
+        )
+        check(
+            -1 <= self.itc_threshold <= 1,
+            "itc_threshold",
+            "in [-1, 1] (a cosine)",
+            self.itc_threshold,
+        )
+        if self.keep_fraction is not None:
+            check(
+                0 < self.keep_fraction <= 1,
+                "keep_fraction",
+                "in (0, 1] (or null)",
+                self.keep_fraction,
+            )
         check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
@@ -375,6 +410,22 @@ class FinetuneConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How a process uses the machine it runs on."""
+
+    threads: int = 0
+    """Intra-op threads per process (torch.set_num_threads). 0 = auto: ``OMP_NUM_THREADS`` when
+    set, else this rank's share of the cores (CPU affinity ÷ ranks on the node) less one core per
+    ``data.num_workers`` loader process and one for everything else, at least 1. Small models on a
+    few cores train fastest without oversubscription (benchmarks/threads.py); on an idle 2-core
+    machine set 2."""
+
+    def validate(self) -> None:
+        if self.threads < 0:
+            raise ConfigError("threads: must be >= 0 (0 = auto)")
+
+
+@dataclass
 class Recipe:
     """A whole recipe: every stage's settings."""
 
@@ -395,6 +446,21 @@ class Recipe:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     """Synthetic captioning."""
     filter: FilterConfig = field(default_factory=FilterConfig)
-    """ITM filtering."""
+    """Filtering of web and synthetic texts."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Threads and other per-process settings."""
+
+
+RUNTIME_SECTIONS = ("runtime",)
+"""Recipe sections that say how a process uses its machine, not what it computes."""
+
+
+def recipe_identity(recipe: Recipe | dict) -> dict:
+    """The recipe as a dict without :data:`RUNTIME_SECTIONS`: what decides a run's results, so a
+    resumed run or a re-run of ``capfilt bootstrap`` may change its thread count."""
+    from capfilt.config.core import to_dict
+
+    data = recipe if isinstance(recipe, dict) else to_dict(recipe)
+    return {k: v for k, v in data.items() if k not in RUNTIME_SECTIONS}

@@ -9,6 +9,7 @@ without caption is dropped, recorded in the shard's parquet and counted in its s
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -21,12 +22,33 @@ import pandas as pd
 from PIL import Image
 
 from capfilt.config import config_hash
+from capfilt.data.reader import SampleError, decode_image
 from capfilt.data.sample import build_sample, caption_entry, make_key
 from capfilt.data.stage import StageResult, run_shard_stage
 from capfilt.data.writer import ShardWriter
 
-IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
-PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+IMAGE_SUFFIXES = {
+    ".jpg": "jpg",
+    ".jpeg": "jpg",
+    ".png": "png",
+    ".webp": "webp",
+    ".gif": "gif",
+    ".bmp": "bmp",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+}
+PIL_FORMAT_EXT = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+}
+MISSING_IMAGE_HINT = (
+    "Image paths of `data import csv` are resolved against --image-root (default: the table's "
+    "folder), those of `data import coco` against the image folder"
+)
 
 
 class ImportSourceError(ValueError):
@@ -41,6 +63,8 @@ class ImportRecord:
     load: Callable[[], bytes]
     captions: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    """The image file, when there is one: its size and mtime join the import's done-markers."""
 
 
 def _read_file(path: Path) -> Callable[[], bytes]:
@@ -48,12 +72,13 @@ def _read_file(path: Path) -> Callable[[], bytes]:
 
 
 def _sniff_ext(data: bytes) -> str:
-    """Image container → shard extension; raises on undecodable or unsupported data."""
+    """Image container → shard extension; raises ``SampleError`` for data the shard reader would
+    reject (undecodable, too large, a format it does not take)."""
+    decode_image(data)
     with Image.open(io.BytesIO(data)) as image:
-        image.load()
         fmt = image.format
     if fmt not in PIL_FORMAT_EXT:
-        raise ValueError(f"unsupported image format {fmt}")
+        raise SampleError("undecodable_image", f"unsupported image format {fmt}")
     return PIL_FORMAT_EXT[fmt]
 
 
@@ -78,7 +103,11 @@ def coco_records(annotations: str | Path, images: str | Path) -> list[ImportReco
         meta = {"coco_id": img["id"], "file_name": img["file_name"]}
         records.append(
             ImportRecord(
-                make_key("coco", img["id"]), _read_file(path), captions.get(img["id"], []), meta
+                make_key("coco", img["id"]),
+                _read_file(path),
+                captions.get(img["id"], []),
+                meta,
+                path,
             )
         )
     return records
@@ -97,7 +126,9 @@ def table_records(
         raise ImportSourceError(f"table not found: {path}")
     if sep is None:
         sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    # TSV has no quoting: a caption that starts with '"' keeps its quotes
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting)
     for column in (image_column, caption_column):
         if column not in table.columns:
             raise ImportSourceError(
@@ -115,6 +146,7 @@ def table_records(
             _read_file(root / image),
             caps,
             {"image_path": image},
+            root / image,
         )
         for i, (image, caps) in enumerate(grouped.items())
     ]
@@ -145,6 +177,7 @@ def folder_records(folder: str | Path) -> list[ImportRecord]:
                 _read_file(path),
                 captions,
                 {"file": str(rel)},
+                path,
             )
         )
     return records
@@ -296,8 +329,8 @@ def import_records(
                 continue
             try:
                 ext = _sniff_ext(data)
-            except Exception as err:  # PIL raises many types for broken images
-                writer.skip("undecodable_image", {**row, "detail": f"{type(err).__name__}: {err}"})
+            except SampleError as err:
+                writer.skip(err.reason, {**row, "detail": err.detail})
                 continue
             captions = [caption_entry(c, origin) for c in record.captions]
             writer.write(
@@ -317,4 +350,9 @@ def import_records(
         config_hash=chash,
         samples_per_shard=sizes,
         desc=f"import {source}",
+        inputs=[
+            [str(r.path) for r in records[i * shard_size : (i + 1) * shard_size] if r.path]
+            for i in range(n_shards)
+        ],
+        hints={"missing_image": MISSING_IMAGE_HINT},
     )

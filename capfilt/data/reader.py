@@ -1,9 +1,13 @@
-"""Streaming shard reader that skips bad samples and counts them by reason.
+"""Streaming shard reader that skips bad samples and records them by reason.
 
-Bad input never kills a job: a truncated tar ends its shard early, an
-undecodable image, a missing or non-UTF-8 caption or broken json drops that sample, and each is
-counted in a ``SkipCounter`` and logged at a bounded rate. Memory does not grow with the number
-of shards: tars are read as streams, one at a time.
+Bad input never kills a job, and never hides: an undecodable or oversized image, a missing or
+non-UTF-8 caption, broken json, an unsafe member path or a key seen earlier in the shard drops
+that sample only. Each drop is counted in a ``SkipCounter`` by reason and kept as a record (key,
+reason, detail) that a stage writes to its parquet (:meth:`ShardWriter.add_skipped`). Damage to
+a tar itself is a *shard* event, not a sample: a tar cut or corrupted partway ends early as
+``truncated_tar`` (what came before is kept), one that yields nothing is ``unreadable_shard``;
+both are logged naming the file. Memory does not grow with the number of shards: tars are read
+as streams, one at a time, and an image is measured from its header before it is decoded.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,9 +34,14 @@ _TAR_ERRORS = (
     EOFError,
 )  # bound here: generators closed at interpreter exit can't look up modules
 
-Image.MAX_IMAGE_PIXELS = (
-    20_000 * 20_000
-)  # web images can be big; decompression bombs beyond this still fail
+MAX_IMAGE_PIXELS = 89_478_485
+"""Images with more pixels are rejected as ``image_too_large`` before decoding. This is Pillow's
+own decompression-bomb threshold (its ``Image.MAX_IMAGE_PIXELS``): about 9500 × 9500, far above
+any model input (BLIP: 384 px), while a decoded RGB image of that size already takes 270 MB — a
+few-KB PNG can declare 20000 × 20000 (1.2 GB once decoded)."""
+
+SHARD_EVENTS = ("truncated_tar", "unreadable_shard")
+"""Reasons that describe a whole tar, counted per shard and never as samples."""
 
 
 class SampleError(Exception):
@@ -40,17 +50,38 @@ class SampleError(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Skipped:
+    """One rejected input sample: its key (as far as known), why, and the details."""
+
+    key: str
+    reason: str
+    detail: str = ""
+    url: str = ""
 
 
 class SkipCounter:
-    """Counts skipped samples by reason; warns at a bounded rate."""
+    """Counts skipped samples by reason, keeps a record of each, and warns at a bounded rate.
 
-    def __init__(self, name: str = "reader"):
+    ``shard_events`` counts damage to whole tars (:data:`SHARD_EVENTS`) separately: those are
+    not samples, so they never enter a stage's sample counts.
+    """
+
+    def __init__(self, name: str = "reader", keep_records: bool = True):
         self.counts: Counter[str] = Counter()
-        self._log = RateLimitedLog(get_logger(name))
+        self.shard_events: Counter[str] = Counter()
+        self.records: list[Skipped] = []
+        self.keep_records = keep_records
+        self._logger = get_logger(name)
+        self._log = RateLimitedLog(self._logger)
 
-    def skip(self, reason: str, where: str = "", detail: str = "") -> None:
+    def skip(self, reason: str, where: str = "", detail: str = "", *, key: str = "") -> None:
         self.counts[reason] += 1
+        if self.keep_records:
+            self.records.append(Skipped(key, reason, detail, where))
         self._log.warning(
             "skipping %s%s%s",
             reason,
@@ -58,8 +89,21 @@ class SkipCounter:
             f" ({detail})" if detail else "",
         )
 
+    def shard_event(self, reason: str, url: str, detail: str = "") -> None:
+        """A tar that is damaged as a whole; always logged, naming the file."""
+        self.shard_events[reason] += 1
+        self._logger.warning("%s: %s%s", reason, url, f" ({detail})" if detail else "")
+
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
+
+    def take(self) -> dict[str, int]:
+        """The counts (samples and shard events) since the last ``take``, then reset."""
+        out = dict(self.counts + self.shard_events)
+        self.counts.clear()
+        self.shard_events.clear()
+        self.records.clear()
+        return out
 
     @property
     def total(self) -> int:
@@ -89,33 +133,83 @@ def _open_stream(url: str):
     return open(url, "rb")
 
 
+class _EndTrackingTarInfo(tarfile.TarInfo):
+    """Remembers on the tar object why its header stream ended. tarfile ends an archive quietly
+    at a header cut short, missing or garbled after the first member; only an all-zero block
+    (``EOFHeaderError``) is a proper end of archive."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as err:
+            tar._capfilt_end = err
+            raise
+
+
+def member_key(name: str) -> tuple[str, str, str | None]:
+    """(key, extension, reason it is unusable or None) of a tar member name, as webdataset groups
+    members: the key is the path up to the first dot of the file name. Folders become part of the
+    key joined by ``_`` (``images/x.jpg`` → ``images_x``) and dots in them become ``-``, so a key
+    never holds ``/`` or ``.``; a path that climbs (``..``) or is absolute is ``unsafe_path``."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    base = parts[-1] if parts else ""
+    stem, _, ext = base.partition(".")
+    raw_key = "/".join([*parts[:-1], stem])
+    if name.startswith(("/", "\\")) or ".." in parts:
+        return raw_key, ext, "unsafe_path"
+    key = "_".join(p.replace(".", "-") for p in [*parts[:-1], stem])
+    return key, ext, None
+
+
 def iter_tar_samples(url: str, counter: SkipCounter | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__``, ext → bytes) of one tar, grouped by key.
 
-    A tar that ends early or is corrupt yields what came before the damage and is counted once
-    as ``truncated_tar``; a sample cut by the damage is left to the decoder to reject.
+    Files without an extension or starting with a dot are not sample members. A sample the
+    reader must reject carries ``__skip__`` (reason) for :func:`decode_sample`: an unsafe member
+    path, or a key met before in this tar (``duplicate_key``: the first one is kept). A tar that
+    ends early or is corrupt yields what came before the damage and is counted once as
+    ``truncated_tar`` (``unreadable_shard`` if nothing came before); a sample cut by the damage
+    is left to the decoder to reject.
     """
-    counter = counter or SkipCounter()
+    counter = counter if counter is not None else SkipCounter()
     current: dict[str, Any] | None = None
+    seen: set[str] = set()
+    n_members = 0
+    damage = ""
     try:
-        with _open_stream(url) as fh, tarfile.open(fileobj=fh, mode="r|*") as stream:
+        with (
+            _open_stream(url) as fh,
+            tarfile.open(fileobj=fh, mode="r|*", tarinfo=_EndTrackingTarInfo) as stream,
+        ):
             for info in stream:
+                n_members += 1
                 if not info.isreg():
                     continue
-                name = info.name.rsplit("/", 1)[-1]
-                if "." not in name or name.startswith("."):
+                base = info.name.replace("\\", "/").rsplit("/", 1)[-1]
+                if "." not in base or base.startswith("."):
                     continue
-                key, ext = name.split(".", 1)
-                key = info.name[: len(info.name) - len(ext) - 1]
+                key, ext, problem = member_key(info.name)
                 data = stream.extractfile(info).read()
                 if current is not None and current["__key__"] != key:
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
+                    if problem:
+                        current["__skip__"] = problem
+                    elif key in seen:
+                        current["__skip__"] = "duplicate_key"
+                    seen.add(key)
                 current[ext.lower()] = data
+            end = getattr(stream, "_capfilt_end", None)
+            if not isinstance(end, tarfile.EOFHeaderError):
+                damage = f"archive ends without an end-of-archive block ({end or 'no header'})"
     except _TAR_ERRORS as err:
-        counter.skip("truncated_tar", url, str(err))
+        damage = str(err) or type(err).__name__
+    if damage:
+        reason = "truncated_tar" if n_members else "unreadable_shard"
+        counter.shard_event(reason, url, damage)
     if current is not None:
         yield current
 
@@ -145,28 +239,94 @@ def _text_of(raw: dict[str, Any]) -> str:
 
 
 def _captions_of(meta: dict[str, Any], text: str) -> list[dict[str, Any]]:
-    """The json's caption entries when well formed, else the txt as one web caption."""
+    """The json's caption entries (blank ones dropped), else the txt as one web caption.
+
+    A ``captions`` field that is not a list of objects with a string ``text`` is ``bad_caption``
+    (a number where the text should be would otherwise reach the tokenizer)."""
     captions = meta.get("captions")
+    if captions is None:
+        return [{"text": text, "origin": "web"}] if text else []
     if not isinstance(captions, list) or not all(
-        isinstance(c, dict) and c.get("text") for c in captions
+        isinstance(c, dict) and isinstance(c.get("text"), str) for c in captions
     ):
+        raise SampleError("bad_caption", "json captions must be objects with a string 'text'")
+    captions = [c for c in captions if c["text"].strip()]
+    if not captions:
         return [{"text": text, "origin": "web"}] if text else []
     return captions
 
 
-def decode_sample(raw: dict[str, Any], require_caption: bool = True) -> Sample:
-    """Decode a raw sample; raises ``SampleError`` with the reason it is unusable."""
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB view of a decoded image. Pillow's ``convert`` clips 16- and 32-bit grey to 255 (a
+    16-bit PNG turns white), so those are scaled to 8 bits first: 16-bit by 1/257, float and
+    32-bit by their own range when it exceeds 8 bits."""
+    if image.mode not in _WIDE_MODES:
+        return image.convert("RGB")
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        peak = float(values.max()) if values.size else 0.0
+        top = 65535.0 if 255 < peak <= 65535 else max(peak, 255.0)
+    scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, "L").convert("RGB")
+
+
+def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Decode image bytes (first frame of an animation) to RGB; raises ``SampleError``.
+
+    The size is read from the header first, so an image above :data:`MAX_IMAGE_PIXELS` is
+    rejected without being decoded. With ``min_side``, an image whose sides are both at least
+    twice ``min_side`` is shrunk by an integer factor while they stay so (JPEG decodes at that
+    scale directly), so a stage never holds a photo at full size for a model that looks at it
+    at ``min_side``: the later resize still scales down by 2 or more, as Pillow's own
+    ``reducing_gap`` does.
+    """
+    try:
+        with warnings.catch_warnings():  # oversized images are rejected below, with a reason
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise SampleError("image_too_large", str(err)) from None
+    except Exception as err:  # PIL raises many types for broken files
+        raise SampleError("undecodable_image", f"{type(err).__name__}: {err}") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise SampleError(
+            "image_too_large", f"{width}x{height} pixels (limit {MAX_IMAGE_PIXELS:,})"
+        )
+    factor = max(1, min(width, height) // (2 * min_side)) if min_side else 1
+    try:
+        if factor > 1 and image.format == "JPEG":
+            image.draft("RGB", (width // factor, height // factor))
+        image.load()
+        if factor > 1:
+            factor = max(1, min(image.size) // (2 * min_side))
+            if factor > 1:
+                image = image.reduce(factor)
+        return _to_rgb(image)
+    except Exception as err:
+        raise SampleError("undecodable_image", f"{type(err).__name__}: {err}") from None
+
+
+def decode_sample(
+    raw: dict[str, Any], require_caption: bool = True, min_side: int | None = None
+) -> Sample:
+    """Decode a raw sample; raises ``SampleError`` with the reason it is unusable.
+    ``min_side``: see :func:`decode_image`."""
     key = raw["__key__"]
+    if "__skip__" in raw:
+        raise SampleError(raw["__skip__"], f"member {key!r} of {raw.get('__url__', '')}")
     meta = _meta_of(raw)
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise SampleError("missing_image")
-    try:
-        image = Image.open(io.BytesIO(raw[ext]))
-        image.load()
-        image = image.convert("RGB")
-    except Exception as err:  # PIL raises many types for broken files
-        raise SampleError("undecodable_image", f"{type(err).__name__}: {err}") from None
+    image = decode_image(raw[ext], min_side)
     text = _text_of(raw)
     captions = _captions_of(meta, text)
     if not text and captions:
@@ -190,29 +350,37 @@ def decode_sample(raw: dict[str, Any], require_caption: bool = True) -> Sample:
 
 
 def read_samples(
-    urls: Iterable[str], counter: SkipCounter | None = None, require_caption: bool = True
+    urls: Iterable[str],
+    counter: SkipCounter | None = None,
+    require_caption: bool = True,
+    min_side: int | None = None,
 ) -> Iterator[Sample]:
-    """Decoded samples of ``urls`` in order, bad ones skipped and counted."""
-    counter = counter if counter is not None else SkipCounter()
+    """Decoded samples of ``urls`` in order, bad ones skipped and recorded in ``counter``.
+    ``min_side``: the side the caller resizes to (see :func:`decode_image`)."""
+    counter = counter if counter is not None else SkipCounter(keep_records=False)
     for url in urls:
         for raw in iter_tar_samples(url, counter):
             try:
-                yield decode_sample(raw, require_caption=require_caption)
+                yield decode_sample(raw, require_caption=require_caption, min_side=min_side)
             except SampleError as err:
-                counter.skip(err.reason, f"{url}:{raw.get('__key__')}", str(err))
+                key = raw.get("__key__", "")
+                counter.skip(err.reason, f"{url}:{key}", err.detail, key=key)
 
 
 def read_caption_texts(urls: Iterable[str], counter: SkipCounter | None = None) -> Iterator[str]:
     """The caption texts of the samples :func:`read_samples` would yield, without decoding images:
     for tokenizer training, which needs only the words. Samples with bad json or text are skipped
     and counted as there; an undecodable image does not matter here."""
-    counter = counter if counter is not None else SkipCounter()
+    counter = counter if counter is not None else SkipCounter(keep_records=False)
     for url in urls:
         for raw in iter_tar_samples(url, counter):
+            key = raw.get("__key__", "")
             try:
+                if "__skip__" in raw:
+                    raise SampleError(raw["__skip__"])
                 meta, text = _meta_of(raw), _text_of(raw)
+                captions = _captions_of(meta, text)
             except SampleError as err:
-                counter.skip(err.reason, f"{url}:{raw.get('__key__')}", str(err))
+                counter.skip(err.reason, f"{url}:{key}", err.detail, key=key)
                 continue
-            captions = _captions_of(meta, text)
             yield from (c["text"] for c in captions) if captions else ([text] if text else [])

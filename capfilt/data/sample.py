@@ -1,6 +1,6 @@
 """The one sample layout every stage reads and writes (docs/architecture.md, "One sample").
 
-A sample is ``__key__`` (stable uid, no dots), one image field (``jpg``/``png``/``webp``), ``txt``
+A sample is ``__key__`` (stable uid, no dots), one image field (``jpg``/``png``/``webp``/``gif``/``bmp``/``tiff``; a GIF's first frame is used), ``txt``
 (the caption used for training) and ``json``: ``uid``, ``source``, ``captions`` (a list of
 ``{"text", "origin"}`` with origin ``web|synthetic|human``, plus scores where a stage adds them)
 and any ground-truth fields (``truth`` in the built-in benchmark; no training stage reads it).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 ORIGINS = ("web", "synthetic", "human")
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")

@@ -2,13 +2,18 @@
 
 A stage produces output shards ``0..n_shards-1``; rank r of W takes ``range(r, n, W)`` so the
 output does not depend on the world size. A shard whose done-marker carries the stage's config
-hash is skipped, so a killed run re-run with the same command continues where it stopped.
+hash, combined with the identity (path, size, modification time) of the files it was made
+from, is skipped: a killed run re-run with the same command continues where it stopped, and an
+input replaced at the same path makes its shard run again.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,33 @@ class StageResult:
         return bool(self.failed)
 
 
+def input_identity(paths: str | Sequence[str]) -> list[list]:
+    """What a shard's done-marker remembers of its input files: path, size and modification time
+    (nanoseconds) of each local file, the bare URL of a remote one. Size and mtime change
+    whenever a file is rewritten, as ``make`` and ``rsync`` assume, without reading it."""
+    out: list[list] = []
+    for path in [paths] if isinstance(paths, str | os.PathLike) else paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append([str(path)])
+            continue
+        out.append([str(path), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _shard_hash(config_hash: str, identity: list[list] | None) -> str:
+    if identity is None:
+        return config_hash
+    blob = json.dumps([config_hash, identity], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _names(files: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(str(f) for f in files[:limit])
+    return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
 ProduceFn = Callable[[int, ShardWriter], dict[str, Any] | None]
 """Fills one shard: ``produce(index, writer)`` writes samples/rows; returns extra stats or None."""
 
@@ -59,8 +91,16 @@ def run_shard_stage(
     prefix: str = "",
     dist: DistInfo | None = None,
     desc: str | None = None,
+    inputs: Sequence[str | Sequence[str]] | None = None,
+    hints: Mapping[str, str] | None = None,
 ) -> StageResult:
-    """Run ``produce`` for every shard of this rank not yet done; write ``sizes.json`` at the end."""
+    """Run ``produce`` for every shard of this rank not yet done; write ``sizes.json`` at the end.
+
+    ``inputs[i]``: the file(s) output shard ``i`` is made from; their identity joins the config
+    hash in its done-marker (:func:`input_identity`) and they are named when the stage fails.
+    ``hints``: reason → what the user should check, added when every input sample was rejected.
+    Raises ``StageError`` when the input holds no sample at all or every sample was rejected.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist = dist or current_dist_info()
@@ -71,7 +111,11 @@ def run_shard_stage(
     ) in mine:  # temporaries of a killed run (only this rank's: others may be writing theirs)
         for tmp in out_dir.glob(f".{shard_name(index, prefix)}[._]*.tmp*"):
             tmp.unlink(missing_ok=True)
-    todo = [i for i in mine if not is_shard_done(out_dir, i, config_hash, prefix)]
+    hashes = {
+        i: _shard_hash(config_hash, input_identity(inputs[i]) if inputs is not None else None)
+        for i in mine
+    }
+    todo = [i for i in mine if not is_shard_done(out_dir, i, hashes[i], prefix)]
     result.skipped_existing = [i for i in mine if i not in todo]
     if result.skipped_existing:
         log.info(
@@ -85,7 +129,7 @@ def run_shard_stage(
         for index in todo:
             try:
                 with ShardWriter(
-                    out_dir, index, stage=stage, config_hash=config_hash, prefix=prefix
+                    out_dir, index, stage=stage, config_hash=hashes[index], prefix=prefix
                 ) as writer:
                     extra = produce(index, writer)
                     stats = writer.commit(extra)
@@ -107,16 +151,33 @@ def run_shard_stage(
     if dist.is_main:
         write_sizes(out_dir, prefix=prefix, names=names)
     result.stats = collect_stats(out_dir, names=names)
-    n_bad = sum(result.stats["skipped"].values())
-    if (
-        result.stats["input_count"] > 0
-        and n_bad == result.stats["input_count"]
-        and not result.failed
-    ):
-        reasons = (
-            ", ".join(f"{k}: {v}" for k, v in result.stats["skipped"].items()) or "none recorded"
-        )
-        raise StageError(
-            f"{stage}: every input sample was rejected ({reasons}); check the input data"
-        )
+    _check_not_all_bad(result, stage, inputs, hints or {})
     return result
+
+
+def _check_not_all_bad(result: StageResult, stage: str, inputs, hints: Mapping[str, str]) -> None:
+    """A stage whose input gave no usable sample at all failed, whatever its shards say."""
+    if result.failed:
+        return
+    stats = result.stats
+    files = [f for item in (inputs or []) for f in ([item] if isinstance(item, str) else item)]
+    where = f" in {_names(files)}" if files else ""
+    if stats["input_count"] == 0:
+        if inputs is None:  # a stage that generates its samples (synth) may make none
+            return
+        errors = ", ".join(f"{k}: {v}" for k, v in stats.get("shard_errors", {}).items())
+        if errors:
+            raise StageError(f"{stage}: no input shard could be read ({errors}){where}")
+        raise StageError(f"{stage}: the input holds no samples (empty tar?){where}")
+    if sum(stats["skipped"].values()) < stats["input_count"]:
+        return
+    reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "none recorded"
+    message = f"{stage}: every input sample was rejected ({reasons}){where}"
+    if stats.get("examples"):
+        first = stats["examples"][0]
+        detail = f" ({first['detail']})" if first.get("detail") else ""
+        message += f"; first: {first['uid']}: {first['reason']}{detail}"
+    for reason in stats["skipped"]:
+        if reason in hints:
+            message += f". {hints[reason]}"
+    raise StageError(message + "; check the input data")

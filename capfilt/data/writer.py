@@ -16,13 +16,19 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capfilt.utils.files import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from capfilt.data.reader import SkipCounter
 
 TAR_MTIME = 0
 """Fixed member mtime so that the same samples give byte-identical tars."""
 
+
+SKIPPED, DROPPED = "skipped", "dropped"
+"""Parquet ``status`` of an input sample that was bad (skipped) or that the stage chose not to keep."""
 
 STATS_SUFFIX = "_stats.json"
 """A shard's done-marker is ``{shard}_stats.json`` beside ``{shard}.tar``."""
@@ -109,6 +115,8 @@ class ShardWriter:
         self.n_written = 0
         self.skipped: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self.shard_errors: Counter[str] = Counter()
+        self._first_skip: dict[str, str] | None = None
         self._committed = False
 
     def __enter__(self) -> ShardWriter:
@@ -133,21 +141,33 @@ class ShardWriter:
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
-    def skip(self, reason: str, row: dict[str, Any] | None = None) -> None:
+    def skip(self, reason: str, row: dict[str, Any] | None = None, detail: str = "") -> None:
         """Count an unusable input sample (bad input), and record it in the parquet when given."""
         self.skipped[reason] += 1
         if row is not None:
-            self.rows.append({**row, "status": "dropped", "reason": reason})
+            self.rows.append({**row, "status": SKIPPED, "reason": reason})
+            if self._first_skip is None:
+                self._first_skip = {"uid": str(row.get("uid", "")), "reason": reason}
+                if detail or row.get("detail"):
+                    self._first_skip["detail"] = str(detail or row.get("detail"))
 
-    def add_skipped(self, counts: Mapping[str, int]) -> None:
-        """Add bad input counted elsewhere (a reader's ``SkipCounter.counts``) to this shard's stats."""
-        self.skipped.update(counts)
+    def add_skipped(self, skipped: SkipCounter | Mapping[str, int]) -> None:
+        """Add the bad input a reader met (its ``SkipCounter``) to this shard: one parquet row per
+        rejected sample (``uid``, status ``skipped``, ``reason``, ``detail``) and the counts; damage
+        to a whole tar goes to the stats' ``shard_errors``. A bare mapping adds counts only."""
+        if isinstance(skipped, Mapping):
+            self.skipped.update(skipped)
+            return
+        for record in skipped.records:
+            self.skip(record.reason, {"uid": record.key, "detail": record.detail}, record.detail)
+        self.skipped.update(skipped.counts - Counter(r.reason for r in skipped.records))
+        self.shard_errors.update(skipped.shard_events)
 
     def drop(self, reason: str, row: dict[str, Any] | None = None) -> None:
         """Count a good input sample the stage decided not to keep (e.g. every text filtered out)."""
         self.dropped[reason] += 1
         if row is not None:
-            self.rows.append({**row, "status": "dropped", "reason": reason})
+            self.rows.append({**row, "status": DROPPED, "reason": reason})
 
     def abort(self) -> None:
         # closing flushes, which fails again on a full disk: the error that made us abort is
@@ -181,6 +201,12 @@ class ShardWriter:
             "input_count": self.n_written + sum(self.dropped.values()) + sum(self.skipped.values()),
             "skipped": dict(sorted(self.skipped.items())),
             "dropped": dict(sorted(self.dropped.items())),
+            **(
+                {"shard_errors": dict(sorted(self.shard_errors.items()))}
+                if self.shard_errors
+                else {}
+            ),
+            **({"first_skipped": self._first_skip} if self._first_skip else {}),
             **(extra_stats or {}),
         }
         atomic_write_json(self.stats_path, stats)
@@ -208,9 +234,11 @@ def write_sizes(
 
 
 def collect_stats(out_dir: str | Path, names: Iterable[str] | None = None) -> dict[str, Any]:
-    """Sum counts and skip reasons over the done-markers of a folder."""
+    """Sum counts, skip reasons and whole-tar errors over the done-markers of a folder, with the
+    first rejected sample of each shard that had one (``examples``)."""
     out_dir = Path(out_dir)
-    total, inputs, skipped = 0, 0, Counter()
+    total, inputs, skipped, shard_errors = 0, 0, Counter(), Counter()
+    examples: list[dict] = []
     for path in sorted(out_dir.glob(f"*{STATS_SUFFIX}")):
         if names is not None and path.name.removesuffix(STATS_SUFFIX) not in names:
             continue
@@ -218,4 +246,22 @@ def collect_stats(out_dir: str | Path, names: Iterable[str] | None = None) -> di
         total += stats.get("count", 0)
         inputs += stats.get("input_count", 0)
         skipped.update(stats.get("skipped", {}))
-    return {"count": total, "input_count": inputs, "skipped": dict(sorted(skipped.items()))}
+        shard_errors.update(stats.get("shard_errors", {}))
+        if stats.get("first_skipped"):
+            examples.append(stats["first_skipped"])
+    return {
+        "count": total,
+        "input_count": inputs,
+        "skipped": dict(sorted(skipped.items())),
+        "shard_errors": dict(sorted(shard_errors.items())),
+        "examples": examples,
+    }
+
+
+def drop_skipped_rows(table):
+    """The rows of a shard parquet that describe read samples (``status`` skipped rows removed):
+    what score tables and summaries count."""
+    if "status" not in table.columns:
+        return table
+    # without the skipped rows' gaps, columns such as ``kept`` are plain bool again
+    return table[table["status"] != SKIPPED].reset_index(drop=True).infer_objects()

@@ -268,5 +268,78 @@ def load_score_tables(path: str | Path) -> pd.DataFrame:
         files = [path]
     else:
         raise FileNotFoundError(f"score table not found: {path}")
+    from capfilt.data.writer import drop_skipped_rows  # rows of bad input samples hold no score
+
     tables = [pd.read_parquet(f) for f in files]
-    return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+    return drop_skipped_rows(pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0])
+
+
+def load_truth(path: str | Path) -> pd.DataFrame:
+    """A hand-labelled truth file (csv or parquet): ``uid,clean`` and optionally ``text_index``
+    (without it, the label applies to every web text of that image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"truth file not found: {path}")
+    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    for col in ("uid", "clean"):
+        if col not in table.columns:
+            raise ValueError(
+                f"truth file {path} has no '{col}' column (columns: {list(table.columns)})"
+            )
+    table = table.copy()
+    table["uid"] = table["uid"].astype(str)
+    clean = table["clean"]
+    if not pd.api.types.is_bool_dtype(clean):
+        words = {"1": True, "1.0": True, "true": True, "yes": True}
+        words.update({"0": False, "0.0": False, "false": False, "no": False})
+        clean = clean.astype(str).str.strip().str.lower().map(words)
+    if clean.isna().any():
+        raise ValueError(f"truth file {path}: 'clean' must be true/false or 1/0 in every row")
+    table["clean"] = clean.astype(bool)
+    return table
+
+
+def truth_report(
+    scores: pd.DataFrame,
+    truth: pd.DataFrame,
+    itm_threshold: float,
+    itc_threshold: float,
+) -> dict[str, Any]:
+    """Precision/recall/F1 of rejecting the texts labelled not clean, and the ROC AUC of each
+    score, for the ITM probability and the ITC cosine side by side (and the stored decision).
+
+    ``scores`` is the filter's per-text table (``uid``, ``itm_score``, ``itc_cosine``,
+    ``kept``, ``origin``, ``text_index``); ``truth`` comes from :func:`load_truth`. Labelled
+    texts without a score are counted in ``n_unmatched``.
+    """
+    scores = scores.copy()
+    scores["uid"] = scores["uid"].astype(str)
+    keys = ["uid", "text_index"] if "text_index" in truth.columns else ["uid"]
+    if keys == ["uid"]:
+        scores = scores[scores["origin"].astype(str) == "web"]
+    merged = truth[[*keys, "clean"]].merge(scores, on=keys, how="left", indicator=True)
+    matched = merged[merged["_merge"] == "both"].reset_index(drop=True)
+    noisy = ~matched["clean"].to_numpy(dtype=bool)
+    report: dict[str, Any] = {
+        "n_labels": int(len(truth)),
+        "n_matched": int(len(matched)),
+        "n_unmatched": int((merged["_merge"] == "left_only").sum()),
+        "n_noisy": int(noisy.sum()),
+        "heads": {},
+    }
+    for head, column, threshold in (
+        ("itm", "itm_score", itm_threshold),
+        ("itc", "itc_cosine", itc_threshold),
+    ):
+        score = pd.to_numeric(matched[column], errors="coerce").to_numpy(dtype=np.float64)
+        rejected = ~(score > threshold)
+        row: dict[str, Any] = {"threshold": float(threshold), **_prf(rejected, noisy)}
+        try:
+            row["auc"] = roc_auc(score, ~noisy)  # clean is the positive class
+        except ValueError as exc:
+            row["auc"] = None
+            row["note"] = f"AUC left out: {exc}"
+        report["heads"][head] = row
+    if "kept" in matched.columns and len(matched):
+        report["stored_decision"] = _prf(~matched["kept"].astype(bool).to_numpy(), noisy)
+    return report

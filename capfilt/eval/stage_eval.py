@@ -91,14 +91,19 @@ def synthetic_truth(table: pd.DataFrame) -> pd.Series:
     return table.apply(judge, axis=1)
 
 
-def evaluate_filter(scores: str | Path, threshold: float) -> dict[str, Any]:
+def evaluate_filter(scores: str | Path, threshold: float, redecide: bool = False) -> dict[str, Any]:
     """Filter metrics from the per-text parquet of ``capfilt filter`` (a file or a folder).
+
+    ``redecide``: judge by ``score > threshold`` instead of the decisions the filter stored
+    (a threshold asked for explicitly).
 
     Web texts: precision/recall/F1 of rejecting noisy texts, ROC AUC, sweep, per noise kind
     (needs the benchmark's truth). Synthetic captions on the benchmark: the same figures with
     "noisy" = not true of the scene (exact checker), under ``synthetic``.
     """
     table = load_score_tables(scores).rename(columns={"itm_score": "score"})
+    if redecide:
+        table = table.drop(columns=["kept"], errors="ignore")
     report = filter_report(table, threshold)
     if "truth_json" in table.columns:
         synthetic = table[table["origin"] == "synthetic"].copy()

@@ -51,7 +51,9 @@ def caption_shards(
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("caption")
-        samples = read_samples([urls[index]], counter, require_caption=False)
+        samples = read_samples(
+            [urls[index]], counter, require_caption=False, min_side=transform.image_size
+        )
         n_captions = 0
         for batch_index, batch in enumerate(batched(samples, cfg.batch_size)):
             images = torch.stack([transform(s.image) for s in batch]).to(device)
@@ -78,7 +80,7 @@ def caption_shards(
                     }
                 )
                 n_captions += len(entries)
-        writer.add_skipped(counter.counts)
+        writer.add_skipped(counter)
         return {
             "input_shard": urls[index],
             "captioner": captioner_id,
@@ -96,4 +98,5 @@ def caption_shards(
         samples_per_shard=known,
         dist=dist,
         desc="caption",
+        inputs=urls,
     )

@@ -1,19 +1,25 @@
-"""``capfilt filter``: keep the web and synthetic texts the ITM head accepts (BLIP's filter).
+"""``capfilt filter``: keep the web and synthetic texts the filter accepts (BLIP's filter).
 
     capfilt filter demo --model runs/filter --shards data/web_captioned --out data/web_filtered --threshold 0.5
 
 Every web and synthetic text of an image is scored against it with ``softmax(itm)[1]`` (one
-image-encoder pass per image, all its texts in one batch) and its ITC cosine. A text is kept
-when its score is above the threshold; human texts are kept as they are. An image survives
-when any text survives. Per shard, the parquet has one row per *text* (score, cosine, origin,
-decision), so ``--threshold`` can be re-applied later without the model
-(:func:`rethreshold_shards`). A ``summary.json`` gives kept fractions and score histograms.
+image-encoder pass per image, all its texts in one batch) and its ITC cosine. The keep rule
+(``filter.*`` of the recipe, :class:`KeepRule`) is BLIP's ITM probability above a threshold, the
+ITC cosine above a threshold (CLIP-score style), or both; either with fixed thresholds or with
+thresholds set so that a fraction of the run's texts stays (a quantile over every shard's
+scores: the shards are scored first, then decided). Human texts are kept as they are; a text
+without an origin is judged as web alt-text, and an origin the filter does not know is judged
+like web (it keeps its name in the parquet and the summary). An image survives when any text
+survives. Per shard, the parquet has one row per *text* (score, cosine, origin, decision), so a
+rule can be re-applied later without the model (:func:`rethreshold_shards`). A
+``summary.json`` gives the rule, kept fractions and score histograms.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +32,80 @@ from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import StageResult, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
-from capfilt.data.writer import ShardWriter, parquet_path, stats_path
+from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, stats_path
 from capfilt.eval.filter_metrics import HIST_BINS, score_histogram
 from capfilt.model import tokenize
 from capfilt.runs.resolve import load_stage_model, model_fingerprint
 from capfilt.utils.device import autocast, default_device
-from capfilt.utils.dist import current_dist_info, init_distributed
+from capfilt.utils.dist import barrier, current_dist_info, init_distributed
 from capfilt.utils.files import atomic_write_json
 from capfilt.utils.iters import batched
 from capfilt.utils.logging import get_logger
 
 log = get_logger("filter")
 
-FILTERED_ORIGINS = ("web", "synthetic")
-"""Origins the filter judges; human-annotated texts pass untouched (BLIP filters web and synthetic only)."""
+HUMAN = "human"
+"""The origin that passes unjudged (BLIP filters web and synthetic texts only, never the human
+annotations); every other origin is judged."""
+DEFAULT_ORIGIN = "web"
+"""Origin given to a text that has none: text of unknown provenance is judged as alt-text."""
+
+
+def normalize_origin(value: Any) -> str:
+    """A caption's origin as the filter files it: lower case, trimmed; missing or empty → web."""
+    text = str(value).strip().lower() if value is not None else ""
+    return text or DEFAULT_ORIGIN
+
+
+@dataclass(frozen=True)
+class KeepRule:
+    """The filter's decision for one text: a judged text stays when its ITM probability is above
+    ``itm`` (when set) and its ITC cosine is above ``itc`` (when set)."""
+
+    itm: float | None
+    itc: float | None
+
+    def keeps(self, entry: dict[str, Any]) -> bool:
+        if normalize_origin(entry.get("origin")) == HUMAN:
+            return True
+        if self.itm is not None and not entry["itm_score"] > self.itm:
+            return False
+        return self.itc is None or entry["itc_cosine"] > self.itc
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"itm_threshold": self.itm, "itc_threshold": self.itc}
+
+
+def fixed_rule(cfg: FilterConfig) -> KeepRule:
+    """The rule of ``cfg``'s fixed thresholds (``keep_fraction`` left aside)."""
+    return KeepRule(
+        itm=cfg.threshold if cfg.rule in ("itm", "both") else None,
+        itc=cfg.itc_threshold if cfg.rule in ("itc", "both") else None,
+    )
+
+
+def fraction_threshold(scores: Any, fraction: float) -> float:
+    """The threshold t for which ``score > t`` keeps the top ``round(fraction * n)`` scores
+    (fewer on ties at t)."""
+    ordered = sorted((float(v) for v in scores), reverse=True)
+    if not ordered:
+        return 0.0
+    k = round(fraction * len(ordered))
+    if k >= len(ordered):
+        return ordered[-1] - 1.0
+    return ordered[k]
+
+
+def fraction_rule(cfg: FilterConfig, table: pd.DataFrame) -> KeepRule:
+    """``cfg.keep_fraction`` turned into thresholds over the judged texts of the whole run's
+    score table (one quantile per score the rule uses)."""
+    judged = table[table["origin"].map(normalize_origin) != HUMAN]
+    base = fixed_rule(cfg)
+    fraction = cfg.keep_fraction or 1.0
+    return KeepRule(
+        itm=None if base.itm is None else fraction_threshold(judged["itm_score"], fraction),
+        itc=None if base.itc is None else fraction_threshold(judged["itc_cosine"], fraction),
+    )
 
 
 @torch.no_grad()
@@ -75,15 +141,42 @@ def _truth_columns(sample: Sample, entry: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def is_kept(entry: dict[str, Any], threshold: float) -> bool:
-    """The filter's rule: web and synthetic texts need ``score > threshold``; others always stay."""
-    return entry.get("origin") not in FILTERED_ORIGINS or entry["itm_score"] > threshold
+def is_kept(entry: dict[str, Any], rule: KeepRule | float) -> bool:
+    """The filter's rule (a bare float is BLIP's ITM threshold); human texts always stay."""
+    if not isinstance(rule, KeepRule):
+        rule = KeepRule(itm=float(rule), itc=None)
+    return rule.keeps(entry)
+
+
+SCORES_DIR = "scores"
+"""Sub-folder of a filter output where a ``keep_fraction`` run keeps its scoring pass (decided by
+the fixed thresholds) before the whole run's quantiles are known."""
+
+
+def rule_info(cfg: FilterConfig, rule: KeepRule) -> dict[str, Any]:
+    """The rule as recorded in the stats, the samples and ``summary.json``."""
+    return {
+        "rule": cfg.rule,
+        "keep_fraction": cfg.keep_fraction,
+        "threshold": rule.itm,
+        "itc_threshold": rule.itc,
+    }
 
 
 def filter_shards(
     model_path: str | Path, shards: list[str], out_dir: str | Path, cfg: FilterConfig
 ) -> StageResult:
-    """Score and filter every text of ``shards`` into ``out_dir``; resumable and rank-split."""
+    """Score and filter every text of ``shards`` into ``out_dir``; resumable and rank-split.
+
+    With ``cfg.keep_fraction`` the shards are scored into ``out_dir/scores`` first, then the
+    whole run's quantiles decide (:func:`rethreshold_shards`)."""
+    if cfg.keep_fraction is not None:
+        scored_dir = Path(out_dir) / SCORES_DIR
+        scored = filter_shards(model_path, shards, scored_dir, replace(cfg, keep_fraction=None))
+        barrier()  # every rank's scores are needed for the quantile
+        if scored.partial:
+            return scored
+        return rethreshold_shards(scored_dir, shards, out_dir, cfg)
     init_distributed()
     device = default_device()
     urls = expand_shards(shards)
@@ -93,11 +186,14 @@ def filter_shards(
     chash = config_hash(
         {"stage": "filter", "model": filter_id, "filter": to_dict(cfg), "inputs": urls}
     )
-    info = {"model": filter_id, "threshold": cfg.threshold}
+    rule = fixed_rule(cfg)
+    info = {"model": filter_id, **rule_info(cfg, rule)}
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("filter")
-        for batch in batched(read_samples([urls[index]], counter), cfg.batch_size):
+        for batch in batched(
+            read_samples([urls[index]], counter, min_side=transform.image_size), cfg.batch_size
+        ):
             images = torch.stack([transform(s.image) for s in batch]).to(device)
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
             image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
@@ -113,20 +209,25 @@ def filter_shards(
             scored: list[list[dict]] = [[] for _ in batch]
             for (i, caption), score, cos in zip(pairs, itm.tolist(), cosine.tolist()):
                 scored[i].append(
-                    {**caption, "itm_score": round(score, 6), "itc_cosine": round(cos, 6)}
+                    {
+                        **caption,
+                        "origin": normalize_origin(caption.get("origin")),
+                        "itm_score": round(score, 6),
+                        "itc_cosine": round(cos, 6),
+                    }
                 )
-            _write_batch(writer, batch, scored, cfg.threshold, info)
-        writer.add_skipped(counter.counts)
-        return {"input_shard": urls[index], "filter": filter_id, "threshold": cfg.threshold}
+            _write_batch(writer, batch, scored, rule, info)
+        writer.add_skipped(counter)
+        return {"input_shard": urls[index], "filter": filter_id, **rule_info(cfg, rule)}
 
-    return _run(out_dir, urls, produce, chash)
+    return _run(out_dir, urls, produce, chash, rule_info(cfg, rule), inputs=urls)
 
 
 def _write_batch(
-    writer: ShardWriter, batch: list[Sample], scored: list[list[dict]], threshold: float, info: dict
+    writer: ShardWriter, batch: list[Sample], scored: list[list[dict]], rule: KeepRule, info: dict
 ) -> None:
     for sample, entries in zip(batch, scored):
-        decisions = [is_kept(entry, threshold) for entry in entries]
+        decisions = [rule.keeps(entry) for entry in entries]
         kept = [e for e, keep in zip(entries, decisions) if keep]
         rejected = [e for e, keep in zip(entries, decisions) if not keep]
         for position, (entry, keep) in enumerate(zip(entries, decisions)):
@@ -150,7 +251,9 @@ def _write_batch(
             writer.drop("no_text_kept")
 
 
-def _run(out_dir, urls: list[str], produce: Callable, chash: str) -> StageResult:
+def _run(
+    out_dir, urls: list[str], produce: Callable, chash: str, rule: dict, inputs: list
+) -> StageResult:
     sizes = shard_sizes(urls)
     known = None if any(s is None for s in sizes) else [int(s) for s in sizes]  # type: ignore[arg-type]
     result = run_shard_stage(
@@ -161,22 +264,29 @@ def _run(out_dir, urls: list[str], produce: Callable, chash: str) -> StageResult
         config_hash=chash,
         samples_per_shard=known,
         desc="filter",
+        inputs=inputs,
     )
     if current_dist_info().is_main:
-        atomic_write_json(
-            Path(out_dir) / "summary.json", summarize(Path(out_dir), n_shards=len(urls))
-        )
+        summary = summarize(Path(out_dir), n_shards=len(urls))
+        atomic_write_json(Path(out_dir) / "summary.json", {"rule": rule, **summary})
     return result
 
 
 def rethreshold_shards(
-    scores_from: str | Path, shards: list[str], out_dir: str | Path, threshold: float
+    scores_from: str | Path,
+    shards: list[str],
+    out_dir: str | Path,
+    rule: FilterConfig | float,
 ) -> StageResult:
-    """Re-apply a threshold to the scores of an earlier ``capfilt filter`` run, without the model.
+    """Re-decide from the scores of an earlier ``capfilt filter`` run, without the model.
 
     ``scores_from`` is that run's output folder (its per-shard parquet); ``shards`` are the same
-    input shards it read (the images come from there).
+    input shards it read (the images come from there). ``rule`` is a filter config (any rule;
+    with ``keep_fraction`` the quantiles are taken over every shard's scores) or a bare ITM
+    threshold.
     """
+    cfg = rule if isinstance(rule, FilterConfig) else FilterConfig(threshold=float(rule))
+    cfg.validate()
     scores_from = Path(scores_from)
     urls = expand_shards(shards)
     tables = {}
@@ -187,24 +297,32 @@ def rethreshold_shards(
                 f"{path} missing: --scores-from must be the output of a filter run over the same --shards"
             )
         tables[index] = path
+    if cfg.keep_fraction is not None:
+        frames = [
+            t for t in (drop_skipped_rows(pd.read_parquet(p)) for p in tables.values()) if len(t)
+        ]
+        whole = pd.concat(frames, ignore_index=True) if frames else None
+        keep = fraction_rule(cfg, whole) if whole is not None else fixed_rule(cfg)
+    else:
+        keep = fixed_rule(cfg)
     first = stats_path(scores_from, 0)
     previous = json.loads(first.read_text()) if first.is_file() else {}
     info = {
         "model": previous.get("filter", "unknown"),
-        "threshold": threshold,
+        **rule_info(cfg, keep),
         "rescored_from": str(scores_from),
     }
     chash = config_hash(
         {
             "stage": "filter-rethreshold",
-            "threshold": threshold,
+            "rule": rule_info(cfg, keep),
             "scores_from": str(scores_from.resolve()),
             "inputs": urls,
         }
     )
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
-        table = pd.read_parquet(tables[index])
+        table = drop_skipped_rows(pd.read_parquet(tables[index]))
         # a shard whose every input sample was bad has a parquet without rows (and columns)
         by_uid = (
             {uid: rows.sort_values("text_index") for uid, rows in table.groupby("uid", sort=False)}
@@ -222,15 +340,27 @@ def rethreshold_shards(
                     )
                 scored.append(
                     [
-                        {**c, "itm_score": float(r.itm_score), "itc_cosine": float(r.itc_cosine)}
+                        {
+                            **c,
+                            "origin": normalize_origin(c.get("origin")),
+                            "itm_score": float(r.itm_score),
+                            "itc_cosine": float(r.itc_cosine),
+                        }
                         for c, r in zip(sample.captions, rows.itertuples())
                     ]
                 )
-            _write_batch(writer, batch, scored, threshold, info)
-        writer.add_skipped(counter.counts)
-        return {"input_shard": urls[index], "filter": info["model"], "threshold": threshold}
+            _write_batch(writer, batch, scored, keep, info)
+        writer.add_skipped(counter)
+        return {"input_shard": urls[index], "filter": info["model"], **rule_info(cfg, keep)}
 
-    return _run(out_dir, urls, produce, chash)
+    return _run(
+        out_dir,
+        urls,
+        produce,
+        chash,
+        rule_info(cfg, keep),
+        inputs=[[u, str(tables[i])] for i, u in enumerate(urls)],
+    )
 
 
 def summarize(out_dir: Path, n_shards: int | None = None) -> dict[str, Any]:
@@ -241,7 +371,9 @@ def summarize(out_dir: Path, n_shards: int | None = None) -> dict[str, Any]:
         names = [p for p in (parquet_path(out_dir, i) for i in range(n_shards)) if p.is_file()]
     if not names:
         return {"texts": 0}
-    table = pd.concat([pd.read_parquet(p) for p in names], ignore_index=True)
+    table = drop_skipped_rows(pd.concat([pd.read_parquet(p) for p in names], ignore_index=True))
+    if not len(table) or "uid" not in table.columns:
+        return {"texts": 0}
     summary: dict[str, Any] = {
         "texts": int(len(table)),
         "images": int(table["uid"].nunique()),
@@ -255,6 +387,7 @@ def summarize(out_dir: Path, n_shards: int | None = None) -> dict[str, Any]:
             "kept": int(rows["kept"].sum()),
             "kept_fraction": float(rows["kept"].mean()),
             "mean_score": float(rows["itm_score"].mean()),
+            "mean_cosine": float(pd.to_numeric(rows["itc_cosine"], errors="coerce").mean()),
             "histogram_kept": score_histogram(rows.loc[rows["kept"], "itm_score"]),
             "histogram_rejected": score_histogram(rows.loc[~rows["kept"], "itm_score"]),
         }

@@ -183,10 +183,15 @@ def _iter_samples(folder: Path, missing: list[str]) -> Iterator[Any]:
 
 
 def pick_examples(
-    run_dir: Path, texts: pd.DataFrame | None, missing: list[str], n: int = 12
+    run_dir: Path,
+    texts: pd.DataFrame | None,
+    missing: list[str],
+    n: int = 12,
+    folder: Path | None = None,
 ) -> list[Example]:
-    """Up to ``n`` examples from ``run_dir/data/web_captioned``, mixed over outcome categories."""
-    folder = run_dir / "data" / "web_captioned"
+    """Up to ``n`` examples from ``run_dir/data/web_captioned`` (or the shards of ``folder``),
+    mixed over outcome categories."""
+    folder = run_dir / "data" / "web_captioned" if folder is None else folder
     if not folder.is_dir():
         missing.append("data/web_captioned/ not found: no example images")
         return []

@@ -1,9 +1,16 @@
-"""Read what a demo run folder holds, tolerating every missing or broken part.
+"""Read what a run folder holds, tolerating every missing or broken part.
 
-A run folder (``capfilt demo``) has ``summary.json``, ``runs/<stage>/metrics.jsonl``,
-``data/web_filtered/*.parquet`` (one row per text: score and decision) and ``data/web_captioned/``
-shards. A stage may have been skipped or still be running, so each loader returns ``None`` or an
-empty value and records a human-readable note in ``RunData.missing`` instead of raising.
+Four kinds of folder are understood (:func:`folder_kind`):
+
+- ``run``: a ``capfilt bootstrap`` or ``capfilt demo`` folder: ``summary.json``,
+  ``runs/<stage>/metrics.jsonl``, ``data/web_filtered/*.parquet`` (one row per text: score and
+  decision), ``data/web_captioned/`` shards, and ``round_r/`` with the same for later rounds;
+- ``filter``: one filter stage's output (its parquet, kept shards and ``summary.json``);
+- ``caption``: one caption stage's output (shards with the synthetic captions);
+- ``training``: one training run folder (``metrics.jsonl``).
+
+A stage may have been skipped or still be running, so each loader returns ``None`` or an empty
+value and records a human-readable note in ``RunData.missing`` instead of raising.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from capfilt.data.writer import drop_skipped_rows
 
 RUN_NAMES = ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt")
 """The demo's training runs, in pipeline order (other run folders found are shown after these)."""
@@ -29,6 +38,9 @@ MAX_METRIC_LINES = 200_000
 @dataclass
 class RunData:
     run_dir: Path
+    kind: str = "run"
+    filtered_dir: Path | None = None
+    captioned_dir: Path | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     texts: pd.DataFrame | None = None
@@ -104,9 +116,12 @@ def load_metrics(run_dir: Path, missing: list[str]) -> dict[str, list[dict[str, 
     return out
 
 
-def load_texts(run_dir: Path, missing: list[str]) -> pd.DataFrame | None:
-    """All per-text rows of ``data/web_filtered/*.parquet`` (files lacking the needed columns skipped)."""
-    folder = run_dir / "data" / "web_filtered"
+def load_texts(
+    run_dir: Path, missing: list[str], folder: Path | None = None
+) -> pd.DataFrame | None:
+    """All per-text rows of ``data/web_filtered/*.parquet`` (or of ``folder``; files lacking the
+    needed columns skipped)."""
+    folder = run_dir / "data" / "web_filtered" if folder is None else folder
     paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not paths:
         missing.append(
@@ -116,7 +131,7 @@ def load_texts(run_dir: Path, missing: list[str]) -> pd.DataFrame | None:
     tables = []
     for path in paths:
         try:
-            table = pd.read_parquet(path)
+            table = drop_skipped_rows(pd.read_parquet(path))
         except Exception as err:  # pyarrow raises several types for a damaged file
             missing.append(f"data/web_filtered/{path.name} unreadable ({type(err).__name__})")
             continue
@@ -173,12 +188,78 @@ def fill_from_folder(run_dir: Path, summary: dict[str, Any]) -> None:
             summary["data"] = counts
 
 
+def _has_score_tables(folder: Path) -> bool:
+    for path in sorted(folder.glob("*.parquet"))[:1]:
+        try:
+            import pyarrow.parquet as pq
+
+            return "itm_score" in pq.read_schema(path).names
+        except Exception:  # a damaged file: not a filter folder we can read
+            return False
+    return False
+
+
+def folder_kind(run_dir: Path) -> str:
+    """``run``, ``filter``, ``caption``, ``training`` or ``unknown`` (see the module doc)."""
+    if any((run_dir / name).exists() for name in ("manifest.json", "runs", "data", "stages")):
+        return "run"
+    if _has_score_tables(run_dir):
+        return "filter"
+    if (run_dir / "metrics.jsonl").is_file() or (run_dir / "checkpoints").is_dir():
+        return "training"
+    if any(run_dir.glob("*.tar")):
+        return "caption"
+    return "unknown"
+
+
 def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     missing: list[str] = []
-    data = RunData(run_dir=run_dir, missing=missing)
-    data.summary = load_summary(run_dir, missing)
-    fill_from_folder(run_dir, data.summary)
-    data.metrics = load_metrics(run_dir, missing)
-    data.texts = load_texts(run_dir, missing)
+    kind = folder_kind(run_dir)
+    data = RunData(run_dir=run_dir, kind=kind, missing=missing)
+    if kind == "unknown":  # list every part a bootstrap folder would have
+        missing.append(f"{run_dir} holds no capfilt run, stage output or training run")
+    if kind in ("run", "unknown"):
+        data.filtered_dir = run_dir / "data" / "web_filtered"
+        data.captioned_dir = run_dir / "data" / "web_captioned"
+        data.summary = load_summary(run_dir, missing)
+        fill_from_folder(run_dir, data.summary)
+        data.metrics = load_metrics(run_dir, missing)
+        data.texts = load_texts(run_dir, missing)
+        return data
+    what = {
+        "filter": "a filter stage output",
+        "caption": "a caption stage output",
+        "training": "a training run",
+    }[kind]
+    missing.append(
+        f"{run_dir} holds {what}: retrieval results, loss curves and the other stages of a "
+        "bootstrap folder are not part of it"
+    )
+    if kind == "filter":
+        data.filtered_dir = data.captioned_dir = run_dir
+        stage_summary = _read_json(run_dir / "summary.json")
+        rule = stage_summary.get("rule") if isinstance(stage_summary, dict) else None
+        if isinstance(rule, dict):
+            data.summary = {"filter": {"threshold": rule.get("threshold")}}
+        data.texts = load_texts(run_dir, missing, folder=run_dir)
+        missing.append(
+            "examples show the images the filter kept (its shards hold no rejected image)"
+        )
+    elif kind == "caption":
+        data.captioned_dir = run_dir
+    elif kind == "training":
+        rows = []
+        for line in (
+            (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()[:MAX_METRIC_LINES]
+            if (run_dir / "metrics.jsonl").is_file()
+            else []
+        ):
+            try:
+                row = _clean_row(json.loads(line))
+            except ValueError:
+                row = None
+            if row is not None:
+                rows.append(row)
+        data.metrics = {run_dir.name: rows}
     return data

@@ -12,7 +12,7 @@ from typing import Any
 
 from capfilt import __version__
 from capfilt.eval.filter_metrics import HIST_BINS, histogram_edges, score_histogram
-from capfilt.pipeline.summary import fmt, number
+from capfilt.pipeline.summary import dig, fmt, fmt_pct, number
 from capfilt.report.charts import PALETTE, Series, empty_chart, histogram_chart, line_chart
 from capfilt.report.examples import Example, pick_examples
 from capfilt.report.load import RunData, load_run
@@ -90,6 +90,40 @@ svg.chart rect.empty { fill:#fafafa; stroke:#ccc; stroke-dasharray:4 3; }
 .score { font:12px ui-monospace, "DejaVu Sans Mono", monospace; color:#333; margin-right:6px; }
 footer { margin-top:40px; color:var(--muted); font-size:12px; }
 """
+
+
+def _rounds(data: RunData) -> str:
+    """One row per CapFilt round of a bootstrap run (only when it ran more than one)."""
+    rounds = [r for r in data.summary.get("rounds") or [] if isinstance(r, dict)]
+    if len(rounds) < 2:
+        return ""
+    head = "".join(
+        f"<th>{escape(h)}</th>"
+        for h in (
+            "round",
+            "CapFilt retrieval mean (%)",
+            "captioner CIDEr",
+            "web texts kept",
+            "synthetic kept",
+        )
+    )
+    body = []
+    for row in rounds:
+        cells = (
+            str(row.get("round", "")),
+            fmt(dig(row, "capfilt", "retrieval", "r_mean"), 1),
+            fmt(dig(row, "captioner", "cider"), 3),
+            fmt_pct(dig(row, "filter", "origins", "web", "kept_fraction")),
+            fmt_pct(dig(row, "filter", "origins", "synthetic", "kept_fraction")),
+        )
+        body.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
+    return (
+        '<section id="rounds"><h2>Rounds</h2><p class="lead">Round r+1 fine-tunes the captioner '
+        "and the filter from round r's re-pretrained model and bootstraps the original web shards "
+        "again; the tables below show the last round.</p>"
+        f'<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+        "</table></section>"
+    )
 
 
 def _notes(notes: list[str]) -> str:
@@ -349,9 +383,15 @@ def _examples(examples: list[Example]) -> str:
 def render_report(run_dir: str | Path, n_examples: int = 12) -> str:
     """The report of ``run_dir`` as one HTML string (never raises for missing or broken parts)."""
     data = load_run(run_dir)
-    examples = pick_examples(data.run_dir, data.texts, data.missing, n_examples)
+    if data.captioned_dir is not None:
+        examples = pick_examples(
+            data.run_dir, data.texts, data.missing, n_examples, folder=data.captioned_dir
+        )
+    else:
+        examples = []
     title = f"CapFilt report: {data.run_dir.resolve().name}"
     sections = [
+        _rounds(data),
         _retrieval(data),
         _filter(data),
         _losses(data),

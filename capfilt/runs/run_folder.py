@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from capfilt.config import ConfigError, dump_yaml
+from capfilt.config import ConfigError, dump_yaml, recipe_identity
 from capfilt.utils.dist import DistInfo
 from capfilt.utils.files import atomic_write_bytes
 from capfilt.utils.lock import folder_lock
@@ -48,9 +48,10 @@ class RunFolder:
                     f"{self.path} already holds a run; pass --resume auto to continue it, or choose another --out"
                 )
             saved = yaml.safe_load(self.config_path.read_text()) or {}
-            if saved.get("recipe") != run_config.get("recipe") or saved.get(
-                "stage"
-            ) != run_config.get("stage"):
+            same_recipe = recipe_identity(saved.get("recipe") or {}) == recipe_identity(
+                run_config.get("recipe") or {}
+            )
+            if not same_recipe or saved.get("stage") != run_config.get("stage"):
                 raise ConfigError(
                     f"{self.path} holds a run with a different stage or recipe; use a new --out to start another run"
                 )

@@ -10,7 +10,10 @@ fixed-size batches. Everything random is derived from (seed, epoch, split, posit
   its earlier batches without decoding them.
 
 Bad samples are counted and replaced by another sample of the same batch, so batch shapes stay
-equal across ranks (all-gathers need that).
+equal across ranks (all-gathers need that); each batch carries the skip counts met while making
+it (``"skips"``), so the trainer can save them even when workers decode. A source whose every
+sample is bad fails before training (:func:`check_sources`), and the stream gives up on a source
+that yields nothing usable for two whole passes instead of looping for ever.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from capfilt.data.reader import SampleError, SkipCounter, decode_sample, iter_tar_samples
 from capfilt.data.shards import count_samples, expand_shards
+from capfilt.data.stage import StageError
 from capfilt.data.text import clean_caption
 from capfilt.data.transforms import TrainTransform
 
@@ -69,6 +73,41 @@ def build_sources(specs: list[str], weights: list[float] | None = None) -> list[
     return sources
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no samples"
+
+
+def _source_files(source: Source, limit: int = 3) -> str:
+    shown = ", ".join(source.urls[:limit])
+    return shown + (f" and {len(source.urls) - limit} more" if len(source.urls) > limit else "")
+
+
+def check_sources(sources: list[Source]) -> None:
+    """Fail before training when a source has no usable sample: read each source until its first
+    sample that decodes (one sample for good data); a source that has none is named with what
+    was wrong (empty tars, unreadable tars, the reasons its samples were rejected)."""
+    for source in sources:
+        counter = SkipCounter("train-data", keep_records=False)
+        if any(
+            _usable(raw, counter) for url in source.urls for raw in iter_tar_samples(url, counter)
+        ):
+            continue
+        found = {**counter.counts, **counter.shard_events}
+        raise StageError(
+            f"shard source {source.name} has no usable sample ({_counts(found)}) in "
+            f"{_source_files(source)}; check the shards"
+        )
+
+
+def _usable(raw: dict, counter: SkipCounter) -> bool:
+    try:
+        sample = decode_sample(raw)
+    except SampleError as err:
+        counter.skip(err.reason, raw.get("__url__", ""), err.detail)
+        return False
+    return bool(clean_caption(sample.text))
+
+
 def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
@@ -100,7 +139,9 @@ class TrainStream(IterableDataset):
         self.world_size = world_size
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.max_words = max_words
-        self.skips = SkipCounter("train-data")
+        self.skips = SkipCounter("train-data", keep_records=False)
+        self._pass_sizes: dict[int, int] = {}  # per source: raw samples in one pass of this split
+        self._buffer_sizes: dict[int, int] = {}
 
     def _split_samples(
         self, urls: list[str], split: int, n_splits: int, pass_rng: random.Random
@@ -131,6 +172,7 @@ class TrainStream(IterableDataset):
             if known is None
             else max(1, min(self.shuffle_buffer, known // n_splits))
         )
+        self._buffer_sizes[si] = size
         rng = random.Random(_seed(self.seed, self.epoch, si, split, "buffer"))
         order = list(source.urls)
         random.Random(_seed(self.seed, self.epoch, si, "shards")).shuffle(order)
@@ -147,9 +189,12 @@ class TrainStream(IterableDataset):
                 buffer[j], sample = sample, buffer[j]
                 yield sample
             if got == 0:
-                raise RuntimeError(
-                    f"shard source {source.name} gives no samples to reader {split} of {n_splits}"
+                found = _counts(self.skips.take())
+                raise StageError(
+                    f"shard source {source.name} gives no samples to reader {split} of {n_splits} "
+                    f"({found}) in {_source_files(source)}"
                 )
+            self._pass_sizes[si] = got
 
     def _decode(self, raw: dict, rng: random.Random) -> tuple[torch.Tensor, str, int, str] | None:
         try:
@@ -174,19 +219,22 @@ class TrainStream(IterableDataset):
         mix = random.Random(_seed(self.seed, self.epoch, split, "mix"))
         b = self.skip_batches
         to_skip = (b - virtual + n_workers - 1) // n_workers if b > virtual else 0
+        bad_run = [0] * len(streams)  # consecutive unusable samples per source
         for local_batch in itertools.count():
-            raws = [
-                next(streams[mix.choices(range(len(streams)), weights)[0]])
-                for _ in range(self.batch_size)
-            ]
+            picks = [mix.choices(range(len(streams)), weights)[0] for _ in range(self.batch_size)]
+            raws = [next(streams[si]) for si in picks]
             if local_batch < to_skip:
                 continue
             decoded = []
-            for position, raw in enumerate(raws):
+            for position, (si, raw) in enumerate(zip(picks, raws)):
                 rng = random.Random(_seed(self.seed, self.epoch, split, local_batch, position))
                 item = self._decode(raw, rng)
                 if item is not None:
                     decoded.append(item)
+                    bad_run[si] = 0
+                    continue
+                bad_run[si] += 1
+                self._give_up_if_hopeless(si, bad_run[si], split, n_splits)
             if not decoded:
                 continue  # a batch of only bad samples: counted, and the stream moves on
             while len(decoded) < self.batch_size:  # keep shapes equal across ranks
@@ -197,7 +245,20 @@ class TrainStream(IterableDataset):
                 "texts": list(texts),
                 "image_ids": torch.tensor(ids, dtype=torch.long),
                 "keys": list(keys),
+                "skips": self.skips.take(),
             }
+
+    def _give_up_if_hopeless(self, si: int, bad_run: int, split: int, n_splits: int) -> None:
+        """Raise once source ``si`` has given two whole passes (plus its shuffle buffer) of
+        unusable samples in a row: such a window holds every sample of a pass, so none is good."""
+        pass_size = self._pass_sizes.get(si)
+        if pass_size is None or bad_run <= 2 * pass_size + self._buffer_sizes.get(si, 0):
+            return
+        source = self.sources[si]
+        raise StageError(
+            f"shard source {source.name}: reader {split} of {n_splits} found no usable sample "
+            f"in its shards ({_counts(dict(self.skips.counts))}) in {_source_files(source)}"
+        )
 
 
 def make_loader(stream: TrainStream, num_workers: int, seed: int = 0) -> DataLoader:

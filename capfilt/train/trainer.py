@@ -3,10 +3,11 @@
     capfilt pretrain demo --shards data/human --shards data/web --out runs/pretrain
     torchrun --nproc_per_node 2 -m capfilt pretrain demo --shards ... --out runs/pretrain
 
-One process: plain CPU/GPU training. Under torchrun: every rank holds a full model, ITC
-momentum features and ITM negatives come from the global batch (inside the model), and the
-gradients are averaged with one flat all-reduce per optimiser step, so a run on W ranks with
-batch b takes the same steps as one process with batch W·b.
+One process: plain CPU/GPU training. Under torchrun: every rank holds a full model wrapped in
+``DistributedDataParallel``, ITC momentum features and ITM negatives come from the global batch
+(inside the model), and DDP averages the gradients in buckets while backward runs (only on the
+last micro-batch of an accumulated step), so a run on W ranks with batch b takes the same steps as
+one process with batch W·b (docs/architecture.md "Scale").
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from capfilt.config import ConfigError, Recipe, TrainConfig, to_dict
 from capfilt.data.reader import read_caption_texts
@@ -36,17 +39,22 @@ from capfilt.model import (
 from capfilt.runs.resolve import resolve_model_dir
 from capfilt.runs.run_folder import RunFolder
 from capfilt.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from capfilt.train.data import Source, TrainStream, build_sources, make_loader
+from capfilt.train.data import Source, TrainStream, build_sources, check_sources, make_loader
 from capfilt.train.optim import build_optimizer, lr_at, set_lr
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import DistInfo, barrier, init_distributed
+from capfilt.utils.files import atomic_write_json
 from capfilt.utils.logging import get_logger, setup_logging
 from capfilt.utils.progress import ProgressReporter
+from capfilt.utils.threads import use_threads
 
 log = get_logger("train")
 
 STAGE_LOSSES = {"pretrain": ("itc", "itm", "lm"), "captioner": ("lm",), "filter": ("itc", "itm")}
 """Losses per stage (docs/architecture.md §3: the captioner fine-tunes with LM only, the filter with ITC + ITM)."""
+
+SKIPPED_FILE = "skipped.json"
+"""Run-folder file with the counts of bad input samples met while training, by reason."""
 
 TOKENIZER_TEXTS = 200_000
 """Captions read to train a WordPiece tokenizer (plenty for a vocabulary of a few thousand)."""
@@ -83,19 +91,45 @@ def _tokenizer_texts(sources: list[Source], limit: int = TOKENIZER_TEXTS):
                 return
 
 
-def allreduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average gradients over ranks with a single flat all-reduce (missing grads count as zero)."""
-    import torch.distributed as dist
+def wrap_for_training(
+    model: nn.Module,
+    losses: tuple[str, ...],
+    info: DistInfo,
+    device: torch.device,
+    compile: bool = False,
+) -> nn.Module:
+    """The module a training step calls: ``model`` itself, or DDP around it under torchrun; compiled
+    with ``torch.compile`` when asked. ``MED.forward`` is ``forward_pretrain``.
 
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+    Fine-tune stages leave parts of the model out of the loss (docs/architecture.md §3: the
+    captioner has no ITC/ITM heads or encoder self-attention in its graph, the filter no decoder
+    self-attention or LM head), so DDP looks for unused parameters there; their gradients stay
+    None on every rank and AdamW skips them, as in a single process. Buffers (the ITC queues) are
+    filled from the global batch identically on every rank, so DDP does not re-broadcast them.
+    """
+    module: nn.Module = model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=set(losses) != set(STAGE_LOSSES["pretrain"]),
+        )
+    if compile:
+        # compile outside DDP so that its optimiser splits graphs at bucket boundaries
+        module = torch.compile(module)
+    return module
+
+
+def sync_unless_last(module: nn.Module, micro: int, grad_accum: int):
+    """``no_sync()`` for every micro-batch but the last of an accumulated step: gradients are
+    all-reduced once per optimiser step, during the last backward."""
+    ddp = getattr(module, "_orig_mod", module)  # under torch.compile
+    if micro < grad_accum - 1 and hasattr(ddp, "no_sync"):
+        return ddp.no_sync()
+    return nullcontext()
 
 
 class Trainer:
@@ -111,6 +145,8 @@ class Trainer:
         self.device = default_device()
         self.run = RunFolder(job.out)
         self.losses = STAGE_LOSSES[job.stage]
+        self.skipped: Counter[str] = Counter()
+        """Bad input met by the batches trained on so far (this rank's share), by reason."""
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -157,9 +193,17 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> Path:
+        data_cfg = self.recipe.data
+        with use_threads(self.recipe.runtime.threads, data_cfg.num_workers) as threads:
+            return self._fit(threads)
+
+    def _fit(self, threads: int) -> Path:
         job, cfg, data_cfg = self.job, self.cfg, self.recipe.data
-        resumed = self._prepare_folder()
+        # the shards are checked before the run folder exists, so a fixed command can be re-run
+        log.info("%d intra-op threads, %d loader workers", threads, data_cfg.num_workers)
         sources = build_sources(job.shards, data_cfg.weights or None)
+        check_sources(sources)
+        resumed = self._prepare_folder()
         global_batch = data_cfg.batch_size * self.dist.world_size
         samples_per_epoch = cfg.samples_per_epoch
         if samples_per_epoch <= 0:
@@ -180,12 +224,16 @@ class Trainer:
         if checkpoint is not None:
             model, tokenizer, mcfg, _, state = load_checkpoint(checkpoint)
             step = int(state["trainer"]["step"])
+            self.skipped = Counter(state["trainer"].get("skipped", {}))
             log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
         else:
             model, tokenizer, mcfg = self._build(sources)
             state, step = None, 0
         model.to(self.device).train()
         optimizer = build_optimizer(model, cfg)
+        step_module = wrap_for_training(
+            model, self.losses, self.dist, self.device, compile=cfg.compile
+        )
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
@@ -243,6 +291,7 @@ class Trainer:
                     alpha = mcfg.alpha * min(1.0, step / ramp_steps)
                     parts = self._step(
                         model,
+                        step_module,
                         tokenizer,
                         mcfg,
                         batches,
@@ -299,12 +348,24 @@ class Trainer:
                 extra={"steps": step, "run": str(self.run.path)},
                 preprocess=self._preprocess(mcfg),
             )
+            self._save_skipped()
             log.info("%s done: model in %s", job.stage, self.run.model_dir)
         barrier()
         return self.run.model_dir
 
     def _step(
-        self, model, tokenizer, mcfg, batches, optimizer, params, alpha, prompt, prompt_len, step
+        self,
+        model,
+        step_module,
+        tokenizer,
+        mcfg,
+        batches,
+        optimizer,
+        params,
+        alpha,
+        prompt,
+        prompt_len,
+        step,
     ) -> dict[str, float]:
         cfg = self.cfg
         optimizer.zero_grad(set_to_none=True)
@@ -316,25 +377,25 @@ class Trainer:
                 self.recipe.seed * 1_000_003 + step * 131 + micro
             )
             batch = next(batches)
+            self.skipped.update(batch.get("skips", {}))
             texts = [prompt + t for t in batch["texts"]] if prompt else batch["texts"]
             ids, mask = tokenize(tokenizer, texts, mcfg.max_text_len)
-            with autocast(self.device, cfg.precision):
-                out = model.forward_pretrain(
-                    batch["images"].to(self.device, non_blocking=True),
-                    ids.to(self.device),
-                    mask.to(self.device),
-                    image_ids=batch["image_ids"].to(self.device),
-                    alpha=alpha,
-                    weights=self.losses,
-                    prompt_len=prompt_len,
-                    generator=generator,
-                )
-            (out["loss"] / cfg.grad_accum).backward()
+            with sync_unless_last(step_module, micro, cfg.grad_accum):
+                with autocast(self.device, cfg.precision):
+                    out = step_module(
+                        batch["images"].to(self.device, non_blocking=True),
+                        ids.to(self.device),
+                        mask.to(self.device),
+                        image_ids=batch["image_ids"].to(self.device),
+                        alpha=alpha,
+                        weights=self.losses,
+                        prompt_len=prompt_len,
+                        generator=generator,
+                    )
+                (out["loss"] / cfg.grad_accum).backward()
             for key, value in out.items():
                 if key.startswith("loss") and torch.is_tensor(value):
                     totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
-        if self.dist.distributed:
-            allreduce_grads(params, self.dist.world_size)
         if cfg.clip_grad > 0:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
         optimizer.step()
@@ -360,11 +421,18 @@ class Trainer:
                 model_cfg=mcfg,
                 stage=self.job.stage,
                 optimizer=optimizer,
-                trainer={"step": step},
+                trainer={"step": step, "skipped": dict(self.skipped)},
                 keep=self.cfg.keep_checkpoints,
                 preprocess=self._preprocess(mcfg),
             )
+            self._save_skipped()
         barrier()
+
+    def _save_skipped(self) -> None:
+        """``skipped.json`` in the run folder: the bad input counts of the batches trained on (of
+        rank 0's share under torchrun), with ``truncated_tar``/``unreadable_shard`` counted each
+        time the stream met such a tar."""
+        atomic_write_json(self.run.path / SKIPPED_FILE, dict(sorted(self.skipped.items())))
 
 
 @contextmanager

@@ -1,10 +1,12 @@
-"""One pretraining step on a fixed global batch; run plainly or under torchrun (gloo).
+"""Training steps on fixed global batches; run plainly or under torchrun (gloo).
 
     python tests/scripts/ddp_step.py OUT.pt                       # one process, batch 2b
     torchrun --nproc_per_node 2 tests/scripts/ddp_step.py OUT.pt  # two ranks, batch b each
 
-Rank 0 writes the mean loss parts and the averaged gradients of every parameter to OUT.pt, so a
-test can compare the two runs.
+Each case calls the model the way the trainer does (``wrap_for_training``: DDP under torchrun,
+``sync_unless_last`` around every micro-batch) for one stage and a number of micro-batches, then
+one AdamW step. Rank 0 writes, per case, the mean loss parts, the averaged gradients (None where
+a parameter had none) and which parameters the optimiser step changed to OUT.pt, so a test can compare the runs.
 """
 
 from __future__ import annotations
@@ -15,11 +17,57 @@ import torch
 
 from capfilt.config import load_recipe
 from capfilt.model import build_model, tokenize, train_wordpiece_tokenizer
-from capfilt.train.trainer import allreduce_grads
+from capfilt.train.optim import build_optimizer
+from capfilt.train.trainer import STAGE_LOSSES, sync_unless_last, wrap_for_training
 from capfilt.utils.dist import destroy_distributed, init_distributed
 
 GLOBAL_BATCH = 8
 WORDS = "red green blue big small circle square triangle left right top bottom a the of".split()
+CASES = [("pretrain", 1), ("pretrain", 2), ("captioner", 2), ("filter", 1)]
+"""(stage, micro-batches per optimiser step)."""
+
+
+def run_case(stage: str, grad_accum: int, info, cfg, tokenizer, images, ids, mask) -> dict:
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer)
+    model.train()
+    losses = STAGE_LOSSES[stage]
+    module = wrap_for_training(model, losses, info, torch.device("cpu"))
+    optimizer = build_optimizer(model, load_recipe("tiny").train)
+    micro_global = GLOBAL_BATCH // grad_accum
+    b = micro_global // info.world_size
+    parts = torch.zeros(3)
+    for micro in range(grad_accum):
+        lo = micro * micro_global + info.rank * b
+        with sync_unless_last(module, micro, grad_accum):
+            out = module(
+                images[lo : lo + b],
+                ids[lo : lo + b],
+                mask[lo : lo + b],
+                image_ids=torch.arange(GLOBAL_BATCH)[lo : lo + b],
+                alpha=0.4,
+                weights=losses,
+                generator=torch.Generator().manual_seed(123 + micro),
+            )
+            (out["loss"] / grad_accum).backward()
+        parts += torch.stack([out["loss_itc"], out["loss_itm"], out["loss_lm"]]).detach()
+    parts /= grad_accum
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(parts)
+        parts /= info.world_size
+    grads = {
+        n: (p.grad.clone() if p.grad is not None else None)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    moved = {
+        n: bool((p.detach() != before[n]).any()) for n, p in model.named_parameters() if n in before
+    }
+    return {"losses": parts, "grads": grads, "moved": moved}
 
 
 def main(out_path: str) -> None:
@@ -32,36 +80,13 @@ def main(out_path: str) -> None:
     ]
     images = torch.randn(GLOBAL_BATCH, 3, cfg.image_size, cfg.image_size, generator=gen)
     tokenizer = train_wordpiece_tokenizer(WORDS * 4, 100)
-    torch.manual_seed(0)
-    model = build_model(cfg, tokenizer)
-    model.train()
-    b = GLOBAL_BATCH // info.world_size
-    lo, hi = info.rank * b, (info.rank + 1) * b
     ids, mask = tokenize(tokenizer, texts, cfg.max_text_len)
-    out = model.forward_pretrain(
-        images[lo:hi],
-        ids[lo:hi],
-        mask[lo:hi],
-        image_ids=torch.arange(GLOBAL_BATCH)[lo:hi],
-        alpha=0.4,
-        generator=torch.Generator().manual_seed(123),
-    )
-    out["loss"].backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    parts = torch.stack([out["loss_itc"], out["loss_itm"], out["loss_lm"]]).detach()
-    if info.distributed:
-        import torch.distributed as dist
-
-        allreduce_grads(params, info.world_size)
-        dist.all_reduce(parts)
-        parts /= info.world_size
+    results = {
+        f"{stage}/{accum}": run_case(stage, accum, info, cfg, tokenizer, images, ids, mask)
+        for stage, accum in CASES
+    }
     if info.is_main:
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        grads = {
-            n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-            for n, p in zip(names, params)
-        }
-        torch.save({"losses": parts, "grads": grads}, out_path)
+        torch.save(results, out_path)
     destroy_distributed()
 
 

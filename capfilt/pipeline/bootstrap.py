@@ -1,0 +1,615 @@
+"""``capfilt bootstrap``: the CapFilt loop (docs/architecture.md §3) on the user's own shards.
+
+    capfilt bootstrap real-cpu --human data/human --web data/web --test data/test --out boot
+    capfilt bootstrap demo --web data/web --captioner blip-cap/ --filter blip-itm/ --out boot
+
+Stages, in order (round 1; ``--rounds N`` repeats the round's stages N times):
+
+1. ``pretrain-baseline``  MED on human + web                      → runs/pretrain_baseline
+2. ``finetune-captioner`` LM on human, from the round's init       → runs/captioner
+3. ``finetune-filter``    ITC + ITM on human, from the round's init → runs/filter
+4. ``caption``            synthetic captions for the web images     → data/web_captioned
+5. ``filter``             web + synthetic texts judged              → data/web_filtered
+6. ``pretrain-capfilt``   a new MED from scratch on human + kept    → runs/pretrain_capfilt
+7. ``evaluate``           retrieval of every pretrained model and the captioner's caption
+                          metrics on ``--test``; the filter's figures → eval/, summary.json
+
+Round 1's init is the baseline; round r+1 fine-tunes from round r's re-pretrained model and
+bootstraps the *original* web shards again. Round 1 writes into the run folder itself (the
+layout ``capfilt demo`` and ``capfilt report`` know); round r ≥ 2 writes the same layout under
+``round_r/``. With released models (``captioner``/``filter`` given) the baseline and the
+fine-tunes are left out: round 1 captions and filters with them, and re-pretrains only with
+``pretrain_after``.
+
+``manifest.json`` names every stage's status, output and inputs, with the recipe hash and the
+run's inputs (shard specs and models, by path). A stage that is done is skipped on a re-run; an
+interrupted one resumes from its own checkpoints (training) or done-markers (shard stages). A
+changed recipe or input is refused (:class:`BootstrapConflict`) unless ``restart_from`` names
+the stage to redo: its output and every later stage's are removed and made again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capfilt.config import ConfigError, Recipe, config_hash, dump_yaml, recipe_identity, to_dict
+from capfilt.utils.files import atomic_write_bytes, atomic_write_json
+from capfilt.utils.logging import get_logger
+
+log = get_logger("bootstrap")
+
+STAGES = (  # in pipeline order
+    "pretrain-baseline",
+    "finetune-captioner",
+    "finetune-filter",
+    "caption",
+    "filter",
+    "pretrain-capfilt",
+    "evaluate",
+)
+ROUND_STAGES = STAGES[1:6]
+"""The stages every round repeats."""
+MANIFEST_FORMAT = 1
+
+
+class BootstrapConflict(ConfigError):
+    """The run folder was made with another recipe or other inputs."""
+
+
+@dataclass
+class BootstrapInputs:
+    """What the loop runs on: shard specs (folders, brace patterns, tars) and released models."""
+
+    human: list[str] = field(default_factory=list)
+    web: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    captioner: str | None = None
+    filter: str | None = None
+    pretrain_after: bool = False
+    rounds: int = 1
+
+    @property
+    def released(self) -> bool:
+        return self.captioner is not None or self.filter is not None
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds: must be >= 1, got {self.rounds}")
+        if not self.web:
+            raise ConfigError("--web: give the web shards to bootstrap")
+        if self.released and (self.captioner is None or self.filter is None):
+            raise ConfigError("--captioner and --filter go together (released models)")
+        if self.released and self.rounds > 1 and not self.pretrain_after:
+            raise ConfigError(
+                "--rounds > 1 with released models needs --pretrain-after (round 2 fine-tunes "
+                "from round 1's re-pretrained model)"
+            )
+        trains = not self.released or self.pretrain_after
+        if trains and not self.human:
+            raise ConfigError("--human: the human-annotated shards are needed to train")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The inputs as the manifest compares them: paths made absolute, rounds left out (a
+        run may be extended by more rounds)."""
+
+        def spec(text: str) -> str:
+            # a URL or pipe spec stays as written; a path is made absolute whether or not it
+            # exists yet (the demo names its shard folders before it writes them)
+            return text if re.match(r"^[a-z][a-z0-9+.-]+:", text) else os.path.abspath(text)
+
+        return {
+            "human": [spec(s) for s in self.human],
+            "web": [spec(s) for s in self.web],
+            "test": [spec(s) for s in self.test],
+            "captioner": spec(self.captioner) if self.captioner else None,
+            "filter": spec(self.filter) if self.filter else None,
+            "pretrain_after": self.pretrain_after,
+        }
+
+
+@dataclass
+class BootstrapLayout:
+    """Where each output of a run folder lives."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    def round_dir(self, round_: int) -> Path:
+        return self.root if round_ == 1 else self.root / f"round_{round_}"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def split(self, name: str) -> Path:
+        return self.data / name
+
+    def run(self, name: str, round_: int = 1) -> Path:
+        return self.round_dir(round_) / "runs" / name
+
+    @property
+    def baseline(self) -> Path:
+        return self.run("pretrain_baseline")
+
+    def captioner(self, round_: int) -> Path:
+        return self.run("captioner", round_)
+
+    def filter(self, round_: int) -> Path:
+        return self.run("filter", round_)
+
+    def capfilt(self, round_: int) -> Path:
+        return self.run("pretrain_capfilt", round_)
+
+    def captioned(self, round_: int) -> Path:
+        return self.round_dir(round_) / "data" / "web_captioned"
+
+    def filtered(self, round_: int) -> Path:
+        return self.round_dir(round_) / "data" / "web_filtered"
+
+    def eval(self, round_: int = 1) -> Path:
+        return self.round_dir(round_) / "eval"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+@dataclass
+class Step:
+    """One stage of one round: ``run`` makes ``output`` from ``inputs``; ``needs`` are the keys
+    of the steps whose outputs it reads."""
+
+    key: str
+    stage: str
+    round: int
+    output: Path
+    inputs: list[str]
+    run: Callable[[], Any]
+    needs: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """What :func:`run_bootstrap` tells its caller about a step: ``status`` is ``start``,
+    ``done``, ``done-earlier``, ``skipped`` or ``partial``."""
+
+    key: str
+    status: str
+    output: Path
+    seconds: float | None = None
+
+
+def step_key(stage: str, round_: int) -> str:
+    return stage if round_ == 1 else f"round_{round_}/{stage}"
+
+
+def marker_path(layout: BootstrapLayout, key: str) -> Path:
+    return layout.stages / f"{key.replace('/', '-')}.json"
+
+
+def _train(
+    stage: str, recipe: Recipe, shards: list[str], out: Path, init: Path | str | None = None
+) -> Path:
+    from capfilt.train.trainer import TrainJob, train
+
+    return train(
+        TrainJob(
+            stage=stage,
+            recipe=recipe,
+            shards=[str(s) for s in shards],
+            out=out,
+            init=Path(init) if init is not None else None,
+            resume="auto",
+        )
+    )
+
+
+def _repretrain_sources(human: list[str], filtered: Path) -> list[str]:
+    """Human shards + the filter's kept shards; human alone when the filter kept nothing (a
+    source without samples cannot feed the training stream)."""
+    from capfilt.data.shards import count_samples, expand_shards
+
+    if count_samples(expand_shards([str(filtered)])) == 0:
+        log.warning(
+            "the filter kept no text in %s: re-pretraining on the human shards only", filtered
+        )
+        return list(human)
+    return [*human, str(filtered)]
+
+
+def _shard_stage(result) -> dict[str, Any]:
+    return {"stats": result.stats, "partial": result.partial, "failed": list(result.failed)}
+
+
+def plan_steps(recipe: Recipe, inputs: BootstrapInputs, layout: BootstrapLayout) -> list[Step]:
+    """Every step of the run, in order (the evaluate step is added by :func:`run_bootstrap`)."""
+    steps: list[Step] = []
+    human, web = list(inputs.human), list(inputs.web)
+    if not inputs.released:
+        steps.append(
+            Step(
+                "pretrain-baseline", "pretrain-baseline", 1, layout.baseline, human + web,
+                lambda: _train("pretrain", recipe, human + web, layout.baseline),
+            )
+        )  # fmt: skip
+    for r in range(1, inputs.rounds + 1):
+        if r == 1 and inputs.released:
+            captioner, filt = str(inputs.captioner), str(inputs.filter)
+            model_needs: list[str] = []
+        else:
+            init = layout.baseline if r == 1 else layout.capfilt(r - 1)
+            init_key = "pretrain-baseline" if r == 1 else step_key("pretrain-capfilt", r - 1)
+            cap_dir, filt_dir = layout.captioner(r), layout.filter(r)
+            steps.append(
+                Step(
+                    step_key("finetune-captioner", r), "finetune-captioner", r, cap_dir, human,
+                    lambda init=init, out=cap_dir: _train("captioner", recipe, human, out, init),
+                    [init_key],
+                )
+            )  # fmt: skip
+            steps.append(
+                Step(
+                    step_key("finetune-filter", r), "finetune-filter", r, filt_dir, human,
+                    lambda init=init, out=filt_dir: _train("filter", recipe, human, out, init),
+                    [init_key],
+                )
+            )  # fmt: skip
+            captioner, filt = str(cap_dir), str(filt_dir)
+            model_needs = [step_key("finetune-captioner", r), step_key("finetune-filter", r)]
+        captioned, filtered = layout.captioned(r), layout.filtered(r)
+
+        def do_caption(model=captioner, out=captioned) -> dict:
+            from capfilt.pipeline.caption import caption_shards
+
+            return _shard_stage(caption_shards(model, web, out, recipe.caption))
+
+        def do_filter(model=filt, src=captioned, out=filtered) -> dict:
+            from capfilt.pipeline.filter import filter_shards
+
+            return _shard_stage(filter_shards(model, [str(src)], out, recipe.filter))
+
+        steps.append(
+            Step(step_key("caption", r), "caption", r, captioned, [captioner, *web], do_caption,
+                 model_needs[:1])
+        )  # fmt: skip
+        steps.append(
+            Step(step_key("filter", r), "filter", r, filtered, [filt, str(captioned)], do_filter,
+                 [*model_needs[1:], step_key("caption", r)])
+        )  # fmt: skip
+        if not inputs.released or inputs.pretrain_after:
+            out = layout.capfilt(r)
+            steps.append(
+                Step(
+                    step_key("pretrain-capfilt", r), "pretrain-capfilt", r, out,
+                    [*human, str(filtered)],
+                    lambda out=out, filtered=filtered: _train(
+                        "pretrain", recipe, _repretrain_sources(human, filtered), out
+                    ),
+                    [step_key("filter", r)],
+                )
+            )  # fmt: skip
+    return steps
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+def filter_metrics(filtered: Path, threshold: float) -> dict[str, Any]:
+    """The filter's figures from its per-text parquet (precision/recall/F1 where truth is there)."""
+    from capfilt.eval.filter_metrics import filter_report, load_score_tables
+
+    table = load_score_tables(filtered).rename(columns={"itm_score": "score"})
+    return filter_report(table, threshold)
+
+
+def _rule_threshold(filtered: Path, recipe: Recipe) -> float:
+    """The ITM threshold the filter stage decided with (a keep-fraction run records its own)."""
+    try:
+        value = json.loads((filtered / "summary.json").read_text())["rule"]["threshold"]
+    except (OSError, ValueError, KeyError, TypeError):
+        value = None
+    return float(value) if isinstance(value, int | float) else recipe.filter.threshold
+
+
+def _retrieval(model_dir: Path, test: list[str], recipe: Recipe) -> dict[str, Any]:
+    from capfilt.eval.retrieval import evaluate_retrieval
+
+    return evaluate_retrieval(
+        model_dir,
+        test,
+        k=recipe.eval.k,
+        batch_size=recipe.eval.batch_size,
+        max_words=recipe.data.max_words,
+    )
+
+
+def _done_model(run_dir: Path) -> Path | None:
+    return run_dir / "model" if (run_dir / "model" / "capfilt.json").is_file() else None
+
+
+RoundExtra = Callable[[int, BootstrapLayout], dict[str, Any]]
+
+
+def evaluate_run(
+    recipe: Recipe,
+    inputs: BootstrapInputs,
+    layout: BootstrapLayout,
+    round_extra: RoundExtra | None = None,
+) -> dict[str, Any]:
+    """Evaluate every output present: retrieval of each pretrained model and the caption metrics
+    of each captioner on ``inputs.test``, the filter's figures of each round (from its parquet),
+    and ``round_extra`` (the demo's truth checks). Each part also goes to its round's eval/."""
+    from capfilt.eval.stage_eval import evaluate_captioner
+
+    test = list(inputs.test)
+    results: dict[str, Any] = {"baseline": {}, "rounds": []}
+    layout.eval(1).mkdir(parents=True, exist_ok=True)
+    baseline = _done_model(layout.baseline)
+    if test and baseline is not None:
+        results["baseline"] = {"retrieval": _retrieval(baseline, test, recipe)}
+        atomic_write_json(
+            layout.eval(1) / "baseline_retrieval.json", results["baseline"]["retrieval"]
+        )
+    for r in range(1, inputs.rounds + 1):
+        ev = layout.eval(r)
+        ev.mkdir(parents=True, exist_ok=True)
+        row: dict[str, Any] = {"round": r}
+        capfilt_model = _done_model(layout.capfilt(r))
+        if test and capfilt_model is not None:
+            row["capfilt"] = {"retrieval": _retrieval(capfilt_model, test, recipe)}
+            atomic_write_json(ev / "capfilt_retrieval.json", row["capfilt"]["retrieval"])
+        captioner = (
+            inputs.captioner if (r == 1 and inputs.released) else _done_model(layout.captioner(r))
+        )
+        if test and captioner is not None:
+            row["captioner"] = evaluate_captioner(captioner, test, recipe.caption)
+            atomic_write_json(ev / "captioner.json", row["captioner"])
+        filtered = layout.filtered(r)
+        if any(filtered.glob("*.parquet")):
+            row["filter"] = filter_metrics(filtered, _rule_threshold(filtered, recipe))
+            atomic_write_json(ev / "filter.json", row["filter"])
+        if round_extra is not None:
+            for key, value in round_extra(r, layout).items():
+                row[key] = value
+                atomic_write_json(ev / f"{key}.json", value)
+        results["rounds"].append(row)
+    return results
+
+
+# -- the manifest --------------------------------------------------------------------------------
+
+
+def _read_manifest(layout: BootstrapLayout) -> dict[str, Any] | None:
+    if not layout.manifest.is_file():
+        return None
+    try:
+        data = json.loads(layout.manifest.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{layout.manifest} is unreadable ({err}); use a new --out") from None
+    return data if isinstance(data, dict) else None
+
+
+def _write_manifest(layout: BootstrapLayout, manifest: dict[str, Any]) -> None:
+    atomic_write_json(layout.manifest, manifest)
+
+
+def _first_affected(previous: dict[str, Any], recipe_hash: str, fingerprint: dict) -> str | None:
+    """The earliest stage a change of recipe or inputs invalidates (None: nothing changed)."""
+    before = previous.get("inputs") or {}
+    changed = [k for k in fingerprint if before.get(k) != fingerprint[k]]
+    if previous.get("recipe_hash") != recipe_hash or {"human", "web"} & set(changed):
+        return "pretrain-baseline"
+    if {"captioner", "filter", "pretrain_after"} & set(changed):
+        return "caption"
+    if "test" in changed:
+        return "evaluate"
+    return None
+
+
+def open_manifest(
+    layout: BootstrapLayout,
+    recipe: Recipe,
+    inputs: BootstrapInputs,
+    restart_from: str | None = None,
+) -> dict[str, Any]:
+    """Create the manifest, or re-open it: a changed recipe or input is refused unless
+    ``restart_from`` is given (the caller then redoes that stage and every later one)."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    recipe_hash, fingerprint = config_hash(recipe_identity(recipe)), inputs.fingerprint()
+    previous = _read_manifest(layout)
+    if previous is not None and restart_from is None:
+        stage = _first_affected(previous, recipe_hash, fingerprint)
+        if stage is not None:
+            what = (
+                "another recipe" if previous.get("recipe_hash") != recipe_hash else "other inputs"
+            )
+            raise BootstrapConflict(
+                f"{layout.root} holds a run made with {what}; re-run with the same "
+                f"recipe and inputs to resume, pass --restart-from {stage} to redo the affected "
+                "stages, or use a new --out"
+            )
+    manifest = previous or {"format": MANIFEST_FORMAT, "stages": {}}
+    manifest.update({"recipe": recipe.name, "recipe_hash": recipe_hash, "inputs": fingerprint})
+    manifest.setdefault("stages", {})
+    atomic_write_bytes(layout.root / "recipe.yaml", dump_yaml(recipe).encode())
+    atomic_write_json(layout.root / "recipe.json", {"hash": recipe_hash, "recipe": to_dict(recipe)})
+    _write_manifest(layout, manifest)
+    return manifest
+
+
+def _reset(layout: BootstrapLayout, manifest: dict[str, Any], step: Step) -> None:
+    """Forget ``step``: its output folder (inside the run folder only), marker and record."""
+    output = step.output.resolve()
+    if output.is_dir() and layout.root.resolve() in output.parents:
+        shutil.rmtree(output)
+    marker_path(layout, step.key).unlink(missing_ok=True)
+    manifest["stages"].pop(step.key, None)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def _check_selection(names: tuple[str, ...], option: str, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{option}: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(known)}"
+        )
+
+
+def run_bootstrap(
+    recipe: Recipe,
+    inputs: BootstrapInputs,
+    out: str | Path,
+    *,
+    skip: tuple[str, ...] = (),
+    only: tuple[str, ...] = (),
+    restart_from: str | None = None,
+    on_stage: Callable[[StageEvent], None] | None = None,
+    pre_steps: list[Step] | None = None,
+    round_extra: RoundExtra | None = None,
+    summary_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every step; returns the summary written to ``OUT/summary.json``.
+
+    ``pre_steps`` run first under the same manifest (the demo's synth); ``round_extra`` adds
+    per-round evaluations; ``summary_extra`` adds top-level summary keys.
+    """
+    inputs.validate()
+    layout = BootstrapLayout(Path(out))
+    pre_steps = list(pre_steps or [])
+    known = tuple(s.stage for s in pre_steps) + STAGES
+    _check_selection(skip, "--skip", known)
+    _check_selection(only, "--only", known)
+    if restart_from is not None:
+        _check_selection((restart_from,), "--restart-from", known)
+    manifest = open_manifest(layout, recipe, inputs, restart_from)
+    layout.stages.mkdir(exist_ok=True)
+
+    evaluate = Step(
+        "evaluate", "evaluate", 1, layout.eval(1), list(inputs.test),
+        lambda: evaluate_run(recipe, inputs, layout, round_extra),
+    )  # fmt: skip
+    steps = [*pre_steps, *plan_steps(recipe, inputs, layout), evaluate]
+    if restart_from is not None:
+        first = next((i for i, s in enumerate(steps) if s.stage == restart_from), None)
+        if first is None:
+            raise ConfigError(f"--restart-from {restart_from}: this run has no such stage")
+        for step in steps[first:]:
+            _reset(layout, manifest, step)
+        _write_manifest(layout, manifest)
+
+    def emit(event: StageEvent) -> None:
+        if on_stage is not None:
+            on_stage(event)
+
+    ran_any, partial = False, None
+    timings: dict[str, float] = {}
+    for step in steps:
+        record = manifest["stages"].get(step.key) or {}
+        selected = step.stage not in skip and (not only or step.stage in only)
+        done = record.get("status") == "done"
+        if step is evaluate and done:
+            # evaluate again when anything before it changed or more rounds were added
+            done = not ran_any and record.get("rounds") == inputs.rounds
+        if done:
+            timings[step.key] = float(record.get("seconds") or 0.0)
+            emit(StageEvent(step.key, "done-earlier", step.output, timings[step.key]))
+            continue
+        if not selected:
+            emit(StageEvent(step.key, "skipped", step.output))
+            continue
+        for need in step.needs:
+            if (manifest["stages"].get(need) or {}).get("status") != "done":
+                raise ConfigError(
+                    f"stage {step.key} needs {need}, which is not done (run it first, or drop --skip/--only)"
+                )
+        manifest["stages"][step.key] = {
+            "stage": step.stage,
+            "round": step.round,
+            "status": "running",
+            "output": str(step.output),
+            "inputs": [str(i) for i in step.inputs],
+            "started": time.time(),
+        }
+        _write_manifest(layout, manifest)
+        emit(StageEvent(step.key, "start", step.output))
+        log.info("bootstrap: %s ...", step.key)
+        start = time.monotonic()
+        value = step.run()
+        seconds = round(time.monotonic() - start, 1)
+        ran_any = True
+        record = manifest["stages"][step.key]
+        record["seconds"] = seconds
+        if isinstance(value, dict) and value.get("partial"):
+            record["status"] = "partial"
+            record["failed_shards"] = value.get("failed")
+            _write_manifest(layout, manifest)
+            emit(StageEvent(step.key, "partial", step.output, seconds))
+            partial = step.key
+            break
+        record["status"] = "done"
+        if step is evaluate:
+            record["rounds"] = inputs.rounds
+            atomic_write_json(layout.eval(1) / "evaluation.json", value)
+        _write_manifest(layout, manifest)
+        atomic_write_json(marker_path(layout, step.key), {"stage": step.key, "seconds": seconds})
+        timings[step.key] = seconds
+        emit(StageEvent(step.key, "done", step.output, seconds))
+
+    summary = build_summary(recipe, layout, timings, summary_extra)
+    if partial is not None:
+        summary["partial"] = partial
+    atomic_write_json(layout.summary, summary)
+    return summary
+
+
+def build_summary(
+    recipe: Recipe,
+    layout: BootstrapLayout,
+    timings: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``summary.json``: the last round's figures at the top (baseline, capfilt, filter,
+    captioner, and the demo's captions), every round under ``rounds``, timings and outputs."""
+    evaluation = {}
+    path = layout.eval(1) / "evaluation.json"
+    if path.is_file():
+        evaluation = json.loads(path.read_text())
+    rounds = evaluation.get("rounds") or []
+    last = rounds[-1] if rounds else {}
+    manifest = _read_manifest(layout) or {}
+    summary: dict[str, Any] = {
+        "recipe": recipe.name,
+        "seed": recipe.seed,
+        **(extra or {}),
+        "baseline": evaluation.get("baseline") or {},
+        "capfilt": last.get("capfilt") or {},
+        "filter": last.get("filter") or {},
+        "captioner": last.get("captioner") or {},
+        "rounds": rounds,
+        "timings": timings,
+        "total_seconds": round(sum(timings.values()), 1),
+        "outputs": {key: rec.get("output") for key, rec in (manifest.get("stages") or {}).items()},
+    }
+    if "captions" in last:
+        summary["captions"] = last["captions"]
+    return summary

@@ -1,0 +1,138 @@
+"""One bad sample costs only itself: it is skipped with a reason, gets its parquet row, and the
+shard and the job complete (reader, caption and filter)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from capfilt.config import load_recipe
+from capfilt.data.reader import SkipCounter, decode_image, member_key, read_samples
+from capfilt.data.shards import expand_shards
+from capfilt.data.writer import parquet_path
+from capfilt.pipeline.caption import caption_shards
+from capfilt.pipeline.filter import filter_shards
+
+from .conftest import good_members, huge_png, jpeg, make_tar
+
+
+def _hostile_shard(path):
+    """Good samples g0..g2 around: a member in a folder, a climbing path, g0 again further on,
+    a caption whose text is a number."""
+    g = good_members(3)
+    return make_tar(
+        path,
+        [
+            *g[0:2],
+            ("images/x.jpg", jpeg((0, 0, 200))),
+            ("images/x.txt", b"a blue square"),
+            ("../../evil.jpg", jpeg()),
+            ("../../evil.txt", b"evil"),
+            *g[2:4],
+            *g[0:2],  # key g0 seen twice, apart
+            ("num.jpg", jpeg()),
+            ("num.json", json.dumps({"captions": [{"text": 5, "origin": "web"}]}).encode()),
+            *g[4:6],
+        ],
+    )
+
+
+def test_member_keys_are_normalised_or_rejected():
+    assert member_key("images/x.jpg") == ("images_x", "jpg", None)
+    assert member_key("./v1.0/a.b.jpg") == ("v1-0_a", "b.jpg", None)
+    assert member_key("../../evil.jpg")[2] == "unsafe_path"
+    assert member_key("/etc/x.jpg")[2] == "unsafe_path"
+
+
+def test_hostile_members_cost_only_themselves_in_caption_and_filter(tiny_models, tmp_path):
+    _hostile_shard(tmp_path / "in" / "00000000.tar")
+    counter = SkipCounter()
+    keys = [s.key for s in read_samples(expand_shards(str(tmp_path / "in")), counter)]
+    assert keys == ["g0", "images_x", "g1", "g2"]
+    assert counter.as_dict() == {"bad_caption": 1, "duplicate_key": 1, "unsafe_path": 1}
+
+    caption_cfg = load_recipe("tiny", ["caption.batch_size=2"]).caption
+    result = caption_shards(
+        tiny_models["captioner"], [str(tmp_path / "in")], tmp_path / "cap", caption_cfg
+    )
+    assert not result.failed and result.stats["count"] == 4 and result.stats["input_count"] == 7
+    table = pd.read_parquet(parquet_path(tmp_path / "cap", 0))
+    assert list(table["status"]).count("kept") == 4
+    skipped = table[table["status"] == "skipped"].set_index("reason")["uid"].to_dict()
+    assert skipped == {"unsafe_path": "../../evil", "duplicate_key": "g0", "bad_caption": "num"}
+    out_keys = [s.key for s in read_samples(expand_shards(str(tmp_path / "cap")))]
+    assert out_keys == ["g0", "images_x", "g1", "g2"]
+
+    # the filter straight on the hostile shard: the same rows, its summary counts only real texts
+    filter_cfg = load_recipe("tiny", ["filter.batch_size=2"]).filter
+    result = filter_shards(
+        tiny_models["filter"], [str(tmp_path / "in")], tmp_path / "filt", filter_cfg
+    )
+    assert not result.failed and result.stats["input_count"] == 7
+    assert result.stats["skipped"] == {"bad_caption": 1, "duplicate_key": 1, "unsafe_path": 1}
+    table = pd.read_parquet(parquet_path(tmp_path / "filt", 0))
+    assert sorted(table.loc[table["status"] == "skipped", "reason"]) == [
+        "bad_caption",
+        "duplicate_key",
+        "unsafe_path",
+    ]
+    summary = json.loads((tmp_path / "filt" / "summary.json").read_text())
+    assert summary["images"] == 4 and summary["texts"] == 4
+
+
+def test_huge_image_is_rejected_from_its_header(tmp_path):
+    shard = make_tar(
+        tmp_path / "s.tar", [("big.png", huge_png()), ("big.txt", b"big"), *good_members(1)]
+    )
+    counter = SkipCounter()
+    start = time.monotonic()
+    samples = list(read_samples([str(shard)], counter))
+    assert time.monotonic() - start < 5  # not decoded: 400 M pixels would take seconds
+    assert [s.key for s in samples] == ["g0"]
+    assert counter.as_dict() == {"image_too_large": 1}
+    assert "pixels" in counter.records[0].detail
+
+
+def test_large_photo_is_shrunk_per_sample_to_what_the_model_needs():
+    data = jpeg(size=1000)
+    full = decode_image(data)
+    small = decode_image(data, min_side=32)
+    assert full.size == (1000, 1000)
+    assert 64 <= min(small.size) < 128  # still twice the model's side: the resize scales down
+    assert np.abs(np.asarray(small, dtype=int).mean(axis=(0, 1)) - (200, 30, 30)).max() < 4
+
+
+def test_16bit_png_is_scaled_not_clipped_to_white():
+    grey16 = np.full((8, 8), 128 * 257, dtype=np.uint16)  # mid grey in 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(grey16).save(buf, format="PNG")
+    image = decode_image(buf.getvalue())
+    assert image.mode == "RGB" and image.getpixel((3, 3)) == (128, 128, 128)
+
+
+def test_gif_bmp_tiff_are_read_with_their_bytes_kept(tmp_path):
+    members = []
+    for fmt, ext in (("GIF", "gif"), ("BMP", "bmp"), ("TIFF", "tiff")):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (0, 200, 0)).save(buf, format=fmt)
+        members += [(f"{ext}.{ext}", buf.getvalue()), (f"{ext}.txt", b"a green square")]
+    shard = make_tar(tmp_path / "s.tar", members)
+    counter = SkipCounter()
+    samples = list(read_samples([str(shard)], counter))
+    assert counter.total == 0
+    assert [(s.key, s.image_ext) for s in samples] == [
+        ("gif", "gif"),
+        ("bmp", "bmp"),
+        ("tiff", "tiff"),
+    ]
+    with tarfile.open(shard) as tar:
+        for sample in samples:
+            member = tar.extractfile(f"{sample.key}.{sample.image_ext}")
+            assert sample.image_bytes == member.read()
+    assert all(s.image.getpixel((8, 8))[1] > 150 for s in samples)

@@ -1,0 +1,275 @@
+"""``capfilt bootstrap``: the whole loop on small shards, resumed after a kill, extended by a
+round, refused on a changed recipe; and the README's "Your own data" steps on coco-mini."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from capfilt.config import FilterConfig, load_recipe
+from capfilt.data.synth import write_synth
+from capfilt.eval.filter_metrics import load_score_tables
+from capfilt.pipeline.bootstrap import BootstrapConflict, BootstrapInputs, run_bootstrap
+from capfilt.pipeline.filter import rethreshold_shards
+
+FAST = [
+    "train.epochs=1",
+    "finetune.captioner.epochs=1",
+    "finetune.filter.epochs=1",
+    "caption.max_length=8",
+    "caption.min_length=2",
+    "eval.k=4",
+]
+"""Overrides of the tiny recipe that keep every stage to a few optimiser steps."""
+SYNTH = ["synth.n_human=16", "synth.n_web=16", "synth.n_test=8", "synth.shard_size=8"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "capfilt", *args]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("boot-data")
+    write_synth(root, load_recipe("tiny", SYNTH).synth)
+    return root
+
+
+def _inputs(shards: Path, **kw) -> BootstrapInputs:
+    return BootstrapInputs(
+        human=[str(shards / "human")],
+        web=[str(shards / "web")],
+        test=[str(shards / "test")],
+        **kw,
+    )
+
+
+def _args(shards: Path, out: Path) -> list[str]:
+    args = ["bootstrap", "tiny", "--out", str(out)]
+    for name in ("human", "web", "test"):
+        args += [f"--{name}", str(shards / name)]
+    for item in FAST:
+        args += ["--set", item]
+    return args
+
+
+def _texts(folder: Path) -> pd.DataFrame:
+    table = load_score_tables(folder)
+    return table[["uid", "text_index", "origin", "text", "itm_score", "itc_cosine", "kept"]]
+
+
+@pytest.fixture(scope="module")
+def run_a(shards, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("boot") / "a"
+    events = []
+    summary = run_bootstrap(load_recipe("tiny", FAST), _inputs(shards), out, on_stage=events.append)
+    return out, {"summary": summary, "events": events}
+
+
+def test_bootstrap_runs_every_stage_and_writes_manifest_and_summary(run_a, shards):
+    out, info = run_a
+    manifest = json.loads((out / "manifest.json").read_text())
+    stages = manifest["stages"]
+    order = [
+        "pretrain-baseline", "finetune-captioner", "finetune-filter", "caption", "filter",
+        "pretrain-capfilt", "evaluate",
+    ]  # fmt: skip
+    assert sorted(stages) == sorted(order)
+    assert all(rec["status"] == "done" for rec in stages.values())
+    assert stages["caption"]["output"] == str(out / "data" / "web_captioned")
+    assert stages["pretrain-capfilt"]["inputs"][-1] == str(out / "data" / "web_filtered")
+    done = [e for e in info["events"] if e.status == "done"]
+    assert [e.key for e in done] == order and all(e.output.exists() for e in done)
+    summary = json.loads((out / "summary.json").read_text())
+    for part in ("baseline", "capfilt"):
+        assert 0 <= summary[part]["retrieval"]["r_mean"] <= 100
+    assert summary["captioner"]["n_images"] == 8 and "cider" in summary["captioner"]
+    texts = _texts(out / "data" / "web_filtered")
+    assert summary["filter"]["n_texts"] == len(texts)
+    assert set(summary["timings"]) == set(stages)
+    assert len(summary["rounds"]) == 1
+
+    # a second run resumes: nothing is redone
+    events = []
+    run_bootstrap(load_recipe("tiny", FAST), _inputs(shards), out, on_stage=events.append)
+    assert {e.status for e in events} == {"done-earlier"}
+
+
+def test_a_changed_recipe_is_refused_unless_restarted(run_a, shards):
+    out, _ = run_a
+    with pytest.raises(BootstrapConflict, match="--restart-from pretrain-baseline"):
+        run_bootstrap(load_recipe("tiny", [*FAST, "filter.threshold=0.2"]), _inputs(shards), out)
+    from capfilt.cli.main import app
+
+    result = CliRunner().invoke(app, [*_args(shards, out), "--set", "train.lr=0.5"])
+    assert result.exit_code == 2 and "another recipe" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*_args(shards, out), "--only", "bogus"])
+    assert result.exit_code == 2 and "unknown stage" in result.output
+
+    # another test set only invalidates the evaluation
+    other = _inputs(shards)
+    other.test = [str(shards / "human")]
+    with pytest.raises(BootstrapConflict, match="--restart-from evaluate"):
+        run_bootstrap(load_recipe("tiny", FAST), other, out)
+    events = []
+    summary = run_bootstrap(
+        load_recipe("tiny", FAST), other, out, restart_from="evaluate", on_stage=events.append
+    )
+    assert [e.key for e in events if e.status == "done"] == ["evaluate"]
+    assert summary["captioner"]["n_images"] == 16  # the human shards now
+    run_bootstrap(load_recipe("tiny", FAST), _inputs(shards), out, restart_from="evaluate")
+
+
+def test_kill_during_caption_then_resume_gives_the_same_outputs(run_a, shards, tmp_path):
+    a, _ = run_a
+    b = tmp_path / "b"
+    proc = subprocess.Popen(
+        _cli(*_args(shards, b)),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    manifest = b / "manifest.json"
+    state = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            state = json.loads(manifest.read_text())["stages"].get("caption", {}).get("status")
+        except (OSError, ValueError):
+            state = None
+        if state == "running":
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state == "running", "the kill should land in the caption stage"
+    stages = json.loads(manifest.read_text())["stages"]
+    assert "filter" not in stages and stages["finetune-filter"]["status"] == "done"
+
+    events = []
+    run_bootstrap(load_recipe("tiny", FAST), _inputs(shards), b, on_stage=events.append)
+    redone = [e.key for e in events if e.status == "done"]
+    assert redone == ["caption", "filter", "pretrain-capfilt", "evaluate"]
+    pd.testing.assert_frame_equal(
+        _texts(a / "data" / "web_filtered"), _texts(b / "data" / "web_filtered")
+    )
+    for run in ("pretrain_baseline", "pretrain_capfilt"):
+        weights = f"runs/{run}/model/model.safetensors"
+        left, right = load_file(a / weights), load_file(b / weights)
+        assert left.keys() == right.keys()
+        assert all(torch.equal(left[k], right[k]) for k in left), run
+
+
+def test_two_rounds(run_a, shards):
+    out, _ = run_a
+    summary = run_bootstrap(load_recipe("tiny", FAST), _inputs(shards, rounds=2), out)
+    round_2 = out / "round_2"
+    manifest = json.loads((out / "manifest.json").read_text())["stages"]
+    assert manifest["round_2/finetune-captioner"]["status"] == "done"
+    config = (round_2 / "runs" / "captioner" / "config.yaml").read_text()
+    assert str(out / "runs" / "pretrain_capfilt") in config  # fine-tuned from round 1's model
+    assert manifest["round_2/caption"]["inputs"][1:] == [str(shards / "web")]  # the original web
+    assert (round_2 / "runs" / "pretrain_capfilt" / "model" / "capfilt.json").is_file()
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["capfilt"] == summary["rounds"][1]["capfilt"]
+    assert len(_texts(round_2 / "data" / "web_filtered")) == len(
+        _texts(out / "data" / "web_filtered")
+    )
+
+
+def test_released_models_caption_and_filter_only(run_a, shards, tmp_path):
+    a, _ = run_a
+    inputs = BootstrapInputs(
+        web=[str(shards / "web")],
+        captioner=str(a / "runs" / "captioner"),
+        filter=str(a / "runs" / "filter"),
+    )
+    summary = run_bootstrap(load_recipe("tiny", FAST), inputs, tmp_path / "rel")
+    stages = json.loads((tmp_path / "rel" / "manifest.json").read_text())["stages"]
+    assert sorted(stages) == ["caption", "evaluate", "filter"]
+    pd.testing.assert_frame_equal(
+        _texts(a / "data" / "web_filtered"), _texts(tmp_path / "rel" / "data" / "web_filtered")
+    )
+    assert summary["filter"]["n_texts"] > 0 and summary["baseline"] == {}
+    with pytest.raises(ValueError, match="--pretrain-after"):
+        run_bootstrap(load_recipe("tiny", FAST), BootstrapInputs(
+            web=inputs.web, captioner=inputs.captioner, filter=inputs.filter, rounds=2
+        ), tmp_path / "rel2")  # fmt: skip
+
+
+def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, tmp_path):
+    from capfilt.report import render_report
+
+    out, _ = run_a
+    html = render_report(out)
+    assert 'id="retrieval"' in html or "Baseline" in html
+    assert "summary.json not found" not in html and "<img" in html
+    if (out / "round_2").is_dir():  # after test_two_rounds
+        assert 'id="rounds"' in html
+    # a filter folder alone: re-decided to keep half of the run's texts (a whole-run quantile)
+    texts = _texts(out / "data" / "web_filtered")
+    half = tmp_path / "half"
+    rethreshold_shards(
+        out / "data" / "web_filtered",
+        [str(out / "data" / "web_captioned")],
+        half,
+        FilterConfig(rule="itc", keep_fraction=0.5),
+    )
+    cosines = sorted(texts["itc_cosine"], reverse=True)
+    cut = cosines[round(0.5 * len(cosines))]
+    assert json.loads((half / "summary.json").read_text())["rule"]["itc_threshold"] == cut
+    decided = _texts(half)
+    assert decided["kept"].sum() == (texts["itc_cosine"] > cut).sum() > 0
+    alone = render_report(half)
+    assert "holds a filter stage output" in alone and "<img" in alone and "<svg" in alone
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    page = render_report(empty)
+    assert "no capfilt run, stage output or training run" in page and 'id="missing"' in page
+
+
+def test_readme_your_own_data_on_coco_mini(coco_mini, tmp_path, monkeypatch):
+    """The README's "Your own data" commands, as written, on a tiny budget (recipe tiny)."""
+    from capfilt.cli.main import app
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Your own data", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [c.split() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    assert [c[:2] for c in commands] == [["capfilt", "data"]] * 2 + [
+        ["capfilt", "bootstrap"],
+        ["capfilt", "report"],
+    ]
+    repo = tmp_path / "project"
+    repo.mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").mkdir()
+    (tmp_path / "shared" / "data" / "coco-mini").symlink_to(coco_mini)
+    monkeypatch.chdir(repo)
+    budget = [*FAST, "train.samples_per_epoch=16"]
+    budget += ["finetune.captioner.samples_per_epoch=16", "finetune.filter.samples_per_epoch=16"]
+    runner = CliRunner()
+    for args in commands:
+        args = [a.split("#")[0] for a in args[1 : args.index("#") if "#" in args else None]]
+        if args[0] == "bootstrap":
+            args[1] = "tiny"
+            for item in budget:
+                args += ["--set", item]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert (repo / "my-run" / "report.html").is_file()
+    summary = json.loads((repo / "my-run" / "summary.json").read_text())
+    assert summary["filter"]["origins"]["web"]["n"] == 79 * 5  # every val2017 caption judged
+    assert summary["filter"]["origins"]["synthetic"]["n"] == 79

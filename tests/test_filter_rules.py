@@ -1,0 +1,154 @@
+"""Filter keep rules (ITM, ITC cosine, both; threshold or kept fraction), origins, the truth-file
+evaluation against a hand computation, and recipes that extend others."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from capfilt.cli.main import app
+from capfilt.config import ConfigError, FilterConfig, load_recipe
+from capfilt.pipeline.filter import (
+    KeepRule,
+    fixed_rule,
+    fraction_rule,
+    fraction_threshold,
+    is_kept,
+    normalize_origin,
+)
+
+SCORES = pd.DataFrame(
+    {
+        "uid": ["a", "b", "c", "d", "e"],
+        "text_index": [0, 0, 0, 0, 1],
+        "origin": ["web", "web", "web", "web", "synthetic"],
+        "text": ["t"] * 5,
+        "itm_score": [0.9, 0.2, 0.6, 0.4, 0.7],
+        "itc_cosine": [0.30, 0.35, 0.10, 0.05, 0.2],
+        "kept": [True, False, True, False, True],
+    }
+)
+
+
+def test_rules_and_origins():
+    entry = {"itm_score": 0.6, "itc_cosine": 0.2}
+    assert is_kept({**entry, "origin": "web"}, 0.5) and not is_kept({**entry, "origin": "web"}, 0.6)
+    # no origin, or another spelling of web, is judged; only human passes unjudged
+    assert not is_kept(entry, 0.7) and not is_kept({**entry, "origin": " Web "}, 0.7)
+    assert not is_kept({**entry, "origin": "alt-text"}, 0.7)
+    assert is_kept({"origin": "HUMAN", "itm_score": 0.0, "itc_cosine": -1.0}, 0.7)
+    assert [normalize_origin(o) for o in (None, "", "WEB", "Synthetic")] == [
+        "web", "web", "web", "synthetic",
+    ]  # fmt: skip
+    assert fixed_rule(FilterConfig(rule="itc", itc_threshold=0.25)) == KeepRule(None, 0.25)
+    both = fixed_rule(FilterConfig(rule="both", threshold=0.5, itc_threshold=0.25))
+    assert both.keeps({**entry, "origin": "web", "itc_cosine": 0.3})
+    assert not both.keeps({**entry, "origin": "web"})  # ITM passes, ITC does not
+
+
+def test_fraction_is_a_quantile_of_the_whole_table():
+    # judged texts' ITM scores: 0.9, 0.2, 0.6, 0.4, 0.7; keeping 40% = the top 2 → t = 0.6
+    rule = fraction_rule(FilterConfig(keep_fraction=0.4), SCORES)
+    assert rule == KeepRule(0.6, None)
+    rows = SCORES.to_dict("records")
+    assert sum(rule.keeps(r) for r in rows) == 2
+    assert fraction_threshold([0.3, 0.1], 1.0) < 0.1  # all kept
+    itc = fraction_rule(FilterConfig(rule="itc", keep_fraction=0.6), SCORES)
+    assert itc == KeepRule(None, 0.10)  # top 3 cosines 0.35, 0.30, 0.2 stay
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("filter.threshold=1.5", "filter.threshold"),
+        ("filter.threshold=-0.1", "filter.threshold"),
+        ("filter.itc_threshold=2", "filter.itc_threshold"),
+        ("filter.keep_fraction=0", "filter.keep_fraction"),
+        ("filter.rule=clip", "filter.rule"),
+    ],
+)
+def test_bad_filter_settings_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_recipe("tiny", [override])
+
+
+def test_eval_filter_truth_file_matches_a_hand_computation(tmp_path: Path):
+    folder = tmp_path / "filtered"
+    folder.mkdir()
+    SCORES.to_parquet(folder / "00000000.parquet")
+    truth = tmp_path / "truth.csv"
+    truth.write_text("uid,clean\na,1\nb,0\nc,false\nd,no\nz,1\n")
+    report = tmp_path / "r.json"
+    args = ["eval", "filter", "tiny", "--scores", str(folder), "--truth", str(truth)]
+    result = CliRunner().invoke(
+        app,
+        [*args, "--threshold", "0.5", "--set", "filter.itc_threshold=0.3", "--out", str(report)],
+    )
+    assert result.exit_code == 0, result.output
+    got = json.loads(report.read_text())["truth_file"]
+    assert (got["n_matched"], got["n_unmatched"], got["n_noisy"]) == (4, 1, 3)
+    itm, itc = got["heads"]["itm"], got["heads"]["itc"]
+    # ITM > 0.5 rejects b, d: tp 2, fp 0, fn 1 (c); the clean a (0.9) outscores every noisy text
+    assert itm["confusion"] == {"tp": 2, "fp": 0, "fn": 1, "tn": 1}
+    assert (itm["precision"], itm["recall"], itm["f1"], itm["auc"]) == pytest.approx(
+        (1.0, 2 / 3, 0.8, 1.0)
+    )
+    # ITC > 0.3 rejects a (0.30), c, d: tp 2, fp 1, fn 1 (b); a's 0.30 beats 2 of 3 noisy cosines
+    assert itc["confusion"] == {"tp": 2, "fp": 1, "fn": 1, "tn": 0}
+    assert (itc["precision"], itc["recall"], itc["f1"], itc["auc"]) == pytest.approx(
+        (2 / 3, 2 / 3, 2 / 3, 2 / 3)
+    )
+    assert "ITC cosine" in result.output
+
+    # --threshold re-decides (the stored decisions keep a and c; at 0.65 only a stays)
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "filter",
+            "tiny",
+            "--scores",
+            str(folder),
+            "--threshold",
+            "0.65",
+            "-o",
+            str(report),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["origins"]["web"]["kept"] == 1
+    result = CliRunner().invoke(
+        app, ["eval", "filter", "tiny", "--scores", str(folder), "-o", str(report)]
+    )
+    assert json.loads(report.read_text())["origins"]["web"]["kept"] == 2
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("uid,label\na,1\n")
+    result = CliRunner().invoke(app, [*args[:-1], str(bad)])
+    assert result.exit_code == 2 and "no 'clean' column" in " ".join(result.output.split())
+
+
+def test_recipe_extends_a_chain_and_refuses_unknown_bases(tmp_path: Path):
+    base = tmp_path / "base.yaml"
+    base.write_text("extends: tiny\nname: base\nfilter: {threshold: 0.2}\ntrain: {lr: 0.01}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nname: child\ntrain: {epochs: 3}\n")
+    cfg = load_recipe(child)
+    tiny = load_recipe("tiny")
+    assert cfg.name == "child" and cfg.train.epochs == 3 and cfg.train.lr == 0.01
+    assert cfg.filter.threshold == 0.2 and cfg.model == tiny.model  # from tiny, two levels up
+    assert load_recipe(child, ["train.lr=0.5"]).train.lr == 0.5
+    (tmp_path / "u.yaml").write_text("extends: no-such-recipe\n")
+    with pytest.raises(ConfigError, match="u.yaml: extends: recipe not found: 'no-such-recipe'"):
+        load_recipe(tmp_path / "u.yaml")
+    (tmp_path / "l1.yaml").write_text("extends: l2.yaml\n")
+    (tmp_path / "l2.yaml").write_text("extends: l1.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_recipe(tmp_path / "l1.yaml")
+    real = load_recipe("real-cpu")
+    assert real.model.max_text_len == 35 and real.model.image_size <= 224
+    assert real.model.weight_init == "fan_in"  # from demo
