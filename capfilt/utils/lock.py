@@ -68,11 +68,15 @@ def _try_lock(folder: Path):
     return fh, None
 
 
-def _release(fh) -> None:
+def _release(fh, remove_folder: bool) -> None:
     """Remove the lock file while still holding it (a finished job leaves its folder as it
-    found it), then close it, which releases the lock."""
+    found it: a folder the lock made and nothing filled is removed too), then close it, which
+    releases the lock."""
+    path = Path(fh.name)
     try:
-        Path(fh.name).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        if remove_folder:
+            path.parent.rmdir()  # only when empty
     except OSError:
         pass
     finally:
@@ -99,6 +103,7 @@ def folder_lock(folder: str | Path, dist: DistInfo | None = None) -> Iterator[No
     folder = Path(folder)
     dist = dist or current_dist_info()
     fh, holder = None, None
+    made_folder = not folder.exists()
     if fcntl is not None and dist.is_main:
         try:
             fh, holder = _try_lock(folder)
@@ -117,7 +122,7 @@ def folder_lock(folder: str | Path, dist: DistInfo | None = None) -> Iterator[No
         yield
     finally:
         if fh is not None:
-            _release(fh)
+            _release(fh, made_folder)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
