@@ -339,21 +339,36 @@ def itm_pair_logits(
     was_training = model.training
     model.eval()
     out = torch.empty(image_index.numel(), dtype=torch.float32)
-    # score pairs in order of text length: batches of similar lengths carry little padding
-    # (captions of 5 to 27 tokens would otherwise all be padded to the longest in every batch)
-    order = torch.argsort(feats.text_mask.sum(1)[text_index], stable=True)
-    for start in range(0, order.numel(), batch_size):
-        pos = order[start : start + batch_size]
-        img, txt = image_index[pos], text_index[pos]
-        mask = feats.text_mask[txt]
-        keep = mask.bool().any(0)  # drop columns that are padding in every row of this batch
-        ids, mask = feats.text_ids[txt][:, keep], mask[:, keep]
-        embeds = feats.image_embeds[img].to(device, torch.float32)
+    lengths = feats.text_mask.sum(1)
+    # images go through in blocks of batch_size: their cross-attention keys/values are projected
+    # once and shared by all their pairs (~2k per image at top-k); within a block, pairs are scored
+    # in order of text length, so batches of similar lengths carry little padding
+    order = torch.argsort(image_index, stable=True)
+    sorted_images = image_index[order]
+    blocks = torch.unique_consecutive(sorted_images)
+    for b_start in range(0, blocks.numel(), batch_size):
+        block = blocks[b_start : b_start + batch_size]
+        lo = int(torch.searchsorted(sorted_images, block[0]))
+        hi = int(torch.searchsorted(sorted_images, block[-1], right=True))
+        pairs = order[lo:hi]
+        local = torch.searchsorted(block, image_index[pairs])  # image row within the block
+        pairs_txt = text_index[pairs]
+        by_len = torch.argsort(lengths[pairs_txt], stable=True)
+        pairs, local, pairs_txt = pairs[by_len], local[by_len], pairs_txt[by_len]
         with autocast(device):
-            logits = model.itm_logits(embeds, ids.to(device), mask.to(device))
-        out[pos] = logits[:, 1].float().cpu()
-        if progress is not None:
-            progress.advance(pos.numel())
+            cross_kv = model.image_cross_kv(feats.image_embeds[block].to(device, torch.float32))
+        for start in range(0, pairs.numel(), batch_size):
+            pos = pairs[start : start + batch_size]
+            txt = pairs_txt[start : start + batch_size]
+            mask = feats.text_mask[txt]
+            keep = mask.bool().any(0)  # drop columns that are padding in every row of this batch
+            ids, mask = feats.text_ids[txt][:, keep], mask[:, keep]
+            img = local[start : start + batch_size].to(device)
+            with autocast(device):
+                logits = model.itm_logits(None, ids.to(device), mask.to(device), cross_kv, img)
+            out[pos] = logits[:, 1].float().cpu()
+            if progress is not None:
+                progress.advance(pos.numel())
     model.train(was_training)
     return out
 

@@ -51,13 +51,15 @@ def score_pairs(
     texts: list[str],
     max_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair."""
+    """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair.
+
+    Each image is encoded, and its cross-attention keys/values projected, once for all its texts."""
     image_embeds = model.encode_image(images)
     image_feat = model.image_features(image_embeds)
     ids, mask = tokenize(tokenizer, texts, max_len)
     ids, mask = ids.to(images.device), mask.to(images.device)
-    pair_embeds = image_embeds[image_index]
-    itm = model.itm_logits(pair_embeds, ids, mask).float().softmax(-1)[:, 1]
+    cross_kv = model.image_cross_kv(image_embeds)
+    itm = model.itm_logits(None, ids, mask, cross_kv, image_index).float().softmax(-1)[:, 1]
     text_feat = model.text_features(model.encode_text(ids, mask))
     cosine = (image_feat[image_index].float() * text_feat.float()).sum(-1)
     return itm.cpu(), cosine.cpu()
