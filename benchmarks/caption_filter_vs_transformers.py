@@ -42,9 +42,8 @@ from capfilt.data.reader import read_samples
 from capfilt.data.shards import expand_shards
 from capfilt.data.synth import write_synth
 from capfilt.data.transforms import EvalTransform
-from capfilt.model import build_model, train_wordpiece_tokenizer
+from capfilt.model import build_model, tokenize, train_wordpiece_tokenizer
 from capfilt.model.convert.transformers_io import med_to_hf
-from capfilt.model import tokenize
 from capfilt.model.generate import generate_captions, row_seeds
 from capfilt.pipeline.filter import score_pairs
 from capfilt.runs.resolve import load_stage_model
