@@ -8,6 +8,7 @@ stages, resume after SIGKILL, torchrun equivalence, and the filter's ROC AUC aft
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -805,6 +806,20 @@ def _run_all(cmds: list[list[str]]) -> None:
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "capfilt", *args]
+
+
+def test_loader_workers_give_byte_identical_shards(synth, models, outputs, tmp_path):
+    """Images decoded in 2 DataLoader worker processes: the same tars and parquet as in-process."""
+    cap = dataclasses.replace(load_recipe("tiny", CAPTION_SETS).caption, num_workers=2)
+    caption_shards(models["captioner"], [str(synth / "web")], tmp_path / "captioned", cap)
+    flt = dataclasses.replace(load_recipe("tiny", FILTER_SETS).filter, num_workers=2)
+    filter_shards(models["filter"], [str(tmp_path / "captioned")], tmp_path / "filtered", flt)
+    for stage in ("captioned", "filtered"):
+        names = sorted(p.name for p in outputs[stage].glob("*.tar"))
+        assert names and names == sorted(p.name for p in (tmp_path / stage).glob("*.tar"))
+        for name in names:
+            assert (tmp_path / stage / name).read_bytes() == (outputs[stage] / name).read_bytes()
+    assert _parquet(tmp_path / "filtered").equals(_parquet(outputs["filtered"]))
 
 
 def test_killed_caption_and_filter_resume_to_identical_output(synth, models, outputs, tmp_path):

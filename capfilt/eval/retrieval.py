@@ -23,7 +23,7 @@ they keep their ITC order behind the re-ranked head instead. For k >= 10 the met
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from capfilt.data.reader import Sample, SkipCounter, read_samples
+from capfilt.data.loader import image_batches
+from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.shards import expand_shards
 from capfilt.data.text import clean_caption
 from capfilt.data.transforms import eval_transform_for
@@ -130,11 +131,19 @@ def _is_shard_spec(data: Any) -> bool:
     )
 
 
-def _iter_samples(data: Any, counter: SkipCounter) -> Iterable[Sample]:
-    if _is_shard_spec(data):
-        specs = [str(data)] if isinstance(data, str | Path) else [str(x) for x in data]
-        return read_samples(expand_shards(specs), counter)
-    return data
+def _iter_images(
+    data: Any, counter: SkipCounter, transform, batch_size: int, num_workers: int
+) -> Iterator[tuple[Sample, torch.Tensor]]:
+    """(sample, transformed image) of ``data`` in order; shards are decoded in ``num_workers``
+    DataLoader processes (:func:`~capfilt.data.loader.image_batches`)."""
+    if not _is_shard_spec(data):
+        for sample in data:
+            yield sample, transform(sample.image.convert("RGB"))
+        return
+    specs = [str(data)] if isinstance(data, str | Path) else [str(x) for x in data]
+    for url in expand_shards(specs):
+        for samples, images in image_batches(url, transform, batch_size, counter, num_workers):
+            yield from zip(samples, images)
 
 
 @torch.inference_mode()
@@ -148,6 +157,7 @@ def compute_features(
     cache_dtype: torch.dtype | None = None,
     show_progress: bool = False,
     meta: dict[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> RetrievalFeatures:
     """ITC features of every image of ``data`` (shard specs or decoded samples) and of every caption.
 
@@ -155,6 +165,7 @@ def compute_features(
     with :func:`clean_caption` as in training. ``cache_dtype`` of the kept ViT tokens: default
     float16 on a GPU (its forward runs in bf16 anyway; halves host memory), float32 on the CPU.
     ``meta``: the model folder's meta, whose saved preprocessing the images get.
+    ``num_workers``: DataLoader processes decoding shard images (0 = in this process).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if cache_dtype is None:
@@ -195,10 +206,10 @@ def compute_features(
     with ProgressReporter(
         "retrieval features", unit="images", enabled=show_progress and current_dist_info().is_main
     ) as progress:
-        for sample in _iter_samples(data, counter):
+        for sample, image in _iter_images(data, counter, transform, batch_size, num_workers):
             index = len(image_keys)
             image_keys.append(sample.key)
-            pending_images.append(transform(sample.image.convert("RGB")))
+            pending_images.append(image)
             captions = [c["text"] for c in sample.captions] or [sample.text]
             for caption in captions:
                 texts.append(clean_caption(caption, max_words))
@@ -569,6 +580,7 @@ def evaluate_retrieval(
     chunk_size: int = DEFAULT_CHUNK,
     show_progress: bool = False,
     meta: dict[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Retrieval metrics of a model on test shards (each image with all its captions).
 
@@ -601,6 +613,7 @@ def evaluate_retrieval(
         device,
         show_progress=show_progress,
         meta=meta,
+        num_workers=num_workers,
     )
     scores = retrieval_scores(
         model, feats, k, batch_size, chunk_size, device, show_progress=show_progress

@@ -15,10 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from capfilt.config import CaptionConfig, config_hash, to_dict
-from capfilt.data.reader import SkipCounter, read_samples
+from capfilt.data.loader import image_batches
+from capfilt.data.reader import SkipCounter
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import StageResult, run_shard_stage
@@ -28,10 +27,14 @@ from capfilt.model.generate import generate_captions, row_seeds
 from capfilt.runs.resolve import load_stage_model, model_fingerprint
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import init_distributed
-from capfilt.utils.iters import batched
 from capfilt.utils.logging import get_logger
 
 log = get_logger("caption")
+
+
+def _settings_of(cfg) -> dict[str, Any]:
+    """The settings that change the output (not ``num_workers``): what the config hash covers."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
 
 
 def caption_shards(
@@ -47,15 +50,15 @@ def caption_shards(
     captioner_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
-        {"stage": "caption", "model": captioner_id, "caption": to_dict(cfg), "inputs": urls}
+        {"stage": "caption", "model": captioner_id, "caption": _settings_of(cfg), "inputs": urls}
     )
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("caption")
-        samples = read_samples([urls[index]], counter, require_caption=False)
         n_captions = 0
-        for batch in batched(samples, cfg.batch_size):
-            images = torch.stack([transform(s.image) for s in batch]).to(device)
+        for batch, images in image_batches(
+            urls[index], transform, cfg.batch_size, counter, cfg.num_workers, device, False
+        ):
             seeds = row_seeds(cfg.seed, [s.key for s in batch], cfg.num_captions)
             with autocast(device):
                 captions = generate_captions(model, tokenizer, images, cfg, cfg.num_captions, seeds)

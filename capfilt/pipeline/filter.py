@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from capfilt.config import ConfigError, FilterConfig, config_hash, to_dict
+from capfilt.data.loader import image_batches
 from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
@@ -65,6 +66,11 @@ def score_pairs(
     return itm.cpu(), cosine.cpu()
 
 
+def _settings_of(cfg) -> dict[str, Any]:
+    """The settings that change the output (not ``num_workers``): what the config hash covers."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
+
+
 def _truth_columns(sample: Sample, entry: dict[str, Any]) -> dict[str, Any]:
     """Ground truth of a benchmark sample, carried into the parquet for ``capfilt eval filter``."""
     truth = sample.meta.get("truth")
@@ -93,14 +99,15 @@ def filter_shards(
     filter_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
-        {"stage": "filter", "model": filter_id, "filter": to_dict(cfg), "inputs": urls}
+        {"stage": "filter", "model": filter_id, "filter": _settings_of(cfg), "inputs": urls}
     )
     info = {"model": filter_id, "threshold": cfg.threshold}
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("filter")
-        for batch in batched(read_samples([urls[index]], counter), cfg.batch_size):
-            images = torch.stack([transform(s.image) for s in batch]).to(device)
+        for batch, images in image_batches(
+            urls[index], transform, cfg.batch_size, counter, cfg.num_workers, device
+        ):
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
             image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
             with autocast(device):
