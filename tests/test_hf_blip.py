@@ -505,5 +505,11 @@ def test_text_stack_equals_transformers_blip_text_with_padding_and_shared_image_
         ref = hf_dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=img[index]).logits
         assert (ours - ref)[keep].abs().max() < 1e-5
         assert ref[keep].std() > 0.1  # not a degenerate comparison
+        # the [CLS]/[ENC] row alone in the last layer: the same numbers as the full pass
+        first = model.encode_text(ids, mask, first_only=True)
+        assert (first - model.encode_text(ids, mask)[:, :1]).abs().max() < 1e-6
+        states = model.multimodal_embeds(img[index], ids, mask)
+        first = model.multimodal_embeds(img[index], ids, mask, first_only=True)
+        assert first.shape[1] == 1 and (first - states[:, :1]).abs().max() < 1e-6
         shared = model.itm_logits(None, ids, mask, model.image_cross_kv(img), index)
         assert (shared - model.itm_logits(img[index], ids, mask)).abs().max() < 1e-5

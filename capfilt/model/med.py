@@ -241,10 +241,14 @@ class MED(nn.Module):
         """Normalised ITC image features [B, embed_dim] (from :meth:`pool_image`)."""
         return F.normalize(self.vision_proj(self.pool_image(image_embeds)), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unimodal text encoder (bidirectional, no cross-attention): [B, L, text_width]; ids start with [CLS]."""
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_only: bool = False
+    ) -> torch.Tensor:
+        """Unimodal text encoder (bidirectional, no cross-attention): [B, L, text_width]; ids start
+        with [CLS]. ``first_only``: [B, 1, text_width], the [CLS] state alone (what
+        :meth:`text_features` reads), with the last layer's work for the other tokens skipped."""
         return self.text_encoder(
-            input_ids=input_ids, attention_mask=attention_mask, is_decoder=False
+            input_ids=input_ids, attention_mask=attention_mask, first_only=first_only
         ).last_hidden_state
 
     def text_features(self, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -268,8 +272,10 @@ class MED(nn.Module):
         attention_mask: torch.Tensor,
         cross_kv: CrossKV | None = None,
         image_index: torch.Tensor | None = None,
+        first_only: bool = False,
     ) -> torch.Tensor:
-        """Image-grounded text encoder states [B, L, text_width] (first token set to [ENC]).
+        """Image-grounded text encoder states [B, L, text_width] (first token set to [ENC]);
+        ``first_only``: [B, 1, text_width], the [ENC] state alone (see :meth:`encode_text`).
 
         The image is ``image_embeds`` (row i with text i) or ``cross_kv`` from
         :meth:`image_cross_kv`, text i using image row ``image_index[i]``."""
@@ -280,6 +286,7 @@ class MED(nn.Module):
             is_decoder=False,
             cross_kv=cross_kv,
             image_index=image_index,
+            first_only=first_only,
         ).last_hidden_state
 
     def itm_logits(
@@ -292,7 +299,7 @@ class MED(nn.Module):
     ) -> torch.Tensor:
         """ITM logits [B, 2] (index 1 = match) of image i (or ``image_index[i]``) with text i."""
         states = self.multimodal_embeds(
-            image_embeds, input_ids, attention_mask, cross_kv, image_index
+            image_embeds, input_ids, attention_mask, cross_kv, image_index, first_only=True
         )
         return self.itm_head(states[:, 0, :])
 
@@ -385,7 +392,7 @@ class MED(nn.Module):
     ):
         out = {}
         b = images.shape[0]
-        text_embeds = self.encode_text(input_ids, attention_mask)
+        text_embeds = self.encode_text(input_ids, attention_mask, first_only=True)
         image_feat = self.image_features(image_embeds)
         text_feat = self.text_features(text_embeds)
 
@@ -406,7 +413,7 @@ class MED(nn.Module):
                 dim=-1,
             )
             text_out_m = self.text_encoder_m(
-                input_ids=input_ids, attention_mask=attention_mask, is_decoder=False
+                input_ids=input_ids, attention_mask=attention_mask, first_only=True
             )
             text_feat_m = F.normalize(
                 self.text_proj_m(text_out_m.last_hidden_state[:, 0, :]), dim=-1

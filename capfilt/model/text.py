@@ -193,10 +193,14 @@ class TextLayer(nn.Module):
         cache: KVCache | None,
         index: int,
         n_layers: int,
+        first_only: bool = False,
     ) -> torch.Tensor:
         att = self.attention.self
+        keys_from = hidden
+        if first_only:  # only token 0's output is wanted: it alone queries (all tokens are keys)
+            hidden = hidden[:, :1]
         q = att.heads(att.query(hidden))
-        k, v = att.project_kv(hidden)
+        k, v = att.project_kv(keys_from)
         if cache is not None:
             # decoding: the new positions attend to everything cached before them (causal within
             # a multi-token prefix, which always starts at position 0)
@@ -277,8 +281,9 @@ class TextModel(nn.Module):
         cross_kv: CrossKV | None = None,
         image_index: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        first_only: bool = False,
     ) -> TextOutput:
-        """Hidden states [B, L, hidden].
+        """Hidden states [B, L, hidden] ([B, 1, hidden] with ``first_only``).
 
         - ``attention_mask`` [B, L] (1 = token, 0 = padding); None or ignored with ``cache``
           (decoding feeds no padding).
@@ -287,7 +292,11 @@ class TextModel(nn.Module):
           image to cross-attend to; none: no cross-attention (the unimodal encoder).
         - ``image_index`` [B]: text row -> image row of ``cross_kv`` (default: row i to row i).
         - ``cache``: decoding with a self-attention cache; ``input_ids`` are the new positions.
+        - ``first_only``: only the first token's final state ([CLS] / [ENC], all the ITC and ITM
+          heads read): the last layer computes that row alone, the same numbers as the full pass.
         """
+        if first_only and is_decoder:
+            raise ValueError("first_only is for the bidirectional encoder")
         if encoder_hidden_states is not None and cross_kv is None:
             cross_kv = self.cross_kv(encoder_hidden_states)
         start = cache.length if cache is not None else 0
@@ -304,7 +313,8 @@ class TextModel(nn.Module):
         layers = self.encoder.layer
         for i, layer in enumerate(layers):
             cross = cross_kv[i] if cross_kv is not None else None
-            args = (hidden, mask, causal, cross, image_index, cache, i, len(layers))
+            last = first_only and i == len(layers) - 1
+            args = (hidden, mask, causal, cross, image_index, cache, i, len(layers), last)
             if layer.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:

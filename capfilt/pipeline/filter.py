@@ -61,7 +61,7 @@ def score_pairs(
     ids, mask = ids.to(images.device), mask.to(images.device)
     cross_kv = model.image_cross_kv(image_embeds)
     itm = model.itm_logits(None, ids, mask, cross_kv, image_index).float().softmax(-1)[:, 1]
-    text_feat = model.text_features(model.encode_text(ids, mask))
+    text_feat = model.text_features(model.encode_text(ids, mask, first_only=True))
     cosine = (image_feat[image_index].float() * text_feat.float()).sum(-1)
     return itm.cpu(), cosine.cpu()
 
