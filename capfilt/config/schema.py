@@ -265,7 +265,10 @@ class CaptionConfig:
     batch_size: int = 64
     """Images per generation batch."""
     seed: int = 0
-    """Sampling seed (per shard, so output does not depend on the number of ranks)."""
+    """Sampling seed; each caption's draws depend on (seed, sample key), so output does not depend
+    on ranks, batches or shard splits."""
+    num_workers: int = 0
+    """DataLoader processes decoding and transforming images (0 = in the main process)."""
 
 
 FilterRule = Literal["itm", "itc", "both"]
@@ -292,6 +295,8 @@ class FilterConfig:
     None = the fixed thresholds."""
     batch_size: int = 64
     """Images per scoring batch."""
+    num_workers: int = 0
+    """DataLoader processes decoding and transforming images (0 = in the main process)."""
 
     def validate(self) -> None:
         if self.rule not in FILTER_RULES:
@@ -320,6 +325,8 @@ class EvalConfig:
     """Candidates re-ranked by ITM per query (0 = ITC only)."""
     batch_size: int = 64
     """Images or texts per feature batch."""
+    num_workers: int = 0
+    """DataLoader processes decoding and transforming test images (0 = in the main process)."""
 
 
 @dataclass

@@ -199,10 +199,10 @@ class Trainer:
     def _fit(self, threads: int) -> Path:
         job, cfg, data_cfg = self.job, self.cfg, self.recipe.data
         # the shards are checked before the run folder exists, so a fixed command can be re-run
-        log.info("%d intra-op threads, %d loader workers", threads, data_cfg.num_workers)
         sources = build_sources(job.shards, data_cfg.weights or None)
         check_sources(sources)
         resumed = self._prepare_folder()
+        log.info("%d intra-op threads, %d loader workers", threads, data_cfg.num_workers)
         global_batch = data_cfg.batch_size * self.dist.world_size
         samples_per_epoch = cfg.samples_per_epoch
         if samples_per_epoch <= 0:
