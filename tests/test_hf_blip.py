@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from capfilt.cli.main import app
+from capfilt.config import load_recipe
 from capfilt.config.schema import CaptionConfig
 from capfilt.data.transforms import CLIP_MEAN, CLIP_STD
 from capfilt.model import build_model, load_model_folder, save_model_folder, tokenize
@@ -456,3 +457,59 @@ def test_an_owner_name_spec_with_nothing_local_is_a_hub_id(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="not reachable as a hub id"):
         load_stage_model("Salesforce/blip-itm-base-coco", torch.device("cpu"))
     assert asked == ["Salesforce/blip-itm-base-coco"]
+
+
+def test_text_stack_equals_transformers_blip_text_with_padding_and_shared_image_kv():
+    """capfilt's SDPA text stack loads transformers' BlipText* state dicts key for key and computes
+    the same states/logits (padded rows, causal decoder); image keys/values computed once and
+    indexed per text give what per-pair image tokens give."""
+    from transformers import BlipTextConfig
+    from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
+
+    from capfilt.model.med import MED
+
+    torch.manual_seed(0)
+    special = {"pad": 0, "cls": 1, "sep": 2, "enc": 3, "dec": 4}
+    model = MED(load_recipe("tiny").model, 60, special).eval()
+    tc = model.text_encoder.config
+    hf_cfg = BlipTextConfig(
+        vocab_size=60,
+        hidden_size=tc.hidden_size,
+        encoder_hidden_size=tc.encoder_hidden_size,
+        intermediate_size=tc.intermediate_size,
+        num_hidden_layers=tc.num_hidden_layers,
+        num_attention_heads=tc.num_attention_heads,
+        max_position_embeddings=tc.max_position_embeddings,
+        layer_norm_eps=tc.layer_norm_eps,
+        pad_token_id=0,
+        is_decoder=True,
+    )
+    hf_enc = BlipTextModel(hf_cfg, add_pooling_layer=False).eval()
+    hf_dec = BlipTextLMHeadModel(hf_cfg).eval()
+    for hf, ours in ((hf_enc, model.text_encoder), (hf_dec, model.text_decoder)):
+        missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+        assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    ids = torch.randint(5, 60, (4, 9))
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[3, 3:] = 0
+    keep = mask.bool()
+    img = torch.randn(2, 5, tc.encoder_hidden_size)
+    index = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        for kwargs in ({}, {"encoder_hidden_states": img[index]}):
+            ours = model.text_encoder(ids, mask, **kwargs).last_hidden_state
+            ref = hf_enc(input_ids=ids, attention_mask=mask, is_decoder=False, **kwargs)
+            assert (ours - ref.last_hidden_state)[keep].abs().max() < 1e-5
+        ours = model.text_decoder(ids, mask, encoder_hidden_states=img[index]).logits
+        ref = hf_dec(input_ids=ids, attention_mask=mask, encoder_hidden_states=img[index]).logits
+        assert (ours - ref)[keep].abs().max() < 1e-5
+        assert ref[keep].std() > 0.1  # not a degenerate comparison
+        # the [CLS]/[ENC] row alone in the last layer: the same numbers as the full pass
+        first = model.encode_text(ids, mask, first_only=True)
+        assert (first - model.encode_text(ids, mask)[:, :1]).abs().max() < 1e-6
+        states = model.multimodal_embeds(img[index], ids, mask)
+        first = model.multimodal_embeds(img[index], ids, mask, first_only=True)
+        assert first.shape[1] == 1 and (first - states[:, :1]).abs().max() < 1e-6
+        shared = model.itm_logits(None, ids, mask, model.image_cross_kv(img), index)
+        assert (shared - model.itm_logits(img[index], ids, mask)).abs().max() < 1e-5

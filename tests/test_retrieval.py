@@ -85,6 +85,16 @@ def test_features_cover_every_caption(feats8, samples):
     assert feats8.image_embeds.shape[0] == 8 and feats8.text_ids.shape == feats8.text_mask.shape
 
 
+def test_features_from_shards_equal_with_loader_workers(model_and_tok, samples, test_dir):
+    model, tok = model_and_tok
+    ref = compute_features(model, tok, samples, batch_size=7)
+    for workers in (0, 2):
+        got = compute_features(model, tok, str(test_dir), batch_size=7, num_workers=workers)
+        assert got.image_keys == ref.image_keys and got.texts == ref.texts
+        assert torch.equal(got.image_embeds, ref.image_embeds)
+        assert torch.equal(got.image_feat, ref.image_feat)
+
+
 # --------------------------------------------------------------------------- exhaustive == brute force
 @torch.inference_mode()
 def brute_force_scores(model, tok, samples) -> tuple[torch.Tensor, list[int]]:

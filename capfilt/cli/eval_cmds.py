@@ -95,7 +95,7 @@ def retrieval(
         urls = expand_shards(shards)  # fail fast on a bad --shards, before loading the model
         result = evaluate_retrieval(
             model, urls, k=cfg.eval.k, batch_size=cfg.eval.batch_size, max_words=cfg.data.max_words,
-            device=device, show_progress=True,
+            device=device, show_progress=True, num_workers=cfg.eval.num_workers,
         )  # fmt: skip
     except (ShardSpecError, ConfigError) as err:
         raise fail(str(err), EXIT_USAGE) from None

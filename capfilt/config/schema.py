@@ -306,7 +306,10 @@ class CaptionConfig:
     batch_size: int = 64
     """Images per generation batch."""
     seed: int = 0
-    """Sampling seed (per shard, so output does not depend on the number of ranks)."""
+    """Sampling seed; each caption's draws depend on (seed, sample key), so output does not depend
+    on ranks, batches or shard splits."""
+    num_workers: int = 0
+    """DataLoader processes decoding and transforming images (0 = in the main process)."""
 
     def validate(self) -> None:
         check(self.num_captions >= 1, "num_captions", ">= 1", self.num_captions)
@@ -354,6 +357,8 @@ class FilterConfig:
     None = the fixed thresholds."""
     batch_size: int = 64
     """Images per scoring batch."""
+    num_workers: int = 0
+    """DataLoader processes decoding and transforming images (0 = in the main process)."""
 
     def validate(self) -> None:
         check(self.rule in FILTER_RULES, "rule", " or ".join(FILTER_RULES), self.rule)
@@ -385,6 +390,8 @@ class EvalConfig:
     """Candidates re-ranked by ITM per query (0 = ITC only)."""
     batch_size: int = 64
     """Images or texts per feature batch."""
+    num_workers: int = 0
+    """DataLoader processes decoding and transforming test images (0 = in the main process)."""
 
     def validate(self) -> None:
         check(self.k >= 0, "k", ">= 0 (0 = ITC only)", self.k)

@@ -23,7 +23,7 @@ they keep their ITC order behind the re-ranked head instead. For k >= 10 the met
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from capfilt.data.reader import Sample, SkipCounter, read_samples
+from capfilt.data.loader import image_batches
+from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.shards import expand_shards
 from capfilt.data.text import clean_caption
 from capfilt.data.transforms import eval_transform_for
@@ -130,11 +131,19 @@ def _is_shard_spec(data: Any) -> bool:
     )
 
 
-def _iter_samples(data: Any, counter: SkipCounter) -> Iterable[Sample]:
-    if _is_shard_spec(data):
-        specs = [str(data)] if isinstance(data, str | Path) else [str(x) for x in data]
-        return read_samples(expand_shards(specs), counter)
-    return data
+def _iter_images(
+    data: Any, counter: SkipCounter, transform, batch_size: int, num_workers: int
+) -> Iterator[tuple[Sample, torch.Tensor]]:
+    """(sample, transformed image) of ``data`` in order; shards are decoded in ``num_workers``
+    DataLoader processes (:func:`~capfilt.data.loader.image_batches`)."""
+    if not _is_shard_spec(data):
+        for sample in data:
+            yield sample, transform(sample.image.convert("RGB"))
+        return
+    specs = [str(data)] if isinstance(data, str | Path) else [str(x) for x in data]
+    for url in expand_shards(specs):
+        for samples, images in image_batches(url, transform, batch_size, counter, num_workers):
+            yield from zip(samples, images)
 
 
 @torch.inference_mode()
@@ -148,6 +157,7 @@ def compute_features(
     cache_dtype: torch.dtype | None = None,
     show_progress: bool = False,
     meta: dict[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> RetrievalFeatures:
     """ITC features of every image of ``data`` (shard specs or decoded samples) and of every caption.
 
@@ -155,6 +165,7 @@ def compute_features(
     with :func:`clean_caption` as in training. ``cache_dtype`` of the kept ViT tokens: default
     float16 on a GPU (its forward runs in bf16 anyway; halves host memory), float32 on the CPU.
     ``meta``: the model folder's meta, whose saved preprocessing the images get.
+    ``num_workers``: DataLoader processes decoding shard images (0 = in this process).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if cache_dtype is None:
@@ -186,7 +197,9 @@ def compute_features(
         batch = texts[n_text_done:end]
         ids, mask = tokenize(tokenizer, batch, max_len)
         with autocast(device):
-            feat = model.text_features(model.encode_text(ids.to(device), mask.to(device)))
+            feat = model.text_features(
+                model.encode_text(ids.to(device), mask.to(device), first_only=True)
+            )
         text_feats.append(feat.float().cpu())
         text_ids.append(ids)
         text_masks.append(mask)
@@ -195,10 +208,10 @@ def compute_features(
     with ProgressReporter(
         "retrieval features", unit="images", enabled=show_progress and current_dist_info().is_main
     ) as progress:
-        for sample in _iter_samples(data, counter):
+        for sample, image in _iter_images(data, counter, transform, batch_size, num_workers):
             index = len(image_keys)
             image_keys.append(sample.key)
-            pending_images.append(transform(sample.image.convert("RGB")))
+            pending_images.append(image)
             captions = [c["text"] for c in sample.captions] or [sample.text]
             for caption in captions:
                 texts.append(clean_caption(caption, max_words))
@@ -339,21 +352,36 @@ def itm_pair_logits(
     was_training = model.training
     model.eval()
     out = torch.empty(image_index.numel(), dtype=torch.float32)
-    # score pairs in order of text length: batches of similar lengths carry little padding
-    # (captions of 5 to 27 tokens would otherwise all be padded to the longest in every batch)
-    order = torch.argsort(feats.text_mask.sum(1)[text_index], stable=True)
-    for start in range(0, order.numel(), batch_size):
-        pos = order[start : start + batch_size]
-        img, txt = image_index[pos], text_index[pos]
-        mask = feats.text_mask[txt]
-        keep = mask.bool().any(0)  # drop columns that are padding in every row of this batch
-        ids, mask = feats.text_ids[txt][:, keep], mask[:, keep]
-        embeds = feats.image_embeds[img].to(device, torch.float32)
+    lengths = feats.text_mask.sum(1)
+    # images go through in blocks of batch_size: their cross-attention keys/values are projected
+    # once and shared by all their pairs (~2k per image at top-k); within a block, pairs are scored
+    # in order of text length, so batches of similar lengths carry little padding
+    order = torch.argsort(image_index, stable=True)
+    sorted_images = image_index[order]
+    blocks = torch.unique_consecutive(sorted_images)
+    for b_start in range(0, blocks.numel(), batch_size):
+        block = blocks[b_start : b_start + batch_size]
+        lo = int(torch.searchsorted(sorted_images, block[0]))
+        hi = int(torch.searchsorted(sorted_images, block[-1], right=True))
+        pairs = order[lo:hi]
+        local = torch.searchsorted(block, image_index[pairs])  # image row within the block
+        pairs_txt = text_index[pairs]
+        by_len = torch.argsort(lengths[pairs_txt], stable=True)
+        pairs, local, pairs_txt = pairs[by_len], local[by_len], pairs_txt[by_len]
         with autocast(device):
-            logits = model.itm_logits(embeds, ids.to(device), mask.to(device))
-        out[pos] = logits[:, 1].float().cpu()
-        if progress is not None:
-            progress.advance(pos.numel())
+            cross_kv = model.image_cross_kv(feats.image_embeds[block].to(device, torch.float32))
+        for start in range(0, pairs.numel(), batch_size):
+            pos = pairs[start : start + batch_size]
+            txt = pairs_txt[start : start + batch_size]
+            mask = feats.text_mask[txt]
+            keep = mask.bool().any(0)  # drop columns that are padding in every row of this batch
+            ids, mask = feats.text_ids[txt][:, keep], mask[:, keep]
+            img = local[start : start + batch_size].to(device)
+            with autocast(device):
+                logits = model.itm_logits(None, ids.to(device), mask.to(device), cross_kv, img)
+            out[pos] = logits[:, 1].float().cpu()
+            if progress is not None:
+                progress.advance(pos.numel())
     model.train(was_training)
     return out
 
@@ -554,6 +582,7 @@ def evaluate_retrieval(
     chunk_size: int = DEFAULT_CHUNK,
     show_progress: bool = False,
     meta: dict[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Retrieval metrics of a model on test shards (each image with all its captions).
 
@@ -586,6 +615,7 @@ def evaluate_retrieval(
         device,
         show_progress=show_progress,
         meta=meta,
+        num_workers=num_workers,
     )
     scores = retrieval_scores(
         model, feats, k, batch_size, chunk_size, device, show_progress=show_progress

@@ -19,7 +19,7 @@ from capfilt.data.shards import expand_shards
 from capfilt.data.transforms import eval_transform_for
 from capfilt.eval.caption_metrics import score_captions
 from capfilt.eval.filter_metrics import filter_report, load_score_tables
-from capfilt.model.generate import generate_captions
+from capfilt.model.generate import generate_captions, row_seeds
 from capfilt.runs.resolve import load_stage_model
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.iters import batched
@@ -56,9 +56,9 @@ def evaluate_captioner(
         if max_images is not None and index * cfg.batch_size >= max_images:
             break
         images = torch.stack([transform(s.image) for s in batch]).to(device)
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+        seeds = row_seeds(cfg.seed, [s.key for s in batch])
         with autocast(device):
-            captions = generate_captions(model, tokenizer, images, cfg, 1, generator)
+            captions = generate_captions(model, tokenizer, images, cfg, 1, seeds)
         for sample, (caption,) in zip(batch, captions):
             predictions[sample.key] = caption
             references[sample.key] = [c["text"] for c in sample.captions]

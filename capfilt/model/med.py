@@ -5,7 +5,8 @@ LM losses of §2.
 Module names follow BLIP's pretraining model (``visual_encoder``, ``text_encoder``,
 ``text_decoder.bert``/``text_decoder.cls``, ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``,
 ``*_m`` momentum copies, ``image_queue``/``text_queue``/``idx_queue``/``queue_ptr``); the text stack
-is transformers' ``BlipTextModel``/``BlipTextLMHeadModel``.
+(:mod:`capfilt.model.text`) keeps the parameter names of transformers' ``BlipTextModel`` /
+``BlipTextLMHeadModel``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from transformers import BlipTextConfig
-from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
 from capfilt.config.schema import ModelConfig
 from capfilt.model.distributed import Gather
@@ -32,6 +30,7 @@ from capfilt.model.losses import (
     lm_loss,
     sample_itm_negatives,
 )
+from capfilt.model.text import CrossKV, TextConfig, TextLMHeadModel, TextModel
 
 LOSSES = ("itc", "itm", "lm")
 """Loss names accepted by ``MED.forward_pretrain(weights=...)``."""
@@ -69,11 +68,11 @@ def build_vit(cfg: ModelConfig, drop_path: float) -> VisionTransformer:
 
 def text_config(
     cfg: ModelConfig, vocab_size: int, special: dict[str, int], cross_attention: bool
-) -> BlipTextConfig:
-    """BlipTextConfig of the text stack (``is_decoder`` only decides whether cross-attention layers exist)."""
+) -> TextConfig:
+    """Dimensions of the text stack (``cross_attention``: whether layers have cross-attention)."""
     if cfg.max_text_len > MAX_POSITIONS:
         raise ValueError(f"model.max_text_len: at most {MAX_POSITIONS}")
-    return BlipTextConfig(
+    return TextConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.text_width,
         encoder_hidden_size=cfg.vision_width,
@@ -85,12 +84,7 @@ def text_config(
         attention_probs_dropout_prob=cfg.text_dropout,
         layer_norm_eps=1e-12,
         pad_token_id=special["pad"],
-        bos_token_id=special["dec"],
-        eos_token_id=special["sep"],
-        sep_token_id=special["sep"],
-        is_decoder=cross_attention,
-        label_smoothing=LABEL_SMOOTHING,
-        tie_word_embeddings=True,
+        cross_attention=cross_attention,
     )
 
 
@@ -111,8 +105,8 @@ class MED(nn.Module):
 
         self.visual_encoder = build_vit(cfg, cfg.drop_path)
         tcfg = text_config(cfg, vocab_size, self.special, cross_attention=True)
-        self.text_encoder = BlipTextModel(tcfg, add_pooling_layer=False)
-        self.text_decoder = BlipTextLMHeadModel(tcfg)
+        self.text_encoder = TextModel(tcfg)
+        self.text_decoder = TextLMHeadModel(tcfg)
         self.tie_text_weights()
 
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
@@ -122,9 +116,8 @@ class MED(nn.Module):
 
         # momentum copies (ITC, docs/architecture.md §2); the text one is unimodal only, so it has no cross-attention
         self.visual_encoder_m = build_vit(cfg, 0.0)
-        self.text_encoder_m = BlipTextModel(
-            text_config(cfg, vocab_size, self.special, cross_attention=False),
-            add_pooling_layer=False,
+        self.text_encoder_m = TextModel(
+            text_config(cfg, vocab_size, self.special, cross_attention=False)
         )
         self.vision_proj_m = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj_m = nn.Linear(cfg.text_width, cfg.embed_dim)
@@ -209,12 +202,8 @@ class MED(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute ViT blocks and text layers in backward (non-reentrant checkpointing)."""
         self.visual_encoder.set_grad_checkpointing(enable)
-        # BlipText* models refuse transformers' gradient_checkpointing_enable(), but their layers
-        # are GradientCheckpointingLayers: switch them on directly
-        ckpt = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         for layer in (*self.text_encoder.encoder.layer, *self.text_decoder.bert.encoder.layer):
             layer.gradient_checkpointing = enable
-            layer._gradient_checkpointing_func = ckpt
 
     @torch.no_grad()
     def dequeue_and_enqueue(
@@ -252,10 +241,14 @@ class MED(nn.Module):
         """Normalised ITC image features [B, embed_dim] (from :meth:`pool_image`)."""
         return F.normalize(self.vision_proj(self.pool_image(image_embeds)), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unimodal text encoder (bidirectional, no cross-attention): [B, L, text_width]; ids start with [CLS]."""
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_only: bool = False
+    ) -> torch.Tensor:
+        """Unimodal text encoder (bidirectional, no cross-attention): [B, L, text_width]; ids start
+        with [CLS]. ``first_only``: [B, 1, text_width], the [CLS] state alone (what
+        :meth:`text_features` reads), with the last layer's work for the other tokens skipped."""
         return self.text_encoder(
-            input_ids=input_ids, attention_mask=attention_mask, is_decoder=False
+            input_ids=input_ids, attention_mask=attention_mask, first_only=first_only
         ).last_hidden_state
 
     def text_features(self, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -267,24 +260,48 @@ class MED(nn.Module):
         ids[:, 0] = self.special[token]
         return ids
 
+    def image_cross_kv(self, image_embeds: torch.Tensor) -> CrossKV:
+        """Cross-attention keys/values of the shared text layers for ``image_embeds``: compute them
+        once per image and pass them (with ``image_index``) to score many texts against it."""
+        return self.text_encoder.cross_kv(image_embeds)
+
     def multimodal_embeds(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        image_embeds: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cross_kv: CrossKV | None = None,
+        image_index: torch.Tensor | None = None,
+        first_only: bool = False,
     ) -> torch.Tensor:
-        """Image-grounded text encoder states [B, L, text_width] (first token set to [ENC])."""
+        """Image-grounded text encoder states [B, L, text_width] (first token set to [ENC]);
+        ``first_only``: [B, 1, text_width], the [ENC] state alone (see :meth:`encode_text`).
+
+        The image is ``image_embeds`` (row i with text i) or ``cross_kv`` from
+        :meth:`image_cross_kv`, text i using image row ``image_index[i]``."""
         return self.text_encoder(
             input_ids=self._first_token(input_ids, "enc"),
             attention_mask=attention_mask,
             encoder_hidden_states=image_embeds,
             is_decoder=False,
+            cross_kv=cross_kv,
+            image_index=image_index,
+            first_only=first_only,
         ).last_hidden_state
 
     def itm_logits(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        image_embeds: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cross_kv: CrossKV | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ITM logits [B, 2] (index 1 = match) of image i with text i."""
-        return self.itm_head(
-            self.multimodal_embeds(image_embeds, input_ids, attention_mask)[:, 0, :]
+        """ITM logits [B, 2] (index 1 = match) of image i (or ``image_index[i]``) with text i."""
+        states = self.multimodal_embeds(
+            image_embeds, input_ids, attention_mask, cross_kv, image_index, first_only=True
         )
+        return self.itm_head(states[:, 0, :])
 
     def lm_logits(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -295,7 +312,6 @@ class MED(nn.Module):
             input_ids=self._first_token(input_ids, "dec"),
             attention_mask=attention_mask,
             encoder_hidden_states=image_embeds,
-            use_cache=False,
         ).logits
 
     # ------------------------------------------------------------------ losses
@@ -376,7 +392,7 @@ class MED(nn.Module):
     ):
         out = {}
         b = images.shape[0]
-        text_embeds = self.encode_text(input_ids, attention_mask)
+        text_embeds = self.encode_text(input_ids, attention_mask, first_only=True)
         image_feat = self.image_features(image_embeds)
         text_feat = self.text_features(text_embeds)
 
@@ -397,7 +413,7 @@ class MED(nn.Module):
                 dim=-1,
             )
             text_out_m = self.text_encoder_m(
-                input_ids=input_ids, attention_mask=attention_mask, is_decoder=False
+                input_ids=input_ids, attention_mask=attention_mask, first_only=True
             )
             text_feat_m = F.normalize(
                 self.text_proj_m(text_out_m.last_hidden_state[:, 0, :]), dim=-1

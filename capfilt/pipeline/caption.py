@@ -5,8 +5,9 @@
 
 Output shard i holds input shard i's samples with every field unchanged and the synthetic
 captions appended to the json's ``captions`` (origin ``synthetic``, the captioner's id).
-Ranks split the input shards (``shards[rank::world]``) and the sampling seed depends only on
-(seed, shard, batch), so the output is the same whatever the world size.
+Ranks split the input shards (``shards[rank::world]``) and each caption's random draws depend only
+on (seed, sample key, caption index) (:func:`~capfilt.model.generate.row_seeds`), so the output is
+the same whatever the world size, batch size or shard split.
 """
 
 from __future__ import annotations
@@ -14,23 +15,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from capfilt.config import CaptionConfig, config_hash, to_dict
-from capfilt.data.reader import SkipCounter, read_samples
+from capfilt.data.loader import image_batches
+from capfilt.data.reader import SkipCounter
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import StageResult, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.writer import ShardWriter
-from capfilt.model.generate import generate_captions
+from capfilt.model.generate import generate_captions, row_seeds
 from capfilt.runs.resolve import load_stage_model, model_fingerprint
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import init_distributed
-from capfilt.utils.iters import batched
 from capfilt.utils.logging import get_logger
 
 log = get_logger("caption")
+
+
+def _settings_of(cfg) -> dict[str, Any]:
+    """The settings that change the output (not ``num_workers``): what the config hash covers."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
 
 
 def caption_shards(
@@ -46,24 +50,25 @@ def caption_shards(
     captioner_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
-        {"stage": "caption", "model": captioner_id, "caption": to_dict(cfg), "inputs": urls}
+        {"stage": "caption", "model": captioner_id, "caption": _settings_of(cfg), "inputs": urls}
     )
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("caption")
-        samples = read_samples(
-            [urls[index]], counter, require_caption=False, min_side=transform.image_size
-        )
         n_captions = 0
-        for batch_index, batch in enumerate(batched(samples, cfg.batch_size)):
-            images = torch.stack([transform(s.image) for s in batch]).to(device)
-            generator = torch.Generator().manual_seed(
-                cfg.seed * 1_000_003 + index * 10_007 + batch_index
-            )
+        for batch, images in image_batches(
+            urls[index],
+            transform,
+            cfg.batch_size,
+            counter,
+            cfg.num_workers,
+            device,
+            require_caption=False,
+            min_side=transform.image_size,
+        ):
+            seeds = row_seeds(cfg.seed, [s.key for s in batch], cfg.num_captions)
             with autocast(device):
-                captions = generate_captions(
-                    model, tokenizer, images, cfg, cfg.num_captions, generator
-                )
+                captions = generate_captions(model, tokenizer, images, cfg, cfg.num_captions, seeds)
             for sample, texts in zip(batch, captions):
                 entries = [
                     {"text": t, "origin": "synthetic", "model": captioner_id} for t in texts if t

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from capfilt.config import ConfigError, FilterConfig, config_hash, to_dict
+from capfilt.data.loader import image_batches
 from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
@@ -117,16 +118,23 @@ def score_pairs(
     texts: list[str],
     max_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair."""
+    """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair.
+
+    Each image is encoded, and its cross-attention keys/values projected, once for all its texts."""
     image_embeds = model.encode_image(images)
     image_feat = model.image_features(image_embeds)
     ids, mask = tokenize(tokenizer, texts, max_len)
     ids, mask = ids.to(images.device), mask.to(images.device)
-    pair_embeds = image_embeds[image_index]
-    itm = model.itm_logits(pair_embeds, ids, mask).float().softmax(-1)[:, 1]
-    text_feat = model.text_features(model.encode_text(ids, mask))
+    cross_kv = model.image_cross_kv(image_embeds)
+    itm = model.itm_logits(None, ids, mask, cross_kv, image_index).float().softmax(-1)[:, 1]
+    text_feat = model.text_features(model.encode_text(ids, mask, first_only=True))
     cosine = (image_feat[image_index].float() * text_feat.float()).sum(-1)
     return itm.cpu(), cosine.cpu()
+
+
+def _settings_of(cfg) -> dict[str, Any]:
+    """The settings that change the output (not ``num_workers``): what the config hash covers."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
 
 
 def _truth_columns(sample: Sample, entry: dict[str, Any]) -> dict[str, Any]:
@@ -184,17 +192,22 @@ def filter_shards(
     filter_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
-        {"stage": "filter", "model": filter_id, "filter": to_dict(cfg), "inputs": urls}
+        {"stage": "filter", "model": filter_id, "filter": _settings_of(cfg), "inputs": urls}
     )
     rule = fixed_rule(cfg)
     info = {"model": filter_id, **rule_info(cfg, rule)}
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("filter")
-        for batch in batched(
-            read_samples([urls[index]], counter, min_side=transform.image_size), cfg.batch_size
+        for batch, images in image_batches(
+            urls[index],
+            transform,
+            cfg.batch_size,
+            counter,
+            cfg.num_workers,
+            device,
+            min_side=transform.image_size,
         ):
-            images = torch.stack([transform(s.image) for s in batch]).to(device)
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
             image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
             with autocast(device):

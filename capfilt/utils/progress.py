@@ -36,6 +36,7 @@ class ProgressReporter:
         self.metrics: dict[str, Any] = {}
         self._start = time.monotonic()
         self._last_log = self._start
+        self._logged = 0
         self._bar = None
         self._task = None
         if use_bar is None:
@@ -71,7 +72,8 @@ class ProgressReporter:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
-        elif self.enabled and self.done:
+        elif self.enabled and self.done and self.done != self._logged:
+            # the closing line, unless the last periodic line already said the same
             self._log_line(final=True)
 
     @property
@@ -91,6 +93,7 @@ class ProgressReporter:
         return " ".join(parts)
 
     def _log_line(self, final: bool = False) -> None:
+        self._logged = self.done
         rate = self.rate
         total = f"/{self.total}" if self.total else ""
         eta = ""
