@@ -336,6 +336,18 @@ def test_demo_table_and_report_show_the_same_figures(fake_run: Path):
     assert "Total time" in printed
 
 
+def test_demo_table_leaves_out_retrieval_when_nothing_was_evaluated():
+    from capfilt.cli.demo_cmds import summary_tables
+
+    no_test = {k: v for k, v in SUMMARY.items() if k not in ("baseline", "capfilt")}
+    titles = [table.title for table in summary_tables(no_test)]
+    assert titles == ["Filter and captioner"]
+    assert [t.title for t in summary_tables(SUMMARY)] == [
+        "Baseline vs CapFilt",
+        "Filter and captioner",
+    ]
+
+
 def test_cli_writes_report(fake_run: Path, tmp_path: Path):
     from capfilt.cli.main import app
 

@@ -111,6 +111,8 @@ def bootstrap(
         raise fail(str(err), EXIT_USAGE) from None
     for table in summary_tables(summary):
         out.print(table)
+    if not inputs.test:
+        out.print("retrieval not evaluated: pass --test with held-out shards to compare the models")
     out.print(f"manifest: {out_dir / 'manifest.json'}")
     out.print(f"summary:  {out_dir / 'summary.json'}")
     out.print(f"report:   capfilt report {out_dir}")
