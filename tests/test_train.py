@@ -278,3 +278,36 @@ def test_resume_accepts_another_thread_count_but_not_another_recipe(tmp_path):
     other_lr = to_dict(load_recipe("tiny", ["runtime.threads=1", "train.lr=0.123"]))
     with pytest.raises(ConfigError, match="different stage or recipe"):
         RunFolder(tmp_path / "run").prepare({"stage": "pretrain", "recipe": other_lr}, "auto")
+
+
+@pytest.mark.parametrize(
+    ("command", "target"),
+    [
+        (
+            ["caption", "tiny", "--model", "m", "--shards", "s", "--out", "o"],
+            "capfilt.pipeline.caption.caption_shards",
+        ),
+        (
+            ["filter", "tiny", "--model", "m", "--shards", "s", "--out", "o"],
+            "capfilt.pipeline.filter.filter_shards",
+        ),
+    ],
+)
+def test_inference_stages_run_with_the_recipes_thread_count(command, target, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from capfilt.cli.main import app
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("recorded")
+
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(__import__(module, fromlist=[name]), name, record)
+    before = torch.get_num_threads()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*command, "--set", "runtime.threads=3"])
+    assert seen == [3], result.output
+    assert torch.get_num_threads() == before

@@ -20,6 +20,7 @@ from capfilt.cli.common import (
     out,
     resolve,
 )
+from capfilt.utils.threads import use_threads
 
 app = typer.Typer(
     help="Evaluate: retrieval (ITC + ITM re-rank), captioner metrics, filter precision/recall.",
@@ -93,10 +94,12 @@ def retrieval(
         raise fail(f"--k: must be >= 0, got {cfg.eval.k}", EXIT_USAGE)
     try:
         urls = expand_shards(shards)  # fail fast on a bad --shards, before loading the model
-        result = evaluate_retrieval(
-            model, urls, k=cfg.eval.k, batch_size=cfg.eval.batch_size, max_words=cfg.data.max_words,
-            device=device, show_progress=True, num_workers=cfg.eval.num_workers,
-        )  # fmt: skip
+        with use_threads(cfg.runtime.threads, cfg.eval.num_workers):
+            result = evaluate_retrieval(
+                model, urls, k=cfg.eval.k, batch_size=cfg.eval.batch_size,
+                max_words=cfg.data.max_words, device=device, show_progress=True,
+                num_workers=cfg.eval.num_workers,
+            )  # fmt: skip
     except (ShardSpecError, ConfigError) as err:
         raise fail(str(err), EXIT_USAGE) from None
     except ValueError as err:
@@ -155,7 +158,8 @@ def caption(
     cfg = resolve(recipe, set_, dry_run)
     metrics = ("bleu", "cider", "rouge", "meteor") if meteor else ("bleu", "cider", "rouge")
     try:
-        result = evaluate_captioner(model, shards, cfg.caption, metrics=metrics)
+        with use_threads(cfg.runtime.threads):
+            result = evaluate_captioner(model, shards, cfg.caption, metrics=metrics)
     except (ShardSpecError, ConfigError) as err:
         raise fail(str(err), EXIT_USAGE) from None
     except ValueError as err:

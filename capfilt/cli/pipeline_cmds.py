@@ -17,6 +17,7 @@ from capfilt.cli.common import (
     report_stage,
     resolve,
 )
+from capfilt.utils.threads import use_threads
 
 ShardsOption = Annotated[
     list[str],
@@ -47,7 +48,9 @@ def caption(
     from capfilt.pipeline.caption import caption_shards
 
     cfg = resolve(recipe, set_, dry_run)
-    report_stage(caption_shards(model, shards, out_dir, cfg.caption), "caption")
+    with use_threads(cfg.runtime.threads, cfg.caption.num_workers):
+        result = caption_shards(model, shards, out_dir, cfg.caption)
+    report_stage(result, "caption")
 
 
 def filter_(
@@ -85,6 +88,7 @@ def filter_(
     elif model is None:
         raise fail("give --model (to score) or --scores-from (to re-apply a threshold)", EXIT_USAGE)
     else:
-        result = filter_shards(model, shards, out_dir, cfg.filter)
+        with use_threads(cfg.runtime.threads, cfg.filter.num_workers):
+            result = filter_shards(model, shards, out_dir, cfg.filter)
     report_stage(result, "filter")
     report_origins(out_dir / "summary.json")

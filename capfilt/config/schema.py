@@ -421,9 +421,10 @@ class RuntimeConfig:
     """How a process uses the machine it runs on."""
 
     threads: int = 0
-    """Intra-op threads per process (torch.set_num_threads). 0 = auto: ``OMP_NUM_THREADS`` when
-    set, else this rank's share of the cores (CPU affinity ÷ ranks on the node) less one core per
-    ``data.num_workers`` loader process and one for everything else, at least 1. Small models on a
+    """Intra-op threads per process (torch.set_num_threads) in training, caption, filter and
+    eval. 0 = auto: ``OMP_NUM_THREADS`` when set, else this rank's share of the cores (CPU
+    affinity ÷ ranks on the node) less one core per loader process of the stage
+    (``data.num_workers``, ``caption.num_workers``, ...) and one for everything else, at least 1. Small models on a
     few cores train fastest without oversubscription (benchmarks/threads.py); on an idle 2-core
     machine set 2."""
 

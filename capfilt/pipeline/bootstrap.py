@@ -43,6 +43,7 @@ from typing import Any
 from capfilt.config import ConfigError, Recipe, config_hash, dump_yaml, recipe_identity, to_dict
 from capfilt.utils.files import atomic_write_bytes, atomic_write_json
 from capfilt.utils.logging import get_logger
+from capfilt.utils.threads import use_threads
 
 log = get_logger("bootstrap")
 
@@ -279,12 +280,14 @@ def plan_steps(recipe: Recipe, inputs: BootstrapInputs, layout: BootstrapLayout)
         def do_caption(model=captioner, out=captioned) -> dict:
             from capfilt.pipeline.caption import caption_shards
 
-            return _shard_stage(caption_shards(model, web, out, recipe.caption))
+            with use_threads(recipe.runtime.threads, recipe.caption.num_workers):
+                return _shard_stage(caption_shards(model, web, out, recipe.caption))
 
         def do_filter(model=filt, src=captioned, out=filtered) -> dict:
             from capfilt.pipeline.filter import filter_shards
 
-            return _shard_stage(filter_shards(model, [str(src)], out, recipe.filter))
+            with use_threads(recipe.runtime.threads, recipe.filter.num_workers):
+                return _shard_stage(filter_shards(model, [str(src)], out, recipe.filter))
 
         steps.append(
             Step(step_key("caption", r), "caption", r, captioned, [captioner, *web], do_caption,
@@ -332,13 +335,15 @@ def _rule_threshold(filtered: Path, recipe: Recipe) -> float:
 def _retrieval(model_dir: Path, test: list[str], recipe: Recipe) -> dict[str, Any]:
     from capfilt.eval.retrieval import evaluate_retrieval
 
-    return evaluate_retrieval(
-        model_dir,
-        test,
-        k=recipe.eval.k,
-        batch_size=recipe.eval.batch_size,
-        max_words=recipe.data.max_words,
-    )
+    with use_threads(recipe.runtime.threads, recipe.eval.num_workers):
+        return evaluate_retrieval(
+            model_dir,
+            test,
+            k=recipe.eval.k,
+            batch_size=recipe.eval.batch_size,
+            max_words=recipe.data.max_words,
+            num_workers=recipe.eval.num_workers,
+        )
 
 
 def _done_model(run_dir: Path) -> Path | None:
@@ -380,7 +385,8 @@ def evaluate_run(
             inputs.captioner if (r == 1 and inputs.released) else _done_model(layout.captioner(r))
         )
         if test and captioner is not None:
-            row["captioner"] = evaluate_captioner(captioner, test, recipe.caption)
+            with use_threads(recipe.runtime.threads):
+                row["captioner"] = evaluate_captioner(captioner, test, recipe.caption)
             atomic_write_json(ev / "captioner.json", row["captioner"])
         filtered = layout.filtered(r)
         if any(filtered.glob("*.parquet")):
