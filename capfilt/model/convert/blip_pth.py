@@ -13,9 +13,9 @@ import torch
 
 from capfilt.config.schema import ModelConfig
 from capfilt.model.convert.config_map import TEXT_LEN
-from capfilt.model.convert.fill import fill_med, imported_meta, new_med, summarise
+from capfilt.model.convert.fill import fill_imported, new_med
 from capfilt.model.convert.keymaps import KINDS, blip_state_dict_to_med
-from capfilt.model.med import MED, VIT_LAYER_NORM_EPS, set_vision_layer_norm_eps
+from capfilt.model.med import MED, VIT_LAYER_NORM_EPS
 from capfilt.model.pretrained import torch_load_weights
 
 
@@ -124,24 +124,13 @@ def import_blip_state_dict(
         tokenizer,
         values[next(k for k in values if k.endswith("word_embeddings.weight"))].shape[0],
     )
-    report = fill_med(model, values)
-    set_vision_layer_norm_eps(model, VIT_LAYER_NORM_EPS)
-    model.eval()
-    meta = imported_meta(
-        kind,
-        cfg,
-        tokenizer,
-        model,
-        VIT_LAYER_NORM_EPS,
-        {
-            "format": "blip-pth",
-            "source": source,
-            "self_attention_filled_from": {"captioner": "decoder", "filter": "encoder"}.get(kind),
-            "filled": summarise(report["filled"]),
-            "initialised": summarise(report["initialised"]),
-            "momentum": report["momentum"][0],
-        },
-    )
+    imported = {
+        "format": "blip-pth",
+        "source": source,
+        "self_attention_filled_from": {"captioner": "decoder", "filter": "encoder"}.get(kind),
+    }
+    meta, report = fill_imported(model, values, kind, cfg, tokenizer, VIT_LAYER_NORM_EPS, imported)
+    meta["extra"]["imported"]["momentum"] = report["momentum"][0]
     return model, cfg, meta
 
 

@@ -12,7 +12,7 @@ from capfilt.config.schema import ModelConfig
 from capfilt.data.transforms import preprocess_spec
 from capfilt.model.convert.keymaps import MOMENTUM_MODULES, QUEUES, partner_key
 from capfilt.model.folder import EXTRA_EPS, FORMAT_VERSION
-from capfilt.model.med import MED
+from capfilt.model.med import MED, set_vision_layer_norm_eps
 from capfilt.model.tokenizer import special_ids
 
 BLIP_PROMPT = "a picture of "
@@ -108,6 +108,29 @@ def summarise(keys: list[str]) -> list[str]:
         if name not in out:
             out.append(name)
     return out
+
+
+def fill_imported(
+    model: MED,
+    values: dict[str, torch.Tensor],
+    kind: str,
+    cfg: ModelConfig,
+    tokenizer,
+    eps: float,
+    imported: dict,
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Fill ``model`` from a checkpoint's ``values`` (:func:`fill_med`), set its ViT LayerNorm eps
+    and put it in eval mode; returns (its meta: ``imported`` plus what was filled and what kept
+    its seeded initialisation, the fill report)."""
+    report = fill_med(model, values)
+    set_vision_layer_norm_eps(model, eps)
+    model.eval()
+    imported = {
+        **imported,
+        "filled": summarise(report["filled"]),
+        "initialised": summarise(report["initialised"]),
+    }
+    return imported_meta(kind, cfg, tokenizer, model, eps, imported), report
 
 
 def imported_meta(

@@ -16,9 +16,9 @@ from capfilt.model.convert.config_map import (
     kind_of_hf_config,
     model_config_from_hf,
 )
-from capfilt.model.convert.fill import INIT_SEED, fill_med, imported_meta, new_med, summarise
+from capfilt.model.convert.fill import INIT_SEED, fill_imported, new_med
 from capfilt.model.convert.keymaps import ARCHITECTURES, KINDS, hf_key_to_med
-from capfilt.model.med import MED, set_vision_layer_norm_eps
+from capfilt.model.med import MED
 from capfilt.model.tokenizer import load_tokenizer, special_ids
 
 
@@ -52,24 +52,13 @@ def med_from_hf_model(
             values[target] = tensor
     if unknown:
         raise ValueError(f"transformers weights with no place in capfilt's MED: {unknown[:8]}")
-    report = fill_med(model, values)
-    set_vision_layer_norm_eps(model, eps)
-    model.eval()
-    meta = imported_meta(
-        kind,
-        cfg,
-        tokenizer,
-        model,
-        eps,
-        {
-            "format": "transformers",
-            "architecture": ARCHITECTURES[kind],
-            "source": source,
-            "self_attention_filled_from": "decoder" if kind == "captioner" else "encoder",
-            "filled": summarise(report["filled"]),
-            "initialised": summarise(report["initialised"]),
-        },
-    )
+    imported = {
+        "format": "transformers",
+        "architecture": ARCHITECTURES[kind],
+        "source": source,
+        "self_attention_filled_from": "decoder" if kind == "captioner" else "encoder",
+    }
+    meta, _ = fill_imported(model, values, kind, cfg, tokenizer, eps, imported)
     return model, cfg, meta
 
 
