@@ -4,6 +4,8 @@
     python benchmarks/caption_filter_vs_transformers.py --size medium    # 4+4 layers of width 256, 64 px
     python benchmarks/caption_filter_vs_transformers.py --recipe tiny --images 128 --threads 2
     python benchmarks/caption_filter_vs_transformers.py --captioner runs/cap/model --filter runs/filt/model
+    python benchmarks/caption_filter_vs_transformers.py --recipe blip-base --vocab 30522 \
+        --set model.vision_checkpoint=null --set model.text_checkpoint=null --set model.tokenizer=null
 
 The model has the recipe's dimensions (``--size medium`` widens it; random weights, or the given
 capfilt folders) and is converted to ``BlipForConditionalGeneration`` / ``BlipForImageTextRetrieval``
@@ -11,7 +13,8 @@ with :func:`capfilt.model.convert.transformers_io.med_to_hf`, so both sides run 
 the same process. transformers' BLIP pools the image by its [CLS] token, so a random-weight model
 is built with ``image_pool: cls`` (a recipe's ``mean`` only changes the ITC feature, which the
 exported classes cannot express; the ITM and the captioner are the same either way). Each side
-runs ``--repeats`` times, alternating, and the fastest run of each is compared.
+runs ``--repeats`` times, alternating, and the fastest run of each is compared. On a GPU both sides
+run under the same bf16 autocast (capfilt's stages' own precision) and are timed by the wall clock.
 
 (a) Captioning, images/s: capfilt's ``generate_captions`` (nucleus top-p, repetition penalty,
     min/max length and batch size of the recipe's ``caption`` section, prompt "a picture of ")
@@ -42,11 +45,12 @@ from capfilt.data.reader import read_samples
 from capfilt.data.shards import expand_shards
 from capfilt.data.synth import write_synth
 from capfilt.data.transforms import EvalTransform
-from capfilt.model import build_model, tokenize, train_wordpiece_tokenizer
+from capfilt.model import build_model, pad_vocabulary, tokenize, train_wordpiece_tokenizer
 from capfilt.model.convert.transformers_io import med_to_hf
 from capfilt.model.generate import generate_captions, row_seeds
 from capfilt.pipeline.filter import score_pairs
 from capfilt.runs.resolve import load_stage_model
+from capfilt.utils.device import autocast
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,6 +71,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--vocab",
+        type=int,
+        default=0,
+        help="pad the trained tokenizer with unused tokens to this size (30522: BERT-base's "
+        "vocabulary, for blip-base without the hub)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE"
+    )
+    p.add_argument(
         "--size",
         choices=("recipe", "medium"),
         default="recipe",
@@ -74,7 +88,10 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=2, help="timed runs per side (alternating)")
     p.add_argument(
-        "--clock", choices=tuple(CLOCKS), default="cpu", help="process CPU time or wall time"
+        "--clock",
+        choices=tuple(CLOCKS),
+        default=None,
+        help="process CPU time or wall time (default: cpu on a CPU, wall on a GPU)",
     )
     return p.parse_args()
 
@@ -117,11 +134,12 @@ def _race(ours_fn, theirs_fn, repeats: int, clock):
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     model_cfg = dataclasses.replace(
         recipe.model, image_pool="cls", **(MEDIUM if args.size == "medium" else {})
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
 
     data_dir = Path(args.data) / f"{recipe.name}-{args.images}"
     write_synth(data_dir, dataclasses.replace(recipe.synth, n_human=0, n_web=0, n_test=args.images))
@@ -135,7 +153,9 @@ def main() -> None:
             model, tokenizer, cfg, *_ = load_stage_model(path, torch.device("cpu"))
         else:
             if tokenizer is None:
-                tokenizer = train_wordpiece_tokenizer(texts, model_cfg.vocab_size)
+                tokenizer = pad_vocabulary(
+                    train_wordpiece_tokenizer(texts, model_cfg.vocab_size), args.vocab
+                )
             cfg = model_cfg
             torch.manual_seed(args.seed)
             model = build_model(cfg, tokenizer)
@@ -170,7 +190,7 @@ def main() -> None:
 
     def capfilt_caption(settings=settings):
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device):
             for start in range(0, len(pixels), bs):
                 seeds = row_seeds(args.seed, keys[start : start + bs])
                 batch = pixels[start : start + bs]
@@ -182,7 +202,7 @@ def main() -> None:
     def hf_caption(sample=True):
         torch.manual_seed(args.seed)
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device):
             for batch in batches:
                 ids = prompt["input_ids"].expand(len(batch), -1).to(device)
                 gen = hf.generate(
@@ -231,7 +251,7 @@ def main() -> None:
 
     def capfilt_filter():
         scores = []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device):
             for start in range(0, n, fb):
                 chunk = [(i, t) for i, t in pair_texts if start <= i < start + fb]
                 index = torch.tensor([i - start for i, _ in chunk], device=device)
@@ -243,14 +263,14 @@ def main() -> None:
                     [t for _, t in chunk],
                     cfg.max_text_len,
                 )
-                scores.append(itm)
+                scores.append(itm.float().cpu())  # the result on the host, as theirs
         return torch.cat(scores)
 
     enc_id = model.special["enc"]
 
     def hf_filter():
         scores = []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device):
             for start in range(0, n, fb):
                 chunk = [(i, t) for i, t in pair_texts if start <= i < start + fb]
                 ids, mask = tokenize(tok, [t for _, t in chunk], cfg.max_text_len)
@@ -262,10 +282,10 @@ def main() -> None:
                     attention_mask=mask.to(device),
                     use_itm_head=True,
                 )
-                scores.append(out.itm_score.softmax(-1)[:, 1].cpu())
+                scores.append(out.itm_score.float().softmax(-1)[:, 1].cpu())
         return torch.cat(scores)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device):
         score_pairs(
             model,
             tok,

@@ -2,145 +2,197 @@
 # One command on one CUDA GPU (H100/H200), under 8 minutes: `just bench-gpu` or
 #   bash benchmarks/gpu_check.sh [OUT]          (default OUT: gpu-check-out)
 #
-# Steps, each under its own time limit; a failing step is reported and the next one runs:
-#   1. the test suite with CUDA visible (not the slow-marked tests);
-#   2. the demo (`capfilt demo`);
-#   3. BLIP-base pretraining MFU: benchmarks/pretrain_throughput.py, random weights, a 30,522-token
-#      vocabulary, batch 64, bf16; the peak is an 8192² bf16 matmul timed between the step blocks;
-#   4. `capfilt pretrain` at BLIP-base with its loader (samples/s from metrics.jsonl, to compare
-#      with step 3's model-only rate);
-#   5. caption and filter stage throughput (images/s) at BLIP-base on ../shared/data/coco-mini's
-#      photos, each copied 10 times;
-#   6. the comparison with transformers' BLIP classes (benchmarks/caption_filter_vs_transformers.py).
-# Everything lands in OUT/ (logs per step, summary.txt at the end).
+# Steps, most telling first, each under its own time limit and all under DEADLINE seconds (default
+# 480); a failing or timed-out step is reported and the next one runs:
+#   stages           caption and filter stage throughput (images/s, the stage's own rate and the
+#                    whole command's) at BLIP-base sizes (random weights, BERT's 30,522-token
+#                    vocabulary) on ../shared/data/coco-mini's photos, each copied COPIES (10) times;
+#   pretrain_mfu     BLIP-base pretraining, model only: benchmarks/pretrain_throughput.py, batch 64,
+#                    bf16; MFU against an 8192² bf16 matmul timed between the step blocks;
+#   pretrain_cli     `capfilt pretrain` at BLIP-base with its loader on the same photos (samples/s
+#                    from metrics.jsonl, to compare with pretrain_mfu's model-only rate);
+#   vs_transformers  caption/filter against transformers' BLIP classes, same weights, BLIP-base;
+#   suite            the test suite with CUDA visible (not the slow-marked tests; pytest-xdist with
+#                    SUITE_WORKERS processes when it is installed);
+#   demo             `capfilt demo`.
+# SKIP="demo suite" leaves steps out. Everything lands in OUT/ (a log per step, summary.txt).
 #
-# The GPU image lacks braceexpand, webdataset and datasets (it cannot reach a package index).
-# On a machine that can, for the GPU image's Python (here 3.11, Linux x86-64):
-#   pip download --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
-#       -d wheels braceexpand webdataset datasets
-# copy wheels/ next to the checkout, then this script installs them (into OUT/deps, on PYTHONPATH,
-# so the image's own packages stay untouched):
+# A CPU-only dry run of the script's plumbing (meaningless figures, small sizes):
+#   ALLOW_CPU=1 COPIES=1 SMALL=1 SKIP="suite demo" bash benchmarks/gpu_check.sh /tmp/gc
+#
+# GPU images often lack braceexpand, webdataset and datasets (and cannot reach a package index).
+# On a machine that can, for the GPU image's Python (e.g. 3.12, Linux x86-64):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d wheels braceexpand webdataset datasets dill multiprocess
+# copy wheels/ next to the checkout, then this script installs them (with --no-deps, into
+# OUT/deps, on PYTHONPATH, so the image's own packages stay untouched):
 #   WHEELS=wheels bash benchmarks/gpu_check.sh
 set -uo pipefail
 
 OUT=${1:-gpu-check-out}
-PY=${PY:-python}
+PY=${PY:-$(command -v python3 || command -v python)}
 COCO=${COCO:-../shared/data/coco-mini}
+COPIES=${COPIES:-10}
+DEADLINE=${DEADLINE:-480}
+SKIP=${SKIP:-}
+SUITE_WORKERS=${SUITE_WORKERS:-8}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+COCO=$(cd "$COCO" && pwd) || { echo "no coco-mini at $COCO (set COCO=...)" >&2; exit 2; }
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
+wanted() { [[ " $SKIP " != *" $1 "* ]]; }
 
-# step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log, record the outcome
+# step NAME SECONDS COMMAND...: run under min(SECONDS, time left before DEADLINE), log to
+# OUT/NAME.log, record the outcome (rc 124: stopped at its limit)
 step() {
     local name=$1 limit=$2
     shift 2
+    local left=$((DEADLINE - SECONDS))
+    ((left < limit)) && limit=$left
+    if ((limit < 5)); then
+        note "$(printf '%-16s not run: the %ss deadline is reached' "$name" "$DEADLINE")"
+        return 124
+    fi
     local start=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
-    note "$(printf '%-16s rc=%-3s %4ss  (log: %s)' "$name" "$rc" $((SECONDS - start)) "$OUT/$name.log")"
+    note "$(printf '%-16s rc=%-3s %4ss of %ss  (log: %s)' "$name" "$rc" $((SECONDS - start)) "$limit" "$OUT/$name.log")"
     return $rc
 }
 
-if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "no CUDA device visible to $PY" >&2
+if [ -z "${ALLOW_CPU:-}" ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device visible to $PY (ALLOW_CPU=1 for a dry run)" >&2
     exit 2
 fi
 if [ -n "${WHEELS:-}" ]; then
-    $PY -m pip install -q --no-index --find-links "$WHEELS" --target "$OUT/deps" \
-        braceexpand webdataset datasets || exit 2
+    $PY -m pip install -q --no-index --no-deps --no-compile --target "$OUT/deps" "$WHEELS"/*.whl || exit 2
     export PYTHONPATH="$PYTHONPATH:$OUT/deps"
 fi
-if ! $PY -c "import braceexpand, webdataset, datasets" 2>/dev/null; then
-    echo "braceexpand, webdataset or datasets missing: see the header of $0 (WHEELS=...)" >&2
+if ! $PY -c "import braceexpand, webdataset" 2>/dev/null; then
+    echo "braceexpand or webdataset missing: see the header of $0 (WHEELS=...)" >&2
     exit 2
 fi
-note "$($PY -c "import torch; print(torch.cuda.get_device_name(), 'torch', torch.__version__)")"
+note "$($PY -c "import torch; d = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU (dry run)'; print(d, 'torch', torch.__version__)")"
 
-# 1. the suite with CUDA visible
-step suite 210 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider
-tail -n 3 "$OUT/suite.log" | tee -a "$SUMMARY"
+# BLIP-base without the hub: random weights, a WordPiece tokenizer trained on the captions and
+# padded to BERT's 30,522 ids (the LM head's width sets the captioner's cost)
+BASE=(--set model.vision_checkpoint=null --set model.text_checkpoint=null)
+if [ -n "${SMALL:-}" ]; then  # dry run: a small model, few images, short captions
+    BASE+=(--set model.vision_width=64 --set model.vision_depth=1 --set model.vision_heads=1
+           --set model.text_width=64 --set model.text_layers=1 --set model.text_heads=1
+           --set model.text_intermediate=128 --set model.image_size=64 --set caption.max_length=8)
+    VOCAB=2000 BATCH=8 IMAGES=16
+else
+    VOCAB=30522 BATCH=64 IMAGES=256
+fi
 
-# 2. the demo
-step demo 150 $PY -m capfilt demo --out "$OUT/demo"
-tail -n 20 "$OUT/demo.log" >>"$SUMMARY"
-
-# 3. BLIP-base pretrain MFU (model only)
-BASE_SETS=(--set model.vision_checkpoint=null --set model.text_checkpoint=null --set model.tokenizer=null)
-step pretrain_mfu 90 $PY benchmarks/pretrain_throughput.py --recipe blip-base --batch 64 \
-    --vocab 30522 --matmul-size 8192 --steps 10 --rounds 3 "${BASE_SETS[@]}" \
-    --json "$OUT/pretrain_mfu.json"
-grep -E "samples_per_s|mfu" "$OUT/pretrain_mfu.log" | tee -a "$SUMMARY"
-
-# 5 (data first). coco-mini photos, each copied 10 times, as an image folder with one caption each
-$PY - "$COCO" "$OUT/photos" <<'EOF'
+# coco-mini photos, each copied COPIES times, as an image folder with one caption each
+$PY - "$COCO" "$OUT/photos" "$COPIES" <<'EOF'
 import json, shutil, sys
 from pathlib import Path
-coco, out = Path(sys.argv[1]), Path(sys.argv[2])
+coco, out, copies = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 out.mkdir(parents=True, exist_ok=True)
 for split in ("train2017", "val2017"):
     anns = json.loads((coco / "annotations" / f"captions_{split}.json").read_text())
     caption = {}
     for a in anns["annotations"]:
-        caption.setdefault(a["image_id"], a["caption"])
+        caption.setdefault(a["image_id"], a["caption"].strip())
     for img in anns["images"]:
         src = coco / split / img["file_name"]
         if not src.is_file() or img["id"] not in caption:
             continue
-        for copy in range(10):
+        for copy in range(copies):
             stem = f"{split}_{img['id']}_{copy}"
             shutil.copyfile(src, out / f"{stem}.jpg")
-            (out / f"{stem}.txt").write_text(caption[img["id"]])
+            (out / f"{stem}.txt").write_text(caption[img["id"]] + "\n")
 print(len(list(out.glob("*.jpg"))), "images")
 EOF
-$PY -m capfilt data import folder "$OUT/photos" --out "$OUT/coco10x" --shard-size 100 >"$OUT/import.log" 2>&1
+N=$(find "$OUT/photos" -name '*.jpg' | wc -l)
+step import 90 $PY -m capfilt data import folder "$OUT/photos" --out "$OUT/coco" --shard-size 100
 
-# 4. capfilt pretrain at BLIP-base with its loader (tokenizer trained on the captions)
-step pretrain_cli 120 $PY -m capfilt pretrain blip-base --shards "$OUT/coco10x" --out "$OUT/pre" \
-    "${BASE_SETS[@]}" --set data.batch_size=64 --set data.num_workers=8 --set train.epochs=1 \
-    --set train.samples_per_epoch=1920 --set train.log_every=5 --set train.ckpt_every=100000 \
-    --set model.vocab_size=30522
-tail -n 3 "$OUT/pre/metrics.jsonl" 2>/dev/null | tee -a "$SUMMARY"
-
-# 5. caption and filter throughput on the photos (BLIP-base sizes, random weights)
-$PY - "$OUT" <<'EOF'
-import sys
+# random-weight captioner and filter folders, and the padded tokenizer for `capfilt pretrain`
+step models 90 $PY - "$OUT" "$VOCAB" "${BASE[@]}" <<'EOF'
+import json, sys, tarfile
 from pathlib import Path
 import torch
 from capfilt.config import load_recipe
 from capfilt.data.transforms import preprocess_spec
-from capfilt.model import build_model, save_model_folder, train_wordpiece_tokenizer
-out = Path(sys.argv[1])
-cfg = load_recipe("blip-base", ["model.vision_checkpoint=null", "model.text_checkpoint=null",
-                                "model.tokenizer=null"]).model
-tok = train_wordpiece_tokenizer(["a picture of a cat on a mat"] * 10, 200)
-tok.add_tokens([f"[unused{i}]" for i in range(30522 - len(tok))])
+from capfilt.model import build_model, pad_vocabulary, save_model_folder, train_wordpiece_tokenizer
+out, vocab = Path(sys.argv[1]), int(sys.argv[2])
+overrides = [a for a in sys.argv[3:] if a != "--set"] + ["model.tokenizer=null"]
+cfg = load_recipe("blip-base", overrides).model
+texts = []
+for shard in sorted((out / "coco").glob("*.tar")):
+    with tarfile.open(shard) as tar:
+        texts += [c["text"] for m in tar if m.name.endswith(".json")
+                  for c in json.load(tar.extractfile(m))["captions"]]
+tok = pad_vocabulary(train_wordpiece_tokenizer(texts, 8000), vocab)
+tok.save_pretrained(out / "tokenizer")
 torch.manual_seed(0)
 model = build_model(cfg, tok)
 for stage in ("captioner", "filter"):
     save_model_folder(out / f"model_{stage}", model, tok, cfg, stage,
                       preprocess=preprocess_spec(cfg.image_size))
+print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, vocabulary {len(tok)}")
 EOF
-N=$(find "$OUT/photos" -name '*.jpg' | wc -l)
-for stage in caption filter; do
-    model=captioner
-    [ $stage = filter ] && model=filter
-    shards="$OUT/coco10x"
-    [ $stage = filter ] && shards="$OUT/captioned"
-    out_dir="$OUT/captioned"
-    [ $stage = filter ] && out_dir="$OUT/filtered"
-    start=$($PY -c "import time; print(time.time())")
-    step "$stage" 90 $PY -m capfilt $stage blip-base --model "$OUT/model_$model" \
-        --shards "$shards" --out "$out_dir" --set caption.batch_size=128 --set filter.batch_size=128
-    note "$stage: $($PY -c "import time; s = time.time() - $start; print(f'$N images in {s:.1f} s, {$N / s:.0f} images/s (process start and model load included)')")"
-done
+note "models: $(tail -n 1 "$OUT/models.log")"
 
-# 6. against transformers' BLIP classes (same weights, same inputs)
-step vs_transformers 120 $PY benchmarks/caption_filter_vs_transformers.py
-tail -n 25 "$OUT/vs_transformers.log" >>"$SUMMARY"
+# 1. caption and filter stage throughput on the photos
+if wanted stages; then
+    for stage in caption filter; do
+        if [ $stage = caption ]; then model=captioner shards="$OUT/coco" dest="$OUT/captioned"
+        else model=filter shards="$OUT/captioned" dest="$OUT/filtered"; fi
+        start=$($PY -c "import time; print(time.time())")
+        step "$stage" 120 $PY -m capfilt $stage blip-base --model "$OUT/model_$model" \
+            --shards "$shards" --out "$dest" "${BASE[@]}" --set caption.batch_size=128 \
+            --set filter.batch_size=128 --set caption.num_workers=6 --set filter.num_workers=6
+        rate=$(grep -oE "[0-9]+ samples in [0-9.]+ s \([0-9.]+ samples/s" "$OUT/$stage.log" | tail -n 1)
+        note "$stage: $N images; stage's own rate: ${rate:-none logged}); whole command: $($PY -c "import time; s = time.time() - $start; print(f'{s:.1f} s, {$N / s:.0f} images/s')")"
+    done
+fi
+
+# 2. BLIP-base pretraining MFU, model only
+if wanted pretrain_mfu; then
+    step pretrain_mfu 100 $PY benchmarks/pretrain_throughput.py --recipe blip-base --batch "$BATCH" \
+        --vocab "$VOCAB" --steps 10 --rounds 3 "${BASE[@]}" --set model.tokenizer=null \
+        --json "$OUT/pretrain_mfu.json"
+    grep -iE "samples/s|mfu" "$OUT/pretrain_mfu.log" | tail -n 4 | tee -a "$SUMMARY"
+fi
+
+# 3. `capfilt pretrain` with its loader on the photos, same vocabulary
+if wanted pretrain_cli; then
+    step pretrain_cli 100 $PY -m capfilt pretrain blip-base --shards "$OUT/coco" --out "$OUT/pre" \
+        "${BASE[@]}" --set model.tokenizer="$OUT/tokenizer" --set data.batch_size="$BATCH" \
+        --set data.num_workers=8 --set train.epochs=1 --set train.samples_per_epoch=$((BATCH * 30)) \
+        --set train.log_every=5 --set train.ckpt_every=100000
+    tail -n 3 "$OUT/pre/metrics.jsonl" 2>/dev/null | tee -a "$SUMMARY"
+fi
+
+# 4. against transformers' BLIP classes (same weights, same inputs, bf16 autocast on both sides)
+if wanted vs_transformers; then
+    step vs_transformers 120 $PY benchmarks/caption_filter_vs_transformers.py --recipe blip-base \
+        --vocab "$VOCAB" --images "$IMAGES" "${BASE[@]}" --set model.tokenizer=null \
+        --data "$OUT/vs-transformers-data"
+    grep -E "^(caption|filter):" "$OUT/vs_transformers.log" | tee -a "$SUMMARY"
+fi
+
+# 5. the suite with CUDA visible
+if wanted suite; then
+    XDIST=()
+    $PY -c "import xdist" 2>/dev/null && XDIST=(-n "$SUITE_WORKERS")
+    step suite 240 $PY -m pytest -q -m "not slow" -p no:cacheprovider "${XDIST[@]}"
+    tail -n 15 "$OUT/suite.log" | grep -E "passed|failed|error|FAILED|ERROR" | tee -a "$SUMMARY"
+fi
+
+# 6. the demo
+if wanted demo; then
+    step demo 240 $PY -m capfilt demo --out "$OUT/demo"
+    tail -n 20 "$OUT/demo.log" >>"$SUMMARY"
+fi
 
 echo
 cat "$SUMMARY"

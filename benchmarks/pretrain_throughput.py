@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from capfilt.config import load_recipe
 from capfilt.data.synth import write_synth
 from capfilt.data.transforms import TrainTransform
-from capfilt.model import build_model, tokenize, train_wordpiece_tokenizer
+from capfilt.model import build_model, pad_vocabulary, tokenize, train_wordpiece_tokenizer
 from capfilt.train.data import TrainStream, build_sources
 from capfilt.train.optim import build_optimizer
 from capfilt.utils.device import autocast
@@ -120,8 +120,7 @@ def main() -> None:
     tokenizer = train_wordpiece_tokenizer(
         [t for b in batches for t in b["texts"]], recipe.model.vocab_size
     )
-    if args.vocab > len(tokenizer):  # the LM head's size, not the pieces, sets the FLOPs
-        tokenizer.add_tokens([f"[unused{i}]" for i in range(args.vocab - len(tokenizer))])
+    pad_vocabulary(tokenizer, args.vocab)
     torch.manual_seed(0)
     model = build_model(recipe.model, tokenizer).to(device).train()
     optimizer = build_optimizer(model, recipe.train)

@@ -1,3 +1,4 @@
 from capfilt.cli.main import main
 
-main()
+if __name__ == "__main__":  # not when a loader worker process imports it
+    main()

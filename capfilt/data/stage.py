@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ def run_shard_stage(
             len(mine),
         )
     total = sum(samples_per_shard[i] for i in todo) if samples_per_shard else None
+    started, processed = time.perf_counter(), 0
     with ProgressReporter(desc or stage, total=total, enabled=dist.is_main) as progress:
         for index in todo:
             try:
@@ -145,7 +147,20 @@ def run_shard_stage(
                 result.failed[index] = f"{type(err).__name__}: {err}"
                 continue
             result.done.append(index)
+            processed += stats["input_count"]
             progress.advance(stats["input_count"])
+    if processed:
+        # the stage's own rate (model loading and process start excluded): what a user compares
+        # between machines, batch sizes and worker counts
+        seconds = time.perf_counter() - started
+        log.info(
+            "%s: %d samples in %.1f s (%.1f samples/s%s)",
+            stage,
+            processed,
+            seconds,
+            processed / max(seconds, 1e-9),
+            f" on rank {dist.rank} of {dist.world_size}" if dist.world_size > 1 else "",
+        )
     barrier()
     names = [shard_name(i, prefix) for i in range(n_shards)]
     if dist.is_main:

@@ -10,6 +10,7 @@ from capfilt.model.med import LOSSES, MED, count_parameters
 from capfilt.model.tokenizer import (
     build_tokenizer,
     load_tokenizer,
+    pad_vocabulary,
     prompt_length,
     special_ids,
     tokenize,
@@ -32,6 +33,7 @@ __all__ = [
     "lm_loss",
     "load_model_folder",
     "load_tokenizer",
+    "pad_vocabulary",
     "prompt_length",
     "read_meta",
     "sample_itm_negatives",

@@ -155,3 +155,12 @@ def prompt_length(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
     """Tokens that the prompt takes at the start of a decoder input, the leading [DEC] included
     (BLIP: ``len(tokenizer(prompt).input_ids) - 1``), 0 without a prompt; pass it as ``prompt_len``."""
     return 1 + len(prompt_token_ids(tokenizer, prompt)) if prompt else 0
+
+
+def pad_vocabulary(tokenizer: PreTrainedTokenizerFast, size: int) -> PreTrainedTokenizerFast:
+    """Append ``[unusedN]`` tokens until ``len(tokenizer) == size`` (no-op when it is already as
+    large). Offline benchmarks at BLIP-base size use it: the LM head's width (BERT's 30,522 ids),
+    not the pieces a small corpus yields, sets the FLOPs of the captioner's last layer."""
+    if size > len(tokenizer):
+        tokenizer.add_tokens([f"[unused{i}]" for i in range(size - len(tokenizer))])
+    return tokenizer
