@@ -242,10 +242,7 @@ def repretrain_sources(human: list[str], filtered: Path) -> list[str]:
     from capfilt.data.shards import count_samples, expand_shards
 
     if not any(Path(filtered).glob("*.tar")) or count_samples(expand_shards([str(filtered)])) == 0:
-        log.warning(
-            "no web text in %s (the filter kept none): pretraining on the human shards only",
-            filtered,
-        )
+        log.warning("no web sample left in %s: pretraining on the human shards only", filtered)
         return list(human)
     return [*human, str(filtered)]
 
