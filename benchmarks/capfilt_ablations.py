@@ -213,6 +213,13 @@ def format_aggregate(world: str, agg: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _print_stage(event: Any) -> None:
+    """One line per finished stage, as ``capfilt demo`` prints it."""
+    if event.status in ("done", "done-earlier", "partial"):
+        seconds = "" if event.seconds is None else f" in {event.seconds:.1f} s"
+        print(f"  {event.key}: {event.status}{seconds} → {event.output}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             recipe = load_recipe(args.recipe, overrides)
             out = args.out / world / f"seed{seed}"
             print(f"== {world} seed {seed} → {out}", flush=True)
-            summary = run_demo(recipe, out, ablations=True)
+            summary = run_demo(recipe, out, ablations=True, on_stage=_print_stage)
             write_report(out)
             runs.append(
                 {

@@ -124,3 +124,4 @@ def test_the_script_runs_as_a_user_runs_it(tmp_path):
     assert synth["seed"] == 1000 and synth["noise_rate"] == 0.5
     assert set(result["aggregate"]) == {"main", "second"}
     assert "world second: mean ± sd over 1 run(s)" in proc.stdout
+    assert "pretrain-oracle: done in" in proc.stdout
