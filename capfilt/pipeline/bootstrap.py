@@ -58,6 +58,11 @@ STAGES = (  # in pipeline order
 )
 ROUND_STAGES = STAGES[1:6]
 """The stages every round repeats."""
+ABLATIONS = ("oracle", "filter-only", "captioner-only")
+"""Pretrains that tell what each half of CapFilt is worth (BLIP Table 1's C and F rows), beside
+the baseline and CapFilt: human + only the truly clean web texts (the benchmark's truth), human +
+the web texts the filter kept, human + every web text and synthetic caption
+(:mod:`capfilt.pipeline.ablations` plans them)."""
 MANIFEST_FORMAT = 1
 
 
@@ -151,6 +156,14 @@ class BootstrapLayout:
     def capfilt(self, round_: int) -> Path:
         return self.run("pretrain_capfilt", round_)
 
+    def ablation(self, name: str) -> Path:
+        """The run folder of ablation ``name`` (one of :data:`ABLATIONS`)."""
+        return self.run(f"pretrain_{name.replace('-', '_')}")
+
+    def ablation_data(self, name: str) -> Path:
+        """The web shards ablation ``name`` pretrains on, where it derives its own."""
+        return self.data / f"web_{name.replace('-', '_')}"
+
     def captioned(self, round_: int) -> Path:
         return self.round_dir(round_) / "data" / "web_captioned"
 
@@ -206,7 +219,7 @@ def marker_path(layout: BootstrapLayout, key: str) -> Path:
     return layout.stages / f"{key.replace('/', '-')}.json"
 
 
-def _train(
+def train_stage(
     stage: str, recipe: Recipe, shards: list[str], out: Path, init: Path | str | None = None
 ) -> Path:
     from capfilt.train.trainer import TrainJob, train
@@ -223,15 +236,13 @@ def _train(
     )
 
 
-def _repretrain_sources(human: list[str], filtered: Path) -> list[str]:
-    """Human shards + the filter's kept shards; human alone when the filter kept nothing (a
-    source without samples cannot feed the training stream)."""
+def repretrain_sources(human: list[str], filtered: Path) -> list[str]:
+    """Human shards + the filter's kept shards (or another derived web set); human alone when
+    it holds nothing (a source without samples cannot feed the training stream)."""
     from capfilt.data.shards import count_samples, expand_shards
 
-    if count_samples(expand_shards([str(filtered)])) == 0:
-        log.warning(
-            "the filter kept no text in %s: re-pretraining on the human shards only", filtered
-        )
+    if not any(Path(filtered).glob("*.tar")) or count_samples(expand_shards([str(filtered)])) == 0:
+        log.warning("no web sample left in %s: pretraining on the human shards only", filtered)
         return list(human)
     return [*human, str(filtered)]
 
@@ -248,7 +259,7 @@ def plan_steps(recipe: Recipe, inputs: BootstrapInputs, layout: BootstrapLayout)
         steps.append(
             Step(
                 "pretrain-baseline", "pretrain-baseline", 1, layout.baseline, human + web,
-                lambda: _train("pretrain", recipe, human + web, layout.baseline),
+                lambda: train_stage("pretrain", recipe, human + web, layout.baseline),
             )
         )  # fmt: skip
     for r in range(1, inputs.rounds + 1):
@@ -262,14 +273,14 @@ def plan_steps(recipe: Recipe, inputs: BootstrapInputs, layout: BootstrapLayout)
             steps.append(
                 Step(
                     step_key("finetune-captioner", r), "finetune-captioner", r, cap_dir, human,
-                    lambda init=init, out=cap_dir: _train("captioner", recipe, human, out, init),
+                    lambda init=init, out=cap_dir: train_stage("captioner", recipe, human, out, init),
                     [init_key],
                 )
             )  # fmt: skip
             steps.append(
                 Step(
                     step_key("finetune-filter", r), "finetune-filter", r, filt_dir, human,
-                    lambda init=init, out=filt_dir: _train("filter", recipe, human, out, init),
+                    lambda init=init, out=filt_dir: train_stage("filter", recipe, human, out, init),
                     [init_key],
                 )
             )  # fmt: skip
@@ -303,8 +314,8 @@ def plan_steps(recipe: Recipe, inputs: BootstrapInputs, layout: BootstrapLayout)
                 Step(
                     step_key("pretrain-capfilt", r), "pretrain-capfilt", r, out,
                     [*human, str(filtered)],
-                    lambda out=out, filtered=filtered: _train(
-                        "pretrain", recipe, _repretrain_sources(human, filtered), out
+                    lambda out=out, filtered=filtered: train_stage(
+                        "pretrain", recipe, repretrain_sources(human, filtered), out
                     ),
                     [step_key("filter", r)],
                 )
@@ -359,8 +370,8 @@ def evaluate_run(
     layout: BootstrapLayout,
     round_extra: RoundExtra | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every output present: retrieval of each pretrained model and the caption metrics
-    of each captioner on ``inputs.test``, the filter's figures of each round (from its parquet),
+    """Evaluate every output present: retrieval of each pretrained model (ablations included)
+    and the caption metrics of each captioner on ``inputs.test``, the filter's figures of each round (from its parquet),
     and ``round_extra`` (the demo's truth checks). Each part also goes to its round's eval/."""
     from capfilt.eval.stage_eval import evaluate_captioner
 
@@ -373,6 +384,17 @@ def evaluate_run(
         atomic_write_json(
             layout.eval(1) / "baseline_retrieval.json", results["baseline"]["retrieval"]
         )
+    ablations = {}
+    for name in ABLATIONS:  # every ablation run present, whether or not this run made it
+        model = _done_model(layout.ablation(name))
+        if test and model is not None:
+            ablations[name] = {"retrieval": _retrieval(model, test, recipe)}
+            atomic_write_json(
+                layout.eval(1) / f"{name.replace('-', '_')}_retrieval.json",
+                ablations[name]["retrieval"],
+            )
+    if ablations:
+        results["ablations"] = ablations
     for r in range(1, inputs.rounds + 1):
         ev = layout.eval(r)
         ev.mkdir(parents=True, exist_ok=True)
@@ -491,18 +513,23 @@ def run_bootstrap(
     restart_from: str | None = None,
     on_stage: Callable[[StageEvent], None] | None = None,
     pre_steps: list[Step] | None = None,
+    post_steps: list[Step] | None = None,
     round_extra: RoundExtra | None = None,
     summary_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every step; returns the summary written to ``OUT/summary.json``.
 
-    ``pre_steps`` run first under the same manifest (the demo's synth); ``round_extra`` adds
-    per-round evaluations; ``summary_extra`` adds top-level summary keys.
+    ``pre_steps`` run first under the same manifest (the demo's synth), ``post_steps`` after
+    the loop and before the evaluation (the ablations, :mod:`capfilt.pipeline.ablations`);
+    ``round_extra`` adds per-round evaluations; ``summary_extra`` adds top-level summary keys.
     """
     inputs.validate()
     layout = BootstrapLayout(Path(out))
-    pre_steps = list(pre_steps or [])
-    known = tuple(s.stage for s in pre_steps) + STAGES
+    pre_steps, post_steps = list(pre_steps or []), list(post_steps or [])
+    known = (
+        tuple(s.stage for s in pre_steps) + STAGES[:-1] + tuple(s.stage for s in post_steps)
+        + STAGES[-1:]
+    )  # fmt: skip
     _check_selection(skip, "--skip", known)
     _check_selection(only, "--only", known)
     if restart_from is not None:
@@ -514,7 +541,7 @@ def run_bootstrap(
         "evaluate", "evaluate", 1, layout.eval(1), list(inputs.test),
         lambda: evaluate_run(recipe, inputs, layout, round_extra),
     )  # fmt: skip
-    steps = [*pre_steps, *plan_steps(recipe, inputs, layout), evaluate]
+    steps = [*pre_steps, *plan_steps(recipe, inputs, layout), *post_steps, evaluate]
     if restart_from is not None:
         first = next((i for i, s in enumerate(steps) if s.stage == restart_from), None)
         if first is None:
@@ -595,7 +622,10 @@ def build_summary(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``summary.json``: the last round's figures at the top (baseline, capfilt, filter,
-    captioner, and the demo's captions), every round under ``rounds``, timings and outputs."""
+    captioner, and the demo's captions), the ablations' retrieval and the gap CapFilt closes
+    (where an oracle ran), every round under ``rounds``, timings and outputs."""
+    from capfilt.pipeline.summary import gap_closed
+
     evaluation = {}
     path = layout.eval(1) / "evaluation.json"
     if path.is_file():
@@ -618,4 +648,7 @@ def build_summary(
     }
     if "captions" in last:
         summary["captions"] = last["captions"]
+    if evaluation.get("ablations"):
+        summary["ablations"] = evaluation["ablations"]
+        summary["gap_closed"] = gap_closed(summary)
     return summary

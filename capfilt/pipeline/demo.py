@@ -10,6 +10,11 @@ only the benchmark can give: the filter's precision/recall against the stored no
 truth columns ride in the filter's parquet) and the share of synthetic captions true of their
 scene (``captions``).
 
+With ``ablations`` (``capfilt demo --ablations``) three more pretrains run before the evaluation
+(:mod:`capfilt.pipeline.ablations`): the oracle (human + only the truly clean web texts), filter
+only and captioner only; the summary then gives the gap CapFilt closes between the baseline and
+the oracle. Each is one more pretrain of the baseline's length, so they are off by default.
+
 ``capfilt demo`` then writes ``report.html`` from the folder (:mod:`capfilt.report`).
 """
 
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.config import Recipe
+from capfilt.pipeline.ablations import ABLATION_STAGES, ablation_steps
 from capfilt.pipeline.bootstrap import STAGES as BOOTSTRAP_STAGES
 from capfilt.pipeline.bootstrap import (
     BootstrapInputs,
@@ -33,8 +39,8 @@ from capfilt.utils.logging import get_logger
 
 log = get_logger("demo")
 
-STAGES = ("synth", *BOOTSTRAP_STAGES)
-"""The demo's stages, in pipeline order."""
+STAGES = ("synth", *BOOTSTRAP_STAGES[:-1], *ABLATION_STAGES, BOOTSTRAP_STAGES[-1])
+"""The demo's stages, in pipeline order (the ablation stages run with ``ablations`` only)."""
 
 __all__ = ["STAGES", "caption_truth", "filter_metrics", "run_demo"]
 
@@ -81,8 +87,10 @@ def run_demo(
     out: Path,
     skip: tuple[str, ...] = (),
     on_stage: Callable[[StageEvent], None] | None = None,
+    ablations: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage; returns the summary written to ``OUT/summary.json``."""
+    """Run (or resume) every stage, the ablations too with ``ablations``; returns the summary
+    written to ``OUT/summary.json``."""
     layout = BootstrapLayout(Path(out))
 
     def do_synth() -> dict:
@@ -96,6 +104,7 @@ def run_demo(
         test=[str(layout.split("test"))],
     )
     synth = Step("synth", "synth", 1, layout.data, [], do_synth)
+    post = ablation_steps(recipe, inputs, layout, oracle_needs=("synth",)) if ablations else []
     return run_bootstrap(
         recipe,
         inputs,
@@ -103,6 +112,7 @@ def run_demo(
         skip=skip,
         on_stage=on_stage,
         pre_steps=[synth],
+        post_steps=post,
         round_extra=lambda r, lay: {"captions": caption_truth(lay.captioned(r))},
         summary_extra={"synth_seed": recipe.synth.seed},
     )

@@ -4,8 +4,9 @@ HTML report shows, formatted once here so that the two only lay them out.
 ``summary.json`` (written by :func:`capfilt.pipeline.demo.run_demo`) holds ``baseline.retrieval``
 and ``capfilt.retrieval`` (:func:`capfilt.eval.retrieval.evaluate_retrieval`), ``filter``
 (:func:`capfilt.eval.filter_metrics.filter_report`), ``captions`` (truth rate of the synthetic
-captions) and ``timings``. Any part may be missing or broken (a run still in progress): its
-figures then read as a dash.
+captions), ``timings``, and with ``--ablations`` ``ablations.<name>.retrieval`` for the oracle,
+filter-only and captioner-only pretrains. Any part may be missing or broken (a run still in
+progress): its figures then read as a dash.
 """
 
 from __future__ import annotations
@@ -194,3 +195,102 @@ def demo_figures(summary: dict[str, Any], fallback: dict[str, Any] | None = None
         *filter_figures(section(summary, "filter"), fallback),
         truth_figure(section(summary, "captions")),
     ]
+
+
+RUNS = (
+    ("baseline", "baseline", "human + all web"),
+    ("oracle", "oracle", "human + truly clean web"),
+    ("filter-only", "filter only", "human + kept web"),
+    ("captioner-only", "captioner only", "human + all web + all synthetic"),
+    ("capfilt", "CapFilt", "human + kept web + kept synthetic"),
+)
+"""Every pretrain a run folder may hold, in the order the tables show them: (name, label, data)."""
+
+GAP_FIGURES = (("r1_mean", "mean R@1"), ("r_mean", "mean of all R@K"))
+"""The figures gap closed is given on."""
+
+
+def mean_r1(retrieval: Any) -> float | None:
+    """Mean of text and image retrieval R@1 (percent), or None where either is missing."""
+    tr, ir = number(dig(retrieval, "tr_r1")), number(dig(retrieval, "ir_r1"))
+    return None if tr is None or ir is None else (tr + ir) / 2
+
+
+def figure_of(retrieval: Any, key: str) -> float | None:
+    """``r1_mean`` (:func:`mean_r1`) or any figure ``evaluate_retrieval`` gives, e.g. ``r_mean``."""
+    return mean_r1(retrieval) if key == "r1_mean" else number(dig(retrieval, key))
+
+
+def run_retrieval(summary: dict[str, Any], name: str) -> dict[str, Any]:
+    """The retrieval figures of run ``name`` (one of :data:`RUNS`), ``{}`` when absent."""
+    if name in ("baseline", "capfilt"):
+        return section(section(summary, name), "retrieval")
+    return section(section(section(summary, "ablations"), name), "retrieval")
+
+
+def gap_ratio(baseline: float | None, capfilt: float | None, oracle: float | None) -> float | None:
+    """(CapFilt − baseline) / (oracle − baseline): the share of the gain that training on only
+    the clean web texts gives which CapFilt gets (above 1: CapFilt beats clean-only training).
+    None where a figure is missing or the oracle is not above the baseline (no gain to close)."""
+    if baseline is None or capfilt is None or oracle is None or oracle <= baseline:
+        return None
+    return (capfilt - baseline) / (oracle - baseline)
+
+
+def gap_closed(summary: dict[str, Any]) -> dict[str, float | None]:
+    """Gap closed on each of :data:`GAP_FIGURES` (None where it cannot be computed)."""
+    base, cap, oracle = (run_retrieval(summary, n) for n in ("baseline", "capfilt", "oracle"))
+    return {
+        key: gap_ratio(figure_of(base, key), figure_of(cap, key), figure_of(oracle, key))
+        for key, _ in GAP_FIGURES
+    }
+
+
+ABLATION_COLUMNS = (
+    ("r1_mean", "mean R@1"),
+    ("tr_r1", "TR@1"),
+    ("ir_r1", "IR@1"),
+    ("r_mean", "mean of all R@K"),
+)
+"""The columns of the ablation table (recall in percent)."""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One pretrain's retrieval figures, formatted (one decimal), in :data:`ABLATION_COLUMNS` order."""
+
+    name: str
+    label: str
+    data: str
+    cells: tuple[str, ...]
+
+
+def ablation_rows(summary: dict[str, Any]) -> list[RunRow]:
+    """A row for every pretrain of :data:`RUNS` whose retrieval the summary holds."""
+    rows = []
+    for name, label, data in RUNS:
+        retrieval = run_retrieval(summary, name)
+        if retrieval:
+            cells = tuple(fmt(figure_of(retrieval, key), 1) for key, _ in ABLATION_COLUMNS)
+            rows.append(RunRow(name, label, data, cells))
+    return rows
+
+
+def has_ablations(summary: dict[str, Any]) -> bool:
+    """Whether the summary holds the retrieval of any ablation pretrain."""
+    return any(run_retrieval(summary, name) for name, _, _ in RUNS[1:4])
+
+
+def gap_figures(summary: dict[str, Any]) -> list[Figure]:
+    """Gap closed on mean R@1 and on the mean of all R@K, two decimals (a dash without an oracle
+    above the baseline)."""
+    gaps = gap_closed(summary)
+    base, oracle = run_retrieval(summary, "baseline"), run_retrieval(summary, "oracle")
+    figures = []
+    for key, label in GAP_FIGURES:
+        text = fmt(gaps[key], 2)
+        b, o = figure_of(base, key), figure_of(oracle, key)
+        if gaps[key] is None and b is not None and o is not None and o <= b:
+            text += " (oracle not above baseline)"
+        figures.append(Figure(f"gap_closed.{key}", f"Gap closed, {label}", text))
+    return figures

@@ -17,6 +17,7 @@ from capfilt.report.charts import PALETTE, Series, empty_chart, histogram_chart,
 from capfilt.report.examples import Example, pick_examples
 from capfilt.report.load import RunData, load_run
 from capfilt.report.tables import (
+    ablation_table,
     filter_table,
     filter_threshold,
     overview_tables,
@@ -58,6 +59,8 @@ table.metrics th, table.metrics td { padding:5px 12px; border-bottom:1px solid v
 table.metrics th:first-child { text-align:left; font-weight:500; }
 table.metrics thead th { background:#eef1f5; font-weight:600; }
 table.metrics tr.mean th, table.metrics tr.mean td { font-weight:600; background:#fafbfc; }
+table.metrics td.data { text-align:left; color:var(--muted); font-size:13px; }
+#gap-table { margin-top:10px; }
 td.diff.up { color:#1c7a3e; font-weight:600; } td.diff.down { color:#b52b27; font-weight:600; }
 .star { color:#8a6100; margin-left:2px; }
 table.kv th, table.kv td { padding:3px 10px; border-bottom:1px solid var(--line); text-align:left; font-size:13px; }
@@ -155,11 +158,21 @@ def _header(data: RunData) -> str:
 
 def _retrieval(data: RunData) -> str:
     table, notes = retrieval_table(data.summary)
+    ablations = ablation_table(data.summary)
+    if ablations:
+        ablations = (
+            '<h3 id="ablations">Ablations</h3><p class="lead">The same pretrain on other data: the '
+            "oracle sees only the truly clean web texts, filter only drops the synthetic captions "
+            "from CapFilt's kept set, captioner only keeps every text. Gap closed = (CapFilt − "
+            "baseline) / (oracle − baseline): 1 means CapFilt does as well as clean-only "
+            "training; above 1, better.</p>"
+            f"{ablations}"
+        )
     return (
         '<section id="retrieval"><h2>1. Retrieval: baseline vs CapFilt</h2>'
         '<p class="lead">Recall@K (%) on the held-out test set; text retrieval = image→text, image retrieval = '
         "text→image (ITC top-k reranked by ITM, as in BLIP). Δ &gt; 0 means CapFilt helped.</p>"
-        f"{table}{_notes(notes)}</section>"
+        f"{table}{_notes(notes)}{ablations}</section>"
     )
 
 

@@ -15,11 +15,15 @@ import pandas as pd
 from capfilt.eval.filter_metrics import filter_report
 from capfilt.pipeline.demo import STAGES
 from capfilt.pipeline.summary import (
+    ABLATION_COLUMNS,
     DASH,
     Figure,
+    ablation_rows,
     demo_figures,
     dig,
     fmt_seconds,
+    gap_figures,
+    has_ablations,
     number,
     retrieval_rows,
     section,
@@ -53,6 +57,33 @@ def retrieval_table(summary: dict[str, Any]) -> tuple[str, list[str]]:
     return (
         f'<table class="metrics" id="retrieval-table">{head}<tbody>{"".join(rows)}</tbody></table>',
         notes,
+    )
+
+
+def ablation_table(summary: dict[str, Any]) -> str:
+    """Every pretrain present (baseline, oracle, filter only, captioner only, CapFilt) and the
+    gap CapFilt closes; empty when no ablation ran."""
+    if not has_ablations(summary):
+        return ""
+    head = "".join(
+        f"<th>{escape(h)}</th>"
+        for h in ("Pretrain", "Data", *(f"{label} (%)" for _, label in ABLATION_COLUMNS))
+    )
+    body = "".join(
+        f'<tr data-key="{escape(row.name)}"><th>{escape(row.label)}</th>'
+        f'<td class="data">{escape(row.data)}</td>'
+        + "".join(f"<td>{escape(cell)}</td>" for cell in row.cells)
+        + "</tr>"
+        for row in ablation_rows(summary)
+    )
+    gaps = "".join(
+        f'<tr data-key="{escape(fig.key)}"><th>{escape(fig.label)}</th><td>{escape(fig.text)}</td></tr>'
+        for fig in gap_figures(summary)
+    )
+    return (
+        f'<table class="metrics" id="ablation-table"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table>"
+        f'<table class="metrics" id="gap-table"><tbody>{gaps}</tbody></table>'
     )
 
 
