@@ -212,3 +212,19 @@ def test_cli_table_and_report_show_every_run(demo):
     for name in ("baseline", "oracle", "filter-only", "captioner-only", "capfilt"):
         assert f'<tr data-key="{name}">' in html
     assert 'data-key="gap_closed.r1_mean"' in html
+
+
+def test_a_demo_folder_copied_elsewhere_resumes_without_rerunning(demo, tmp_path):
+    # the demo's own shards are inputs of its stages: the manifest names them relative to the
+    # run folder, so a copy (another disk, another user's scratch) is the same run
+    import shutil
+
+    out, runs = demo
+    copy = tmp_path / "moved" / "demo"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert all(p.startswith("<run>/") for p in manifest["inputs"]["web"]), manifest["inputs"]
+    events = []
+    summary = run_demo(load_recipe("tiny", FAST), copy, on_stage=events.append, ablations=True)
+    assert _ran(events) == []
+    assert summary["ablations"] == runs["again"]["summary"]["ablations"]

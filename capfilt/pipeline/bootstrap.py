@@ -102,14 +102,18 @@ class BootstrapInputs:
         if trains and not self.human:
             raise ConfigError("--human: the human-annotated shards are needed to train")
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, root: Path | None = None) -> dict[str, Any]:
         """The inputs as the manifest compares them: paths made absolute, rounds left out (a
-        run may be extended by more rounds)."""
+        run may be extended by more rounds). A path inside ``root`` (the run folder: the demo's
+        own shards) is written relative to it, so a run folder moved or copied elsewhere still
+        resumes."""
 
         def spec(text: str) -> str:
             # a URL or pipe spec stays as written; a path is made absolute whether or not it
             # exists yet (the demo names its shard folders before it writes them)
-            return text if re.match(r"^[a-z][a-z0-9+.-]+:", text) else os.path.abspath(text)
+            if re.match(r"^[a-z][a-z0-9+.-]+:", text):
+                return text
+            return run_relative(os.path.abspath(text), root)
 
         return {
             "human": [spec(s) for s in self.human],
@@ -119,6 +123,20 @@ class BootstrapInputs:
             "filter": spec(self.filter) if self.filter else None,
             "pretrain_after": self.pretrain_after,
         }
+
+
+RUN_FOLDER = "<run>"
+"""How the manifest writes the run folder at the start of a path inside it."""
+
+
+def run_relative(path: str, root: Path | None) -> str:
+    """``path`` (absolute) as ``<run>/...`` when it lies inside the run folder ``root``."""
+    if root is None:
+        return path
+    base = os.path.abspath(root)
+    if path == base or path.startswith(base + os.sep):
+        return RUN_FOLDER + path[len(base) :]
+    return path
 
 
 @dataclass
@@ -439,9 +457,19 @@ def _write_manifest(layout: BootstrapLayout, manifest: dict[str, Any]) -> None:
     atomic_write_json(layout.manifest, manifest)
 
 
-def _first_affected(previous: dict[str, Any], recipe_hash: str, fingerprint: dict) -> str | None:
+def _first_affected(
+    previous: dict[str, Any], recipe_hash: str, fingerprint: dict, root: Path
+) -> str | None:
     """The earliest stage a change of recipe or inputs invalidates (None: nothing changed)."""
-    before = previous.get("inputs") or {}
+
+    def relative(value):  # manifests written before paths inside the run were relative
+        if isinstance(value, list):
+            return [relative(v) for v in value]
+        return (
+            run_relative(value, root) if isinstance(value, str) and os.path.isabs(value) else value
+        )
+
+    before = {k: relative(v) for k, v in (previous.get("inputs") or {}).items()}
     changed = [k for k in fingerprint if before.get(k) != fingerprint[k]]
     if previous.get("recipe_hash") != recipe_hash or {"human", "web"} & set(changed):
         return "pretrain-baseline"
@@ -461,10 +489,10 @@ def open_manifest(
     """Create the manifest, or re-open it: a changed recipe or input is refused unless
     ``restart_from`` is given (the caller then redoes that stage and every later one)."""
     layout.root.mkdir(parents=True, exist_ok=True)
-    recipe_hash, fingerprint = config_hash(recipe_identity(recipe)), inputs.fingerprint()
+    recipe_hash, fingerprint = config_hash(recipe_identity(recipe)), inputs.fingerprint(layout.root)
     previous = _read_manifest(layout)
     if previous is not None and restart_from is None:
-        stage = _first_affected(previous, recipe_hash, fingerprint)
+        stage = _first_affected(previous, recipe_hash, fingerprint, layout.root)
         if stage is not None:
             what = (
                 "another recipe" if previous.get("recipe_hash") != recipe_hash else "other inputs"
