@@ -70,13 +70,12 @@ def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
-def random_negatives(sim_i2t, sim_t2i, image_ids, generator=None):
-    zeros = torch.zeros_like(sim_i2t)
-    return sample_itm_negatives(zeros, zeros, image_ids, generator)
+def random_negatives(sim_i2t, sim_t2i, image_ids, generator=None, mode="hard"):
+    return sample_itm_negatives(sim_i2t, sim_t2i, image_ids, generator, mode="random")
 
 
-def soft_negatives(sim_i2t, sim_t2i, image_ids, generator=None):
-    return sample_itm_negatives(sim_i2t * 0.5, sim_t2i * 0.5, image_ids, generator)
+def soft_negatives(sim_i2t, sim_t2i, image_ids, generator=None, mode="hard"):
+    return sample_itm_negatives(sim_i2t * 0.5, sim_t2i * 0.5, image_ids, generator, mode="hard")
 
 
 SAMPLERS = {"hard": sample_itm_negatives, "soft": soft_negatives, "random": random_negatives}

@@ -79,6 +79,8 @@ def test_overrides_set_nested_fields_and_parse_types():
         ("data.crop_scale=[0.5]", "data.crop_scale"),
         ("model.image_pool=max", "model.image_pool"),
         ("model.weight_init=xavier", "model.weight_init"),
+        ("train.itm_negatives=soft", "train.itm_negatives"),
+        ("finetune.filter.itm_negatives=easy", "finetune.filter.itm_negatives"),
     ],
 )
 def test_bad_keys_and_types_name_the_key(override, needle):

@@ -213,3 +213,86 @@ def test_negative_sampler_without_negatives_raises_clearly():
         sample_itm_negatives(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([0]))
     with pytest.raises(ValueError, match="at least 2 distinct images"):
         sample_itm_negatives(torch.zeros(3, 3), torch.zeros(3, 3), torch.tensor([4, 4, 4]))
+
+
+@pytest.mark.parametrize("mode", ["hard", "random", "mixed"])
+def test_negative_sampler_never_draws_the_positive_in_any_mode(mode):
+    ids = torch.tensor([10, 10, 11, 12, 13, 14])  # rows 0 and 1 share an image
+    sim = torch.zeros(6, 6)
+    sim[torch.arange(6), torch.arange(6)] = 50.0  # positives dominate the softmax
+    sim[0, 1] = sim[1, 0] = 50.0
+    same = ids[:, None] == ids[None, :]
+    rows = torch.arange(6)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        for neg in sample_itm_negatives(sim, sim, ids, generator=g, mode=mode):
+            assert not same[rows, neg].any()
+
+
+def test_random_negatives_are_uniform_over_the_other_images():
+    # rows 0 and 1 share an image: 4 candidates each; the others 5. Similarities must not matter.
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(6, 6, generator=g) * 10
+    draws = 6000
+    counts = torch.zeros(6, 6)
+    rows = torch.arange(6)
+    for _ in range(draws):
+        neg_img, neg_txt = sample_itm_negatives(sim, -sim, ids, generator=g, mode="random")
+        counts[rows, neg_img] += 1
+        counts[rows, neg_txt] += 1
+    n = 2 * draws
+    valid = ids[:, None] != ids[None, :]
+    p = valid.float() / valid.sum(1, keepdim=True)
+    assert (counts[~valid] == 0).all()
+    # each count is Binomial(n, p): 5 standard deviations (a false alarm about 1 in 10^6 per cell)
+    sd = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 5 * sd + 1e-6).all(), counts / n
+    # and the sampler is not merely close but uniform: a softmax of sim * 10 would be far off
+    assert ((counts[valid] / n) - p[valid]).abs().max() < 0.02
+
+
+def test_hard_negatives_are_blips_draw_for_a_fixed_seed():
+    """``hard`` (the default) draws exactly BLIP's softmax(sim) + 1e-4 from the generator's stream."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])
+    sim_i2t = torch.randn(8, 8, generator=g) * 3
+    sim_t2i = torch.randn(8, 8, generator=g) * 3
+    same = ids[:, None] == ids[None, :]
+    ref = torch.Generator().manual_seed(7)
+    want_img = torch.multinomial(
+        (sim_t2i.softmax(1) + 1e-4).masked_fill(same, 0), 1, generator=ref
+    ).squeeze(1)
+    want_txt = torch.multinomial(
+        (sim_i2t.softmax(1) + 1e-4).masked_fill(same, 0), 1, generator=ref
+    ).squeeze(1)
+    for kwargs in ({}, {"mode": "hard"}):
+        got = sample_itm_negatives(
+            sim_i2t, sim_t2i, ids, generator=torch.Generator().manual_seed(7), **kwargs
+        )
+        assert torch.equal(got[0], want_img) and torch.equal(got[1], want_txt)
+
+
+def test_mixed_negatives_are_hard_on_even_rows_and_uniform_on_odd_rows():
+    ids = torch.arange(6)
+    sim = torch.full((6, 6), -50.0)
+    sim[:, 5] = 50.0  # column 5 takes all the softmax mass of every other row
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6, 6)
+    rows = torch.arange(6)
+    for _ in range(2000):
+        for neg in sample_itm_negatives(sim, sim, ids, generator=g, mode="mixed"):
+            counts[rows, neg] += 1
+    # hard rows: the confusable column but for BLIP's 1e-4 floor (4 others x 1e-4 per draw)
+    assert (counts[[0, 2, 4], 5] >= 3980).all()
+    # random rows: 5 candidates each, 4000 draws; Binomial(4000, 0.2) has sd 25.3
+    odd = counts[[1, 3]]
+    off_diag = odd[odd > 0]
+    assert off_diag.numel() == 10 and ((off_diag - 800).abs() < 130).all()
+
+
+def test_negative_sampler_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sample_itm_negatives(
+            torch.zeros(2, 2), torch.zeros(2, 2), torch.tensor([0, 1]), mode="soft"
+        )

@@ -122,6 +122,21 @@ def _job(synth_data, out, *overrides, stop_after=None, resume="never"):
     )
 
 
+def test_train_itm_negatives_reaches_the_sampler(synth_data, tmp_path, monkeypatch):
+    import capfilt.model.med as med
+
+    modes = []
+    real = med.sample_itm_negatives
+
+    def record(*args, mode="hard", **kwargs):
+        modes.append(mode)
+        return real(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(med, "sample_itm_negatives", record)
+    train(_job(synth_data, tmp_path / "run", "train.itm_negatives=random", stop_after=2))
+    assert modes == ["random", "random"]
+
+
 def test_resume_after_stop_equals_uninterrupted_run(synth_data, tmp_path):
     train(_job(synth_data, tmp_path / "a", "train.samples_per_epoch=96"))  # 12 steps
     train(_job(synth_data, tmp_path / "b", "train.samples_per_epoch=96", stop_after=5))

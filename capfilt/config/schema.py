@@ -72,6 +72,10 @@ class SynthConfig:
         check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "in [1, 100]", self.jpeg_quality)
 
 
+ItmNegatives = Literal["hard", "random", "mixed"]
+ITM_NEGATIVES = get_args(ItmNegatives)
+"""How ITM negatives are drawn (``train.itm_negatives``; capfilt.model.losses.sample_itm_negatives)."""
+
 ImagePool = Literal["cls", "mean"]
 WeightInit = Literal["bert", "fan_in"]
 IMAGE_POOLS = get_args(ImagePool)
@@ -257,6 +261,13 @@ class TrainConfig:
     """Optimiser steps between checkpoints (a checkpoint is also written at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the newest ones)."""
+    itm_negatives: ItmNegatives = "hard"
+    """How ITM draws its negative image per text and negative text per image from the global batch
+    (docs/architecture.md §2, ITM): ``hard`` (BLIP: with probability softmax of the ITC similarity,
+    so mostly the pairs ITC confuses), ``random`` (uniform over the batch's other images/texts) or
+    ``mixed`` (even rows of the global batch hard, odd rows random). A small model from scratch
+    cannot yet see what tells its hard negatives from the positive, and with ``hard`` ITM stays at
+    its prior; ``random`` teaches it the easy differences first, ``mixed`` keeps half of BLIP's."""
     compile: bool = False
     """Run the training step through ``torch.compile`` (inductor). Pays a compile of tens of
     seconds to minutes at start-up for faster steps on GPU; the saved weights are the same model's."""
@@ -279,6 +290,12 @@ class TrainConfig:
         check(self.ckpt_every >= 1, "ckpt_every", ">= 1", self.ckpt_every)
         # 0 would delete the checkpoint just written, leaving ``latest`` naming nothing
         check(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1", self.keep_checkpoints)
+        check(
+            self.itm_negatives in ITM_NEGATIVES,
+            "itm_negatives",
+            " or ".join(ITM_NEGATIVES),
+            self.itm_negatives,
+        )
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from capfilt.config.schema import ITM_NEGATIVES
+
 IGNORE_INDEX = -100
 """Label of positions that take no part in the LM loss (padding, prompt)."""
 
@@ -72,15 +74,27 @@ def sample_itm_negatives(
     sim_t2i: torch.Tensor,
     image_ids: torch.Tensor,
     generator: torch.Generator | None = None,
+    mode: str = "hard",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard negatives for ITM (docs/architecture.md §2, ITM): one negative image per text, one negative text per image.
+    """Negatives for ITM (docs/architecture.md §2, ITM): one negative image per text, one negative text per image.
 
     ``sim_i2t`` [B, B] (images vs texts) and ``sim_t2i`` [B, B] (texts vs images) of the global
-    batch, ``image_ids`` [B] its image ids. Sampling probability ``softmax(sim) + 1e-4`` (the 1e-4
-    keeps rows from being all zero), with the sample itself (diagonal) and every item of the same
-    image id set to 0. Returns (neg_image_idx [B] for each text, neg_text_idx [B] for each image).
-    Raises ``ValueError`` when a row has no valid negative.
+    batch, ``image_ids`` [B] its image ids. ``mode`` (one of :data:`ITM_NEGATIVES`):
+
+    - ``hard`` (BLIP): sampling probability ``softmax(sim) + 1e-4`` (the 1e-4 keeps rows from being
+      all zero);
+    - ``random``: uniform, whatever the similarities. A small model from scratch learns the
+      easy differences first; BLIP's hard negatives differ from the positive only in what the model
+      cannot yet see, so ITM stays at its prior (docs/architecture.md §2, ITM);
+    - ``mixed``: rows at even positions of the global batch hard, odd rows random (the positions
+      are those of the global batch, so the choice does not depend on the number of ranks).
+
+    In every mode the sample itself (diagonal) and every item of the same image id have probability 0.
+    Returns (neg_image_idx [B] for each text, neg_text_idx [B] for each image).
+    Raises ``ValueError`` when a row has no valid negative or the mode is unknown.
     """
+    if mode not in ITM_NEGATIVES:
+        raise ValueError(f"sample_itm_negatives: mode must be one of {ITM_NEGATIVES}, got {mode!r}")
     big_b = image_ids.numel()
     if sim_i2t.shape != (big_b, big_b) or sim_t2i.shape != (big_b, big_b):
         raise ValueError(
@@ -96,8 +110,16 @@ def sample_itm_negatives(
             f"use as a hard negative (global batch of {big_b} with {int(image_ids.unique().numel())} distinct "
             "image ids). Use a larger batch or drop 'itm' from the losses."
         )
-    w_t2i = (sim_t2i.float().softmax(1) + 1e-4).masked_fill(same, 0)
-    w_i2t = (sim_i2t.float().softmax(1) + 1e-4).masked_fill(same, 0)
+    if mode == "random":
+        w_t2i = w_i2t = valid.float()
+    else:
+        w_t2i = (sim_t2i.float().softmax(1) + 1e-4).masked_fill(same, 0)
+        w_i2t = (sim_i2t.float().softmax(1) + 1e-4).masked_fill(same, 0)
+        if mode == "mixed":
+            # multinomial normalises each row, so uniform rows need no scaling to match the hard ones
+            odd = (torch.arange(big_b, device=valid.device) % 2 == 1).view(-1, 1)
+            w_t2i = torch.where(odd, valid.float(), w_t2i)
+            w_i2t = torch.where(odd, valid.float(), w_i2t)
     neg_image_idx = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_text_idx = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_image_idx, neg_text_idx

@@ -330,6 +330,7 @@ class MED(nn.Module):
         weights: Iterable[str] = LOSSES,
         prompt_len: int = 0,
         generator: torch.Generator | None = None,
+        itm_negatives: str = "hard",
     ) -> dict[str, torch.Tensor]:
         """Losses of docs/architecture.md §2 on a batch; ``loss`` is the unweighted sum of the selected ones.
 
@@ -344,6 +345,8 @@ class MED(nn.Module):
           ("itc", "itm") filter. Losses not computed are returned as 0.
         - ``prompt_len``: leading decoder tokens ([DEC] + prompt) left out of the LM labels.
         - ``generator``: RNG of the ITM negative sampling (on the batch's device).
+        - ``itm_negatives``: how ITM negatives are drawn, ``hard`` (BLIP), ``random`` or ``mixed``
+          (:func:`capfilt.model.losses.sample_itm_negatives`).
         Returns ``{"loss", "loss_itc", "loss_itm", "loss_lm"}`` (0-dim tensors).
         """
         want = set(weights)
@@ -368,6 +371,7 @@ class MED(nn.Module):
                     gather,
                     want,
                     generator,
+                    itm_negatives,
                 )
             )
         if "lm" in want:
@@ -389,6 +393,7 @@ class MED(nn.Module):
         gather,
         want,
         generator,
+        itm_negatives="hard",
     ):
         out = {}
         b = images.shape[0]
@@ -452,7 +457,7 @@ class MED(nn.Module):
 
         if "itm" in want:
             with torch.no_grad():
-                # hard negatives over the global batch, scored against its momentum features (BLIP).
+                # negatives over the global batch, scored against its momentum features (BLIP).
                 # Every rank draws for the whole global batch and keeps its own rows: with the same
                 # generator state the negatives do not depend on the number of ranks.
                 image_feat_glob = gather.no_grad(image_feat).float()
@@ -460,7 +465,7 @@ class MED(nn.Module):
                 sim_i2t = image_feat_glob @ text_feat_m_glob.float().t() / self.temp
                 sim_t2i = text_feat_glob @ image_feat_m_glob.float().t() / self.temp
                 neg_image_all, neg_text_all = sample_itm_negatives(
-                    sim_i2t, sim_t2i, ids_glob, generator=generator
+                    sim_i2t, sim_t2i, ids_glob, generator=generator, mode=itm_negatives
                 )
                 offset = gather.rank * b
                 neg_image_idx = neg_image_all[offset : offset + b]

@@ -391,6 +391,7 @@ class Trainer:
                         weights=self.losses,
                         prompt_len=prompt_len,
                         generator=generator,
+                        itm_negatives=cfg.itm_negatives,
                     )
                 (out["loss"] / cfg.grad_accum).backward()
             for key, value in out.items():
