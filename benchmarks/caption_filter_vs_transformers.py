@@ -12,7 +12,9 @@ capfilt folders) and is converted to ``BlipForConditionalGeneration`` / ``BlipFo
 with :func:`capfilt.model.convert.transformers_io.med_to_hf`, so both sides run the same weights in
 the same process. transformers' BLIP pools the image by its [CLS] token, so a random-weight model
 is built with ``image_pool: cls`` (a recipe's ``mean`` only changes the ITC feature, which the
-exported classes cannot express; the ITM and the captioner are the same either way). Each side
+exported classes cannot express; the ITM and the captioner are the same either way) and without
+the recipe's ``vision_stem`` (transformers' ViT has only the linear patch embedding; the token grid
+is the same). Each side
 runs ``--repeats`` times, alternating, and the fastest run of each is compared. On a GPU both sides
 run under the same bf16 autocast (capfilt's stages' own precision) and are timed by the wall clock.
 
@@ -136,7 +138,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe, args.overrides)
     model_cfg = dataclasses.replace(
-        recipe.model, image_pool="cls", **(MEDIUM if args.size == "medium" else {})
+        recipe.model,
+        image_pool="cls",
+        vision_stem=[],
+        **(MEDIUM if args.size == "medium" else {}),
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.clock = args.clock or ("wall" if device.type == "cuda" else "cpu")

@@ -386,6 +386,9 @@ def test_export_of_a_pretrain_folder_needs_kind(tok_dir, tmp_path):
     mean_cfg = dataclasses.replace(cfg, image_pool="mean")
     with pytest.raises(ValueError, match="image_pool"):
         med_to_hf(build_model(mean_cfg, tokenizer), mean_cfg, "filter")
+    stem_cfg = dataclasses.replace(cfg, vision_stem=[4, 8, 16])
+    with pytest.raises(ValueError, match="vision_stem"):
+        med_to_hf(build_model(stem_cfg, tokenizer), stem_cfg, "filter")
 
 
 def test_full_blip_pth_imports_as_pretrain(tok_dir, tmp_path):

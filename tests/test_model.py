@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capfilt.config import ModelConfig
+from capfilt.config import ConfigError, ModelConfig
 from capfilt.model import (
     MED,
     LocalGather,
@@ -209,6 +209,36 @@ def test_vit_outputs_all_tokens_and_heads(tok):
         model.temp.fill_(-1.0)
     model.clamp_temp()
     assert model.temp.item() == pytest.approx(0.001)
+
+
+def test_conv_stem_replaces_the_patch_embedding(tok, tmp_path):
+    # patch 8 = three stride-2 convolutions: the same token grid as BLIP's patch embedding
+    model = make_model(tok, vision_stem=[4, 8, 16])
+    images, ids, mask = batch(tok)
+    emb = model.encode_image(images)
+    assert emb.shape == make_model(tok).encode_image(images).shape == (4, 1 + 16, 32)
+    params = dict(model.named_parameters())
+    assert params["visual_encoder.patch_embed.proj.0.weight"].shape == (4, 3, 3, 3)
+    assert params["visual_encoder.patch_embed.proj.9.weight"].shape == (32, 16, 1, 1)
+    assert not model.visual_encoder_m.patch_embed.proj[0].weight.requires_grad  # momentum copy
+    # a training step moves the stem (and the batch statistics of its norms)
+    before = params["visual_encoder.patch_embed.proj.0.weight"].detach().clone()
+    norm = model.visual_encoder.patch_embed.proj[1]
+    seen = norm.num_batches_tracked.item()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model.forward_pretrain(images, ids, mask)["loss"].backward()
+    opt.step()
+    assert not torch.equal(before, params["visual_encoder.patch_embed.proj.0.weight"])
+    assert norm.num_batches_tracked.item() == seen + 1
+    # saved and loaded, the model encodes the same (running statistics included)
+    model.eval()
+    save_model_folder(tmp_path / "stem", model, tok, model.cfg, stage="pretrain")
+    loaded, _, cfg, _ = load_model_folder(tmp_path / "stem")
+    assert cfg.vision_stem == [4, 8, 16]
+    assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+    with pytest.raises(ConfigError, match="vision_stem"):
+        tiny_cfg(vision_stem=[4, 8]).validate()
 
 
 def test_mean_image_pool_projects_the_mean_patch_token(tok):
@@ -564,7 +594,7 @@ def test_init_from_vit_and_bert_checkpoints(tok, tmp_path):
     from safetensors.torch import save_file
     from transformers import BertConfig, BertForMaskedLM
 
-    from capfilt.model.med import build_vit
+    from capfilt.model.vision import build_vit
 
     # a ViT trained at another resolution: the position embedding gets resampled
     torch.manual_seed(5)

@@ -12,11 +12,9 @@ Module names follow BLIP's pretraining model (``visual_encoder``, ``text_encoder
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from capfilt.config.schema import ModelConfig
@@ -31,6 +29,7 @@ from capfilt.model.losses import (
     sample_itm_negatives,
 )
 from capfilt.model.text import CrossKV, TextConfig, TextLMHeadModel, TextModel
+from capfilt.model.vision import VIT_LAYER_NORM_EPS, build_vit
 
 LOSSES = ("itc", "itm", "lm")
 """Loss names accepted by ``MED.forward_pretrain(weights=...)``."""
@@ -43,27 +42,6 @@ TEMP_RANGE = (0.001, 0.5)
 
 SHARED_LAYER_PARTS = ("crossattention", "intermediate", "output")
 """Per-layer submodules the decoder takes from the encoder; only ``attention`` (self-attention) is its own."""
-
-VIT_LAYER_NORM_EPS = 1e-6
-"""LayerNorm eps of the ViT (BLIP's, timm's ViT default)."""
-
-
-def build_vit(cfg: ModelConfig, drop_path: float) -> VisionTransformer:
-    """timm ViT returning all tokens ([CLS] first) from ``forward_features`` (docs/architecture.md §1)."""
-    return VisionTransformer(
-        img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        embed_dim=cfg.vision_width,
-        depth=cfg.vision_depth,
-        num_heads=cfg.vision_heads,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        num_classes=0,
-        global_pool="",
-        class_token=True,
-        drop_path_rate=drop_path,
-        norm_layer=partial(nn.LayerNorm, eps=VIT_LAYER_NORM_EPS),
-    )
 
 
 def text_config(

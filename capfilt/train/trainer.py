@@ -106,10 +106,17 @@ def wrap_for_training(
     self-attention or LM head), so DDP looks for unused parameters there; their gradients stay
     None on every rank and AdamW skips them, as in a single process. Buffers (the ITC queues) are
     filled from the global batch identically on every rank, so DDP does not re-broadcast them.
+
+    BatchNorm (``model.vision_stem``) becomes SyncBatchNorm on CUDA, so its statistics are the
+    global batch's as in one process; torch syncs them on accelerators only, so CPU ranks (gloo)
+    normalise by their own part of the batch and save rank 0's running statistics.
     """
     module: nn.Module = model
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the children in place
 
         module = DistributedDataParallel(
             model,

@@ -15,8 +15,9 @@ from capfilt.config.schema import ModelConfig
 from capfilt.model.convert.config_map import TEXT_LEN
 from capfilt.model.convert.fill import fill_imported, new_med
 from capfilt.model.convert.keymaps import KINDS, blip_state_dict_to_med
-from capfilt.model.med import MED, VIT_LAYER_NORM_EPS
+from capfilt.model.med import MED
 from capfilt.model.pretrained import torch_load_weights
+from capfilt.model.vision import VIT_LAYER_NORM_EPS
 
 
 def _count(prefix: str, keys, pattern: str) -> int:

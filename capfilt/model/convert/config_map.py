@@ -66,6 +66,11 @@ def hf_config_from_model(model: MED, cfg: ModelConfig, kind: str, eps: float | N
             f"model.image_pool '{cfg.image_pool}': transformers' BLIP takes the ITC image feature from the [CLS] "
             "token, so this model's ITC scores would change on export; export a model trained with image_pool: cls"
         )
+    if cfg.vision_stem:
+        raise ValueError(
+            f"model.vision_stem {list(cfg.vision_stem)}: transformers' BLIP embeds patches with one "
+            "linear convolution and has no convolutional stem; export a model trained without vision_stem"
+        )
 
     sp = model.special
     text = dict(
