@@ -96,6 +96,10 @@ def test_bootstrap_runs_every_stage_and_writes_manifest_and_summary(run_a, shard
     for part in ("baseline", "capfilt"):
         assert 0 <= summary[part]["retrieval"]["r_mean"] <= 100
     assert summary["captioner"]["n_images"] == 8 and "cider" in summary["captioner"]
+    # BLIP's nucleus sampling writes the data; greedy and beam search are reported beside it
+    by_method = summary["captioner"]["by_method"]
+    assert sorted(by_method) == ["beam", "greedy", "nucleus"]
+    assert by_method["nucleus"]["cider"] == summary["captioner"]["cider"]
     texts = _texts(out / "data" / "web_filtered")
     assert summary["filter"]["n_texts"] == len(texts)
     assert set(summary["timings"]) == set(stages)

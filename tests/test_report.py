@@ -87,6 +87,15 @@ SUMMARY = {
         ],
     },
     "captions": {"truth_rate": 0.734, "n": 256},
+    "captioner": {
+        "cider": 1.37,
+        "truth_rate": 0.43,
+        "by_method": {
+            "nucleus": {"truth_rate": 0.43, "bleu4": 35.7, "cider": 1.37},
+            "greedy": {"truth_rate": 0.538, "bleu4": 44.0, "cider": 1.6},
+            "beam": {"truth_rate": None, "bleu4": 39.8, "cider": 1.507},
+        },
+    },
     "data": {"human": {"images": 96, "texts": 480}, "web": {"images": 128}},
     "timings": {"synth": 1.5, "pretrain-baseline": 95.0, "caption": 12.25},
 }
@@ -328,7 +337,14 @@ def test_demo_table_and_report_show_the_same_figures(fake_run: Path):
     for table in summary_tables(SUMMARY):
         console.print(table)
     printed = console.export_text()
-    for key in ("precision", "roc_auc", "kept_fraction_web", "by_noise.none", "truth_rate"):
+    assert _cell(html, "filter-table", "test_truth.greedy") == [
+        "Test captions true, greedy",
+        "53.8%",
+    ]
+    # without a truth (real data), the method's CIDEr
+    assert _cell(html, "filter-table", "test_cider.beam") == ["Test captions CIDEr, beam", "1.507"]
+    keys = ("precision", "roc_auc", "kept_fraction_web", "by_noise.none", "truth_rate")
+    for key in (*keys, "test_truth.nucleus", "test_cider.beam"):
         label, value = _cell(html, "filter-table", key)
         assert re.search(rf"{re.escape(label)}\s*│\s*{re.escape(value)}\s", printed), (label, value)
     label, base, cap, delta = _cell(html, "retrieval-table", "ir_r1")

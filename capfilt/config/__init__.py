@@ -16,6 +16,7 @@ from capfilt.config.core import (
     to_dict,
 )
 from capfilt.config.schema import (
+    CAPTION_METHODS,
     CaptionConfig,
     DataConfig,
     EvalConfig,
@@ -93,6 +94,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
 
 
 __all__ = [
+    "CAPTION_METHODS",
     "CaptionConfig",
     "ConfigError",
     "DataConfig",

@@ -135,10 +135,30 @@ class ModelConfig:
     image_pool: ImagePool = "cls"
     """ITC image feature from the ViT's ``cls`` token (BLIP) or the ``mean`` of its patch tokens.
     From scratch, ``mean`` learns in tens of steps where the [CLS] token stays collapsed for hundreds."""
+    vision_stem: list[int] = field(default_factory=list)
+    """Channels of a convolutional stem in place of the ViT's linear patch embedding: per entry one
+    3x3 stride-2 convolution + BatchNorm + ReLU, then a 1x1 convolution to ``vision_width``, so
+    ``patch_size`` must be 2 ** len(vision_stem). Empty (default): BLIP's patch embedding. From
+    scratch on small images a linear patch embedding learns colour and position but not shape for
+    hundreds of steps; a stem sees shape early (Xiao et al. 2021, "Early convolutions help
+    transformers see better"). Not in transformers' BLIP: such a model does not export."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
     def validate(self) -> None:
+        if self.vision_stem:
+            check(
+                all(c >= 1 for c in self.vision_stem),
+                "vision_stem",
+                "channels >= 1",
+                self.vision_stem,
+            )
+            check(
+                2 ** len(self.vision_stem) == self.patch_size,
+                "vision_stem",
+                f"one entry per halving of patch_size {self.patch_size} (patch_size = 2 ** len)",
+                self.vision_stem,
+            )
         for name in ("image_size", "patch_size", "vision_width", "vision_depth", "vision_heads"):
             check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         for name in ("text_width", "text_layers", "text_heads", "text_intermediate", "embed_dim"):
@@ -298,13 +318,18 @@ class TrainConfig:
         )
 
 
+CaptionMethod = Literal["nucleus", "greedy", "beam"]
+CAPTION_METHODS = get_args(CaptionMethod)
+"""Caption decoders (``caption.method``); the demo evaluates the captioner with each."""
+
+
 @dataclass
 class CaptionConfig:
     """Synthetic captions (``capfilt caption``)."""
 
     num_captions: int = 1
     """Synthetic captions per image."""
-    method: Literal["nucleus", "beam", "greedy"] = "nucleus"
+    method: CaptionMethod = "nucleus"
     """Nucleus sampling (BLIP's choice for CapFilt: diverse captions), beam search, or greedy."""
     top_p: float = 0.9
     """Nucleus mass."""

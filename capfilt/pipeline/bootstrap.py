@@ -36,11 +36,19 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from capfilt.config import ConfigError, Recipe, config_hash, dump_yaml, recipe_identity, to_dict
+from capfilt.config import (
+    CAPTION_METHODS,
+    ConfigError,
+    Recipe,
+    config_hash,
+    dump_yaml,
+    recipe_identity,
+    to_dict,
+)
 from capfilt.utils.files import atomic_write_bytes, atomic_write_json
 from capfilt.utils.logging import get_logger
 from capfilt.utils.threads import use_threads
@@ -382,6 +390,10 @@ def _done_model(run_dir: Path) -> Path | None:
 RoundExtra = Callable[[int, BootstrapLayout], dict[str, Any]]
 
 
+def _method_figures(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result.get(k) for k in ("truth_rate", "bleu4", "cider")}
+
+
 def evaluate_run(
     recipe: Recipe,
     inputs: BootstrapInputs,
@@ -427,6 +439,15 @@ def evaluate_run(
         if test and captioner is not None:
             with use_threads(recipe.runtime.threads):
                 row["captioner"] = evaluate_captioner(captioner, test, recipe.caption)
+                row["captioner"]["by_method"] = {
+                    recipe.caption.method: _method_figures(row["captioner"])
+                }
+                for method in CAPTION_METHODS:  # the other decoders, beside the recipe's
+                    if method != recipe.caption.method:
+                        settings = replace(recipe.caption, method=method)
+                        row["captioner"]["by_method"][method] = _method_figures(
+                            evaluate_captioner(captioner, test, settings)
+                        )
             atomic_write_json(ev / "captioner.json", row["captioner"])
         filtered = layout.filtered(r)
         if any(filtered.glob("*.parquet")):

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from capfilt.config import CAPTION_METHODS
+
 DASH = "—"
 
 RETRIEVAL_ROWS = (
@@ -189,11 +191,35 @@ def truth_figure(captions: dict[str, Any]) -> Figure:
     )
 
 
+def method_figures(captioner: dict[str, Any]) -> list[Figure]:
+    """Per decoding method of the captioner on the test images (``captioner.by_method``): the
+    share of captions true of their scene where the truth is known, else CIDEr."""
+    by_method = section(captioner, "by_method")
+    method = captioner.get("method") if isinstance(captioner, dict) else None
+    order = sorted(by_method, key=lambda m: (m != method, m not in CAPTION_METHODS, m))
+    figures = []
+    for method in order:
+        result = by_method[method]
+        truth = number(dig(result, "truth_rate"))
+        if truth is not None:
+            figures.append(
+                Figure(f"test_truth.{method}", f"Test captions true, {method}", fmt_pct(truth))
+            )
+        else:
+            cider = number(dig(result, "cider"))
+            figures.append(
+                Figure(f"test_cider.{method}", f"Test captions CIDEr, {method}", fmt(cider, 3))
+            )
+    return figures
+
+
 def demo_figures(summary: dict[str, Any], fallback: dict[str, Any] | None = None) -> list[Figure]:
-    """The demo summary's filter figures (see :func:`filter_figures`) and the captions' truth rate."""
+    """The demo summary's filter figures (see :func:`filter_figures`), the synthetic captions'
+    truth rate and the captioner's test figures per decoding method (:func:`method_figures`)."""
     return [
         *filter_figures(section(summary, "filter"), fallback),
         truth_figure(section(summary, "captions")),
+        *method_figures(section(summary, "captioner")),
     ]
 
 
