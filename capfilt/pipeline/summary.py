@@ -195,10 +195,11 @@ def method_figures(captioner: dict[str, Any]) -> list[Figure]:
     """Per decoding method of the captioner on the test images (``captioner.by_method``): the
     share of captions true of their scene where the truth is known, else CIDEr."""
     by_method = section(captioner, "by_method")
-    method = captioner.get("method") if isinstance(captioner, dict) else None
-    order = sorted(by_method, key=lambda m: (m != method, m not in CAPTION_METHODS, m))
+    used = captioner.get("method") if isinstance(captioner, dict) else None
+    known = {m: i for i, m in enumerate(CAPTION_METHODS)}
+    order = sorted(by_method, key=lambda m: (m != used, known.get(m, len(known)), m))
     figures = []
-    for method in order:
+    for method in order:  # the one that wrote the data first
         result = by_method[method]
         truth = number(dig(result, "truth_rate"))
         if truth is not None:
