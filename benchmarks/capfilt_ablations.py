@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from capfilt.cli.common import print_stage_event
 from capfilt.config import load_recipe
 from capfilt.pipeline.summary import (
     GAP_FIGURES,
@@ -214,10 +215,9 @@ def format_aggregate(world: str, agg: dict[str, Any]) -> str:
 
 
 def _print_stage(event: Any) -> None:
-    """One line per finished stage, as ``capfilt demo`` prints it."""
-    if event.status in ("done", "done-earlier", "partial"):
-        seconds = "" if event.seconds is None else f" in {event.seconds:.1f} s"
-        print(f"  {event.key}: {event.status}{seconds} → {event.output}", flush=True)
+    """``capfilt demo``'s line for each stage that finished (or was skipped), not its starts."""
+    if event.status != "start":
+        print_stage_event(event)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

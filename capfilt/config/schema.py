@@ -285,9 +285,10 @@ class TrainConfig:
     """How ITM draws its negative image per text and negative text per image from the global batch
     (docs/architecture.md §2, ITM): ``hard`` (BLIP: with probability softmax of the ITC similarity,
     so mostly the pairs ITC confuses), ``random`` (uniform over the batch's other images/texts) or
-    ``mixed`` (even rows of the global batch hard, odd rows random). A small model from scratch
-    cannot yet see what tells its hard negatives from the positive, and with ``hard`` ITM stays at
-    its prior; ``random`` teaches it the easy differences first, ``mixed`` keeps half of BLIP's."""
+    ``mixed`` (even rows of the global batch hard, odd rows random). Where a caption is often true
+    of many images (the demo's world), hard negatives are often true of their image too and an ITM
+    trained on them alone rejects clean texts; ``random`` rarely draws such, ``mixed`` keeps half of
+    BLIP's (recipes/demo.yaml)."""
     compile: bool = False
     """Run the training step through ``torch.compile`` (inductor). Pays a compile of tens of
     seconds to minutes at start-up for faster steps on GPU; the saved weights are the same model's."""

@@ -7,6 +7,8 @@ capfilt eval filter --scores data/web_filtered
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +32,35 @@ def _scene_of(meta: dict[str, Any]) -> dict | None:
     return truth.get("scene") if isinstance(truth, dict) else None
 
 
+METHOD_FIGURES = ("truth_rate", "bleu4", "cider")
+"""What ``by_method`` keeps of each decoder's result."""
+
+
 def evaluate_captioner(
     model_path: str | Path,
     shards: list[str],
     cfg: CaptionConfig,
     metrics: tuple[str, ...] = ("bleu", "cider", "rouge"),
     max_images: int | None = None,
+    also: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Caption every test image once and score against its reference captions (BLEU, CIDEr-D, ...).
 
     On the built-in benchmark (samples carrying ``truth.scene``) it also reports the fraction of
-    captions that are true of their scene, by the exact checker.
+    captions that are true of their scene, by the exact checker. ``also``: other decoding methods
+    (``caption.method`` values) run on the same images by the same loaded model; with any,
+    ``by_method`` maps ``cfg.method`` and each of them to its :data:`METHOD_FIGURES`.
     """
     from capfilt.data.synth import check_caption
 
     device = default_device()
     model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
     transform = eval_transform_for(meta, mcfg)
-    predictions: dict[str, str] = {}
+    settings = {cfg.method: cfg}
+    settings.update({m: replace(cfg, method=m) for m in also if m != cfg.method})
+    predictions: dict[str, dict[str, str]] = {m: {} for m in settings}
     references: dict[str, list[str]] = {}
-    verdicts: list[bool] = []
+    verdicts: dict[str, list[bool]] = {m: [] for m in settings}
     counter = SkipCounter("eval-caption")
     samples = read_samples(expand_shards(shards), counter)
     for index, batch in enumerate(batched(samples, cfg.batch_size)):
@@ -57,24 +68,33 @@ def evaluate_captioner(
             break
         images = torch.stack([transform(s.image) for s in batch]).to(device)
         seeds = row_seeds(cfg.seed, [s.key for s in batch])
-        with autocast(device):
-            captions = generate_captions(model, tokenizer, images, cfg, 1, seeds)
-        for sample, (caption,) in zip(batch, captions):
-            predictions[sample.key] = caption
+        for sample in batch:
             references[sample.key] = [c["text"] for c in sample.captions]
-            scene = _scene_of(sample.meta)
-            if scene is not None:
-                verdicts.append(bool(check_caption(caption, scene)["true"]))
-    if not predictions:
+        for method, method_cfg in settings.items():
+            with autocast(device):
+                captions = generate_captions(model, tokenizer, images, method_cfg, 1, seeds)
+            for sample, (caption,) in zip(batch, captions):
+                predictions[method][sample.key] = caption
+                scene = _scene_of(sample.meta)
+                if scene is not None:
+                    verdicts[method].append(bool(check_caption(caption, scene)["true"]))
+    if not references:
         raise ValueError("no test images with captions found in the given shards")
-    result = score_captions(predictions, references, metrics=metrics)
-    result["method"] = cfg.method
-    result["truth_rate"] = sum(verdicts) / len(verdicts) if verdicts else None
+    results = {}
+    for method in settings:
+        result = score_captions(predictions[method], references, metrics=metrics)
+        result["method"] = method
+        found = verdicts[method]
+        result["truth_rate"] = sum(found) / len(found) if found else None
+        results[method] = result
+    result = results[cfg.method]
     result["skipped"] = counter.as_dict()
     result["examples"] = [
         {"uid": k, "caption": v, "references": references[k][:2]}
-        for k, v in list(predictions.items())[:10]
+        for k, v in list(predictions[cfg.method].items())[:10]
     ]
+    if also:
+        result["by_method"] = {m: {k: r.get(k) for k in METHOD_FIGURES} for m, r in results.items()}
     return result
 
 

@@ -83,9 +83,8 @@ def sample_itm_negatives(
 
     - ``hard`` (BLIP): sampling probability ``softmax(sim) + 1e-4`` (the 1e-4 keeps rows from being
       all zero);
-    - ``random``: uniform, whatever the similarities. A small model from scratch learns the
-      easy differences first; BLIP's hard negatives differ from the positive only in what the model
-      cannot yet see, so ITM stays at its prior (docs/architecture.md §2, ITM);
+    - ``random``: uniform, whatever the similarities: the easy differences first, and rarely a
+      negative that is true of the image after all (docs/architecture.md §2, ITM);
     - ``mixed``: rows at even positions of the global batch hard, odd rows random (the positions
       are those of the global batch, so the choice does not depend on the number of ranks).
 

@@ -36,7 +36,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -390,10 +390,6 @@ def _done_model(run_dir: Path) -> Path | None:
 RoundExtra = Callable[[int, BootstrapLayout], dict[str, Any]]
 
 
-def _method_figures(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: result.get(k) for k in ("truth_rate", "bleu4", "cider")}
-
-
 def evaluate_run(
     recipe: Recipe,
     inputs: BootstrapInputs,
@@ -438,16 +434,10 @@ def evaluate_run(
         )
         if test and captioner is not None:
             with use_threads(recipe.runtime.threads):
-                row["captioner"] = evaluate_captioner(captioner, test, recipe.caption)
-                row["captioner"]["by_method"] = {
-                    recipe.caption.method: _method_figures(row["captioner"])
-                }
-                for method in CAPTION_METHODS:  # the other decoders, beside the recipe's
-                    if method != recipe.caption.method:
-                        settings = replace(recipe.caption, method=method)
-                        row["captioner"]["by_method"][method] = _method_figures(
-                            evaluate_captioner(captioner, test, settings)
-                        )
+                # the recipe's decoder writes the data; the others are reported beside it
+                row["captioner"] = evaluate_captioner(
+                    captioner, test, recipe.caption, also=CAPTION_METHODS
+                )
             atomic_write_json(ev / "captioner.json", row["captioner"])
         filtered = layout.filtered(r)
         if any(filtered.glob("*.parquet")):
