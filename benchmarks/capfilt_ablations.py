@@ -9,7 +9,9 @@ into ``OUT/<world>/seed<N>/``: baseline, CapFilt, the oracle (human + only the t
 texts), filter only and captioner only, all pretrained for the same number of steps where the
 recipe fixes ``train.samples_per_epoch`` (the demo recipe does). Seed N sets ``seed=N`` (training)
 and the world's synth seed. A run folder that exists is resumed, so an interrupted benchmark
-continues where it stopped.
+continues where it stopped; after a recipe change, ``--restart-from STAGE`` redoes that stage and
+the later ones in every run (``--restart-from evaluate`` re-scores finished runs after an
+``eval.*`` change, in a few minutes).
 
 Worlds (the synth settings; everything else is the recipe's):
 
@@ -24,11 +26,13 @@ the worlds alike in that field).
 Printed and written to ``OUT/ablations.json`` (or ``--json``): per run, mean R@1 (mean of text
 and image R@1) and the mean of all R@K of each pretrain, gap closed = (CapFilt − baseline) /
 (oracle − baseline) on both, CapFilt − filter only, the filter's F1 on web noise, the share of
-synthetic captions true of their scene and the demo's time; per world, each figure's mean ± sample
+synthetic captions true of their scene, the ITM re-rank's gain over ITC alone (mean R@1) and the
+demo's time; per world, each figure's mean ± sample
 standard deviation over the seeds (and min, max), and gap closed of the seed means.
 
-On the demo recipe each run takes about 9 minutes plus 3 per ablation on 2 CPU cores: the default
-6 runs take about 2 hours.
+On the demo recipe each run takes about 13 minutes plus 2.5 per ablation on 2 CPU cores: the
+default 6 runs take about 2 hours, two at a time (``--worlds main`` and ``--worlds second`` in two
+processes with their own ``--json`` and ``--set runtime.threads=1``).
 """
 
 from __future__ import annotations
@@ -66,8 +70,8 @@ WORLDS: dict[str, dict[str, Any]] = {
 }
 """The worlds a benchmark can run: synth seed = seed + offset, and the synth overrides."""
 
-FIGURES = ("r1_mean", "r_mean")
-"""The retrieval figures reported per pretrain (mean R@1, mean of all R@K)."""
+FIGURES = ("r1_mean", "r_mean", "itc.r1_mean")
+"""The retrieval figures reported per pretrain (mean R@1, mean of all R@K, mean R@1 of ITC alone)."""
 
 
 def run_overrides(world: str, seed: int, user: list[str]) -> list[str]:
@@ -88,8 +92,15 @@ def run_figures(summary: dict[str, Any]) -> dict[str, Any]:
         for name, _, _ in RUNS
     }
     cap, filt = pretrains["capfilt"]["r1_mean"], pretrains["filter-only"]["r1_mean"]
+    rerank_gain = {
+        name: None
+        if f["r1_mean"] is None or f["itc.r1_mean"] is None
+        else f["r1_mean"] - f["itc.r1_mean"]
+        for name, f in pretrains.items()
+    }
     return {
         "pretrains": pretrains,
+        "rerank_minus_itc_r1": rerank_gain,
         "gap_closed": gap_closed(summary),
         "capfilt_minus_filter_only_r1": None if cap is None or filt is None else cap - filt,
         "filter_threshold": number(dig(summary, "filter", "threshold")),
@@ -127,6 +138,10 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "n_runs": len(runs),
         "pretrains": pretrains,
         "gap_closed": {key: spread([f["gap_closed"][key] for f in figs]) for key, _ in GAP_FIGURES},
+        # every pretrain of every seed: does the ITM re-rank add to the ITC ranking?
+        "rerank_minus_itc_r1": spread(
+            [v for f in figs for v in f.get("rerank_minus_itc_r1", {}).values()]
+        ),
         "gap_closed_of_means": {
             key: gap_ratio(
                 pretrains["baseline"][key]["mean"],
@@ -208,6 +223,11 @@ def format_aggregate(world: str, agg: dict[str, Any]) -> str:
     lines.append(
         f"  CapFilt − filter only, mean R@1: {_pm(agg['capfilt_minus_filter_only_r1'], n)}"
     )
+    gain = agg["rerank_minus_itc_r1"]
+    lines.append(
+        f"  ITM re-rank − ITC alone, mean R@1, over {gain['n']} pretrains: "
+        f"{_pm(gain, gain['n'])} (min {_num(gain['min'])}, max {_num(gain['max'])})"
+    )
     lines.append(f"  filter F1 on web noise: {_pm(agg['filter_f1'], n, 3)}")
     lines.append(f"  synthetic captions true: {_pm(agg['caption_truth_rate'], n, 1, 100)} %")
     lines.append(f"  demo time: {_pm(agg['total_seconds'], n, 0)} s")
@@ -236,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="worlds to run (default: all)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="default OUT/ablations.json")
+    parser.add_argument(
+        "--restart-from", default=None, metavar="STAGE",
+        help="redo this stage and every later one in each run (e.g. evaluate after changing eval.*)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds: at least 1")
@@ -252,7 +276,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             recipe = load_recipe(args.recipe, overrides)
             out = args.out / world / f"seed{seed}"
             print(f"== {world} seed {seed} → {out}", flush=True)
-            summary = run_demo(recipe, out, ablations=True, on_stage=_print_stage)
+            summary = run_demo(
+                recipe, out, ablations=True, on_stage=_print_stage, restart_from=args.restart_from
+            )
             write_report(out)
             runs.append(
                 {

@@ -16,7 +16,13 @@ from capfilt.data.reader import read_samples
 from capfilt.data.shards import expand_shards
 from capfilt.pipeline.ablations import ABLATION_STAGES
 from capfilt.pipeline.demo import run_demo
-from capfilt.pipeline.summary import ablation_rows, gap_closed, gap_figures, gap_ratio
+from capfilt.pipeline.summary import (
+    ablation_rows,
+    gap_closed,
+    gap_figures,
+    gap_ratio,
+    retrieval_rows,
+)
 
 FAST = [
     "synth.n_human=16",
@@ -181,6 +187,24 @@ def test_gap_closed_by_hand():
     assert [r.name for r in ablation_rows(summary)] == ["baseline", "capfilt"]
 
 
+def test_itc_alone_figures_by_hand():
+    summary = {
+        "baseline": {
+            "retrieval": {"tr_r1": 4.0, "ir_r1": 6.0, "itc": {"tr_r1": 6.0, "ir_r1": 9.0}}
+        },
+        "capfilt": {"retrieval": {"tr_r1": 8.0, "ir_r1": 10.0}},  # evaluated at k = 0: no "itc"
+    }
+    rows = {r.key: r for r in retrieval_rows(summary)}
+    assert (rows["r1_mean"].baseline, rows["r1_mean"].capfilt, rows["r1_mean"].delta) == (
+        "5.0",
+        "9.0",
+        "+4.0",
+    )
+    assert (rows["itc.r1_mean"].baseline, rows["itc.r1_mean"].capfilt) == ("7.5", "—")
+    base_row = ablation_rows(summary)[0]
+    assert base_row.name == "baseline" and base_row.cells[-1] == "7.5"
+
+
 def test_summary_gap_closed_matches_the_eval_files(demo):
     out, runs = demo
     summary = json.loads((out / "summary.json").read_text())
@@ -205,8 +229,10 @@ def test_cli_table_and_report_show_every_run(demo):
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "pretrain-oracle: done earlier" in result.output
-    for label in ("oracle", "filter only", "captioner only", "Gap closed, mean R@1"):
+    for label in ("oracle", "filter only", "captioner only", "Gap closed, mean R@1", "ITC alone"):
         assert label in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["baseline"]["retrieval"]["itc"]) >= {"tr_r1", "ir_r1", "r_mean"}
     html = (out / "report.html").read_text()
     assert 'id="ablation-table"' in html
     for name in ("baseline", "oracle", "filter-only", "captioner-only", "capfilt"):
@@ -228,3 +254,31 @@ def test_a_demo_folder_copied_elsewhere_resumes_without_rerunning(demo, tmp_path
     summary = run_demo(load_recipe("tiny", FAST), copy, on_stage=events.append, ablations=True)
     assert _ran(events) == []
     assert summary["ablations"] == runs["again"]["summary"]["ablations"]
+
+
+def test_demo_restart_from_evaluate_reevaluates_with_a_changed_eval_setting(demo, tmp_path):
+    import shutil
+
+    from capfilt.cli.main import app
+
+    out, runs = demo
+    copy = tmp_path / "demo"
+    shutil.copytree(out, copy)
+    args = ["demo", "tiny", "--out", str(copy), "--ablations"]
+    for item in [*FAST, "eval.rerank_score=log_odds"]:
+        args += ["--set", item]
+    refused = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert refused.exit_code == 2, refused.output
+    assert "--restart-from" in refused.output
+    result = CliRunner().invoke(app, [*args, "--restart-from", "evaluate"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "pretrain-capfilt: done earlier" in result.output  # nothing trained again
+    assert "evaluate: done" in result.output
+    summary = json.loads((copy / "summary.json").read_text())
+    before = runs["again"]["summary"]
+    for name in ("baseline", "capfilt"):
+        again, old = summary[name]["retrieval"], before[name]["retrieval"]
+        assert (again["rerank_score"], old["rerank_score"]) == ("log_odds", "blip")
+        assert again["itc"] == old["itc"]  # same models, same ITC ranking
+    bad = CliRunner().invoke(app, [*args, "--restart-from", "nonsense"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "nonsense" in bad.output

@@ -43,8 +43,11 @@ def test_the_second_world_changes_seed_noise_rate_and_mix_and_user_overrides_win
 
 
 def _summary(base, cap, oracle, filt, capt, f1, truth):
-    def run(r1, r_mean):
-        return {"retrieval": {"tr_r1": r1 - 1, "ir_r1": r1 + 1, "r_mean": r_mean}}
+    def run(r1, r_mean, itc=True):
+        retrieval = {"tr_r1": r1 - 1, "ir_r1": r1 + 1, "r_mean": r_mean}
+        if itc:  # ITC alone: mean R@1 two below the re-rank's
+            retrieval["itc"] = {"tr_r1": r1 - 3, "ir_r1": r1 - 1}
+        return {"retrieval": retrieval}
 
     return {
         "baseline": run(*base),
@@ -52,7 +55,7 @@ def _summary(base, cap, oracle, filt, capt, f1, truth):
         "ablations": {
             "oracle": run(*oracle),
             "filter-only": run(*filt),
-            "captioner-only": run(*capt),
+            "captioner-only": run(*capt, itc=False),  # evaluated without a re-rank
         },
         "filter": {"f1": f1, "threshold": 0.5},
         "captions": {"truth_rate": truth},
@@ -66,7 +69,10 @@ def test_figures_and_spreads_by_hand(bench):
     c = _summary((6, 21), (7, 24), (5, 25), (7, 23), (6, 22), 0.7, 0.6)  # oracle below baseline
     runs = [{"figures": bench.run_figures(s)} for s in (a, b, c)]
     fa = runs[0]["figures"]
-    assert fa["pretrains"]["oracle"] == {"r1_mean": 13, "r_mean": 32}
+    assert fa["pretrains"]["oracle"] == {"r1_mean": 13, "r_mean": 32, "itc.r1_mean": 11}
+    assert fa["rerank_minus_itc_r1"] == {
+        "baseline": 2, "oracle": 2, "filter-only": 2, "captioner-only": None, "capfilt": 2,
+    }  # fmt: skip
     assert fa["gap_closed"] == {"r1_mean": pytest.approx(0.5), "r_mean": pytest.approx(0.75)}
     assert fa["capfilt_minus_filter_only_r1"] == 1
     assert runs[2]["figures"]["gap_closed"]["r1_mean"] is None
@@ -86,9 +92,12 @@ def test_figures_and_spreads_by_hand(bench):
     )
     assert agg["filter_f1"]["mean"] == pytest.approx(0.8)
     assert agg["capfilt_minus_filter_only_r1"]["mean"] == pytest.approx((1 + 3 + 0) / 3)
+    gain = agg["rerank_minus_itc_r1"]  # 4 pretrains with an ITC figure in each of 3 runs
+    assert (gain["n"], gain["mean"], gain["sd"]) == (12, pytest.approx(2), pytest.approx(0))
     text = bench.format_aggregate("main", agg)
     assert "gap closed, mean R@1: 1.00 ± 0.71 (n = 2 of 3)" in text
     assert "synthetic captions true: 60.0 ± 10.0 %" in text
+    assert "ITM re-rank − ITC alone, mean R@1, over 12 pretrains: 2.00 ± 0.00" in text
 
 
 def test_the_script_runs_as_a_user_runs_it(tmp_path):

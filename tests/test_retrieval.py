@@ -97,8 +97,9 @@ def test_features_from_shards_equal_with_loader_workers(model_and_tok, samples, 
 
 # --------------------------------------------------------------------------- exhaustive == brute force
 @torch.inference_mode()
-def brute_force_scores(model, tok, samples) -> tuple[torch.Tensor, list[int]]:
-    """ITM logit + cosine of every (image, text) pair, one pair per forward pass, nothing shared."""
+def brute_force_scores(model, tok, samples, log_odds=False) -> tuple[torch.Tensor, list[int]]:
+    """ITM logit + cosine of every (image, text) pair, one pair per forward pass, nothing shared;
+    with ``log_odds``: (match − no-match logit) + cosine / temperature."""
     transform = EvalTransform(model.cfg.image_size)
     images, texts, txt2img = [], [], []
     for i, s in enumerate(samples):
@@ -111,8 +112,12 @@ def brute_force_scores(model, tok, samples) -> tuple[torch.Tensor, list[int]]:
     scores = torch.empty(len(images), len(texts))
     for i, (embeds, ifeat) in enumerate(images):
         for j, (ids, mask, tfeat) in enumerate(texts):
-            itm = model.itm_logits(embeds, ids, mask)[0, 1]
-            scores[i, j] = itm + (ifeat @ tfeat.t())[0, 0]
+            logits = model.itm_logits(embeds, ids, mask)[0]
+            cos = (ifeat @ tfeat.t())[0, 0]
+            if log_odds:
+                scores[i, j] = logits[1] - logits[0] + cos / model.temp
+            else:
+                scores[i, j] = logits[1] + cos
     return scores, txt2img
 
 
@@ -126,6 +131,22 @@ def test_exhaustive_equals_brute_force(model_and_tok, samples, feats8):
     assert (s_t2i - ref.t()).abs().max() < 1e-5
     assert recall_at_k(scores.i2t, scores.t2i, feats8.txt2img) == recall_at_k(ref, ref.t(), txt2img)
     assert recall_at_k(s_i2t, s_t2i, txt2img) == recall_at_k(ref, ref.t(), txt2img)
+
+
+def test_log_odds_score_equals_brute_force(model_and_tok, samples, feats8):
+    model, tok = model_and_tok
+    ref, txt2img = brute_force_scores(model, tok, samples[:8], log_odds=True)
+    blip, _ = brute_force_scores(model, tok, samples[:8])
+    assert (ref - blip).abs().max() > 1e-2  # the two scores differ on this model
+    scores = retrieval_scores(
+        model, feats8, k=10_000, batch_size=7, full=True, rerank_score="log_odds"
+    )
+    s_i2t, s_t2i = scores.dense()
+    assert (s_i2t - ref).abs().max() < 1e-4
+    assert (s_t2i - ref.t()).abs().max() < 1e-4
+    assert recall_at_k(scores.i2t, scores.t2i, feats8.txt2img) == recall_at_k(ref, ref.t(), txt2img)
+    with pytest.raises(ValueError, match="rerank_score"):
+        retrieval_scores(model, feats8, k=2, rerank_score="itm_only")
 
 
 # --------------------------------------------------------------------------- ITC only
@@ -289,7 +310,12 @@ def test_evaluate_retrieval_with_model_object(model_and_tok, samples):
     result = evaluate_retrieval(model, samples[:6], k=2, batch_size=4, tokenizer=tok)
     assert set(METRIC_KEYS) <= set(result)
     assert (result["n_images"], result["n_texts"], result["k"]) == (6, 30, 2)
-    assert result["seconds"] >= 0
+    assert result["seconds"] >= 0 and result["rerank_score"] == "blip"
+    # the ITC ranking of the same features rides along: what the re-rank adds is the difference
+    feats = compute_features(model, tok, samples[:6], batch_size=4)
+    itc = retrieval_scores(None, feats, k=0)
+    assert result["itc"] == recall_at_k(itc.i2t, itc.t2i, feats.txt2img)
+    assert "itc" not in evaluate_retrieval(model, samples[:6], k=0, batch_size=4, tokenizer=tok)
     with pytest.raises(ValueError):
         evaluate_retrieval(model, samples[:2], k=-1, tokenizer=tok)
 

@@ -81,6 +81,14 @@ def demo(
             "only, and report the gap CapFilt closes (three more pretrains).",
         ),
     ] = False,
+    restart_from: Annotated[
+        str | None,
+        typer.Option(
+            "--restart-from",
+            help="Redo this stage and every later one (needed after a recipe change; e.g. "
+            "evaluate after changing only eval.* settings).",
+        ),
+    ] = None,
     set_: SetOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
@@ -89,7 +97,8 @@ def demo(
     synth data → pretrain on human + noisy web (baseline) → fine-tune captioner and filter →
     caption web → filter web + synthetic → re-pretrain from scratch on human + cleaned →
     evaluate both. Re-running the same command resumes where it stopped; ``--ablations`` on a
-    finished demo folder runs only the ablation stages and the evaluation.
+    finished demo folder runs only the ablation stages and the evaluation. A changed recipe is
+    refused unless --restart-from names the stage to redo.
     """
     from capfilt.pipeline.demo import STAGES, run_demo
 
@@ -101,8 +110,9 @@ def demo(
     cfg = resolve(recipe, set_, dry_run)
     try:
         summary = run_demo(
-            cfg, out_dir, tuple(skip or ()), on_stage=print_stage_event, ablations=ablations
-        )
+            cfg, out_dir, tuple(skip or ()), on_stage=print_stage_event, ablations=ablations,
+            restart_from=restart_from,
+        )  # fmt: skip
     except ValueError as err:
         raise fail(str(err), EXIT_USAGE) from None
     from capfilt.report import write_report

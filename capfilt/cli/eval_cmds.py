@@ -31,8 +31,11 @@ app = typer.Typer(
 def _print_retrieval(result: dict) -> None:
     from rich.table import Table
 
+    rerank = (
+        f" ({result['rerank_score']} score)" if result.get("k") and "rerank_score" in result else ""
+    )
     table = Table(
-        title=f"retrieval: {result['n_images']} images, {result['n_texts']} texts, k = {result['k']}",
+        title=f"retrieval: {result['n_images']} images, {result['n_texts']} texts, k = {result['k']}{rerank}",
         caption=f"mean recall {result['r_mean']:.2f}; {result['seconds']:.1f} s",
     )
     table.add_column("")
@@ -45,6 +48,16 @@ def _print_retrieval(result: dict) -> None:
         table.add_row(
             label, *(f"{result[f'{prefix}_{key}']:.2f}" for key in ("r1", "r5", "r10", "mean"))
         )
+    itc = result.get("itc")
+    if isinstance(itc, dict):  # the same features ranked by ITC alone: what the re-rank adds
+        for prefix, label in (
+            ("tr", "text retrieval, ITC alone"),
+            ("ir", "image retrieval, ITC alone"),
+        ):
+            table.add_row(
+                label,
+                *(f"{itc[f'{prefix}_{key}']:.2f}" for key in ("r1", "r5", "r10", "mean")),
+            )
     out.print(table)
 
 
@@ -78,7 +91,10 @@ def retrieval(
     set_: SetOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
-    """Image-text retrieval, BLIP scheme: ITC top-k then ITM + cosine re-rank; TR/IR R@1/5/10.
+    """Image-text retrieval, BLIP scheme: ITC top-k then ITM re-rank; TR/IR R@1/5/10, and the same for ITC alone.
+
+    The re-rank score is the recipe's eval.rerank_score: blip (ITM match logit + cosine) or
+    log_odds (ITM log-odds + cosine / temperature; --set eval.rerank_score=log_odds).
 
     Every caption of a test image is a query and a candidate; an image counts as retrieved when any of its captions is ranked within K.
 
@@ -98,7 +114,7 @@ def retrieval(
             result = evaluate_retrieval(
                 model, urls, k=cfg.eval.k, batch_size=cfg.eval.batch_size,
                 max_words=cfg.data.max_words, device=device, show_progress=True,
-                num_workers=cfg.eval.num_workers,
+                num_workers=cfg.eval.num_workers, rerank_score=cfg.eval.rerank_score,
             )  # fmt: skip
     except (ShardSpecError, ConfigError) as err:
         raise fail(str(err), EXIT_USAGE) from None

@@ -17,6 +17,7 @@ from capfilt.config.core import (
 )
 from capfilt.config.schema import (
     CAPTION_METHODS,
+    RERANK_SCORES,
     CaptionConfig,
     DataConfig,
     EvalConfig,
@@ -95,6 +96,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
 
 __all__ = [
     "CAPTION_METHODS",
+    "RERANK_SCORES",
     "CaptionConfig",
     "ConfigError",
     "DataConfig",

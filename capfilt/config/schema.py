@@ -376,6 +376,9 @@ class CaptionConfig:
         check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
+RerankScore = Literal["blip", "log_odds"]
+RERANK_SCORES = get_args(RerankScore)
+
 FilterRule = Literal["itm", "itc", "both"]
 FILTER_RULES = get_args(FilterRule)
 
@@ -431,6 +434,12 @@ class EvalConfig:
 
     k: int = 256
     """Candidates re-ranked by ITM per query (0 = ITC only)."""
+    rerank_score: RerankScore = "blip"
+    """Score of a re-ranked candidate. ``blip``: ITM match logit + cosine (BLIP's evaluation; the
+    cosine, within ±1, only breaks near-ties of a strong ITM head). ``log_odds``: ITM log-odds
+    (match − no-match logit) + ITC logit (cosine / temperature): both on the scale of a log
+    probability, so an ITM head weaker than ITC (the demo's, after minutes of pretraining) adds to
+    the ITC ranking instead of replacing it (docs/architecture.md §4)."""
     batch_size: int = 64
     """Images or texts per feature batch."""
     num_workers: int = 0

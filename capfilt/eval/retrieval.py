@@ -7,8 +7,9 @@
    of each image (kept on the CPU) and the token ids of each text, for the ITM re-rank.
 2. :func:`retrieval_scores`: S = image_feat @ text_feat.T (cosine). For each image the top-k texts
    by S are scored by the ITM encoder and get ``itm_logit[1] + S`` (the raw match logit, no
-   softmax); the same for each text over the images. ``k = 0`` ranks by S alone; ``k >= N`` is the
-   exhaustive re-rank. S is computed ``chunk_size`` rows at a time, and per query only the ranked
+   softmax; BLIP's score, ``rerank_score="blip"``) or ``itm_logit[1] − itm_logit[0] + S / temp``
+   (``"log_odds"``: ITM log-odds + ITC logit); the same for each text over the images. ``k = 0``
+   ranks by S alone; ``k >= N`` is the exhaustive re-rank. S is computed ``chunk_size`` rows at a time, and per query only the ranked
    head is stored (:class:`Ranking`), so memory is O(chunk · N + N · max(k, 10)), not O(N²).
    Under ``torchrun`` the queries are split into contiguous blocks over the ranks and the
    rankings all-gathered (as BLIP: every rank computes all features, the ITM work is split).
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from capfilt.config import RERANK_SCORES
 from capfilt.data.loader import image_batches
 from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.shards import expand_shards
@@ -342,8 +344,10 @@ def itm_pair_logits(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: ProgressReporter | None = None,
+    log_odds: bool = False,
 ) -> torch.Tensor:
-    """ITM match logit (index 1, no softmax) of each (image_index[p], text_index[p]) pair, float32 on CPU."""
+    """ITM match logit (index 1, no softmax) of each (image_index[p], text_index[p]) pair, float32
+    on CPU; with ``log_odds`` the match minus the no-match logit (log p(match) / p(no match))."""
     if feats.image_embeds is None or feats.text_ids is None or feats.text_mask is None:
         raise ValueError(
             "k > 0 needs image_embeds, text_ids and text_mask in the features (compute_features)"
@@ -379,7 +383,8 @@ def itm_pair_logits(
             img = local[start : start + batch_size].to(device)
             with autocast(device):
                 logits = model.itm_logits(None, ids.to(device), mask.to(device), cross_kv, img)
-            out[pos] = logits[:, 1].float().cpu()
+            score = logits[:, 1] - logits[:, 0] if log_odds else logits[:, 1]
+            out[pos] = score.float().cpu()
             if progress is not None:
                 progress.advance(pos.numel())
     model.train(was_training)
@@ -387,12 +392,13 @@ def itm_pair_logits(
 
 
 def _rerank_head(
-    cos: torch.Tensor, idx: torch.Tensor, itm: torch.Tensor, k: int
+    cos: torch.Tensor, idx: torch.Tensor, itm: torch.Tensor, k: int, cos_scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace the first k cosines by ``itm + cos`` and re-sort those k entries; the tail keeps its order."""
+    """Replace the first k cosines by ``itm + cos * cos_scale`` and re-sort those k entries; the
+    tail keeps its cosine order."""
     if k == 0:
         return cos, idx
-    final = itm.view(cos.shape[0], k) + cos[:, :k]
+    final = itm.view(cos.shape[0], k) + cos[:, :k] * cos_scale
     order = torch.sort(final, dim=1, descending=True, stable=True).indices
     scores = torch.cat([torch.gather(final, 1, order), cos[:, k:]], 1)
     indices = torch.cat([torch.gather(idx[:, :k], 1, order), idx[:, k:]], 1)
@@ -410,6 +416,7 @@ def score_rows(
     device: torch.device | str | None = None,
     full: bool = False,
     show_progress: bool = False,
+    rerank_score: str = "blip",
 ) -> RetrievalScores:
     """Rankings of the image queries ``image_rows`` (over all texts) and text queries ``text_rows``
     (over all images); the per-rank part of :func:`retrieval_scores`.
@@ -418,6 +425,10 @@ def score_rows(
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    if rerank_score not in RERANK_SCORES:
+        raise ValueError(
+            f"rerank_score must be one of {', '.join(RERANK_SCORES)}, got {rerank_score!r}"
+        )
     if device is None:
         device = next(model.parameters()).device if model is not None else torch.device("cpu")
     device = torch.device(device)
@@ -433,9 +444,13 @@ def score_rows(
 
     n_pairs = 0
     itm_i2t = itm_t2i = torch.empty(0)
+    cos_scale = 1.0
     if k > 0:
         if model is None:
             raise ValueError("k > 0 needs a model for the ITM re-rank")
+        log_odds = rerank_score == "log_odds"
+        if log_odds:  # cosine / temperature: the logit ITC was trained with
+            cos_scale = 1.0 / float(model.temp.detach())
         # pair code = image * N_txt + text, shared by both directions so each pair is scored once
         rows_img = torch.arange(image_rows.start, image_rows.stop).repeat_interleave(k_i2t)
         code_i2t = rows_img * n_txt + idx_i2t[:, :k_i2t].reshape(-1)
@@ -450,12 +465,13 @@ def score_rows(
             enabled=show_progress and current_dist_info().is_main,
         ) as progress:
             logits = itm_pair_logits(
-                model, feats, unique // n_txt, unique % n_txt, batch_size, device, progress
-            )
+                model, feats, unique // n_txt, unique % n_txt, batch_size, device, progress,
+                log_odds=log_odds,
+            )  # fmt: skip
         itm_i2t, itm_t2i = logits[inverse[: code_i2t.numel()]], logits[inverse[code_i2t.numel() :]]
 
-    s_i2t, i_i2t = _rerank_head(cos_i2t, idx_i2t, itm_i2t, k_i2t)
-    s_t2i, i_t2i = _rerank_head(cos_t2i, idx_t2i, itm_t2i, k_t2i)
+    s_i2t, i_i2t = _rerank_head(cos_i2t, idx_i2t, itm_i2t, k_i2t, cos_scale)
+    s_t2i, i_t2i = _rerank_head(cos_t2i, idx_t2i, itm_t2i, k_t2i, cos_scale)
     return RetrievalScores(
         i2t=Ranking(i_i2t, s_i2t, n_txt, k_i2t),
         t2i=Ranking(i_t2i, s_t2i, n_img, k_t2i),
@@ -495,11 +511,14 @@ def retrieval_scores(
     device: torch.device | str | None = None,
     full: bool = False,
     show_progress: bool = False,
+    rerank_score: str = "blip",
 ) -> RetrievalScores:
     """Rank all texts for each image and all images for each text (docs/architecture.md §4; see module doc).
 
     - ``k``: candidates per query re-ranked with ITM logit + cosine; 0 = cosine only; ``k >= N``
       re-ranks everything. ``model`` may be None when k = 0.
+    - ``rerank_score``: ``blip`` (ITM match logit + cosine) or ``log_odds`` (ITM log-odds +
+      cosine / the model's ITC temperature).
     - ``batch_size``: (image, text) pairs per ITM forward pass.
     - ``chunk_size``: query rows per cosine block (memory: chunk_size × N floats).
     - ``full``: keep every query's whole ranking (needed for :meth:`RetrievalScores.dense`);
@@ -519,6 +538,7 @@ def retrieval_scores(
         image_rows=row_block(feats.n_images, rank, world),
         text_rows=row_block(feats.n_texts, rank, world),
         batch_size=batch_size, chunk_size=chunk_size, device=device, full=full, show_progress=show_progress,
+        rerank_score=rerank_score,
     )  # fmt: skip
     if world == 1:
         return part
@@ -583,13 +603,16 @@ def evaluate_retrieval(
     show_progress: bool = False,
     meta: dict[str, Any] | None = None,
     num_workers: int = 0,
+    rerank_score: str = "blip",
 ) -> dict[str, Any]:
     """Retrieval metrics of a model on test shards (each image with all its captions).
 
     ``model``: a model folder / run folder path, or a MED (then give its ``tokenizer``, and its
     folder's ``meta`` for the saved preprocessing).
-    Returns the :data:`METRIC_KEYS` metrics plus ``n_images``, ``n_texts``, ``k``, ``itm_pairs``
-    and ``seconds`` (features + ranking, model loading excluded).
+    Returns the :data:`METRIC_KEYS` metrics plus ``n_images``, ``n_texts``, ``k``,
+    ``rerank_score``, ``itm_pairs`` and ``seconds`` (features + ranking, model loading excluded);
+    with k > 0 also ``itc``: the :data:`METRIC_KEYS` of the ITC ranking alone (the same features,
+    no re-rank: what the re-rank adds is the difference).
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
@@ -618,14 +641,19 @@ def evaluate_retrieval(
         num_workers=num_workers,
     )
     scores = retrieval_scores(
-        model, feats, k, batch_size, chunk_size, device, show_progress=show_progress
-    )
+        model, feats, k, batch_size, chunk_size, device, show_progress=show_progress,
+        rerank_score=rerank_score,
+    )  # fmt: skip
     metrics: dict[str, Any] = recall_at_k(scores.i2t, scores.t2i, feats.txt2img)
     metrics.update(
         n_images=feats.n_images,
         n_texts=feats.n_texts,
         k=k,
+        rerank_score=rerank_score,
         itm_pairs=scores.itm_pairs,
         seconds=round(time.perf_counter() - start, 3),
     )
+    if k > 0:  # a cosine ranking of features already computed: milliseconds beside the re-rank
+        itc = retrieval_scores(None, feats, 0, batch_size, chunk_size, device)
+        metrics["itc"] = recall_at_k(itc.i2t, itc.t2i, feats.txt2img)
     return metrics

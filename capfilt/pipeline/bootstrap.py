@@ -380,6 +380,7 @@ def _retrieval(model_dir: Path, test: list[str], recipe: Recipe) -> dict[str, An
             batch_size=recipe.eval.batch_size,
             max_words=recipe.data.max_words,
             num_workers=recipe.eval.num_workers,
+            rerank_score=recipe.eval.rerank_score,
         )
 
 

@@ -88,9 +88,11 @@ def run_demo(
     skip: tuple[str, ...] = (),
     on_stage: Callable[[StageEvent], None] | None = None,
     ablations: bool = False,
+    restart_from: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every stage, the ablations too with ``ablations``; returns the summary
-    written to ``OUT/summary.json``."""
+    written to ``OUT/summary.json``. ``restart_from``: redo that stage and every later one (a
+    changed recipe is refused without it)."""
     layout = BootstrapLayout(Path(out))
 
     def do_synth() -> dict:
@@ -110,6 +112,7 @@ def run_demo(
         inputs,
         layout.root,
         skip=skip,
+        restart_from=restart_from,
         on_stage=on_stage,
         pre_steps=[synth],
         post_steps=post,

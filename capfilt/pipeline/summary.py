@@ -31,8 +31,10 @@ RETRIEVAL_ROWS = (
     ("tr_mean", "Text retrieval mean"),
     ("ir_mean", "Image retrieval mean"),
     ("r_mean", "Mean of all"),
+    ("r1_mean", "Mean R@1"),
+    ("itc.r1_mean", "Mean R@1, ITC alone (no ITM re-rank)"),
 )
-"""Retrieval figures (recall in percent, as ``evaluate_retrieval`` gives them) and their labels."""
+"""Retrieval figures (recall in percent, keys as :func:`figure_of` reads them) and their labels."""
 
 
 def number(value: Any) -> float | None:
@@ -97,7 +99,7 @@ def retrieval_rows(summary: dict[str, Any]) -> list[RetrievalRow]:
     cap = section(section(summary, "capfilt"), "retrieval")
     rows = []
     for key, label in RETRIEVAL_ROWS:
-        b, c = number(base.get(key)), number(cap.get(key))
+        b, c = figure_of(base, key), figure_of(cap, key)
         change = None if b is None or c is None else c - b
         delta = DASH if change is None else f"{change:+.1f}"
         rows.append(RetrievalRow(key, label, fmt(b, 1), fmt(c, 1), delta, change))
@@ -244,7 +246,10 @@ def mean_r1(retrieval: Any) -> float | None:
 
 
 def figure_of(retrieval: Any, key: str) -> float | None:
-    """``r1_mean`` (:func:`mean_r1`) or any figure ``evaluate_retrieval`` gives, e.g. ``r_mean``."""
+    """``r1_mean`` (:func:`mean_r1`) or any figure ``evaluate_retrieval`` gives, e.g. ``r_mean``;
+    ``itc.KEY`` is the same figure of the ITC ranking alone (``retrieval["itc"]``)."""
+    if key.startswith("itc."):
+        return figure_of(dig(retrieval, "itc"), key.removeprefix("itc."))
     return mean_r1(retrieval) if key == "r1_mean" else number(dig(retrieval, key))
 
 
@@ -278,6 +283,7 @@ ABLATION_COLUMNS = (
     ("tr_r1", "TR@1"),
     ("ir_r1", "IR@1"),
     ("r_mean", "mean of all R@K"),
+    ("itc.r1_mean", "mean R@1, ITC alone"),
 )
 """The columns of the ablation table (recall in percent)."""
 
