@@ -36,6 +36,7 @@ from capfilt.model import (
     prompt_length,
     save_model_folder,
     tokenize,
+    tokenize_with_prompt,
     train_wordpiece_tokenizer,
 )
 from capfilt.model.generate import (
@@ -319,6 +320,22 @@ def test_captioner_finetune_masks_dec_and_prompt(trained_captioner):
     assert float(loss) == pytest.approx(total / count, rel=1e-5)
     # the mask matters: without it the prompt positions count
     assert abs(float(unmasked) - float(loss)) > 1e-4
+
+
+def test_the_prompt_does_not_cut_the_longest_captions(tok):
+    words = "a big red cross and a small blue circle and a green square at the top".split()
+    caption = " ".join(words)
+    n = len(tok(caption)["input_ids"])  # [CLS] caption [SEP]
+    ids, mask = tokenize_with_prompt(tok, [caption, "a cross"], n, PROMPT)
+    n_prompt = len(tok(PROMPT, add_special_tokens=False)["input_ids"])
+    assert ids.shape == (2, n + n_prompt) and int(mask[0].sum()) == n + n_prompt
+    assert int(ids[0, -1]) == tok.sep_token_id
+    assert ids[0, 1 + n_prompt : -1].tolist() == tok(caption, add_special_tokens=False)["input_ids"]
+    # the same budget counted with the prompt in would lose the caption's last n_prompt tokens
+    assert int(tokenize(tok, [PROMPT + caption], n)[1].sum()) == n
+    # no prompt: plain tokenize
+    plain = tokenize_with_prompt(tok, [caption], n)
+    assert torch.equal(plain[0], tokenize(tok, [caption], n)[0])
 
 
 # ---------------------------------------------------------------- 2. generation

@@ -117,7 +117,8 @@ class ModelConfig:
     vocab_size: int = 2000
     """Vocabulary size when the tokenizer is trained here."""
     max_text_len: int = 35
-    """Tokens per text, special tokens included (BLIP: 35 pretrain, 40 caption)."""
+    """Tokens per text, special tokens included; the captioner's prompt comes on top (BLIP: 35,
+    and 40 with the prompt for captioning)."""
     embed_dim: int = 256
     """ITC projection size."""
     queue_size: int = 57600

@@ -14,6 +14,7 @@ from capfilt.model.tokenizer import (
     prompt_length,
     special_ids,
     tokenize,
+    tokenize_with_prompt,
     train_wordpiece_tokenizer,
 )
 
@@ -40,5 +41,6 @@ __all__ = [
     "save_model_folder",
     "special_ids",
     "tokenize",
+    "tokenize_with_prompt",
     "train_wordpiece_tokenizer",
 ]

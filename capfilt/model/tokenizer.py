@@ -157,6 +157,19 @@ def prompt_length(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
     return 1 + len(prompt_token_ids(tokenizer, prompt)) if prompt else 0
 
 
+def tokenize_with_prompt(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_text_len: int, prompt: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tokenize` of ``prompt + text`` for each text, the prompt's tokens on top of
+    ``max_text_len`` (BLIP: 35 tokens per text, 40 with "a picture of " for captioning): counted
+    in, the prompt would cut the longest captions, and a captioner trained on them learns to stop
+    mid-sentence."""
+    if not prompt:
+        return tokenize(tokenizer, texts, max_text_len)
+    extra = len(prompt_token_ids(tokenizer, prompt))
+    return tokenize(tokenizer, [prompt + t for t in texts], max_text_len + extra)
+
+
 def pad_vocabulary(tokenizer: PreTrainedTokenizerFast, size: int) -> PreTrainedTokenizerFast:
     """Append ``[unusedN]`` tokens until ``len(tokenizer) == size`` (no-op when it is already as
     large). Offline benchmarks at BLIP-base size use it: the LM head's width (BERT's 30,522 ids),

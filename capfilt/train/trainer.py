@@ -34,7 +34,7 @@ from capfilt.model import (
     load_model_folder,
     prompt_length,
     save_model_folder,
-    tokenize,
+    tokenize_with_prompt,
 )
 from capfilt.runs.resolve import resolve_model_dir
 from capfilt.runs.run_folder import RunFolder
@@ -385,8 +385,7 @@ class Trainer:
             )
             batch = next(batches)
             self.skipped.update(batch.get("skips", {}))
-            texts = [prompt + t for t in batch["texts"]] if prompt else batch["texts"]
-            ids, mask = tokenize(tokenizer, texts, mcfg.max_text_len)
+            ids, mask = tokenize_with_prompt(tokenizer, batch["texts"], mcfg.max_text_len, prompt)
             with sync_unless_last(step_module, micro, cfg.grad_accum):
                 with autocast(self.device, cfg.precision):
                     out = step_module(
