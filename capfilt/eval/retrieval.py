@@ -9,8 +9,9 @@
    by S are scored by the ITM encoder and get ``itm_logit[1] + S`` (the raw match logit, no
    softmax; BLIP's score, ``rerank_score="blip"``) or ``itm_logit[1] − itm_logit[0] + S / temp``
    (``"log_odds"``: ITM log-odds + ITC logit); the same for each text over the images. ``k = 0``
-   ranks by S alone; ``k >= N`` is the exhaustive re-rank. S is computed ``chunk_size`` rows at a time, and per query only the ranked
-   head is stored (:class:`Ranking`), so memory is O(chunk · N + N · max(k, 10)), not O(N²).
+   ranks by S alone; ``k >= N`` is the exhaustive re-rank. S is computed ``chunk_size`` rows at a
+   time, and per query only the ranked head is stored (:class:`Ranking`), so memory is
+   O(chunk · N + N · max(k, 10)), not O(N²).
    Under ``torchrun`` the queries are split into contiguous blocks over the ranks and the
    rankings all-gathered (as BLIP: every rank computes all features, the ITM work is split).
 3. :func:`recall_at_k`: text retrieval (image→text; an image counts as retrieved when ANY of its
