@@ -26,7 +26,8 @@ run under the same bf16 autocast (capfilt's stages' own precision) and are timed
     of both is printed (the work per caption); greedy decoding on the first batch checks that both
     sides run the same model (identical captions, count printed).
 (b) Filtering, texts/s: capfilt's ``score_pairs`` (one image-encoder pass and one cross-attention
-    key/value projection per image, all its texts batched; ITM probability and ITC cosine) on
+    key/value projection per image, all its texts batched), twice: ITM probability and ITC cosine
+    (the stage's default) and ITM only (``filter.itc_cosine: false``, the output theirs gives), on
     batches of the recipe's ``filter.batch_size`` images with 2 texts each (a web text and a
     synthetic caption) vs ``BlipForImageTextRetrieval(input_ids, pixel_values, use_itm_head=True)``
     on the same batches (every pair's image and padded text ids in one call, as a batched user of
@@ -254,7 +255,7 @@ def main() -> None:
     pair_texts.sort(key=lambda p: p[0])
     fb = recipe.filter.batch_size
 
-    def capfilt_filter():
+    def capfilt_filter(with_cosine=True):
         scores = []
         with torch.inference_mode(), autocast(device):
             for start in range(0, n, fb):
@@ -267,6 +268,7 @@ def main() -> None:
                     index,
                     [t for _, t in chunk],
                     cfg.max_text_len,
+                    with_cosine=with_cosine,
                 )
                 scores.append(itm.float().cpu())  # the result on the host, as theirs
         return torch.cat(scores)
@@ -304,15 +306,18 @@ def main() -> None:
             pixel_values=pixels[:1],
             use_itm_head=True,
         )
-    ours, t_ours, theirs, t_theirs = _race(
-        capfilt_filter, hf_filter, args.repeats, CLOCKS[args.clock]
-    )
     m = len(pair_texts)
-    print(
-        f"filter:  capfilt {m / t_ours:8.1f} texts/s ({t_ours:.2f} s) | transformers ITM batched {m / t_theirs:8.1f} texts/s "
-        f"({t_theirs:.2f} s) | ratio {t_theirs / t_ours:.2f}x   [{m} texts, 2 per image, batch {fb} images; "
-        f"max |ITM prob difference| {float((ours.cpu() - theirs).abs().max()):.1e}]"
-    )
+    # the stage's default also records each text's ITC cosine (one more text pass);
+    # filter.itc_cosine: false scores ITM only, the same output as transformers' ITM head
+    for label, with_cosine in (("ITM + cosine", True), ("ITM only", False)):
+        ours, t_ours, theirs, t_theirs = _race(
+            lambda w=with_cosine: capfilt_filter(w), hf_filter, args.repeats, CLOCKS[args.clock]
+        )
+        print(
+            f"filter ({label}):  capfilt {m / t_ours:8.1f} texts/s ({t_ours:.2f} s) | transformers ITM batched "
+            f"{m / t_theirs:8.1f} texts/s ({t_theirs:.2f} s) | ratio {t_theirs / t_ours:.2f}x   [{m} texts, 2 per "
+            f"image, batch {fb} images; max |ITM prob difference| {float((ours.cpu() - theirs).abs().max()):.1e}]"
+        )
 
 
 if __name__ == "__main__":

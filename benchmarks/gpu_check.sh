@@ -177,7 +177,7 @@ if wanted vs_transformers; then
     step vs_transformers 120 $PY benchmarks/caption_filter_vs_transformers.py --recipe blip-base \
         --vocab "$VOCAB" --images "$IMAGES" "${BASE[@]}" --set model.tokenizer=null \
         --data "$OUT/vs-transformers-data"
-    grep -E "^(caption|filter):" "$OUT/vs_transformers.log" | tee -a "$SUMMARY"
+    grep -E "^(caption|filter)( \([^)]*\))?:" "$OUT/vs_transformers.log" | tee -a "$SUMMARY"
 fi
 
 # 5. the suite with CUDA visible

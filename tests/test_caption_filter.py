@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 
-from capfilt.config import CaptionConfig, load_recipe
+from capfilt.config import CaptionConfig, ConfigError, load_recipe
 from capfilt.data.importers import ImportRecord, import_records
 from capfilt.data.reader import read_samples
 from capfilt.data.synth import write_synth
@@ -54,7 +54,7 @@ from capfilt.model.generate import (
 from capfilt.pipeline import filter as filter_mod
 from capfilt.pipeline.caption import caption_shards
 from capfilt.pipeline.filter import filter_shards, is_kept, rethreshold_shards
-from capfilt.runs.resolve import model_fingerprint
+from capfilt.runs.resolve import load_stage_model, model_fingerprint
 from capfilt.train.trainer import TrainJob, train
 from capfilt.utils.device import default_device
 from tests.conftest import subprocess_env
@@ -750,6 +750,43 @@ def test_rethreshold_reapplies_the_rule_without_the_model(outputs, tmp_path, mon
         assert all(c["itm_score"] > new_t for c in json.loads(raw["json"])["captions"])
     summary = json.loads((tmp_path / "re" / "summary.json").read_text())
     assert summary["origins"]["web"]["kept"] == int(after[after["origin"] == "web"]["kept"].sum())
+
+
+def test_filter_without_the_itc_cosine_decides_the_same(outputs, models, tmp_path):
+    # rule itm: the cosine is only recorded; skipping its text pass changes nothing else
+    cfg = dataclasses.replace(load_recipe("tiny", FILTER_SETS).filter, itc_cosine=False)
+    filter_shards(models["filter"], [str(outputs["captioned"])], tmp_path / "filt", cfg)
+    before, after = _parquet(outputs["filtered"]), _parquet(tmp_path / "filt")
+    assert after[["uid", "text_index", "kept"]].equals(before[["uid", "text_index", "kept"]])
+    assert (after["itm_score"] - before["itm_score"]).abs().max() < 1e-6
+    assert after["itc_cosine"].isna().all() and before["itc_cosine"].notna().all()
+    assert _folder_samples(tmp_path / "filt").keys() == _folder_samples(outputs["filtered"]).keys()
+    summary = json.loads((tmp_path / "filt" / "summary.json").read_text())  # valid JSON: no NaN
+    assert summary["origins"]["web"]["mean_cosine"] is None
+    # a later decision on the cosine needs the model again; on ITM it does not
+    itc_rule = dataclasses.replace(cfg, rule="itc", itc_cosine=True)
+    with pytest.raises(ConfigError, match="itc_cosine"):
+        rethreshold_shards(
+            tmp_path / "filt", [str(outputs["captioned"])], tmp_path / "re", itc_rule
+        )
+    result = rethreshold_shards(
+        tmp_path / "filt", [str(outputs["captioned"])], tmp_path / "re", 0.5
+    )
+    assert not result.failed and _parquet(tmp_path / "re")["itc_cosine"].isna().all()
+
+
+def test_score_pairs_without_the_cosine_gives_the_same_itm(models, synth):
+    from capfilt.pipeline.filter import score_pairs
+
+    model, _, mcfg, _, _ = load_stage_model(models["filter"], torch.device("cpu"))
+    images = _images(2)
+    index = torch.tensor([0, 0, 1])
+    texts = ["a red cross", "a blue circle", "two shapes"]
+    itm, cosine = score_pairs(model, models["tok"], images, index, texts, mcfg.max_text_len)
+    itm_only, none = score_pairs(
+        model, models["tok"], images, index, texts, mcfg.max_text_len, with_cosine=False
+    )
+    assert none is None and cosine.shape == (3,) and torch.equal(itm, itm_only)
 
 
 def test_a_shard_of_garbage_is_skipped_and_counted_by_every_stage(synth, models, tmp_path):

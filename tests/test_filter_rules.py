@@ -76,6 +76,22 @@ def test_bad_filter_settings_are_refused(override, key):
         load_recipe("tiny", [override])
 
 
+def test_a_cosine_rule_needs_the_cosine():
+    with pytest.raises(ConfigError, match="filter.itc_cosine"):
+        load_recipe("tiny", ["filter.rule=both", "filter.itc_cosine=false"])
+    assert load_recipe("tiny", ["filter.itc_cosine=false"]).filter.rule == "itm"
+
+
+def test_truth_report_without_cosines_leaves_the_itc_head_out():
+    from capfilt.eval.filter_metrics import truth_report
+
+    scores = SCORES.assign(itc_cosine=None)
+    truth = pd.DataFrame({"uid": ["a", "b"], "clean": [True, False]})
+    report = truth_report(scores, truth, 0.5, 0.3)
+    assert report["heads"]["itc"] == {"threshold": 0.3, "note": "not computed"}
+    assert report["heads"]["itm"]["confusion"]["tp"] == 1  # b (0.2) rejected
+
+
 def test_eval_filter_truth_file_matches_a_hand_computation(tmp_path: Path):
     folder = tmp_path / "filtered"
     folder.mkdir()

@@ -202,7 +202,8 @@ def _print_truth(result: dict) -> None:
     table = Table(
         "figure",
         f"ITM > {heads['itm']['threshold']:g}",
-        f"ITC cosine > {heads['itc']['threshold']:g}",
+        f"ITC cosine > {heads['itc']['threshold']:g}"
+        + (" (not computed)" if heads["itc"].get("note") == "not computed" else ""),
         title=f"against the truth file: {result['n_matched']} labelled texts "
         f"({result['n_noisy']} not clean, {result['n_unmatched']} without a score)",
     )

@@ -402,6 +402,11 @@ class FilterConfig:
     threshold becomes its quantile over the whole run (every shard is scored first, then decided).
     Under ``both`` a text must be in the top fraction by both scores, so fewer may stay.
     None = the fixed thresholds."""
+    itc_cosine: bool = True
+    """Also compute each text's ITC cosine with its image (one more text-encoder pass, a fifth to
+    a quarter of the scoring time at the demo's size) and record it in the parquet, where
+    ``capfilt eval filter`` compares it with ITM and a later ``--scores-from`` run may decide on
+    it. ``rule: itc`` and ``both`` need it; with ``rule: itm``, false skips the pass."""
     batch_size: int = 64
     """Images per scoring batch."""
     num_workers: int = 0
@@ -409,6 +414,8 @@ class FilterConfig:
 
     def validate(self) -> None:
         check(self.rule in FILTER_RULES, "rule", " or ".join(FILTER_RULES), self.rule)
+        if self.rule != "itm":
+            check(self.itc_cosine, "itc_cosine", f"true with rule {self.rule}", self.itc_cosine)
         # a probability: above 1 nothing is ever kept, below 0 everything is
         check(
             0 <= self.threshold <= 1, "threshold", "in [0, 1] (an ITM probability)", self.threshold

@@ -332,6 +332,9 @@ def truth_report(
         ("itc", "itc_cosine", itc_threshold),
     ):
         score = pd.to_numeric(matched[column], errors="coerce").to_numpy(dtype=np.float64)
+        if len(score) and np.isnan(score).all():  # not computed (filter.itc_cosine: false)
+            report["heads"][head] = {"threshold": float(threshold), "note": "not computed"}
+            continue
         rejected = ~(score > threshold)
         row: dict[str, Any] = {"threshold": float(threshold), **_prf(rejected, noisy)}
         try:

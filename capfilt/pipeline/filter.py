@@ -117,16 +117,20 @@ def score_pairs(
     image_index: torch.Tensor,
     texts: list[str],
     max_len: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair.
+    with_cosine: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair; the
+    cosine is None without ``with_cosine`` (its text-encoder pass skipped).
 
     Each image is encoded, and its cross-attention keys/values projected, once for all its texts."""
     image_embeds = model.encode_image(images)
-    image_feat = model.image_features(image_embeds)
     ids, mask = tokenize(tokenizer, texts, max_len)
     ids, mask = ids.to(images.device), mask.to(images.device)
     cross_kv = model.image_cross_kv(image_embeds)
     itm = model.itm_logits(None, ids, mask, cross_kv, image_index).float().softmax(-1)[:, 1]
+    if not with_cosine:
+        return itm.cpu(), None
+    image_feat = model.image_features(image_embeds)
     text_feat = model.text_features(model.encode_text(ids, mask, first_only=True))
     cosine = (image_feat[image_index].float() * text_feat.float()).sum(-1)
     return itm.cpu(), cosine.cpu()
@@ -218,15 +222,19 @@ def filter_shards(
                     image_index,
                     [c["text"] for _, c in pairs],
                     mcfg.max_text_len,
+                    with_cosine=cfg.itc_cosine,
                 )
+            cosines = (
+                [None] * len(pairs) if cosine is None else [round(c, 6) for c in cosine.tolist()]
+            )
             scored: list[list[dict]] = [[] for _ in batch]
-            for (i, caption), score, cos in zip(pairs, itm.tolist(), cosine.tolist()):
+            for (i, caption), score, cos in zip(pairs, itm.tolist(), cosines):
                 scored[i].append(
                     {
                         **caption,
                         "origin": normalize_origin(caption.get("origin")),
                         "itm_score": round(score, 6),
-                        "itc_cosine": round(cos, 6),
+                        "itc_cosine": cos,
                     }
                 )
             _write_batch(writer, batch, scored, rule, info)
@@ -310,6 +318,13 @@ def rethreshold_shards(
                 f"{path} missing: --scores-from must be the output of a filter run over the same --shards"
             )
         tables[index] = path
+    if cfg.rule != "itm":
+        lacking = [str(p) for p in tables.values() if not _has_cosines(p)]
+        if lacking:
+            raise ConfigError(
+                f"rule {cfg.rule} needs the ITC cosine, and {lacking[0]} has none (scored with "
+                "filter.itc_cosine: false): re-score with the model, or use rule itm"
+            )
     if cfg.keep_fraction is not None:
         frames = [
             t for t in (drop_skipped_rows(pd.read_parquet(p)) for p in tables.values()) if len(t)
@@ -357,7 +372,7 @@ def rethreshold_shards(
                             **c,
                             "origin": normalize_origin(c.get("origin")),
                             "itm_score": float(r.itm_score),
-                            "itc_cosine": float(r.itc_cosine),
+                            "itc_cosine": _cosine(r.itc_cosine),
                         }
                         for c, r in zip(sample.captions, rows.itertuples())
                     ]
@@ -374,6 +389,27 @@ def rethreshold_shards(
         rule_info(cfg, keep),
         inputs=[[u, str(tables[i])] for i, u in enumerate(urls)],
     )
+
+
+def _cosine(value: Any) -> float | None:
+    """A stored ITC cosine as a float; None where the run did not compute it."""
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _has_cosines(parquet: Path) -> bool:
+    """Whether every scored text of a filter parquet has its ITC cosine."""
+    table = drop_skipped_rows(pd.read_parquet(parquet))
+    if not len(table):
+        return True
+    return "itc_cosine" in table.columns and bool(
+        pd.to_numeric(table["itc_cosine"], errors="coerce").notna().all()
+    )
+
+
+def _mean_or_none(values: pd.Series) -> float | None:
+    """Mean of the numeric values; None where there are none (JSON has no NaN)."""
+    numbers = pd.to_numeric(values, errors="coerce").dropna()
+    return float(numbers.mean()) if len(numbers) else None
 
 
 def summarize(out_dir: Path, n_shards: int | None = None) -> dict[str, Any]:
@@ -400,7 +436,7 @@ def summarize(out_dir: Path, n_shards: int | None = None) -> dict[str, Any]:
             "kept": int(rows["kept"].sum()),
             "kept_fraction": float(rows["kept"].mean()),
             "mean_score": float(rows["itm_score"].mean()),
-            "mean_cosine": float(pd.to_numeric(rows["itc_cosine"], errors="coerce").mean()),
+            "mean_cosine": _mean_or_none(rows["itc_cosine"]),
             "histogram_kept": score_histogram(rows.loc[rows["kept"], "itm_score"]),
             "histogram_rejected": score_histogram(rows.loc[~rows["kept"], "itm_score"]),
         }
