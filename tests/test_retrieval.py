@@ -277,6 +277,11 @@ def test_small_k_reranks_head_and_matches_blip_fill(model_and_tok, feats8):
             )
         assert torch.equal(scores.i2t.indices[:, k_i2t:10], cosine.i2t.indices[:, k_i2t:10])
         head = retrieval_scores(model, feats8, k=k)
+        # the cosine ranking the re-rank started from rides along: the k = 0 ranking's head
+        for itc, ref in ((head.itc_i2t, cosine.i2t), (head.itc_t2i, cosine.t2i)):
+            m = itc.indices.shape[1]
+            assert itc.k == 0 and torch.equal(itc.indices, ref.indices[:, :m])
+            assert torch.allclose(itc.scores, ref.scores[:, :m])
         metrics = recall_at_k(head.i2t, head.t2i, feats8.txt2img)
         assert metrics == recall_at_k(scores.i2t, scores.t2i, feats8.txt2img)
         if k >= 10:  # BLIP's −100-filled matrices give the same R@1/5/10 once k covers the top 10

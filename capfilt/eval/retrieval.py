@@ -310,6 +310,15 @@ class RetrievalScores:
     """The requested k (the effective one is min(k, candidates))."""
     itm_pairs: int = 0
     """(image, text) pairs scored by ITM, summed over ranks (each rank scores a pair once)."""
+    itc_i2t: Ranking | None = None
+    """With k > 0: the cosine ranking the re-rank started from (k = 0: ``i2t`` is that ranking)."""
+    itc_t2i: Ranking | None = None
+    """With k > 0: the same for ``t2i``."""
+
+    def rankings(self) -> list[tuple[Ranking, str]]:
+        """Every ranking held, with its direction (``i2t`` / ``t2i``)."""
+        pairs = [(self.i2t, "i2t"), (self.t2i, "t2i"), (self.itc_i2t, "i2t"), (self.itc_t2i, "t2i")]
+        return [(r, d) for r, d in pairs if r is not None]
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(score_i2t [N_img, N_txt], score_t2i [N_txt, N_img]) as in BLIP."""
@@ -473,12 +482,16 @@ def score_rows(
 
     s_i2t, i_i2t = _rerank_head(cos_i2t, idx_i2t, itm_i2t, k_i2t, cos_scale)
     s_t2i, i_t2i = _rerank_head(cos_t2i, idx_t2i, itm_t2i, k_t2i, cos_scale)
-    return RetrievalScores(
+    scores = RetrievalScores(
         i2t=Ranking(i_i2t, s_i2t, n_txt, k_i2t),
         t2i=Ranking(i_t2i, s_t2i, n_img, k_t2i),
         k=k,
         itm_pairs=n_pairs,
     )
+    if k > 0:  # the cosine heads before the re-rank (_rerank_head returns new tensors)
+        scores.itc_i2t = Ranking(idx_i2t, cos_i2t, n_txt, 0)
+        scores.itc_t2i = Ranking(idx_t2i, cos_t2i, n_img, 0)
+    return scores
 
 
 def row_block(n: int, rank: int, world: int) -> range:
@@ -545,7 +558,8 @@ def retrieval_scores(
         return part
     import torch.distributed as torch_dist
 
-    for ranking, n in ((part.i2t, feats.n_images), (part.t2i, feats.n_texts)):
+    for ranking, direction in part.rankings():
+        n = feats.n_images if direction == "i2t" else feats.n_texts
         ranking.indices = _gather_rows(ranking.indices, n, world, device)
         ranking.scores = _gather_rows(ranking.scores, n, world, device)
     pairs = torch.tensor([part.itm_pairs], dtype=torch.long, device=device)
@@ -654,7 +668,6 @@ def evaluate_retrieval(
         itm_pairs=scores.itm_pairs,
         seconds=round(time.perf_counter() - start, 3),
     )
-    if k > 0:  # a cosine ranking of features already computed: milliseconds beside the re-rank
-        itc = retrieval_scores(None, feats, 0, batch_size, chunk_size, device)
-        metrics["itc"] = recall_at_k(itc.i2t, itc.t2i, feats.txt2img)
+    if scores.itc_i2t is not None and scores.itc_t2i is not None:
+        metrics["itc"] = recall_at_k(scores.itc_i2t, scores.itc_t2i, feats.txt2img)
     return metrics
