@@ -10,9 +10,10 @@
 The model has the recipe's dimensions (``--size medium`` widens it; random weights, or the given
 capfilt folders) and is converted to ``BlipForConditionalGeneration`` / ``BlipForImageTextRetrieval``
 with :func:`capfilt.model.convert.transformers_io.med_to_hf`, so both sides run the same weights in
-the same process. transformers' BLIP pools the image by its [CLS] token, so a random-weight model
-is built with ``image_pool: cls`` (a recipe's ``mean`` only changes the ITC feature, which the
-exported classes cannot express; the ITM and the captioner are the same either way) and without
+the same process. transformers' BLIP pools the image and the text by their [CLS] tokens, so a
+random-weight model is built with ``image_pool: cls`` and ``text_pool: cls`` (a recipe's ``mean``
+only changes the ITC features, which the exported classes cannot express; the ITM and the
+captioner are the same either way) and without
 the recipe's ``vision_stem`` (transformers' ViT has only the linear patch embedding; the token grid
 is the same). Each side
 runs ``--repeats`` times, alternating, and the fastest run of each is compared. On a GPU both sides
@@ -141,6 +142,7 @@ def main() -> None:
     model_cfg = dataclasses.replace(
         recipe.model,
         image_pool="cls",
+        text_pool="cls",
         vision_stem=[],
         **(MEDIUM if args.size == "medium" else {}),
     )

@@ -670,10 +670,7 @@ def test_filter_scores_match_the_model_one_pair_at_a_time(models, outputs):
                 ids, mask = tokenize(tokenizer, [caption["text"]], cfg.max_text_len)
                 score = float(model.itm_logits(embeds, ids, mask).softmax(-1)[0, 1])
                 cosine = float(
-                    (
-                        model.image_features(embeds)
-                        * model.text_features(model.encode_text(ids, mask))
-                    ).sum()
+                    (model.image_features(embeds) * model.encode_text_features(ids, mask)).sum()
                 )
                 row = table.loc[(sample.key, index)]
                 assert row["itm_score"] == pytest.approx(score, abs=tol)

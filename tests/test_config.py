@@ -78,6 +78,7 @@ def test_overrides_set_nested_fields_and_parse_types():
         ("synth.noise_mix.bogus=1", "synth.noise_mix.bogus"),
         ("data.crop_scale=[0.5]", "data.crop_scale"),
         ("model.image_pool=max", "model.image_pool"),
+        ("model.text_pool=max", "model.text_pool"),
         ("model.vision_stem=[8]", "model.vision_stem"),
         ("model.weight_init=xavier", "model.weight_init"),
         ("train.itm_negatives=soft", "train.itm_negatives"),

@@ -161,7 +161,7 @@ def test_filter_itm_itc_match_transformers(hf_models, images):
         ).itm_score
         ours_sim = (
             model.image_features(model.encode_image(images))
-            @ model.text_features(model.encode_text(cls_ids, mask)).t()
+            @ model.encode_text_features(cls_ids, mask).t()
         )
     assert (itm - ref_itm).abs().max() < 1e-4
     assert (cosine - ref_sim.diagonal()).abs().max() < 1e-4
@@ -386,6 +386,9 @@ def test_export_of_a_pretrain_folder_needs_kind(tok_dir, tmp_path):
     mean_cfg = dataclasses.replace(cfg, image_pool="mean")
     with pytest.raises(ValueError, match="image_pool"):
         med_to_hf(build_model(mean_cfg, tokenizer), mean_cfg, "filter")
+    text_mean_cfg = dataclasses.replace(cfg, text_pool="mean")
+    with pytest.raises(ValueError, match="text_pool"):
+        med_to_hf(build_model(text_mean_cfg, tokenizer), text_mean_cfg, "filter")
     stem_cfg = dataclasses.replace(cfg, vision_stem=[4, 8, 16])
     with pytest.raises(ValueError, match="vision_stem"):
         med_to_hf(build_model(stem_cfg, tokenizer), stem_cfg, "filter")

@@ -196,7 +196,7 @@ def test_vit_outputs_all_tokens_and_heads(tok):
     assert ln.eps == 1e-6 and model.visual_encoder.blocks[0].attn.qkv.bias is not None
     feats = model.image_features(emb)
     assert feats.shape == (4, 16) and torch.allclose(feats.norm(dim=1), torch.ones(4))
-    tf = model.text_features(model.encode_text(ids, mask))
+    tf = model.encode_text_features(ids, mask)
     assert tf.shape == (4, 16) and torch.allclose(tf.norm(dim=1), torch.ones(4))
     assert model.itm_logits(emb, ids, mask).shape == (4, 2)
     assert model.lm_logits(emb, ids, mask).shape == (4, ids.shape[1], len(tok))
@@ -259,6 +259,50 @@ def test_mean_image_pool_projects_the_mean_patch_token(tok):
             dim=-1,
         )
     assert torch.allclose(feat_m, model.image_features(emb), atol=1e-5)
+
+
+def test_mean_text_pool_projects_the_mean_token_state_and_ignores_padding(tok):
+    from capfilt.model.losses import itc_loss, itc_targets
+
+    model = make_model(tok, text_pool="mean").eval()
+    images, ids, mask = batch(tok)
+    with torch.no_grad():
+        states = model.encode_text(ids, mask)
+        w = mask.unsqueeze(-1).float()
+        expected = F.normalize(model.text_proj((states * w).sum(1) / w.sum(1)), dim=-1)
+        assert torch.allclose(model.encode_text_features(ids, mask), expected, atol=1e-6)
+        # two more padding columns change nothing; the [CLS] feature is another one
+        ids_pad = torch.cat([ids, torch.full_like(ids[:, :2], model.special["pad"])], 1)
+        mask_pad = torch.cat([mask, torch.zeros_like(mask[:, :2])], 1)
+        assert torch.allclose(model.encode_text_features(ids_pad, mask_pad), expected, atol=1e-5)
+        cls_feat = F.normalize(model.text_proj(states[:, 0]), dim=-1)
+        assert not torch.allclose(cls_feat, expected, atol=1e-3)
+        # the momentum text encoder pools the same way: the loss equals the hand-built one
+        out = model(images, ids, mask, alpha=0.0, weights=("itc",))
+        img = model.image_features(model.encode_image(images))
+        img_m = F.normalize(
+            model.vision_proj_m(model.visual_encoder_m.forward_features(images)[:, 0]), dim=-1
+        )
+        states_m = model.text_encoder_m(input_ids=ids, attention_mask=mask).last_hidden_state
+        txt_m = F.normalize(model.text_proj_m((states_m * w).sum(1) / w.sum(1)), dim=-1)
+        targets = itc_targets(torch.arange(4), torch.cat([torch.arange(4), model.idx_queue[0]]))
+
+        def loss_with(text_m):
+            return itc_loss(
+                img,
+                expected,
+                torch.cat([img_m, model.image_queue.t()]),
+                torch.cat([text_m, model.text_queue.t()]),
+                model.temp,
+                0.0,
+                targets,
+            ).item()
+
+    assert out["loss_itc"].item() == pytest.approx(loss_with(txt_m), rel=1e-5)
+    cls_m = F.normalize(model.text_proj_m(states_m[:, 0]), dim=-1)
+    assert loss_with(cls_m) != pytest.approx(loss_with(txt_m), rel=1e-3)
+    with pytest.raises(ConfigError, match="text_pool"):
+        tiny_cfg(text_pool="max").validate()
 
 
 def test_fan_in_init_scales_with_width(tok):
@@ -451,7 +495,7 @@ def test_itc_uses_image_id_targets(tok):
     with torch.no_grad():
         out = model(images, ids, mask, image_ids=image_ids, alpha=0.0, weights=("itc",))
         img = model.image_features(model.encode_image(images))
-        txt = model.text_features(model.encode_text(ids, mask))
+        txt = model.encode_text_features(ids, mask)
         img_m = F.normalize(
             model.vision_proj_m(model.visual_encoder_m.forward_features(images)[:, 0]), dim=-1
         )

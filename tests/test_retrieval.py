@@ -107,7 +107,7 @@ def brute_force_scores(model, tok, samples, log_odds=False) -> tuple[torch.Tenso
         images.append((embeds, model.image_features(embeds)))
         for c in s.captions:
             ids, mask = tokenize(tok, [clean_caption(c["text"], 30)], model.cfg.max_text_len)
-            texts.append((ids, mask, model.text_features(model.encode_text(ids, mask))))
+            texts.append((ids, mask, model.encode_text_features(ids, mask)))
             txt2img.append(i)
     scores = torch.empty(len(images), len(texts))
     for i, (embeds, ifeat) in enumerate(images):

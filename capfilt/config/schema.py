@@ -77,8 +77,10 @@ ITM_NEGATIVES = get_args(ItmNegatives)
 """How ITM negatives are drawn (``train.itm_negatives``; capfilt.model.losses.sample_itm_negatives)."""
 
 ImagePool = Literal["cls", "mean"]
+TextPool = Literal["cls", "mean"]
 WeightInit = Literal["bert", "fan_in"]
 IMAGE_POOLS = get_args(ImagePool)
+TEXT_POOLS = get_args(TextPool)
 WEIGHT_INITS = get_args(WeightInit)
 
 
@@ -136,6 +138,11 @@ class ModelConfig:
     image_pool: ImagePool = "cls"
     """ITC image feature from the ViT's ``cls`` token (BLIP) or the ``mean`` of its patch tokens.
     From scratch, ``mean`` learns in tens of steps where the [CLS] token stays collapsed for hundreds."""
+    text_pool: TextPool = "cls"
+    """ITC text feature from the unimodal text encoder's ``cls`` token (BLIP) or the ``mean`` of its
+    token states over the text ([CLS] and [SEP] included, padding not). From scratch in a few hundred
+    steps, ``mean`` gives the contrastive loss every word at once instead of what attention has learnt
+    to gather into [CLS] (recipes/demo.yaml)."""
     vision_stem: list[int] = field(default_factory=list)
     """Channels of a convolutional stem in place of the ViT's linear patch embedding: per entry one
     3x3 stride-2 convolution + BatchNorm + ReLU, then a 1x1 convolution to ``vision_width``, so
@@ -200,6 +207,7 @@ class ModelConfig:
         check(
             self.image_pool in IMAGE_POOLS, "image_pool", " or ".join(IMAGE_POOLS), self.image_pool
         )
+        check(self.text_pool in TEXT_POOLS, "text_pool", " or ".join(TEXT_POOLS), self.text_pool)
 
 
 @dataclass

@@ -200,9 +200,7 @@ def compute_features(
         batch = texts[n_text_done:end]
         ids, mask = tokenize(tokenizer, batch, max_len)
         with autocast(device):
-            feat = model.text_features(
-                model.encode_text(ids.to(device), mask.to(device), first_only=True)
-            )
+            feat = model.encode_text_features(ids.to(device), mask.to(device))
         text_feats.append(feat.float().cpu())
         text_ids.append(ids)
         text_masks.append(mask)

@@ -223,15 +223,39 @@ class MED(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_only: bool = False
     ) -> torch.Tensor:
         """Unimodal text encoder (bidirectional, no cross-attention): [B, L, text_width]; ids start
-        with [CLS]. ``first_only``: [B, 1, text_width], the [CLS] state alone (what
-        :meth:`text_features` reads), with the last layer's work for the other tokens skipped."""
+        with [CLS]. ``first_only``: [B, 1, text_width], the [CLS] state alone, with the last layer's
+        work for the other tokens skipped."""
         return self.text_encoder(
             input_ids=input_ids, attention_mask=attention_mask, first_only=first_only
         ).last_hidden_state
 
-    def text_features(self, text_embeds: torch.Tensor) -> torch.Tensor:
-        """Normalised ITC text features [B, embed_dim] from the [CLS] token."""
-        return F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
+    @property
+    def text_pool_reads_first_only(self) -> bool:
+        """Whether :meth:`pool_text` reads the [CLS] state alone (then encode with ``first_only``)."""
+        return self.cfg.text_pool == "cls"
+
+    def pool_text(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The summary the ITC head projects: [CLS] (BLIP) or the mean of the token states over the
+        text's tokens (``model.text_pool``); ``text_embeds`` may be the [CLS] state alone for ``cls``."""
+        if self.cfg.text_pool == "mean":
+            weights = attention_mask.unsqueeze(-1).to(text_embeds.dtype)
+            return (text_embeds * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return text_embeds[:, 0, :]
+
+    def text_features(
+        self, text_embeds: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Normalised ITC text features [B, embed_dim] from :meth:`pool_text`."""
+        return F.normalize(self.text_proj(self.pool_text(text_embeds, attention_mask)), dim=-1)
+
+    def encode_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`encode_text` then :meth:`text_features`: what ITC compares with images."""
+        embeds = self.encode_text(
+            input_ids, attention_mask, first_only=self.text_pool_reads_first_only
+        )
+        return self.text_features(embeds, attention_mask)
 
     def _first_token(self, input_ids: torch.Tensor, token: str) -> torch.Tensor:
         ids = input_ids.clone()
@@ -375,9 +399,8 @@ class MED(nn.Module):
     ):
         out = {}
         b = images.shape[0]
-        text_embeds = self.encode_text(input_ids, attention_mask, first_only=True)
         image_feat = self.image_features(image_embeds)
-        text_feat = self.text_features(text_embeds)
+        text_feat = self.encode_text_features(input_ids, attention_mask)
 
         with torch.no_grad():
             if image_ids is None:
@@ -396,10 +419,13 @@ class MED(nn.Module):
                 dim=-1,
             )
             text_out_m = self.text_encoder_m(
-                input_ids=input_ids, attention_mask=attention_mask, first_only=True
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                first_only=self.text_pool_reads_first_only,
             )
             text_feat_m = F.normalize(
-                self.text_proj_m(text_out_m.last_hidden_state[:, 0, :]), dim=-1
+                self.text_proj_m(self.pool_text(text_out_m.last_hidden_state, attention_mask)),
+                dim=-1,
             )
             image_feat_m_glob = gather.no_grad(image_feat_m)
             text_feat_m_glob = gather.no_grad(text_feat_m)

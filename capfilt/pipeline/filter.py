@@ -131,7 +131,7 @@ def score_pairs(
     if not with_cosine:
         return itm.cpu(), None
     image_feat = model.image_features(image_embeds)
-    text_feat = model.text_features(model.encode_text(ids, mask, first_only=True))
+    text_feat = model.encode_text_features(ids, mask)
     cosine = (image_feat[image_index].float() * text_feat.float()).sum(-1)
     return itm.cpu(), cosine.cpu()
 

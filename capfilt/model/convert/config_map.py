@@ -66,6 +66,11 @@ def hf_config_from_model(model: MED, cfg: ModelConfig, kind: str, eps: float | N
             f"model.image_pool '{cfg.image_pool}': transformers' BLIP takes the ITC image feature from the [CLS] "
             "token, so this model's ITC scores would change on export; export a model trained with image_pool: cls"
         )
+    if cfg.text_pool != "cls":
+        raise ValueError(
+            f"model.text_pool '{cfg.text_pool}': transformers' BLIP takes the ITC text feature from the [CLS] "
+            "token, so this model's ITC scores would change on export; export a model trained with text_pool: cls"
+        )
     if cfg.vision_stem:
         raise ValueError(
             f"model.vision_stem {list(cfg.vision_stem)}: transformers' BLIP embeds patches with one "
