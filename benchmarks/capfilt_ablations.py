@@ -74,6 +74,22 @@ FIGURES = ("r1_mean", "r_mean", "itc.r1_mean")
 """The retrieval figures reported per pretrain (mean R@1, mean of all R@K, mean R@1 of ITC alone)."""
 
 
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: ``N`` → seeds 0..N-1; ``A,B,...`` (a trailing comma for one) → those seeds."""
+    try:
+        if "," in text:
+            seeds = [int(part) for part in text.split(",") if part.strip()]
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a count or a comma list of seeds: {text!r}"
+        ) from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"at least one seed, none negative: {text!r}")
+    return seeds
+
+
 def run_overrides(world: str, seed: int, user: list[str]) -> list[str]:
     """The recipe overrides of one run: seeds, the world's synth settings, then the user's."""
     spec = WORLDS[world]
@@ -250,7 +266,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="recipe override for every run (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument(
+        "--seeds", type=seed_list, default=seed_list("3"), metavar="N|A,B,...",
+        help="seeds 0..N-1 (default 3), or the listed seeds (e.g. 2 runs seeds 0-1, 2, runs seed 2 alone)",
+    )  # fmt: skip
     parser.add_argument(
         "--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS),
         help="worlds to run (default: all)",
@@ -261,8 +280,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="redo this stage and every later one in each run (e.g. evaluate after changing eval.*)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error("--seeds: at least 1")
 
     from capfilt.pipeline.demo import run_demo
     from capfilt.report import write_report
@@ -271,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     runs = []
     for world in args.worlds:
-        for seed in range(args.seeds):
+        for seed in args.seeds:
             overrides = run_overrides(world, seed, args.overrides)
             recipe = load_recipe(args.recipe, overrides)
             out = args.out / world / f"seed{seed}"

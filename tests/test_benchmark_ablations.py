@@ -3,6 +3,7 @@ settings, and its figures and spreads against a hand computation."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import statistics
@@ -40,6 +41,14 @@ def test_the_second_world_changes_seed_noise_rate_and_mix_and_user_overrides_win
     assert second.synth.noise_mix == {"swap": 0.2, "attribute": 0.5, "generic": 0.3}
     mine = load_recipe("tiny", bench.run_overrides("second", 0, ["synth.noise_rate=0.3"]))
     assert mine.synth.noise_rate == 0.3
+
+
+def test_seeds_are_a_count_or_a_list(bench):
+    assert bench.seed_list("3") == [0, 1, 2]
+    assert bench.seed_list("2,") == [2] and bench.seed_list("0,2") == [0, 2]
+    for bad in ("0", "x", "1,-1", ","):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.seed_list(bad)
 
 
 def _summary(base, cap, oracle, filt, capt, f1, truth):
