@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     parser.add_argument(
         "--seeds", type=seed_list, default=seed_list("3"), metavar="N|A,B,...",
-        help="seeds 0..N-1 (default 3), or the listed seeds (e.g. 2 runs seeds 0-1, 2, runs seed 2 alone)",
+        help="N: seeds 0..N-1 (default 3); or a comma list: 0,2 (and 2, for seed 2 alone)",
     )  # fmt: skip
     parser.add_argument(
         "--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS),
