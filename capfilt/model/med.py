@@ -229,11 +229,6 @@ class MED(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, first_only=first_only
         ).last_hidden_state
 
-    @property
-    def text_pool_reads_first_only(self) -> bool:
-        """Whether :meth:`pool_text` reads the [CLS] state alone (then encode with ``first_only``)."""
-        return self.cfg.text_pool == "cls"
-
     def pool_text(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The summary the ITC head projects: [CLS] (BLIP) or the mean of the token states over the
         text's tokens (``model.text_pool``); ``text_embeds`` may be the [CLS] state alone for ``cls``."""
@@ -242,20 +237,23 @@ class MED(nn.Module):
             return (text_embeds * weights).sum(1) / weights.sum(1).clamp_min(1)
         return text_embeds[:, 0, :]
 
-    def text_features(
-        self, text_embeds: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Normalised ITC text features [B, embed_dim] from :meth:`pool_text`."""
-        return F.normalize(self.text_proj(self.pool_text(text_embeds, attention_mask)), dim=-1)
-
     def encode_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, momentum: bool = False
     ) -> torch.Tensor:
-        """:meth:`encode_text` then :meth:`text_features`: what ITC compares with images."""
-        embeds = self.encode_text(
-            input_ids, attention_mask, first_only=self.text_pool_reads_first_only
+        """Normalised ITC text features [B, embed_dim]: the unimodal encoder, :meth:`pool_text`, the
+        projection; ``momentum``: the momentum encoder and projection (ITC's targets). With the
+        ``cls`` pool the last layer computes the [CLS] row alone."""
+        encoder, proj = (
+            (self.text_encoder_m, self.text_proj_m)
+            if momentum
+            else (self.text_encoder, self.text_proj)
         )
-        return self.text_features(embeds, attention_mask)
+        states = encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            first_only=self.cfg.text_pool == "cls",
+        ).last_hidden_state
+        return F.normalize(proj(self.pool_text(states, attention_mask)), dim=-1)
 
     def _first_token(self, input_ids: torch.Tensor, token: str) -> torch.Tensor:
         ids = input_ids.clone()
@@ -418,15 +416,7 @@ class MED(nn.Module):
                 self.vision_proj_m(self.pool_image(self.visual_encoder_m.forward_features(images))),
                 dim=-1,
             )
-            text_out_m = self.text_encoder_m(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                first_only=self.text_pool_reads_first_only,
-            )
-            text_feat_m = F.normalize(
-                self.text_proj_m(self.pool_text(text_out_m.last_hidden_state, attention_mask)),
-                dim=-1,
-            )
+            text_feat_m = self.encode_text_features(input_ids, attention_mask, momentum=True)
             image_feat_m_glob = gather.no_grad(image_feat_m)
             text_feat_m_glob = gather.no_grad(text_feat_m)
 
