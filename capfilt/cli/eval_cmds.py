@@ -203,7 +203,7 @@ def _print_truth(result: dict) -> None:
         "figure",
         f"ITM > {heads['itm']['threshold']:g}",
         f"ITC cosine > {heads['itc']['threshold']:g}"
-        + (" (not computed)" if heads["itc"].get("note") == "not computed" else ""),
+        + (f" ({heads['itc']['note']})" if "note" in heads["itc"] else ""),
         title=f"against the truth file: {result['n_matched']} labelled texts "
         f"({result['n_noisy']} not clean, {result['n_unmatched']} without a score)",
     )
