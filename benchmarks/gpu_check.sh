@@ -12,10 +12,12 @@
 #   pretrain_cli     `capfilt pretrain` at BLIP-base with its loader on the same photos (samples/s
 #                    from metrics.jsonl, to compare with pretrain_mfu's model-only rate);
 #   vs_transformers  caption/filter against transformers' BLIP classes, same weights, BLIP-base;
+#   pretrain_mfu_compiled  pretrain_mfu through torch.compile (the compile is not timed);
 #   suite            the test suite with CUDA visible (not the slow-marked tests; pytest-xdist with
 #                    SUITE_WORKERS processes when it is installed);
 #   demo             `capfilt demo`.
-# SKIP="demo suite" leaves steps out. Everything lands in OUT/ (a log per step, summary.txt).
+# SKIP="demo suite" leaves steps out. Everything lands in OUT/ (a log per step, summary.txt). A second
+# run into the same OUT reuses its photos, shards and models (a warm machine skips the set-up).
 #
 # A CPU-only dry run of the script's plumbing (meaningless figures, small sizes):
 #   ALLOW_CPU=1 COPIES=1 SMALL=1 SKIP="suite demo" bash benchmarks/gpu_check.sh /tmp/gc
@@ -36,6 +38,8 @@ COPIES=${COPIES:-10}
 DEADLINE=${DEADLINE:-480}
 SKIP=${SKIP:-}
 SUITE_WORKERS=${SUITE_WORKERS:-8}
+LOADERS=${LOADERS:-12}  # loader processes of the caption and filter stages
+SHARD_SIZE=${SHARD_SIZE:-1000}  # photos per input shard (img2dataset writes 10,000)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 COCO=$(cd "$COCO" && pwd) || { echo "no coco-mini at $COCO (set COCO=...)" >&2; exit 2; }
@@ -91,6 +95,7 @@ else
 fi
 
 # coco-mini photos, each copied COPIES times, as an image folder with one caption each
+if ! ls "$OUT"/coco/*.tar >/dev/null 2>&1; then
 $PY - "$COCO" "$OUT/photos" "$COPIES" <<'EOF'
 import json, shutil, sys
 from pathlib import Path
@@ -111,10 +116,14 @@ for split in ("train2017", "val2017"):
             (out / f"{stem}.txt").write_text(caption[img["id"]] + "\n")
 print(len(list(out.glob("*.jpg"))), "images")
 EOF
+step import 90 $PY -m capfilt data import folder "$OUT/photos" --out "$OUT/coco" --shard-size "$SHARD_SIZE"
+else
+    note "import           reused $OUT/coco"
+fi
 N=$(find "$OUT/photos" -name '*.jpg' | wc -l)
-step import 90 $PY -m capfilt data import folder "$OUT/photos" --out "$OUT/coco" --shard-size 100
 
 # random-weight captioner and filter folders, and the padded tokenizer for `capfilt pretrain`
+if [ ! -e "$OUT/model_filter" ]; then
 step models 90 $PY - "$OUT" "$VOCAB" "${BASE[@]}" <<'EOF'
 import json, sys, tarfile
 from pathlib import Path
@@ -139,6 +148,7 @@ for stage in ("captioner", "filter"):
                       preprocess=preprocess_spec(cfg.image_size))
 print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, vocabulary {len(tok)}")
 EOF
+fi
 note "models: $(tail -n 1 "$OUT/models.log")"
 
 # 1. caption and filter stage throughput on the photos
@@ -149,7 +159,7 @@ if wanted stages; then
         start=$($PY -c "import time; print(time.time())")
         step "$stage" 120 $PY -m capfilt $stage blip-base --model "$OUT/model_$model" \
             --shards "$shards" --out "$dest" "${BASE[@]}" --set caption.batch_size=128 \
-            --set filter.batch_size=128 --set caption.num_workers=6 --set filter.num_workers=6
+            --set filter.batch_size=128 --set caption.num_workers="$LOADERS" --set filter.num_workers="$LOADERS"
         rate=$(grep -oE "[0-9]+ samples in [0-9.]+ s \([0-9.]+ samples/s" "$OUT/$stage.log" | tail -n 1)
         note "$stage: $N images; stage's own rate: ${rate:-none logged}); whole command: $($PY -c "import time; s = time.time() - $start; print(f'{s:.1f} s, {$N / s:.0f} images/s')")"
     done
@@ -180,7 +190,15 @@ if wanted vs_transformers; then
     grep -E "^(caption|filter)( \([^)]*\))?:" "$OUT/vs_transformers.log" | tee -a "$SUMMARY"
 fi
 
-# 5. the suite with CUDA visible
+# 5. pretraining MFU through torch.compile (the compile itself is not timed)
+if wanted pretrain_mfu_compiled; then
+    step pretrain_mfu_compiled 180 $PY benchmarks/pretrain_throughput.py --recipe blip-base \
+        --batch "$BATCH" --vocab "$VOCAB" --steps 10 --rounds 3 --compile "${BASE[@]}" \
+        --set model.tokenizer=null --json "$OUT/pretrain_mfu_compiled.json"
+    grep -iE "samples/s|mfu" "$OUT/pretrain_mfu_compiled.log" | tail -n 4 | tee -a "$SUMMARY"
+fi
+
+# 6. the suite with CUDA visible
 if wanted suite; then
     XDIST=()
     $PY -c "import xdist" 2>/dev/null && XDIST=(-n "$SUITE_WORKERS")
@@ -188,7 +206,7 @@ if wanted suite; then
     tail -n 15 "$OUT/suite.log" | grep -E "passed|failed|error|FAILED|ERROR" | tee -a "$SUMMARY"
 fi
 
-# 6. the demo
+# 7. the demo
 if wanted demo; then
     step demo 240 $PY -m capfilt demo --out "$OUT/demo"
     tail -n 20 "$OUT/demo.log" >>"$SUMMARY"
