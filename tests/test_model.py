@@ -305,6 +305,28 @@ def test_mean_text_pool_projects_the_mean_token_state_and_ignores_padding(tok):
         tiny_cfg(text_pool="max").validate()
 
 
+def test_itm_and_itc_heads_run_in_fp32_under_bf16_autocast(tok):
+    """The filter thresholds these scores: under bf16 autocast (the encoders' matmuls in bf16) the
+    heads still compute in fp32, so scores keep their resolution (a bf16 ITM head gave a tiny
+    model's every score as exactly 0.5 on a GPU)."""
+    from capfilt.utils.device import autocast
+
+    model = make_model(tok).eval()
+    images, ids, mask = batch(tok)
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+        embeds = model.encode_image(images)
+        states = model.multimodal_embeds(embeds, ids, mask, first_only=True)[:, 0, :]
+        logits = model.itm_logits(embeds, ids, mask)
+        image_feat = model.image_features(embeds)
+        text_feat = model.encode_text_features(ids, mask)
+        pooled = model.encode_text(ids, mask, first_only=True)[:, 0, :]
+    assert logits.dtype == image_feat.dtype == text_feat.dtype == torch.float32
+    head = model.itm_head
+    torch.testing.assert_close(logits, states.float() @ head.weight.T + head.bias)
+    expected = F.normalize(pooled.float() @ model.text_proj.weight.T + model.text_proj.bias, dim=-1)
+    torch.testing.assert_close(text_feat, expected)
+
+
 def test_fan_in_init_scales_with_width(tok):
     bert = make_model(tok, vision_width=64, text_width=64, text_intermediate=128)
     fan = make_model(

@@ -66,6 +66,15 @@ def text_config(
     )
 
 
+def fp32_head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``head(x)`` in float32, also under bf16 autocast. The filter reads ITM probabilities and ITC
+    cosines against thresholds (0.5) and users re-threshold them finely: from a bf16 head they
+    come in steps of 1/128 or coarser, and a tiny model's two ITM logits round to the same value
+    (every score exactly 0.5). A head is a few thousand FLOPs per sample."""
+    with torch.autocast(x.device.type, enabled=False):
+        return head(x.float())
+
+
 class MED(nn.Module):
     """Multimodal mixture of Encoder-Decoder (BLIP).
 
@@ -217,7 +226,7 @@ class MED(nn.Module):
 
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Normalised ITC image features [B, embed_dim] (from :meth:`pool_image`)."""
-        return F.normalize(self.vision_proj(self.pool_image(image_embeds)), dim=-1)
+        return F.normalize(fp32_head(self.vision_proj, self.pool_image(image_embeds)), dim=-1)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_only: bool = False
@@ -253,7 +262,7 @@ class MED(nn.Module):
             attention_mask=attention_mask,
             first_only=self.cfg.text_pool == "cls",
         ).last_hidden_state
-        return F.normalize(proj(self.pool_text(states, attention_mask)), dim=-1)
+        return F.normalize(fp32_head(proj, self.pool_text(states, attention_mask)), dim=-1)
 
     def _first_token(self, input_ids: torch.Tensor, token: str) -> torch.Tensor:
         ids = input_ids.clone()
@@ -301,7 +310,7 @@ class MED(nn.Module):
         states = self.multimodal_embeds(
             image_embeds, input_ids, attention_mask, cross_kv, image_index, first_only=True
         )
-        return self.itm_head(states[:, 0, :])
+        return fp32_head(self.itm_head, states[:, 0, :])
 
     def lm_logits(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -412,9 +421,9 @@ class MED(nn.Module):
                     raise ValueError("image_ids must be >= 0 (-1 marks empty queue slots)")
             ids_glob = gather.no_grad(ids_local)
 
+            image_embeds_m = self.visual_encoder_m.forward_features(images)
             image_feat_m = F.normalize(
-                self.vision_proj_m(self.pool_image(self.visual_encoder_m.forward_features(images))),
-                dim=-1,
+                fp32_head(self.vision_proj_m, self.pool_image(image_embeds_m)), dim=-1
             )
             text_feat_m = self.encode_text_features(input_ids, attention_mask, momentum=True)
             image_feat_m_glob = gather.no_grad(image_feat_m)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import struct
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import subprocess_env
 
 
 def jpeg(color=(200, 30, 30), size=40) -> bytes:
@@ -64,12 +63,11 @@ def huge_png(side: int = 20_000) -> bytes:
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "capfilt", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=subprocess_env(),
         timeout=timeout,
     )
 

@@ -7,19 +7,20 @@ import os
 import subprocess
 import sys
 
-from .conftest import REPO, good_members, huge_png, make_tar
+from tests.conftest import subprocess_env
+
+from .conftest import good_members, huge_png, make_tar
 
 MARGIN_KB = 200 * 1024
 
 
 def max_rss_kb(args: list[str]) -> tuple[int, int]:
     """(exit status, peak resident set in KB) of ``python -m capfilt ARGS`` run on its own."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "capfilt", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env,
+        env=subprocess_env(),
     )
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
     proc.returncode = os.waitstatus_to_exitcode(status)
