@@ -38,7 +38,8 @@ COPIES=${COPIES:-10}
 DEADLINE=${DEADLINE:-480}
 SKIP=${SKIP:-}
 SUITE_WORKERS=${SUITE_WORKERS:-8}
-LOADERS=${LOADERS:-12}  # loader processes of the caption and filter stages
+LOADERS=${LOADERS:-12}  # loader processes of the caption and filter stages (and pretraining)
+STAGE_BATCH=${STAGE_BATCH:-256}  # images per batch of the caption and filter stages
 SHARD_SIZE=${SHARD_SIZE:-1000}  # photos per input shard (img2dataset writes 10,000)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -89,9 +90,9 @@ if [ -n "${SMALL:-}" ]; then  # dry run: a small model, few images, short captio
     BASE+=(--set model.vision_width=64 --set model.vision_depth=1 --set model.vision_heads=1
            --set model.text_width=64 --set model.text_layers=1 --set model.text_heads=1
            --set model.text_intermediate=128 --set model.image_size=64 --set caption.max_length=8)
-    VOCAB=2000 BATCH=8 IMAGES=16
+    VOCAB=2000 BATCH=8 IMAGES=16 VS_BATCH=8
 else
-    VOCAB=30522 BATCH=64 IMAGES=256
+    VOCAB=30522 BATCH=64 IMAGES=512 VS_BATCH=128  # the issue's comparison: nucleus, batch 128
 fi
 
 # coco-mini photos, each copied COPIES times, as an image folder with one caption each
@@ -158,8 +159,9 @@ if wanted stages; then
         else model=filter shards="$OUT/captioned" dest="$OUT/filtered"; fi
         start=$($PY -c "import time; print(time.time())")
         step "$stage" 120 $PY -m capfilt $stage blip-base --model "$OUT/model_$model" \
-            --shards "$shards" --out "$dest" "${BASE[@]}" --set caption.batch_size=128 \
-            --set filter.batch_size=128 --set caption.num_workers="$LOADERS" --set filter.num_workers="$LOADERS"
+            --shards "$shards" --out "$dest" "${BASE[@]}" --set caption.batch_size="$STAGE_BATCH" \
+            --set filter.batch_size="$STAGE_BATCH" --set caption.num_workers="$LOADERS" \
+            --set filter.num_workers="$LOADERS"
         rate=$(grep -oE "[0-9]+ samples in [0-9.]+ s \([0-9.]+ samples/s" "$OUT/$stage.log" | tail -n 1)
         note "$stage: $N images; stage's own rate: ${rate:-none logged}); whole command: $($PY -c "import time; s = time.time() - $start; print(f'{s:.1f} s, {$N / s:.0f} images/s')")"
     done
@@ -177,7 +179,7 @@ fi
 if wanted pretrain_cli; then
     step pretrain_cli 100 $PY -m capfilt pretrain blip-base --shards "$OUT/coco" --out "$OUT/pre" \
         "${BASE[@]}" --set model.tokenizer="$OUT/tokenizer" --set data.batch_size="$BATCH" \
-        --set data.num_workers=8 --set train.epochs=1 --set train.samples_per_epoch=$((BATCH * 30)) \
+        --set data.num_workers="$LOADERS" --set train.epochs=1 --set train.samples_per_epoch=$((BATCH * 30)) \
         --set train.log_every=5 --set train.ckpt_every=100000
     tail -n 3 "$OUT/pre/metrics.jsonl" 2>/dev/null | tee -a "$SUMMARY"
 fi
@@ -186,6 +188,7 @@ fi
 if wanted vs_transformers; then
     step vs_transformers 120 $PY benchmarks/caption_filter_vs_transformers.py --recipe blip-base \
         --vocab "$VOCAB" --images "$IMAGES" "${BASE[@]}" --set model.tokenizer=null \
+        --set caption.batch_size="$VS_BATCH" --set filter.batch_size="$VS_BATCH" \
         --data "$OUT/vs-transformers-data"
     grep -E "^(caption|filter)( \([^)]*\))?:" "$OUT/vs_transformers.log" | tee -a "$SUMMARY"
 fi

@@ -128,9 +128,9 @@ def main() -> None:
     inputs = []
     for b in batches:
         ids, mask = tokenize(tokenizer, b["texts"], recipe.model.max_text_len)
-        inputs.append(
-            (b["images"].to(device), ids.to(device), mask.to(device), b["image_ids"].to(device))
-        )
+        # image ids stay on the host, as the trainer passes them (checked there, no device sync)
+        image_ids = b["image_ids"].pin_memory() if device.type == "cuda" else b["image_ids"]
+        inputs.append((b["images"].to(device), ids.to(device), mask.to(device), image_ids))
 
     def step(images, ids, mask, image_ids, fwd=forward) -> None:
         optimizer.zero_grad(set_to_none=True)

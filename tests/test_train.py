@@ -19,7 +19,7 @@ from capfilt.data.synth import write_synth
 from capfilt.data.transforms import TrainTransform
 from capfilt.train.data import TrainStream, build_sources
 from capfilt.train.optim import lr_at
-from capfilt.train.trainer import TrainJob, train
+from capfilt.train.trainer import TrainJob, finite_means, train
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +326,12 @@ def test_inference_stages_run_with_the_recipes_thread_count(command, target, mon
     result = CliRunner().invoke(app, [*command, "--set", "runtime.threads=3"])
     assert seen == [3], result.output
     assert torch.get_num_threads() == before
+
+
+def test_logged_means_are_the_step_sums_over_the_window_and_a_nan_stops_training():
+    """The trainer sums each step's losses on the device and reads them once per logged window."""
+    window = {"loss": torch.tensor(6.0), "loss_itc": torch.tensor(1.5)}  # 3 steps summed
+    assert finite_means(window, 3) == {"loss": 2.0, "loss_itc": 0.5}
+    assert finite_means({}, 1) == {}
+    with pytest.raises(FloatingPointError, match="non-finite loss in the last 2 step"):
+        finite_means({"loss": torch.tensor(float("nan"))}, 2)

@@ -1,19 +1,22 @@
-"""Decoded, transformed image batches of one shard for the inference stages (caption, filter),
+"""Decoded, transformed image batches of shards for the inference stages (caption, filter, eval),
 read in DataLoader worker processes (docs/architecture.md §3, data flow).
 
-Worker w of W decodes and transforms the samples at positions w, w + W, ... of the shard; the
-DataLoader returns worker outputs round-robin, so the main process sees every sample in shard
-order and builds exactly the batches a single process would (same samples, same order, same
-skip counts): the stage's output does not depend on the worker count.
+One set of workers reads every shard a stage has left to do, in order, so a GPU never waits for
+workers to start at a shard's beginning or for the last batch of a shard to drain. Worker w of W
+decodes and transforms the samples at positions w, w + W, ... of each shard; every item carries
+its shard and position, and the main process puts them back in shard order: a stage builds exactly
+the batches a single process would (same samples, same order, same skip counts), so its output
+does not depend on the worker count.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import multiprocessing.context
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -21,43 +24,61 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from capfilt.data.reader import Sample, SampleError, SkipCounter, decode_sample, iter_tar_samples
 
 
-class _ShardItems(IterableDataset):
-    """One item per raw sample of this worker's share: ("ok", sample without PIL image, tensor),
-    ("skip", reason, where, detail, key), and at the end ("tar", what the tar reader itself
-    rejected: its skip records and its shard events)."""
+class ShardReadError(RuntimeError):
+    """A loader worker failed while reading a shard (the message names the shard and the error)."""
 
-    def __init__(self, url: str, transform: Callable, require_caption: bool, min_side: int | None):
-        self.url, self.transform, self.require_caption = url, transform, require_caption
-        self.min_side = min_side
+
+class _ShardItems(IterableDataset):
+    """This worker's items of the shards ``urls[i]`` for i in ``indices``, in that order:
+    ("ok", shard, position, sample without PIL image, tensor), ("skip", shard, position, reason,
+    where, detail, key), ("error", shard, message) if reading broke off, and last for each shard
+    ("end", shard, what the tar reader itself rejected: skip records and shard events — worker 0
+    alone reports them, as every worker reads the whole tar)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        indices: Sequence[int],
+        transform: Callable,
+        require_caption: bool,
+        min_side: int | None,
+    ):
+        self.urls, self.indices, self.transform = list(urls), list(indices), transform
+        self.require_caption, self.min_side = require_caption, min_side
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        counter = SkipCounter("reader")
-        for position, raw in enumerate(iter_tar_samples(self.url, counter)):
-            if position % workers != worker:
-                continue
+        for index in self.indices:
+            url = self.urls[index]
+            counter = SkipCounter("reader")
             try:
-                sample = decode_sample(
-                    raw, require_caption=self.require_caption, min_side=self.min_side
-                )
-            except SampleError as err:
-                key = raw.get("__key__", "")
-                yield ("skip", err.reason, f"{self.url}:{key}", err.detail, key)
-                continue
-            image = self.transform(sample.image)
-            yield ("ok", dataclasses.replace(sample, image=None), image)
-        if worker == 0:  # every worker reads the whole tar: report its own rejections once
-            yield ("tar", list(counter.records), dict(counter.shard_events))
+                for position, raw in enumerate(iter_tar_samples(url, counter)):
+                    if position % workers != worker:
+                        continue
+                    try:
+                        sample = decode_sample(
+                            raw, require_caption=self.require_caption, min_side=self.min_side
+                        )
+                    except SampleError as err:
+                        key = raw.get("__key__", "")
+                        yield ("skip", index, position, err.reason, f"{url}:{key}", err.detail, key)
+                        continue
+                    image = self.transform(sample.image)
+                    yield ("ok", index, position, dataclasses.replace(sample, image=None), image)
+            except Exception as err:  # noqa: BLE001 - reported in the main process, for this shard
+                yield ("error", index, f"{url}: {type(err).__name__}: {err}")
+            if worker == 0:
+                yield ("end", index, list(counter.records), dict(counter.shard_events))
+            else:
+                yield ("end", index, [], {})
 
 
 def _worker_context(transform: Callable) -> multiprocessing.context.BaseContext:
-    """Where loader workers come from. A stage opens one loader per shard, so a worker's start
-    is paid per shard: spawned, each imports torch, the transform's module and the main module
-    again (seconds; on a busy 2-core machine 159 photos in two shards took 34 s with 2 workers,
-    1.7 s without). A fork server that has imported them once forks each worker in a fraction of
-    that, and like spawn it never forks a process that has started CUDA. Spawn where there is no
-    fork server (Windows)."""
+    """Where loader workers come from: spawned, each imports torch, the transform's module and the
+    main module again (seconds). A fork server that has imported them once forks each worker in a
+    fraction of that, and like spawn it never forks a process that has started CUDA. Spawn where
+    there is no fork server (Windows)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
@@ -69,62 +90,155 @@ def _worker_context(transform: Callable) -> multiprocessing.context.BaseContext:
     return context
 
 
-def image_batches(
-    url: str,
-    transform: Callable,
-    batch_size: int,
-    counter: SkipCounter,
-    num_workers: int = 0,
-    device: torch.device | None = None,
-    require_caption: bool = True,
-    min_side: int | None = None,
-) -> Iterator[tuple[list[Sample], torch.Tensor]]:
-    """(samples, images [B, 3, H, W] on ``device``) of shard ``url`` in batches of ``batch_size``.
-    Bad samples are recorded in ``counter``; ``min_side`` as in :func:`read_samples`.
+class ShardImages:
+    """(samples, images [B, 3, H, W] on ``device``) batches of each of ``urls``' shards.
 
+    ``plan(indices)`` names the shards that will be asked for, in order (default: all of them);
+    ``batches(i, counter)`` gives shard ``i``'s batches, its bad samples recorded in ``counter``.
+    With ``num_workers`` > 0 one DataLoader reads the planned shards from start to end, decoding
+    about two batches ahead of the model; a shard asked for after a later one, or not planned, is
+    an error. A shard whose batches were not all taken (its stage failed on it) is skipped over.
     Samples come without their decoded PIL image (``image_bytes`` keeps the original for the
     output shard). With a GPU, batches are pinned and copied without blocking.
     """
-    device = device or torch.device("cpu")
-    pin = device.type == "cuda"
-    items = _ShardItems(url, transform, require_caption, min_side)
-    if num_workers > 0:
-        stream = DataLoader(
-            items,
-            batch_size=None,
-            num_workers=num_workers,
-            multiprocessing_context=_worker_context(transform),
-            persistent_workers=False,
-        )
-    else:
-        stream = items
-    samples: list[Sample] = []
-    images: list[torch.Tensor] = []
 
-    def flush() -> tuple[list[Sample], torch.Tensor]:
-        batch = torch.stack(images)
-        if pin:
-            batch = batch.pin_memory()
-        out = (list(samples), batch.to(device, non_blocking=pin))
-        samples.clear()
-        images.clear()
-        return out
+    def __init__(
+        self,
+        urls: Sequence[str],
+        transform: Callable,
+        batch_size: int,
+        num_workers: int = 0,
+        device: torch.device | None = None,
+        require_caption: bool = True,
+        min_side: int | None = None,
+    ):
+        self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
+        self.num_workers, self.device = num_workers, device or torch.device("cpu")
+        self.require_caption, self.min_side = require_caption, min_side
+        self._plan: list[int] = list(range(len(self.urls)))
+        self._next = 0  # position in the plan of the next shard to hand out
+        self._stream: Iterator | None = None
+        self._early: dict[int, list[tuple]] = {}  # items of shards not asked for yet
 
-    for item in stream:
-        if item[0] == "ok":
-            samples.append(item[1])
-            images.append(item[2])
-            if len(samples) == batch_size:
-                yield flush()
-        elif item[0] == "skip":
-            _, reason, where, detail, key = item
-            counter.skip(reason, where, detail, key=key)
+    def plan(self, indices: Sequence[int]) -> None:
+        if self._stream is not None or self._next:
+            raise RuntimeError("ShardImages.plan must come before the first batches() call")
+        self._plan = list(indices)
+
+    def close(self) -> None:
+        """Stop the workers (also when a stage ends early)."""
+        self._stream = None
+        self._early.clear()
+
+    def __enter__(self) -> ShardImages:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def batches(
+        self, index: int, counter: SkipCounter
+    ) -> Iterator[tuple[list[Sample], torch.Tensor]]:
+        if index not in self._plan[self._next :]:
+            raise RuntimeError(f"shard {index} was not planned, or was asked for out of order")
+        while self._plan[self._next] != index:  # shards left unfinished: their items are dropped
+            self._early.pop(self._plan[self._next], None)
+            self._next += 1
+        self._next += 1
+        if self.num_workers == 0:
+            items = iter(
+                _ShardItems(self.urls, [index], self.transform, self.require_caption, self.min_side)
+            )
         else:
-            _, records, shard_events = item
-            for record in records:
-                counter.skip(record.reason, record.url, record.detail, key=record.key)
-            for reason, n in shard_events.items():
-                for _ in range(n):
-                    counter.shard_event(reason, url)
-    if samples:
-        yield flush()
+            items = self._in_order(index)
+        yield from self._batch(items, counter)
+
+    def _loader(self) -> Iterator:
+        if self._stream is None:
+            items = _ShardItems(
+                self.urls,
+                self._plan[self._next - 1 :],
+                self.transform,
+                self.require_caption,
+                self.min_side,
+            )
+            self._stream = iter(
+                DataLoader(
+                    items,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    multiprocessing_context=_worker_context(self.transform),
+                    # each worker keeps its share of about two batches ready while the model runs
+                    prefetch_factor=max(2, math.ceil(2 * self.batch_size / self.num_workers)),
+                )
+            )
+        return self._stream
+
+    def _in_order(self, index: int) -> Iterator[tuple]:
+        """Shard ``index``'s items in position order, then its "end" item. Workers reach a shard's
+        end at different times, so items of the shards after it may come first: they wait."""
+        waiting: dict[int, tuple] = {}
+        next_position, ends, end = 0, 0, None
+        pending = iter(self._early.pop(index, []))
+        stream = self._loader()
+        while ends < self.num_workers:
+            item = next(pending, None)
+            if item is None:
+                item = next(stream, None)
+                if item is None:
+                    raise ShardReadError(f"the loader ended before shard {self.urls[index]} did")
+            shard = item[1]
+            if shard != index:
+                if shard in self._plan[self._next :]:
+                    self._early.setdefault(shard, []).append(item)
+                continue  # an abandoned shard's
+            kind = item[0]
+            if kind == "error":
+                raise ShardReadError(item[2])
+            if kind == "end":
+                ends += 1
+                if item[2] or item[3]:
+                    end = item
+                continue
+            waiting[item[2]] = item
+            while next_position in waiting:
+                yield waiting.pop(next_position)
+                next_position += 1
+        yield from (waiting[p] for p in sorted(waiting))
+        yield end or ("end", index, [], {})
+
+    def _batch(self, items: Iterator[tuple], counter: SkipCounter):
+        samples: list[Sample] = []
+        images: list[torch.Tensor] = []
+        pin = self.device.type == "cuda"
+
+        def flush() -> tuple[list[Sample], torch.Tensor]:
+            first = images[0]
+            batch = torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=pin)
+            torch.stack(images, out=batch)
+            out = (list(samples), batch.to(self.device, non_blocking=pin))
+            samples.clear()
+            images.clear()
+            return out
+
+        for item in items:
+            kind = item[0]
+            if kind == "ok":
+                samples.append(item[3])
+                images.append(item[4])
+                if len(samples) == self.batch_size:
+                    yield flush()
+            elif kind == "skip":
+                _, _, _, reason, where, detail, key = item
+                counter.skip(reason, where, detail, key=key)
+            elif kind == "error":
+                raise ShardReadError(item[2])
+            else:
+                _, shard, records, shard_events = item
+                for record in records:
+                    counter.skip(record.reason, record.url, record.detail, key=record.key)
+                for reason, n in shard_events.items():
+                    for _ in range(n):
+                        counter.shard_event(reason, self.urls[shard])
+        if samples:
+            yield flush()

@@ -94,12 +94,15 @@ def run_shard_stage(
     desc: str | None = None,
     inputs: Sequence[str | Sequence[str]] | None = None,
     hints: Mapping[str, str] | None = None,
+    plan: Callable[[list[int]], None] | None = None,
 ) -> StageResult:
     """Run ``produce`` for every shard of this rank not yet done; write ``sizes.json`` at the end.
 
     ``inputs[i]``: the file(s) output shard ``i`` is made from; their identity joins the config
     hash in its done-marker (:func:`input_identity`) and they are named when the stage fails.
     ``hints``: reason → what the user should check, added when every input sample was rejected.
+    ``plan``: called once with the shards this rank will produce, in order, before the first (so
+    that a stage's loader can read ahead across shards: :class:`~capfilt.data.loader.ShardImages`).
     Raises ``StageError`` when the input holds no sample at all or every sample was rejected.
     """
     out_dir = Path(out_dir)
@@ -118,6 +121,8 @@ def run_shard_stage(
     }
     todo = [i for i in mine if not is_shard_done(out_dir, i, hashes[i], prefix)]
     result.skipped_existing = [i for i in mine if i not in todo]
+    if plan is not None:
+        plan(todo)
     if result.skipped_existing:
         log.info(
             "%s: %d of %d shards already done, resuming",

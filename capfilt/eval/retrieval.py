@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.config import RERANK_SCORES
-from capfilt.data.loader import image_batches
+from capfilt.data.loader import ShardImages
 from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.shards import expand_shards
 from capfilt.data.text import clean_caption
@@ -138,15 +138,17 @@ def _iter_images(
     data: Any, counter: SkipCounter, transform, batch_size: int, num_workers: int
 ) -> Iterator[tuple[Sample, torch.Tensor]]:
     """(sample, transformed image) of ``data`` in order; shards are decoded in ``num_workers``
-    DataLoader processes (:func:`~capfilt.data.loader.image_batches`)."""
+    DataLoader processes (:class:`~capfilt.data.loader.ShardImages`)."""
     if not _is_shard_spec(data):
         for sample in data:
             yield sample, transform(sample.image.convert("RGB"))
         return
     specs = [str(data)] if isinstance(data, str | Path) else [str(x) for x in data]
-    for url in expand_shards(specs):
-        for samples, images in image_batches(url, transform, batch_size, counter, num_workers):
-            yield from zip(samples, images)
+    urls = expand_shards(specs)
+    with ShardImages(urls, transform, batch_size, num_workers) as shard_images:
+        for index in range(len(urls)):
+            for samples, images in shard_images.batches(index, counter):
+                yield from zip(samples, images)
 
 
 @torch.inference_mode()

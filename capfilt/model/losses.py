@@ -75,6 +75,7 @@ def sample_itm_negatives(
     image_ids: torch.Tensor,
     generator: torch.Generator | None = None,
     mode: str = "hard",
+    known_distinct: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Negatives for ITM (docs/architecture.md §2, ITM): one negative image per text, one negative text per image.
 
@@ -90,7 +91,9 @@ def sample_itm_negatives(
 
     In every mode the sample itself (diagonal) and every item of the same image id have probability 0.
     Returns (neg_image_idx [B] for each text, neg_text_idx [B] for each image).
-    Raises ``ValueError`` when a row has no valid negative or the mode is unknown.
+    Raises ``ValueError`` when a row has no valid negative or the mode is unknown; with
+    ``known_distinct`` (the caller saw two image ids on the host) that check, a host sync on a GPU,
+    is skipped.
     """
     if mode not in ITM_NEGATIVES:
         raise ValueError(f"sample_itm_negatives: mode must be one of {ITM_NEGATIVES}, got {mode!r}")
@@ -103,7 +106,7 @@ def sample_itm_negatives(
     # a sample's own column carries its own id, so this also zeroes the diagonal
     same = image_ids.view(-1, 1) == image_ids.view(1, -1)
     valid = ~same
-    if not bool(valid.any(1).all()):
+    if not known_distinct and not bool(valid.any(1).all()):
         raise ValueError(
             "ITM needs at least 2 distinct images in the (global) batch: some sample has no other image to "
             f"use as a hard negative (global batch of {big_b} with {int(image_ids.unique().numel())} distinct "

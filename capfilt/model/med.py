@@ -414,11 +414,14 @@ class MED(nn.Module):
                 # each sample its own image: its position in the global batch is its id
                 ids_local = torch.arange(b, device=images.device) + gather.rank * b
             else:
-                ids_local = image_ids.to(device=images.device, dtype=torch.long).view(-1)
-                if ids_local.numel() != b:
-                    raise ValueError(f"image_ids: expected {b} ids, got {ids_local.numel()}")
-                if bool((ids_local < 0).any()):
+                if image_ids.numel() != b:
+                    raise ValueError(f"image_ids: expected {b} ids, got {image_ids.numel()}")
+                # checked where they are: ids on the host (the trainer's) cost no device sync
+                if bool((image_ids < 0).any()):
                     raise ValueError("image_ids must be >= 0 (-1 marks empty queue slots)")
+                ids_local = image_ids.to(
+                    device=images.device, dtype=torch.long, non_blocking=True
+                ).view(-1)
             ids_glob = gather.no_grad(ids_local)
 
             image_embeds_m = self.visual_encoder_m.forward_features(images)
@@ -467,8 +470,20 @@ class MED(nn.Module):
                 text_feat_glob = gather.no_grad(text_feat).float()
                 sim_i2t = image_feat_glob @ text_feat_m_glob.float().t() / self.temp
                 sim_t2i = text_feat_glob @ image_feat_m_glob.float().t() / self.temp
+                # every row has another image when this batch alone holds two: no need for the
+                # device-side check (a host sync) then
+                distinct = (
+                    b >= 2
+                    if image_ids is None
+                    else image_ids.device.type == "cpu" and image_ids.unique().numel() >= 2
+                )
                 neg_image_all, neg_text_all = sample_itm_negatives(
-                    sim_i2t, sim_t2i, ids_glob, generator=generator, mode=itm_negatives
+                    sim_i2t,
+                    sim_t2i,
+                    ids_glob,
+                    generator=generator,
+                    mode=itm_negatives,
+                    known_distinct=distinct,
                 )
                 offset = gather.rank * b
                 neg_image_idx = neg_image_all[offset : offset + b]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.config import CaptionConfig, config_hash, to_dict
-from capfilt.data.loader import image_batches
+from capfilt.data.loader import ShardImages
 from capfilt.data.reader import SkipCounter
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
@@ -53,19 +53,20 @@ def caption_shards(
         {"stage": "caption", "model": captioner_id, "caption": _settings_of(cfg), "inputs": urls}
     )
 
+    shard_images = ShardImages(
+        urls,
+        transform,
+        cfg.batch_size,
+        cfg.num_workers,
+        device,
+        require_caption=False,
+        min_side=transform.image_size,
+    )
+
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("caption")
         n_captions = 0
-        for batch, images in image_batches(
-            urls[index],
-            transform,
-            cfg.batch_size,
-            counter,
-            cfg.num_workers,
-            device,
-            require_caption=False,
-            min_side=transform.image_size,
-        ):
+        for batch, images in shard_images.batches(index, counter):
             seeds = row_seeds(cfg.seed, [s.key for s in batch], cfg.num_captions)
             with autocast(device):
                 captions = generate_captions(model, tokenizer, images, cfg, cfg.num_captions, seeds)
@@ -94,14 +95,16 @@ def caption_shards(
 
     sizes = shard_sizes(urls)
     known = None if any(s is None for s in sizes) else [int(s) for s in sizes]  # type: ignore[arg-type]
-    return run_shard_stage(
-        out_dir,
-        len(urls),
-        produce,
-        stage="caption",
-        config_hash=chash,
-        samples_per_shard=known,
-        dist=dist,
-        desc="caption",
-        inputs=urls,
-    )
+    with shard_images:
+        return run_shard_stage(
+            out_dir,
+            len(urls),
+            produce,
+            stage="caption",
+            config_hash=chash,
+            samples_per_shard=known,
+            dist=dist,
+            desc="caption",
+            inputs=urls,
+            plan=shard_images.plan,
+        )

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from capfilt.config import ConfigError, FilterConfig, config_hash, to_dict
-from capfilt.data.loader import image_batches
+from capfilt.data.loader import ShardImages
 from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
@@ -201,17 +201,13 @@ def filter_shards(
     rule = fixed_rule(cfg)
     info = {"model": filter_id, **rule_info(cfg, rule)}
 
+    shard_images = ShardImages(
+        urls, transform, cfg.batch_size, cfg.num_workers, device, min_side=transform.image_size
+    )
+
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("filter")
-        for batch, images in image_batches(
-            urls[index],
-            transform,
-            cfg.batch_size,
-            counter,
-            cfg.num_workers,
-            device,
-            min_side=transform.image_size,
-        ):
+        for batch, images in shard_images.batches(index, counter):
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
             image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
             with autocast(device):
@@ -241,7 +237,10 @@ def filter_shards(
         writer.add_skipped(counter)
         return {"input_shard": urls[index], "filter": filter_id, **rule_info(cfg, rule)}
 
-    return _run(out_dir, urls, produce, chash, rule_info(cfg, rule), inputs=urls)
+    with shard_images:
+        return _run(
+            out_dir, urls, produce, chash, rule_info(cfg, rule), inputs=urls, plan=shard_images.plan
+        )
 
 
 def _write_batch(
@@ -273,7 +272,13 @@ def _write_batch(
 
 
 def _run(
-    out_dir, urls: list[str], produce: Callable, chash: str, rule: dict, inputs: list
+    out_dir,
+    urls: list[str],
+    produce: Callable,
+    chash: str,
+    rule: dict,
+    inputs: list,
+    plan: Callable[[list[int]], None] | None = None,
 ) -> StageResult:
     sizes = shard_sizes(urls)
     known = None if any(s is None for s in sizes) else [int(s) for s in sizes]  # type: ignore[arg-type]
@@ -286,6 +291,7 @@ def _run(
         samples_per_shard=known,
         desc="filter",
         inputs=inputs,
+        plan=plan,
     )
     if current_dist_info().is_main:
         summary = summarize(Path(out_dir), n_shards=len(urls))

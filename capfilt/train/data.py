@@ -261,8 +261,11 @@ class TrainStream(IterableDataset):
         )
 
 
-def make_loader(stream: TrainStream, num_workers: int, seed: int = 0) -> DataLoader:
-    """A DataLoader over ``stream`` that draws its worker seeds from its own generator.
+def make_loader(
+    stream: TrainStream, num_workers: int, seed: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader over ``stream`` that draws its worker seeds from its own generator;
+    ``pin_memory`` (with a GPU): batches in pinned memory, copied to it without blocking.
 
     The default would draw them from torch's global RNG, so creating a loader at a resume point
     would shift the RNG stream of the training step (ITM negatives) against an uninterrupted run.
@@ -273,5 +276,6 @@ def make_loader(stream: TrainStream, num_workers: int, seed: int = 0) -> DataLoa
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )

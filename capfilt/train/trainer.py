@@ -41,7 +41,7 @@ from capfilt.runs.run_folder import RunFolder
 from capfilt.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from capfilt.train.data import Source, TrainStream, build_sources, check_sources, make_loader
 from capfilt.train.optim import build_optimizer, lr_at, set_lr
-from capfilt.utils.device import autocast, default_device
+from capfilt.utils.device import autocast, default_device, to_device
 from capfilt.utils.dist import DistInfo, barrier, init_distributed
 from capfilt.utils.files import atomic_write_json
 from capfilt.utils.logging import get_logger, setup_logging
@@ -289,7 +289,12 @@ class Trainer:
                     max_words=data_cfg.max_words,
                 )
                 batches = iter(
-                    make_loader(stream, data_cfg.num_workers, seed=self.recipe.seed + epoch)
+                    make_loader(
+                        stream,
+                        data_cfg.num_workers,
+                        seed=self.recipe.seed + epoch,
+                        pin_memory=self.device.type == "cuda",
+                    )
                 )
                 epoch_end = min(last, (epoch + 1) * steps_per_epoch)
                 while step < epoch_end:
@@ -310,13 +315,15 @@ class Trainer:
                         step,
                     )
                     step += 1
+                    # summed on the device: a float() per step would wait for the GPU each step
                     for key, value in parts.items():
-                        window[key] = window.get(key, 0.0) + value
+                        window[key] = window[key] + value if key in window else value
                     window_n += 1
-                    progress.advance(global_batch * cfg.grad_accum, loss=parts["loss"], lr=lr)
+                    progress.advance(global_batch * cfg.grad_accum, lr=lr)
                     if step % cfg.log_every == 0 or step == total_steps:
                         elapsed = time.monotonic() - window_start
-                        record = {k: v / window_n for k, v in window.items()}
+                        record = finite_means(window, window_n)
+                        progress.advance(0, loss=record["loss"])
                         record.update(
                             step=step,
                             epoch=epoch,
@@ -343,6 +350,8 @@ class Trainer:
                                 )
                         window, window_n, window_start = {}, 0, time.monotonic()
                     if step % cfg.ckpt_every == 0 or step == last:
+                        if window_n:  # steps not logged yet: no checkpoint of a diverged model
+                            finite_means(window, window_n)
                         self._checkpoint(model, tokenizer, mcfg, optimizer, step)
                 del batches
         if step >= total_steps and self.dist.is_main:
@@ -373,11 +382,13 @@ class Trainer:
         prompt,
         prompt_len,
         step,
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns its losses (and ``grad_norm``) as 0-dim tensors on the
+        device, so that nothing here waits for the GPU."""
         cfg = self.cfg
         optimizer.zero_grad(set_to_none=True)
         model.clamp_temp()
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             # ITM negatives from a generator keyed by (seed, step): the same on every rank and after a resume
             generator = torch.Generator(self.device).manual_seed(
@@ -389,10 +400,10 @@ class Trainer:
             with sync_unless_last(step_module, micro, cfg.grad_accum):
                 with autocast(self.device, cfg.precision):
                     out = step_module(
-                        batch["images"].to(self.device, non_blocking=True),
-                        ids.to(self.device),
-                        mask.to(self.device),
-                        image_ids=batch["image_ids"].to(self.device),
+                        to_device(batch["images"], self.device),
+                        to_device(ids, self.device),
+                        to_device(mask, self.device),
+                        image_ids=batch["image_ids"],  # checked on the host, then copied
                         alpha=alpha,
                         weights=self.losses,
                         prompt_len=prompt_len,
@@ -402,16 +413,13 @@ class Trainer:
                 (out["loss"] / cfg.grad_accum).backward()
             for key, value in out.items():
                 if key.startswith("loss") and torch.is_tensor(value):
-                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
+                    part = value.detach().float() / cfg.grad_accum
+                    totals[key] = totals[key] + part if key in totals else part
         if cfg.clip_grad > 0:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad).detach()
         optimizer.step()
         if "itc" in self.losses or "itm" in self.losses:
             model.momentum_update()
-        if not all(math.isfinite(v) for v in totals.values()):
-            raise FloatingPointError(
-                f"non-finite loss at this step: {totals}; lower train.lr or enable train.clip_grad"
-            )
         return totals
 
     def _preprocess(self, mcfg) -> dict[str, Any]:
@@ -440,6 +448,20 @@ class Trainer:
         rank 0's share under torchrun), with ``truncated_tar``/``unreadable_shard`` counted each
         time the stream met such a tar."""
         atomic_write_json(self.run.path / SKIPPED_FILE, dict(sorted(self.skipped.items())))
+
+
+def finite_means(window: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+    """The means over ``n`` steps of the summed step values in ``window`` (one host sync for all);
+    ``FloatingPointError`` when one is not finite (training diverged in these steps)."""
+    keys = list(window)
+    values = torch.stack([window[k].float() for k in keys]).cpu().tolist() if keys else []
+    means = {k: v / n for k, v in zip(keys, values)}
+    if not all(math.isfinite(v) for v in means.values()):
+        raise FloatingPointError(
+            f"non-finite loss in the last {n} step(s): {means}; lower train.lr or enable "
+            "train.clip_grad"
+        )
+    return means
 
 
 @contextmanager

@@ -1,0 +1,85 @@
+"""ShardImages (capfilt/data/loader.py): batches read by one set of workers across shards come out
+exactly as an in-process read gives them, whatever the worker count, with a shard abandoned
+halfway skipped over."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capfilt.data.loader import ShardImages
+from capfilt.data.reader import SkipCounter
+from capfilt.data.transforms import EvalTransform
+from tests.faults.conftest import good_members, make_tar
+
+TRANSFORM = EvalTransform(16)
+SIZES = [7, 0, 5, 9]  # an empty shard, and counts that no worker count divides evenly
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("loader")
+    out = []
+    for index, n in enumerate(SIZES):
+        members = good_members(n, prefix=f"s{index}_")
+        if n == 7:  # an undecodable image in the middle: a skip record at its position
+            members[6] = (members[6][0], b"not a jpeg")
+        out.append(str(make_tar(root / f"{index:08d}.tar", members)))
+    return out
+
+
+def read(urls, workers: int, order=None, stop_after: dict[int, int] | None = None):
+    """{shard: (keys, images, skip reasons)} of ``order``'s shards; ``stop_after[i]``: batches of
+    shard i taken before moving on (its stage failing there)."""
+    order = list(range(len(urls))) if order is None else order
+    out = {}
+    with ShardImages(urls, TRANSFORM, batch_size=2, num_workers=workers) as stream:
+        stream.plan(order)
+        for index in order:
+            counter = SkipCounter("test")
+            keys, images = [], []
+            for n, (samples, batch) in enumerate(stream.batches(index, counter)):
+                if stop_after and n == stop_after.get(index):
+                    break
+                keys += [s.key for s in samples]
+                images.append(batch)
+            reasons = [r.reason for r in counter.records]
+            out[index] = (keys, torch.cat(images) if images else None, reasons)
+    return out
+
+
+def assert_same(got, expected, shards):
+    for index in shards:
+        keys, images, reasons = got[index]
+        assert keys == expected[index][0]
+        assert reasons == expected[index][2]
+        if images is None:
+            assert expected[index][1] is None
+        else:
+            assert torch.equal(images, expected[index][1])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_workers_give_the_in_process_batches_of_every_shard(urls, workers):
+    expected = read(urls, 0)
+    assert [len(expected[i][0]) for i in range(4)] == [6, 0, 5, 9]
+    assert expected[0][2] == ["undecodable_image"]
+    assert_same(read(urls, workers), expected, range(4))
+
+
+def test_a_shard_left_halfway_is_skipped_and_the_next_ones_are_whole(urls):
+    expected = read(urls, 0)
+    got = read(urls, 3, stop_after={0: 1, 2: 0})
+    assert got[0][0] == expected[0][0][:2]  # the one batch taken of shard 0
+    assert got[2][0] == []
+    assert_same(got, expected, [1, 3])
+
+
+def test_a_plan_reads_its_shards_in_its_order_and_refuses_others(urls):
+    expected = read(urls, 0)
+    assert_same(read(urls, 2, order=[3, 0]), expected, [3, 0])
+    with ShardImages(urls, TRANSFORM, batch_size=2, num_workers=2) as stream:
+        stream.plan([2, 3])
+        list(stream.batches(3, SkipCounter("test")))
+        with pytest.raises(RuntimeError, match="out of order"):
+            list(stream.batches(2, SkipCounter("test")))
