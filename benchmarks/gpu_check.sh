@@ -29,6 +29,11 @@
 # copy wheels/ next to the checkout, then this script installs them (with --no-deps, into
 # OUT/deps, on PYTHONPATH, so the image's own packages stay untouched):
 #   WHEELS=wheels bash benchmarks/gpu_check.sh
+# The suite's caption-metric tests need pycocoevalcap, whose wheel is ~100 MB of Java jars: its
+# Python files alone do (without Java, METEOR is skipped and the Python PTB tokenizer used). Copy
+# the package's __init__.py and bleu/ cider/ rouge/ meteor/ tokenizer/ *.py files into
+# SITE/pycocoevalcap and pass SITE=that-folder. The importer tests read ../shared/data/coco-mini
+# (link COCO there to run them).
 set -uo pipefail
 
 OUT=${1:-gpu-check-out}
@@ -72,6 +77,9 @@ step() {
 if [ -z "${ALLOW_CPU:-}" ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device visible to $PY (ALLOW_CPU=1 for a dry run)" >&2
     exit 2
+fi
+if [ -n "${SITE:-}" ]; then
+    export PYTHONPATH="$PYTHONPATH:$(cd "$SITE" && pwd)"
 fi
 if [ -n "${WHEELS:-}" ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target "$OUT/deps" "$WHEELS"/*.whl || exit 2
@@ -123,8 +131,8 @@ else
 fi
 N=$(find "$OUT/photos" -name '*.jpg' | wc -l)
 
-# random-weight captioner and filter folders, and the padded tokenizer for `capfilt pretrain`
-if [ ! -e "$OUT/model_filter" ]; then
+# a random-weight model folder, and the padded tokenizer for `capfilt pretrain`
+if [ ! -e "$OUT/model" ]; then
 step models 90 $PY - "$OUT" "$VOCAB" "${BASE[@]}" <<'EOF'
 import json, sys, tarfile
 from pathlib import Path
@@ -144,9 +152,8 @@ tok = pad_vocabulary(train_wordpiece_tokenizer(texts, 8000), vocab)
 tok.save_pretrained(out / "tokenizer")
 torch.manual_seed(0)
 model = build_model(cfg, tok)
-for stage in ("captioner", "filter"):
-    save_model_folder(out / f"model_{stage}", model, tok, cfg, stage,
-                      preprocess=preprocess_spec(cfg.image_size))
+# one folder for both stages (a pretrained MED captions and filters): half the writing
+save_model_folder(out / "model", model, tok, cfg, "pretrain", preprocess=preprocess_spec(cfg.image_size))
 print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, vocabulary {len(tok)}")
 EOF
 fi
@@ -155,10 +162,10 @@ note "models: $(tail -n 1 "$OUT/models.log")"
 # 1. caption and filter stage throughput on the photos
 if wanted stages; then
     for stage in caption filter; do
-        if [ $stage = caption ]; then model=captioner shards="$OUT/coco" dest="$OUT/captioned"
-        else model=filter shards="$OUT/captioned" dest="$OUT/filtered"; fi
+        if [ $stage = caption ]; then shards="$OUT/coco" dest="$OUT/captioned"
+        else shards="$OUT/captioned" dest="$OUT/filtered"; fi
         start=$($PY -c "import time; print(time.time())")
-        step "$stage" 120 $PY -m capfilt $stage blip-base --model "$OUT/model_$model" \
+        step "$stage" 120 $PY -m capfilt $stage blip-base --model "$OUT/model" \
             --shards "$shards" --out "$dest" "${BASE[@]}" --set caption.batch_size="$STAGE_BATCH" \
             --set filter.batch_size="$STAGE_BATCH" --set caption.num_workers="$LOADERS" \
             --set filter.num_workers="$LOADERS"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from capfilt.data.loader import ShardImages
-from capfilt.data.reader import SkipCounter
+from capfilt.data.reader import SkipCounter, iter_tar_samples
 from capfilt.data.transforms import EvalTransform
 from tests.faults.conftest import good_members, make_tar
 
@@ -83,3 +83,37 @@ def test_a_plan_reads_its_shards_in_its_order_and_refuses_others(urls):
         list(stream.batches(3, SkipCounter("test")))
         with pytest.raises(RuntimeError, match="out of order"):
             list(stream.batches(2, SkipCounter("test")))
+
+
+def _tars(tmp_path):
+    """A clean tar, one with a repeated key and an unsafe path, and cuts of it inside a member's
+    data and inside a header."""
+    members = good_members(5)
+    odd = [*members[:4], ("../up.jpg", b"x"), ("up.txt", b"y"), *members[:2], *members[4:]]
+    full = make_tar(tmp_path / "odd.tar", odd)
+    data = full.read_bytes()
+    cuts = {}
+    for name, at in (("in-data", len(data) // 2 + 700), ("in-header", len(data) // 2 + 100)):
+        cuts[name] = tmp_path / f"cut-{name}.tar"
+        cuts[name].write_bytes(data[:at])
+    return {"clean": make_tar(tmp_path / "clean.tar", members), "odd": full, **cuts}
+
+
+@pytest.mark.parametrize("case", ["clean", "odd", "in-data", "in-header"])
+def test_a_worker_reading_its_own_samples_sees_the_same_tar(tmp_path, case):
+    """``read`` leaves other workers' samples unread; keys, skip flags, every read sample's bytes
+    and the tar's damage report are those of a full read."""
+    url = str(_tars(tmp_path)[case])
+    whole_counter, part_counter = SkipCounter(), SkipCounter()
+    whole = list(iter_tar_samples(url, whole_counter))
+    part = list(iter_tar_samples(url, part_counter, read=lambda p: p % 2 == 1))
+    assert [s["__key__"] for s in part] == [s["__key__"] for s in whole]
+    assert [s.get("__skip__") for s in part] == [s.get("__skip__") for s in whole]
+    for position, (a, b) in enumerate(zip(part, whole)):
+        if position % 2 == 1:
+            assert a == b
+        else:
+            assert set(a) <= {"__key__", "__url__", "__skip__"}
+    assert part_counter.shard_events == whole_counter.shard_events
+    if case != "clean":
+        assert any(s.get("__skip__") for s in whole) or whole_counter.shard_events

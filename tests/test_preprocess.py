@@ -57,15 +57,16 @@ def trained(tmp_path_factory) -> dict:
 
 @pytest.fixture
 def seen(monkeypatch) -> list[tuple]:
-    """(image_size, mean, std) of every evaluation transform applied to an image."""
+    """(image_size, mean, std) of every evaluation transform's normalisation (of an image, or of a
+    stage's whole batch)."""
     calls: list[tuple] = []
-    original = EvalTransform.__call__
+    original = EvalTransform.normalize
 
-    def recording(self, image, rng=None):
+    def recording(self, pixels):
         calls.append((self.image_size, tuple(self.mean), tuple(self.std)))
-        return original(self, image, rng)
+        return original(self, pixels)
 
-    monkeypatch.setattr(transforms_mod.EvalTransform, "__call__", recording)
+    monkeypatch.setattr(transforms_mod.EvalTransform, "normalize", recording)
     return calls
 
 
@@ -107,6 +108,32 @@ def test_caption_filter_and_evaluations_normalise_with_the_saved_statistics(
 
     pil = to_pil_image(image)
     assert not torch.allclose(saved(pil), clip(pil))
+
+
+def test_worker_pixels_then_batch_normalisation_equal_the_whole_transform_to_the_bit():
+    """Loader workers send uint8 pixels and the stage normalises the batch: the model's input is
+    exactly torchvision's resize + to_tensor + normalize of each image."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    rng = np.random.default_rng(0)
+    transform = EvalTransform(32, MEAN, STD)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        for h, w in [(40, 50), (17, 33), (64, 64)]
+    ]
+    reference = torch.stack(
+        [
+            F.normalize(F.to_tensor(F.resize(im, [32, 32], InterpolationMode.BICUBIC)), MEAN, STD)
+            for im in images
+        ]
+    )
+    pixels = torch.stack([transform.pixels(im) for im in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 32, 32)
+    assert torch.equal(transform.normalize(pixels), reference)
+    assert torch.equal(torch.stack([transform(im) for im in images]), reference)
 
 
 def test_exported_processor_carries_the_saved_statistics(trained, tmp_path):

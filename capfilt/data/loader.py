@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from capfilt.data.reader import Sample, SampleError, SkipCounter, decode_sample, iter_tar_samples
+from capfilt.data.transforms import EvalTransform
 
 
 class ShardReadError(RuntimeError):
@@ -39,7 +40,7 @@ class _ShardItems(IterableDataset):
         self,
         urls: Sequence[str],
         indices: Sequence[int],
-        transform: Callable,
+        transform: EvalTransform,
         require_caption: bool,
         min_side: int | None,
     ):
@@ -53,7 +54,8 @@ class _ShardItems(IterableDataset):
             url = self.urls[index]
             counter = SkipCounter("reader")
             try:
-                for position, raw in enumerate(iter_tar_samples(url, counter)):
+                mine = (lambda p: p % workers == worker) if workers > 1 else None
+                for position, raw in enumerate(iter_tar_samples(url, counter, read=mine)):
                     if position % workers != worker:
                         continue
                     try:
@@ -64,8 +66,8 @@ class _ShardItems(IterableDataset):
                         key = raw.get("__key__", "")
                         yield ("skip", index, position, err.reason, f"{url}:{key}", err.detail, key)
                         continue
-                    image = self.transform(sample.image)
-                    yield ("ok", index, position, dataclasses.replace(sample, image=None), image)
+                    pixels = self.transform.pixels(sample.image)
+                    yield ("ok", index, position, dataclasses.replace(sample, image=None), pixels)
             except Exception as err:  # noqa: BLE001 - reported in the main process, for this shard
                 yield ("error", index, f"{url}: {type(err).__name__}: {err}")
             if worker == 0:
@@ -99,13 +101,14 @@ class ShardImages:
     about two batches ahead of the model; a shard asked for after a later one, or not planned, is
     an error. A shard whose batches were not all taken (its stage failed on it) is skipped over.
     Samples come without their decoded PIL image (``image_bytes`` keeps the original for the
-    output shard). With a GPU, batches are pinned and copied without blocking.
+    output shard). Workers resize (``transform.pixels``: uint8), the batch is normalised where the
+    model is (``transform.normalize``); with a GPU, batches are pinned and copied without blocking.
     """
 
     def __init__(
         self,
         urls: Sequence[str],
-        transform: Callable,
+        transform: EvalTransform,
         batch_size: int,
         num_workers: int = 0,
         device: torch.device | None = None,
@@ -216,7 +219,8 @@ class ShardImages:
             first = images[0]
             batch = torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=pin)
             torch.stack(images, out=batch)
-            out = (list(samples), batch.to(self.device, non_blocking=pin))
+            pixels = batch.to(self.device, non_blocking=pin)
+            out = (list(samples), self.transform.normalize(pixels))
             samples.clear()
             images.clear()
             return out

@@ -17,7 +17,7 @@ import json
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,8 +125,11 @@ class Sample:
     extra: dict[str, bytes] = field(default_factory=dict)
 
 
+_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
 def _open_stream(url: str):
-    if url.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+    if url.startswith(_REMOTE):
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
@@ -162,8 +165,15 @@ def member_key(name: str) -> tuple[str, str, str | None]:
     return key, ext, None
 
 
-def iter_tar_samples(url: str, counter: SkipCounter | None = None) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(
+    url: str, counter: SkipCounter | None = None, read: Callable[[int], bool] | None = None
+) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__``, ext → bytes) of one tar, grouped by key.
+
+    ``read(position)``: whether to read the members of the sample at that position (0, 1, ...);
+    the others come as ``__key__``/``__url__`` alone, their bytes skipped, not read, in a local
+    tar (loader workers that share a shard each read their own samples only: W workers reading
+    a whole shard each cost W times its bytes, the bottleneck on a network or sandboxed disk).
 
     Files without an extension or starting with a dot are not sample members. A sample the
     reader must reject carries ``__skip__`` (reason) for :func:`decode_sample`: an unsafe member
@@ -176,11 +186,15 @@ def iter_tar_samples(url: str, counter: SkipCounter | None = None) -> Iterator[d
     current: dict[str, Any] | None = None
     seen: set[str] = set()
     n_members = 0
+    position = -1
     damage = ""
+    # a local tar is opened seekable ("r:*"), so that skipped members are seeked over; a stream
+    # ("r|*": pipes, URLs) reads through them
+    mode = "r|*" if read is None or url.startswith(_REMOTE) else "r:*"
     try:
         with (
             _open_stream(url) as fh,
-            tarfile.open(fileobj=fh, mode="r|*", tarinfo=_EndTrackingTarInfo) as stream,
+            tarfile.open(fileobj=fh, mode=mode, tarinfo=_EndTrackingTarInfo) as stream,
         ):
             for info in stream:
                 n_members += 1
@@ -190,18 +204,23 @@ def iter_tar_samples(url: str, counter: SkipCounter | None = None) -> Iterator[d
                 if "." not in base or base.startswith("."):
                     continue
                 key, ext, problem = member_key(info.name)
-                data = stream.extractfile(info).read()
-                if current is not None and current["__key__"] != key:
+                starts = current is None or current["__key__"] != key
+                wanted = read is None or read(position + 1 if starts else position)
+                # read before the sample before is handed out: damage here keeps it the last one
+                data = stream.extractfile(info).read() if wanted else None
+                if current is not None and starts:
                     yield current
                     current = None
                 if current is None:
+                    position += 1
                     current = {"__key__": key, "__url__": url}
                     if problem:
                         current["__skip__"] = problem
                     elif key in seen:
                         current["__skip__"] = "duplicate_key"
                     seen.add(key)
-                current[ext.lower()] = data
+                if data is not None:
+                    current[ext.lower()] = data
             end = getattr(stream, "_capfilt_end", None)
             if not isinstance(end, tarfile.EOFHeaderError):
                 damage = f"archive ends without an end-of-archive block ({end or 'no header'})"

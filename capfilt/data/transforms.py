@@ -68,7 +68,13 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize to the model's square input, normalise."""
+    """Resize to the model's square input, normalise.
+
+    In two halves for the inference stages' loaders: :meth:`pixels` (in a worker process: the
+    resized image as uint8, a quarter of the bytes of the float input to pass between processes
+    and copy to a GPU) and :meth:`normalize` (a whole batch, on the model's device). Calling the
+    transform does both; the result is the same to the bit either way.
+    """
 
     def __init__(
         self,
@@ -78,10 +84,32 @@ class EvalTransform:
     ):
         self.image_size = image_size
         self.mean, self.std = list(mean), list(std)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # loader workers get the settings, never statistics cached on a GPU
+        return {**self.__dict__, "_stats": {}}
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The image resized to the model's input, uint8 [3, S, S]."""
+        image = F.resize(image, [self.image_size, self.image_size], InterpolationMode.BICUBIC)
+        return F.pil_to_tensor(image)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [..., 3, S, S] (an image or a batch, on any device) → the model's float
+        input: ``(pixels / 255 - mean) / std``, as ``to_tensor`` + ``normalize`` compute it."""
+        stats = self._stats.get(pixels.device)
+        if stats is None:
+            stats = tuple(
+                torch.tensor(v, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+                for v in (self.mean, self.std)
+            )
+            self._stats[pixels.device] = stats
+        mean, std = stats
+        return pixels.float().div(255).sub_(mean).div_(std)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        image = F.resize(image, [self.image_size, self.image_size], InterpolationMode.BICUBIC)
-        return F.normalize(F.to_tensor(image), self.mean, self.std)
+        return self.normalize(self.pixels(image))
 
 
 def preprocess_spec(
