@@ -25,7 +25,8 @@ run under the same bf16 autocast (capfilt's stages' own precision) and are timed
     repetition_penalty, min_new_tokens, max_new_tokens)`` on the same batches. The two draw
     different random numbers (capfilt's per-key counter-based draws), so the mean caption length
     of both is printed (the work per caption); greedy decoding on the first batch checks that both
-    sides run the same model (identical captions, count printed).
+    sides run the same model (identical captions, count printed). With ``--set caption.compile=true``
+    capfilt's decoder steps run compiled; the greedy check, before the timed runs, pays the compile.
 (b) Filtering, texts/s: capfilt's ``score_pairs`` (one image-encoder pass and one cross-attention
     key/value projection per image, all its texts batched), twice: ITM probability and ITC cosine
     (the stage's default) and ITM only (``filter.itc_cosine: false``, the output theirs gives), on
@@ -261,7 +262,7 @@ def main() -> None:
     n = len(pixels)
     words = lambda caps: sum(len(c.split()) for c in caps) / max(1, len(caps))  # noqa: E731
     print(
-        f"caption: capfilt {n / t_ours:8.1f} images/s ({t_ours:.2f} s, {words(ours):.1f} words/caption) | "
+        f"caption{' (compiled decoder)' if cc.compile else ''}: capfilt {n / t_ours:8.1f} images/s ({t_ours:.2f} s, {words(ours):.1f} words/caption) | "
         f"transformers generate {n / t_theirs:8.1f} images/s ({t_theirs:.2f} s, {words(theirs):.1f} words/caption) | "
         f"ratio {t_theirs / t_ours:.2f}x   [batch {bs}, top-p {cc.top_p}, rep. penalty {cc.repetition_penalty}, "
         f"length {cc.min_length}-{cc.max_length}; greedy check: {same}/{len(greedy_ours)} captions identical]"

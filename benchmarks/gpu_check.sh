@@ -12,6 +12,7 @@
 #   pretrain_cli     `capfilt pretrain` at BLIP-base with its loader on the same photos (samples/s
 #                    from metrics.jsonl, to compare with pretrain_mfu's model-only rate);
 #   vs_transformers  caption/filter against transformers' BLIP classes, same weights, BLIP-base;
+#   vs_transformers_compiled  the same with capfilt's decoder steps compiled (caption.compile);
 #   pretrain_mfu_compiled  pretrain_mfu through torch.compile (the compile is not timed);
 #   suite            the test suite with CUDA visible (not the slow-marked tests; pytest-xdist with
 #                    SUITE_WORKERS processes when it is installed);
@@ -198,6 +199,15 @@ if wanted vs_transformers; then
         --set caption.batch_size="$VS_BATCH" --set filter.batch_size="$VS_BATCH" \
         --data "$OUT/vs-transformers-data"
     grep -E "^(caption|filter)( \([^)]*\))?:" "$OUT/vs_transformers.log" | tee -a "$SUMMARY"
+fi
+
+# 4b. the same with capfilt's decoder steps compiled (the greedy check before the race compiles)
+if wanted vs_transformers_compiled; then
+    step vs_transformers_compiled 150 $PY benchmarks/caption_filter_vs_transformers.py \
+        --recipe blip-base --vocab "$VOCAB" --images "$IMAGES" "${BASE[@]}" --set model.tokenizer=null \
+        --set caption.batch_size="$VS_BATCH" --set filter.batch_size="$VS_BATCH" \
+        --set caption.compile=true --data "$OUT/vs-transformers-data"
+    grep -E "^caption \(compiled" "$OUT/vs_transformers_compiled.log" | tee -a "$SUMMARY"
 fi
 
 # 5. pretraining MFU through torch.compile (the compile itself is not timed)

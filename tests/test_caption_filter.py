@@ -500,6 +500,26 @@ def test_kv_cached_greedy_equals_uncached_reference(
         assert len(set(ends)) > 1  # rows finish at different steps within the batch
 
 
+def test_compiled_decoder_steps_give_the_eager_captions(peaked_captioner, tok, synth, monkeypatch):
+    """``caption.compile`` traces the decoder (here with the ``aot_eager`` backend: the same kernels,
+    so the same captions to the bit) through a growing cache, rows leaving the batch and beams."""
+    import capfilt.model.generate as generate_mod
+
+    monkeypatch.setattr(generate_mod, "COMPILE_BACKEND", "aot_eager")
+    model, images = peaked_captioner, _synth_images(synth, 8)
+    for method in ("greedy", "nucleus", "beam"):
+        settings = _settings(method=method, prompt=PROMPT, max_length=12, min_length=2)
+        seeds = row_seeds(0, [str(i) for i in range(8)])
+        eager = generate_captions(model, tok, images, settings, 1, seeds)
+        compiled = dataclasses.replace(settings, compile=True)
+        assert generate_captions(model, tok, images, compiled, 1, seeds) == eager, method
+    assert "_compiled_decoder" in model.text_decoder.__dict__
+    assert not any("_compiled" in k for k in model.state_dict())
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] > 0  # traced, not silently run eagerly
+
+
 def test_min_length_changes_greedy_output(peaked_captioner, tok, synth):
     model, images = peaked_captioner, _synth_images(synth, 8)
     free = greedy_reference(model, tok, images, max_length=16, min_length=0)

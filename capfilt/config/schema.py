@@ -362,6 +362,11 @@ class CaptionConfig:
     on ranks, batches or shard splits."""
     num_workers: int = 0
     """DataLoader processes decoding and transforming images (0 = in the main process)."""
+    compile: bool = False
+    """Run the decoder's steps through ``torch.compile`` (inductor): fused kernels for a step that
+    is bound by kernel launches on a GPU (a BLIP-base decoder step at batch 128). Pays a compile
+    (tens of seconds) in each process first; captions equal the eager decoder's up to float
+    rounding, so a changed setting re-captions. Not yet measured on a GPU."""
 
     def validate(self) -> None:
         check(self.num_captions >= 1, "num_captions", ">= 1", self.num_captions)

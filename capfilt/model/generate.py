@@ -124,9 +124,27 @@ def _block_specials(model, logits: torch.Tensor, allow_eos: bool) -> torch.Tenso
     return logits
 
 
-def _decoder_step(model, ids: torch.Tensor, cross_kv: CrossKV, cache: KVCache) -> torch.Tensor:
+COMPILE_BACKEND = "inductor"
+"""``torch.compile`` backend of ``caption.compile`` (the tests trace with ``aot_eager``)."""
+
+
+def _decoder(model, compiled: bool):
+    """The model's text decoder, or its compiled twin (made once per decoder module and kept in
+    its ``__dict__``, outside its submodules and state dict)."""
+    if not compiled:
+        return model.text_decoder
+    decoder = model.text_decoder.__dict__.get("_compiled_decoder")
+    if decoder is None:
+        decoder = torch.compile(model.text_decoder, backend=COMPILE_BACKEND)
+        object.__setattr__(model.text_decoder, "_compiled_decoder", decoder)
+    return decoder
+
+
+def _decoder_step(
+    model, ids: torch.Tensor, cross_kv: CrossKV, cache: KVCache, compiled: bool = False
+) -> torch.Tensor:
     """Logits [B, vocab] (float32) of the last position after feeding ``ids`` (the new tokens)."""
-    out = model.text_decoder(input_ids=ids, cross_kv=cross_kv, cache=cache, last_only=True)
+    out = _decoder(model, compiled)(input_ids=ids, cross_kv=cross_kv, cache=cache, last_only=True)
     return out.logits[:, -1, :].float()
 
 
@@ -165,7 +183,7 @@ def sample_tokens(
     seqs[:, : start.shape[1]] = start
     out = torch.full((batch, max_len), pad, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits = _decoder_step(model, start, cross_kv, cache)
+    logits = _decoder_step(model, start, cross_kv, cache, settings.compile)
     for t in range(max_len):
         length = start.shape[1] + t
         logits = _penalise_repeats(logits, seqs[:, :length], settings.repetition_penalty)
@@ -193,7 +211,7 @@ def sample_tokens(
                 token = token[live]
                 cross_kv = _select_kv(cross_kv, live)
                 cache.select(live)
-        logits = _decoder_step(model, token.unsqueeze(1), cross_kv, cache)
+        logits = _decoder_step(model, token.unsqueeze(1), cross_kv, cache, settings.compile)
     width = int((out != pad).any(0).nonzero().max()) + 1 if bool((out != pad).any()) else 0
     return out[:, :width]
 
@@ -212,7 +230,7 @@ def beam_search_tokens(
     ]
     seqs = start.repeat_interleave(k, 0)
     cache = KVCache(seqs.shape[1] + settings.max_length)
-    logits = _decoder_step(model, seqs, cross_kv, cache)
+    logits = _decoder_step(model, seqs, cross_kv, cache, settings.compile)
     scores = torch.zeros(batch, k, device=start.device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
     best: list[tuple[float, list[int]] | None] = [None] * batch
@@ -256,7 +274,7 @@ def beam_search_tokens(
         generated = torch.cat([generated[flat_src], new_tok.view(-1, 1)], 1)
         seqs = torch.cat([seqs[flat_src], new_tok.view(-1, 1)], 1)
         scores = new_scores
-        logits = _decoder_step(model, new_tok.view(-1, 1), cross_kv, cache)
+        logits = _decoder_step(model, new_tok.view(-1, 1), cross_kv, cache, settings.compile)
     width = max(len(h[1]) for h in best if h is not None) if any(best) else 0
     out = torch.full((batch, width), pad, dtype=torch.long, device=start.device)
     for b, hyp in enumerate(best):

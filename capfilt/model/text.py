@@ -202,9 +202,15 @@ class TextLayer(nn.Module):
         q = att.heads(att.query(hidden))
         k, v = att.project_kv(keys_from)
         if cache is not None:
-            # decoding: the new positions attend to everything cached before them (causal within
-            # a multi-token prefix, which always starts at position 0)
-            causal = causal and cache.length == 0 and q.shape[2] > 1
+            # decoding: the new positions attend to everything cached before them, causally within
+            # a multi-token prefix, which must start the cache (is_causal aligns query and key 0)
+            # (branches, not a boolean expression: under torch.compile the lengths can be symbolic
+            # and SDPA's is_causal takes a plain bool)
+            if q.shape[2] > 1:
+                if cache.length:
+                    raise ValueError("several new tokens can only be fed to an empty cache")
+            else:
+                causal = False
             k, v = cache.write(index, n_layers, k, v)
         hidden = self.attention.output(att.attend(q, k, v, self_mask, causal), hidden)
         if cross is not None:
