@@ -327,6 +327,23 @@ def test_itm_and_itc_heads_run_in_fp32_under_bf16_autocast(tok):
     torch.testing.assert_close(text_feat, expected)
 
 
+def test_decoder_cache_takes_a_prefix_then_one_token_at_a_time(tok):
+    """A multi-token feed starts an empty cache (causal within it); later ones must be single
+    tokens: is_causal would align a new block's first query with the cache's first key."""
+    from capfilt.model.text import KVCache
+
+    model = make_model(tok).eval()
+    images, ids, _ = batch(tok, n=2)
+    cross = model.image_cross_kv(model.encode_image(images))
+    cache = KVCache(ids.shape[1] + 4)
+    with torch.no_grad():
+        model.text_decoder(input_ids=ids[:, :3], cross_kv=cross, cache=cache, last_only=True)
+        model.text_decoder(input_ids=ids[:, 3:4], cross_kv=cross, cache=cache, last_only=True)
+        assert cache.length == 4
+        with pytest.raises(ValueError, match="empty cache"):
+            model.text_decoder(input_ids=ids[:, 4:6], cross_kv=cross, cache=cache)
+
+
 def test_fan_in_init_scales_with_width(tok):
     bert = make_model(tok, vision_width=64, text_width=64, text_intermediate=128)
     fan = make_model(
