@@ -19,6 +19,9 @@
 #   demo             `capfilt demo`.
 # SKIP="demo suite" leaves steps out. Everything lands in OUT/ (a log per step, summary.txt). A second
 # run into the same OUT reuses its photos, shards and models (a warm machine skips the set-up).
+# Measured on H200s (2026-11-28): set-up to vs_transformers 4.5-6 min, the suite 2.5 min with 12
+# workers, the compiled steps and the demo not yet: all of it runs past 8 minutes; DEADLINE stops
+# what does not fit.
 #
 # A CPU-only dry run of the script's plumbing (meaningless figures, small sizes):
 #   ALLOW_CPU=1 COPIES=1 SMALL=1 SKIP="suite demo" bash benchmarks/gpu_check.sh /tmp/gc
