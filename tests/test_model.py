@@ -344,6 +344,30 @@ def test_decoder_cache_takes_a_prefix_then_one_token_at_a_time(tok):
             model.text_decoder(input_ids=ids[:, 4:6], cross_kv=cross, cache=cache)
 
 
+def test_pretrain_forward_compiles_into_one_graph_with_the_eager_losses(tok):
+    """``train.compile``: the pretraining forward traces without graph breaks (its data checks
+    are left to the trainer while compiling) and gives the eager losses."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    model = make_model(tok).train()
+    twin = copy.deepcopy(model)
+    images, ids, mask = batch(tok)
+    image_ids = torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)
+    eager = model(images, ids, mask, image_ids=image_ids, alpha=0.4)
+    counters.clear()
+    torch.manual_seed(0)
+    compiled = torch.compile(twin, backend="aot_eager")(
+        images, ids, mask, image_ids=image_ids, alpha=0.4
+    )
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1
+    for key in ("loss_itc", "loss_itm", "loss_lm"):
+        torch.testing.assert_close(compiled[key], eager[key])
+
+
 def test_fan_in_init_scales_with_width(tok):
     bert = make_model(tok, vision_width=64, text_width=64, text_intermediate=128)
     fan = make_model(

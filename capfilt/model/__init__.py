@@ -6,7 +6,7 @@ from capfilt.model.build import build_model
 from capfilt.model.distributed import Gather, LocalGather, all_gather_no_grad, all_gather_with_grad
 from capfilt.model.folder import load_model_folder, read_meta, save_model_folder
 from capfilt.model.losses import itc_loss, itm_loss, lm_labels, lm_loss, sample_itm_negatives
-from capfilt.model.med import LOSSES, MED, count_parameters
+from capfilt.model.med import LOSSES, MED, check_image_ids, count_parameters
 from capfilt.model.tokenizer import (
     build_tokenizer,
     load_tokenizer,
@@ -19,6 +19,7 @@ from capfilt.model.tokenizer import (
 )
 
 __all__ = [
+    "check_image_ids",
     "LOSSES",
     "MED",
     "Gather",

@@ -75,6 +75,12 @@ def fp32_head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return head(x.float())
 
 
+def check_image_ids(image_ids: torch.Tensor) -> None:
+    """``ValueError`` for a negative image id (-1 marks empty queue slots)."""
+    if bool((image_ids < 0).any()):
+        raise ValueError("image_ids must be >= 0 (-1 marks empty queue slots)")
+
+
 class MED(nn.Module):
     """Multimodal mixture of Encoder-Decoder (BLIP).
 
@@ -416,9 +422,11 @@ class MED(nn.Module):
             else:
                 if image_ids.numel() != b:
                     raise ValueError(f"image_ids: expected {b} ids, got {image_ids.numel()}")
-                # checked where they are: ids on the host (the trainer's) cost no device sync
-                if bool((image_ids < 0).any()):
-                    raise ValueError("image_ids must be >= 0 (-1 marks empty queue slots)")
+                # checked where they are: ids on the host (the trainer's) cost no device sync;
+                # under torch.compile a data check would split the graph (the trainer checks
+                # its ids on the host then: check_image_ids)
+                if not torch.compiler.is_compiling():
+                    check_image_ids(image_ids)
                 ids_local = image_ids.to(
                     device=images.device, dtype=torch.long, non_blocking=True
                 ).view(-1)
@@ -472,10 +480,13 @@ class MED(nn.Module):
                 sim_t2i = text_feat_glob @ image_feat_m_glob.float().t() / self.temp
                 # every row has another image when this batch alone holds two: no need for the
                 # device-side check (a host sync) then
+                # (not checked under torch.compile, where it would split the graph: a global
+                # batch of one image then fails in the sampling instead)
                 distinct = (
                     b >= 2
                     if image_ids is None
-                    else image_ids.device.type == "cpu" and image_ids.unique().numel() >= 2
+                    else torch.compiler.is_compiling()
+                    or (image_ids.device.type == "cpu" and image_ids.unique().numel() >= 2)
                 )
                 neg_image_all, neg_text_all = sample_itm_negatives(
                     sim_i2t,

@@ -31,6 +31,7 @@ from capfilt.data.transforms import TrainTransform, preprocess_spec
 from capfilt.model import (
     build_model,
     build_tokenizer,
+    check_image_ids,
     load_model_folder,
     prompt_length,
     save_model_folder,
@@ -395,6 +396,8 @@ class Trainer:
                 self.recipe.seed * 1_000_003 + step * 131 + micro
             )
             batch = next(batches)
+            if cfg.compile:  # the compiled model leaves its data checks out (graph breaks)
+                check_image_ids(batch["image_ids"])
             self.skipped.update(batch.get("skips", {}))
             ids, mask = tokenize_with_prompt(tokenizer, batch["texts"], mcfg.max_text_len, prompt)
             with sync_unless_last(step_module, micro, cfg.grad_accum):
