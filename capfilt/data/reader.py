@@ -174,6 +174,7 @@ def iter_tar_samples(
     the others come as ``__key__``/``__url__`` alone, their bytes skipped, not read, in a local
     tar (loader workers that share a shard each read their own samples only: W workers reading
     a whole shard each cost W times its bytes, the bottleneck on a network or sandboxed disk).
+    A stream (``pipe:``, a URL) cannot seek: each worker still receives all of its bytes.
 
     Files without an extension or starting with a dot are not sample members. A sample the
     reader must reject carries ``__skip__`` (reason) for :func:`decode_sample`: an unsafe member
