@@ -178,13 +178,32 @@ if wanted stages; then
     done
 fi
 
+# BLIP-base pretraining MFU, model only: mfu NAME SECONDS [EXTRA ARGS...]
+mfu() {
+    local name=$1 limit=$2
+    shift 2
+    wanted "$name" || return 0
+    step "$name" "$limit" $PY benchmarks/pretrain_throughput.py --recipe blip-base \
+        --batch "$BATCH" --vocab "$VOCAB" --steps 10 --rounds 3 "${BASE[@]}" \
+        --set model.tokenizer=null --json "$OUT/$name.json" "$@"
+    grep -iE "samples/s|mfu" "$OUT/$name.log" | tail -n 4 | tee -a "$SUMMARY"
+}
+
+# against transformers' BLIP classes (same weights, same inputs, bf16 autocast on both sides):
+# vs_race NAME SECONDS SUMMARY-PATTERN [EXTRA ARGS...]
+vs_race() {
+    local name=$1 limit=$2 pattern=$3
+    shift 3
+    wanted "$name" || return 0
+    step "$name" "$limit" $PY benchmarks/caption_filter_vs_transformers.py --recipe blip-base \
+        --vocab "$VOCAB" --images "$IMAGES" "${BASE[@]}" --set model.tokenizer=null \
+        --set caption.batch_size="$VS_BATCH" --set filter.batch_size="$VS_BATCH" \
+        --data "$OUT/vs-transformers-data" "$@"
+    grep -E "$pattern" "$OUT/$name.log" | tee -a "$SUMMARY"
+}
+
 # 2. BLIP-base pretraining MFU, model only
-if wanted pretrain_mfu; then
-    step pretrain_mfu 100 $PY benchmarks/pretrain_throughput.py --recipe blip-base --batch "$BATCH" \
-        --vocab "$VOCAB" --steps 10 --rounds 3 "${BASE[@]}" --set model.tokenizer=null \
-        --json "$OUT/pretrain_mfu.json"
-    grep -iE "samples/s|mfu" "$OUT/pretrain_mfu.log" | tail -n 4 | tee -a "$SUMMARY"
-fi
+mfu pretrain_mfu 100
 
 # 3. `capfilt pretrain` with its loader on the photos, same vocabulary
 if wanted pretrain_cli; then
@@ -195,31 +214,14 @@ if wanted pretrain_cli; then
     tail -n 3 "$OUT/pre/metrics.jsonl" 2>/dev/null | tee -a "$SUMMARY"
 fi
 
-# 4. against transformers' BLIP classes (same weights, same inputs, bf16 autocast on both sides)
-if wanted vs_transformers; then
-    step vs_transformers 120 $PY benchmarks/caption_filter_vs_transformers.py --recipe blip-base \
-        --vocab "$VOCAB" --images "$IMAGES" "${BASE[@]}" --set model.tokenizer=null \
-        --set caption.batch_size="$VS_BATCH" --set filter.batch_size="$VS_BATCH" \
-        --data "$OUT/vs-transformers-data"
-    grep -E "^(caption|filter)( \([^)]*\))?:" "$OUT/vs_transformers.log" | tee -a "$SUMMARY"
-fi
+# 4. against transformers' BLIP classes
+vs_race vs_transformers 120 "^(caption|filter)( \([^)]*\))?:"
 
 # 4b. the same with capfilt's decoder steps compiled (the greedy check before the race compiles)
-if wanted vs_transformers_compiled; then
-    step vs_transformers_compiled 150 $PY benchmarks/caption_filter_vs_transformers.py \
-        --recipe blip-base --vocab "$VOCAB" --images "$IMAGES" "${BASE[@]}" --set model.tokenizer=null \
-        --set caption.batch_size="$VS_BATCH" --set filter.batch_size="$VS_BATCH" \
-        --set caption.compile=true --data "$OUT/vs-transformers-data"
-    grep -E "^caption \(compiled" "$OUT/vs_transformers_compiled.log" | tee -a "$SUMMARY"
-fi
+vs_race vs_transformers_compiled 150 "^caption \(compiled" --set caption.compile=true
 
 # 5. pretraining MFU through torch.compile (the compile itself is not timed)
-if wanted pretrain_mfu_compiled; then
-    step pretrain_mfu_compiled 180 $PY benchmarks/pretrain_throughput.py --recipe blip-base \
-        --batch "$BATCH" --vocab "$VOCAB" --steps 10 --rounds 3 --compile "${BASE[@]}" \
-        --set model.tokenizer=null --json "$OUT/pretrain_mfu_compiled.json"
-    grep -iE "samples/s|mfu" "$OUT/pretrain_mfu_compiled.log" | tail -n 4 | tee -a "$SUMMARY"
-fi
+mfu pretrain_mfu_compiled 180 --compile
 
 # 6. the suite with CUDA visible
 if wanted suite; then

@@ -34,7 +34,7 @@ class _ShardItems(IterableDataset):
     ("ok", shard, position, sample without PIL image, tensor), ("skip", shard, position, reason,
     where, detail, key), ("error", shard, message) if reading broke off, and last for each shard
     ("end", shard, what the tar reader itself rejected: skip records and shard events — worker 0
-    alone reports them, as every worker reads the whole tar)."""
+    alone reports them, as every worker walks the whole tar, reading only its own samples)."""
 
     def __init__(
         self,
