@@ -97,7 +97,20 @@ def test_report_by_hand():
     assert rep["origins"]["synthetic"] == {"n": 3, "kept": 2, "kept_fraction": pytest.approx(2 / 3)}
     assert rep["origins"]["human"] == {"n": 1, "kept": 1, "kept_fraction": 1.0}
     assert rep["synthetic_rejection_rate"] == pytest.approx(1 / 3)
+    assert rep["clean_rejection_by_detail"] is None  # no terse column
     assert rep["notes"] == []
+
+
+def test_clean_rejection_by_detail_by_hand():
+    table = hand_table()
+    # the clean texts 0.92 and 0.35 are terse, 0.83 full; a noisy one's flag must not count
+    table["terse"] = [True, False, True, True, None, None, None, None, None, None, None]
+    rep = filter_report(table, threshold=0.5)
+    json.dumps(rep, allow_nan=False)
+    assert rep["clean_rejection_by_detail"] == {
+        "terse": {"n": 2, "rejected_fraction": 0.5},
+        "full": {"n": 1, "rejected_fraction": 0.0},
+    }
 
 
 def test_sweep_by_hand():

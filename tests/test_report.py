@@ -74,6 +74,10 @@ SUMMARY = {
             "generic": {"n": 30, "rejected_fraction": 0.97},
             "none": {"n": 67, "rejected_fraction": 0.08},
         },
+        "clean_rejection_by_detail": {
+            "terse": {"n": 30, "rejected_fraction": 0.1333},
+            "full": {"n": 37, "rejected_fraction": 0.0270},
+        },
         "sweep": [
             {
                 "threshold": t,
@@ -226,6 +230,8 @@ def test_full_report(fake_run: Path):
     assert _cell(html, "filter-table", "kept_fraction_web")[1] == "64.1%"
     assert _cell(html, "filter-table", "kept_fraction_synthetic")[1] == "88.3%"
     assert _cell(html, "filter-table", "by_noise.swap")[1] == "91.0%"
+    assert _cell(html, "filter-table", "clean_detail.terse")[1] == "13.3%"
+    assert _cell(html, "filter-table", "clean_detail.full")[1] == "2.7%"
     assert _cell(html, "filter-table", "truth_rate")[1] == "73.4%"
 
     # charts: a loss curve per run, histograms with a threshold marker, a sweep chart

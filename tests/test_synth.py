@@ -32,7 +32,7 @@ from capfilt.data.synth import (
     sample_scene,
     write_synth,
 )
-from capfilt.data.synth.captions import corrupt_scene, generic_noise, swap_noise
+from capfilt.data.synth.captions import corrupt_scene, generic_noise, swap_noise, terse
 from capfilt.data.synth.lexicon import writer_vocabulary
 from capfilt.data.synth.render import encode_jpeg, object_geometry
 from capfilt.data.synth.world import COLOURS, POSITIONS, SHAPES
@@ -46,6 +46,7 @@ SMALL = SynthConfig(
     captions_per_human=3,
     captions_per_test=4,
     noise_rate=0.5,
+    web_terse_rate=0.4,
     shard_size=128,
 )
 
@@ -89,6 +90,20 @@ def test_every_generated_caption_is_true_complete_and_clean():
             assert text == clean_caption(text), text  # BLIP's cleaning leaves it unchanged
             assert set(text.split()) <= vocabulary, text
     assert 70 <= len(vocabulary) <= 130
+
+
+def test_terse_texts_are_true_complete_and_name_only_colours_and_shapes():
+    rng = Rng("terse")
+    for _ in range(300):
+        scene = sample_scene(rng)
+        text = terse(scene, rng)
+        result = check_caption(text, scene)
+        assert result["true"] and result["complete"], (text, result, scene.to_dict())
+        parsed = parse_caption(text)
+        named = sorted((m.shape, m.colour) for m in parsed.mentions)
+        assert named == sorted((o.shape, o.colour) for o in scene.objects), text
+        assert all(m.size is m.position is None for m in parsed.mentions), text
+        assert not parsed.relations and parsed.count is None, text
 
 
 def test_captions_of_one_scene_are_diverse():
@@ -294,7 +309,11 @@ def test_splits_have_the_configured_shape(world):
             assert len(sample.captions) == per_image
             assert sample.text == sample.captions[0]["text"]
             assert {c["origin"] for c in sample.captions} == {"web" if split == "web" else "human"}
-            assert set(meta["truth"]) == {"scene", "clean", "noise"}
+            assert set(meta["truth"]) == (
+                {"scene", "clean", "noise", "terse"}
+                if split == "web"
+                else {"scene", "clean", "noise"}
+            )
             assert sample.image.size == (SMALL.image_size, SMALL.image_size)
             if split != "web":
                 assert len({c["text"] for c in sample.captions}) == per_image
@@ -310,6 +329,7 @@ def test_splits_have_the_configured_shape(world):
 def test_web_noise_matches_its_label(world):
     samples = _samples(world / "web")
     kinds = Counter()
+    n_terse = 0
     rows = pd.concat(
         [pd.read_parquet(p) for p in sorted((world / "web").glob("*.parquet"))]
     ).set_index("uid")
@@ -319,6 +339,11 @@ def test_web_noise_matches_its_label(world):
         assert truth["clean"] == (truth["noise"] == "none")
         assert caption_is_true(sample.text, truth["scene"]) == truth["clean"], (sample.text, truth)
         assert rows.loc[sample.key, "noise"] == truth["noise"]
+        if truth["terse"]:
+            assert truth["clean"]
+            mentions = parse_caption(sample.text).mentions
+            assert all(m.size is m.position is None for m in mentions), sample.text
+            n_terse += 1
         # the image is exactly the stored scene, re-rendered
         assert (
             encode_jpeg(
@@ -331,8 +356,10 @@ def test_web_noise_matches_its_label(world):
     assert abs(noisy / n - SMALL.noise_rate) < 0.08
     for kind, weight in SMALL.noise_mix.items():
         assert abs(kinds[kind] / noisy - weight / sum(SMALL.noise_mix.values())) < 0.1, kinds
+    assert abs(n_terse / kinds["none"] - SMALL.web_terse_rate) < 0.1, (n_terse, kinds)
     summary = json.loads((world / "synth.json").read_text())["summary"]
     assert summary["splits"]["web"]["noise"] == dict(sorted(kinds.items()))
+    assert summary["splits"]["web"]["terse"] == n_terse
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(world, tmp_path):
@@ -379,3 +406,5 @@ def test_config_change_regenerates_and_drops_stale_shards(world, tmp_path):
 def test_invalid_config_is_refused(tmp_path):
     with pytest.raises(ConfigError):
         write_synth(tmp_path, dataclasses.replace(SMALL, max_objects=3))
+    with pytest.raises(ConfigError, match="web_terse_rate"):
+        write_synth(tmp_path, dataclasses.replace(SMALL, web_terse_rate=1.5))

@@ -47,6 +47,11 @@ class SynthConfig:
         default_factory=lambda: {"swap": 0.4, "attribute": 0.4, "generic": 0.2}
     )
     """Relative weights of the noise kinds among noisy web texts (swap, attribute, generic)."""
+    web_terse_rate: float = 0.0
+    """Fraction of the clean ``web/`` texts that are terse: true, but naming only each object's
+    colour and shape ("a red circle and a blue square": no size, place or relation), as web
+    alt-text often says less than a caption. 0 makes every clean web text a full caption, as
+    informative as the human ones."""
     shard_size: int = 1000
     """Samples per output shard."""
     jpeg_quality: int = 95
@@ -57,6 +62,7 @@ class SynthConfig:
         for name in ("n_human", "n_web", "n_test"):
             check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         check(0.0 <= self.noise_rate <= 1.0, "noise_rate", "in [0, 1]", self.noise_rate)
+        check(0.0 <= self.web_terse_rate <= 1.0, "web_terse_rate", "in [0, 1]", self.web_terse_rate)
         check(self.max_objects in (1, 2), "max_objects", "1 or 2", self.max_objects)
         for kind, weight in self.noise_mix.items():
             if kind not in NOISE_KINDS:

@@ -125,6 +125,19 @@ def _truth(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str | None]:
     return known, noisy & known, None
 
 
+def _clean_rejection_by_detail(
+    terse: pd.Series, rejected: np.ndarray, noisy: np.ndarray
+) -> dict[str, dict[str, Any]] | None:
+    """False-rejection rate of the clean texts whose ``terse`` flag is known, terse vs full."""
+    flag = terse.to_numpy()
+    out = {}
+    for name, value in (("terse", True), ("full", False)):
+        rows = ~noisy & np.array([pd.notna(f) and bool(f) == value for f in flag], dtype=bool)
+        if rows.any():
+            out[name] = {"n": int(rows.sum()), "rejected_fraction": float(rejected[rows].mean())}
+    return out or None
+
+
 def filter_report(
     df: pd.DataFrame,
     threshold: float = 0.5,
@@ -141,7 +154,9 @@ def filter_report(
     - on web texts with known truth (``None`` without truth): ``n_truth``, ``n_noisy``,
       ``precision``, ``recall``, ``f1`` and ``confusion`` (tp/fp/fn/tn) of rejecting noisy texts,
       ``auc`` (score separating clean from noisy), ``rejection_by_noise`` (per noise kind ``{"n",
-      "rejected_fraction"}``: the recall for each corruption, and for ``"none"`` the false-rejection rate);
+      "rejected_fraction"}``: the recall for each corruption, and for ``"none"`` the false-rejection rate),
+      ``clean_rejection_by_detail`` (with a ``terse`` column: the false-rejection rate of clean texts
+      that are ``terse`` (name only shapes) and ``full``, ``{"n", "rejected_fraction"}`` each);
     - ``sweep``: one row per threshold t (decision ``score > t``): ``threshold``, ``precision``,
       ``recall``, ``f1``, ``web_kept_fraction``, ``synthetic_kept_fraction``;
     - ``histograms``: ``bin_edges`` (11 values) and per origin ``{"kept": [10 counts], "rejected":
@@ -201,6 +216,7 @@ def filter_report(
         "confusion",
         "auc",
         "rejection_by_noise",
+        "clean_rejection_by_detail",
     )
     report.update(dict.fromkeys(truth_keys))
     if why is not None:
@@ -224,6 +240,10 @@ def filter_report(
                 }
                 for k in sorted({k for k in kinds if pd.notna(k)}, key=str)
             }
+        if "terse" in df.columns:
+            report["clean_rejection_by_detail"] = _clean_rejection_by_detail(
+                df["terse"][known], rejected[known], noisy
+            )
 
     # --- threshold sweep: decisions re-made from the score ------------------------------------------
     rows = []

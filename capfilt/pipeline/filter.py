@@ -150,6 +150,8 @@ def _truth_columns(sample: Sample, entry: dict[str, Any]) -> dict[str, Any]:
     if entry.get("origin") == "web":
         row["clean"] = truth.get("clean")
         row["noise"] = truth.get("noise")
+        if "terse" in truth:
+            row["terse"] = truth["terse"]
     return row
 
 

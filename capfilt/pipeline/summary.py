@@ -126,7 +126,8 @@ def _noise_rates(report: dict[str, Any]) -> dict[str, float | None]:
 def filter_figures(report: dict[str, Any], fallback: dict[str, Any] | None = None) -> list[Figure]:
     """The figures of a ``filter_report`` (the demo summary's ``filter``): threshold,
     precision/recall/F1 of rejecting noisy web texts, ROC AUC, kept fractions, rejection rate per
-    noise kind.
+    noise kind, and (where the world has terse web texts) the false rejection rate of terse and of
+    full clean texts.
 
     ``fallback`` is another ``filter_report`` (e.g. computed from the per-text parquet) that fills
     the figures ``report`` lacks, except the threshold; those figures are marked ``derived``.
@@ -180,6 +181,14 @@ def filter_figures(report: dict[str, Any], fallback: dict[str, Any] | None = Non
         figures.append(Figure(f"by_noise.{kind}", label, fmt_pct(rate), derived))
     if not rates:
         figures.append(Figure("by_noise", "Rejection rate per noise kind", DASH))
+    for name, label in (
+        ("terse", "False rejection rate, terse clean web texts"),
+        ("full", "False rejection rate, full clean web texts"),
+    ):
+        path = ("clean_rejection_by_detail", name, "rejected_fraction")
+        value, derived = pick(*path)
+        if value is not None:
+            figures.append(Figure(f"clean_detail.{name}", label, fmt_pct(value), derived))
     return figures
 
 

@@ -2,10 +2,12 @@
 
 - ``human/``: clean images with ``captions_per_human`` distinct human captions each (COCO-like);
 - ``web/``: one text per image, wrong with probability ``noise_rate`` (swap / attribute /
-  generic, drawn from ``noise_mix``), like alt-text crawled from the web;
+  generic, drawn from ``noise_mix``), like alt-text crawled from the web; a clean one is terse
+  (colours and shapes only) with probability ``web_terse_rate``, else a full caption;
 - ``test/``: clean held-out images with ``captions_per_test`` reference captions each.
 
-Every sample's json carries ``truth`` (the scene, whether its text is clean, the noise kind) for
+Every sample's json carries ``truth`` (the scene, whether its text is clean, the noise kind; for
+``web/``, whether a clean text is terse) for
 evaluation; no training stage reads it. Shard i of a split draws from its own generator keyed by
 (seed, split, i), so shards are independent and a resumed run writes byte-identical files.
 """
@@ -22,7 +24,7 @@ from capfilt.config.core import config_hash, to_dict
 from capfilt.config.schema import NOISE_KINDS, SynthConfig
 from capfilt.data.sample import build_sample, caption_entry, make_key
 from capfilt.data.stage import run_shard_stage
-from capfilt.data.synth.captions import describe, describe_distinct, noisy_text
+from capfilt.data.synth.captions import describe, describe_distinct, noisy_text, terse
 from capfilt.data.synth.render import render_jpeg
 from capfilt.data.synth.world import Rng, sample_scene
 from capfilt.data.writer import ShardWriter, shard_name, stats_path
@@ -36,7 +38,7 @@ SPLITS = ("human", "web", "test")
 SPLIT_IDS = {"human": 1, "web": 2, "test": 3}
 """Part of every shard's RNG key, so the splits never share a random stream."""
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the world's output changes for the same config, so old shards are regenerated."""
 
 _SHARD_FILE = re.compile(r"^(\d{8})(\.tar|\.parquet|_stats\.json)$")
@@ -60,7 +62,7 @@ def _produce(cfg: SynthConfig, split: str):
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         rng = Rng(cfg.seed, SPLIT_IDS[split], index)
         noise: Counter[str] = Counter()
-        n_captions = 0
+        n_captions = n_terse = 0
         start = index * cfg.shard_size
         for item in range(start, min(start + cfg.shard_size, n_total)):
             scene = sample_scene(rng, cfg.max_objects)
@@ -68,11 +70,17 @@ def _produce(cfg: SynthConfig, split: str):
                 kind = "none"
                 if kinds and rng.chance(cfg.noise_rate):
                     kind = rng.weighted(kinds, weights)
-                text = (
-                    describe(scene, rng)
-                    if kind == "none"
-                    else noisy_text(kind, scene, rng, cfg.max_objects)
+                # drawn only when asked for, so worlds without terse texts stay as they were
+                is_terse = (
+                    kind == "none" and cfg.web_terse_rate > 0 and rng.chance(cfg.web_terse_rate)
                 )
+                if is_terse:
+                    text = terse(scene, rng)
+                elif kind == "none":
+                    text = describe(scene, rng)
+                else:
+                    text = noisy_text(kind, scene, rng, cfg.max_objects)
+                n_terse += is_terse
                 captions = [caption_entry(text, "web")]
             else:
                 kind = "none"
@@ -84,6 +92,8 @@ def _produce(cfg: SynthConfig, split: str):
             n_captions += len(captions)
             key = make_key(source, f"{item:07d}")
             truth = {"scene": scene.to_dict(), "clean": kind == "none", "noise": kind}
+            if split == "web":
+                truth["terse"] = is_terse
             image = render_jpeg(scene, cfg.image_size, cfg.jpeg_quality)
             writer.write(build_sample(key, image, captions, source=source, truth=truth))
             writer.record(
@@ -98,7 +108,7 @@ def _produce(cfg: SynthConfig, split: str):
                     "reason": "",
                 }
             )
-        return {"noise": dict(sorted(noise.items())), "captions": n_captions}
+        return {"noise": dict(sorted(noise.items())), "captions": n_captions, "terse": n_terse}
 
     return produce
 
@@ -117,7 +127,7 @@ def _remove_stale_shards(out_dir: Path, n_shards: int) -> None:
 
 def _split_summary(out_dir: Path, n_shards: int) -> dict[str, Any]:
     noise: Counter[str] = Counter()
-    count = captions = 0
+    count = captions = terse_texts = 0
     for index in range(n_shards):
         try:
             stats = json.loads(stats_path(out_dir, index).read_text())
@@ -125,12 +135,14 @@ def _split_summary(out_dir: Path, n_shards: int) -> dict[str, Any]:
             continue
         count += stats.get("count", 0)
         captions += stats.get("captions", 0)
+        terse_texts += stats.get("terse", 0)
         noise.update(stats.get("noise", {}))
     return {
         "count": count,
         "captions": captions,
         "shards": n_shards,
         "noise": dict(sorted(noise.items())),
+        "terse": terse_texts,
     }
 
 
