@@ -215,6 +215,17 @@ def test_negative_sampler_without_negatives_raises_clearly():
         sample_itm_negatives(torch.zeros(3, 3), torch.zeros(3, 3), torch.tensor([4, 4, 4]))
 
 
+def test_host_check_of_image_ids_used_under_compile():
+    from capfilt.model.med import check_image_ids
+
+    check_image_ids(torch.tensor([4, 4, 4]))  # one image is fine without ITM
+    check_image_ids(torch.tensor([4, 5, 4]), distinct=True)
+    with pytest.raises(ValueError, match="batch of 3 with 1 distinct image ids"):
+        check_image_ids(torch.tensor([4, 4, 4]), distinct=True)
+    with pytest.raises(ValueError, match=">= 0"):
+        check_image_ids(torch.tensor([0, -1]), distinct=True)
+
+
 @pytest.mark.parametrize("mode", ["hard", "random", "mixed"])
 def test_negative_sampler_never_draws_the_positive_in_any_mode(mode):
     ids = torch.tensor([10, 10, 11, 12, 13, 14])  # rows 0 and 1 share an image

@@ -69,6 +69,15 @@ def itc_targets(ids_local: torch.Tensor, ids_all: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def too_few_images(batch: int, distinct: int) -> ValueError:
+    """The error for an ITM batch where some sample has no other image to pair with."""
+    return ValueError(
+        "ITM needs at least 2 distinct images in the (global) batch: some sample has no other "
+        f"image to use as a hard negative (global batch of {batch} with {distinct} distinct "
+        "image ids). Use a larger batch or drop 'itm' from the losses."
+    )
+
+
 def sample_itm_negatives(
     sim_i2t: torch.Tensor,
     sim_t2i: torch.Tensor,
@@ -107,11 +116,7 @@ def sample_itm_negatives(
     same = image_ids.view(-1, 1) == image_ids.view(1, -1)
     valid = ~same
     if not known_distinct and not bool(valid.any(1).all()):
-        raise ValueError(
-            "ITM needs at least 2 distinct images in the (global) batch: some sample has no other image to "
-            f"use as a hard negative (global batch of {big_b} with {int(image_ids.unique().numel())} distinct "
-            "image ids). Use a larger batch or drop 'itm' from the losses."
-        )
+        raise too_few_images(big_b, int(image_ids.unique().numel()))
     if mode == "random":
         w_t2i = w_i2t = valid.float()
     else:

@@ -27,6 +27,7 @@ from capfilt.model.losses import (
     lm_labels,
     lm_loss,
     sample_itm_negatives,
+    too_few_images,
 )
 from capfilt.model.text import CrossKV, TextConfig, TextLMHeadModel, TextModel
 from capfilt.model.vision import VIT_LAYER_NORM_EPS, build_vit
@@ -75,10 +76,13 @@ def fp32_head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return head(x.float())
 
 
-def check_image_ids(image_ids: torch.Tensor) -> None:
-    """``ValueError`` for a negative image id (-1 marks empty queue slots)."""
+def check_image_ids(image_ids: torch.Tensor, *, distinct: bool = False) -> None:
+    """``ValueError`` for a negative image id (-1 marks empty queue slots), and with ``distinct``
+    for a batch of fewer than 2 images (ITM needs a negative for every sample)."""
     if bool((image_ids < 0).any()):
         raise ValueError("image_ids must be >= 0 (-1 marks empty queue slots)")
+    if distinct and image_ids.unique().numel() < 2:
+        raise too_few_images(image_ids.numel(), int(image_ids.unique().numel()))
 
 
 class MED(nn.Module):
@@ -480,8 +484,8 @@ class MED(nn.Module):
                 sim_t2i = text_feat_glob @ image_feat_m_glob.float().t() / self.temp
                 # every row has another image when this batch alone holds two: no need for the
                 # device-side check (a host sync) then
-                # (not checked under torch.compile, where it would split the graph: a global
-                # batch of one image then fails in the sampling instead)
+                # (not checked under torch.compile, where it would split the graph: the trainer
+                # checks a single process's batch on the host then)
                 distinct = (
                     b >= 2
                     if image_ids is None

@@ -397,7 +397,11 @@ class Trainer:
             )
             batch = next(batches)
             if cfg.compile:  # the compiled model leaves its data checks out (graph breaks)
-                check_image_ids(batch["image_ids"])
+                # one process holds the whole batch; across ranks only the model could tell
+                check_image_ids(
+                    batch["image_ids"],
+                    distinct="itm" in self.losses and not self.dist.distributed,
+                )
             self.skipped.update(batch.get("skips", {}))
             ids, mask = tokenize_with_prompt(tokenizer, batch["texts"], mcfg.max_text_len, prompt)
             with sync_unless_last(step_module, micro, cfg.grad_accum):
