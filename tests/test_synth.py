@@ -32,7 +32,13 @@ from capfilt.data.synth import (
     sample_scene,
     write_synth,
 )
-from capfilt.data.synth.captions import corrupt_scene, generic_noise, swap_noise, terse
+from capfilt.data.synth.captions import (
+    corrupt_scene,
+    generic_noise,
+    noisy_text,
+    swap_noise,
+    terse,
+)
 from capfilt.data.synth.lexicon import writer_vocabulary
 from capfilt.data.synth.render import encode_jpeg, object_geometry
 from capfilt.data.synth.world import COLOURS, POSITIONS, SHAPES
@@ -104,6 +110,22 @@ def test_terse_texts_are_true_complete_and_name_only_colours_and_shapes():
         assert named == sorted((o.shape, o.colour) for o in scene.objects), text
         assert all(m.size is m.position is None for m in parsed.mentions), text
         assert not parsed.relations and parsed.count is None, text
+
+
+def test_terse_noise_is_false_and_terse():
+    rng = Rng("terse noise")
+    for _ in range(200):
+        scene = sample_scene(rng)
+        for kind in ("swap", "attribute"):
+            text = noisy_text(kind, scene, rng, terse_text=True)
+            assert not caption_is_true(text, scene), (kind, text)
+            mentions = parse_caption(text).mentions
+            assert all(m.size is m.position is None and m.colour for m in mentions), text
+        # one colour or shape wrong: the other objects as they are
+        wrong = parse_caption(noisy_text("attribute", scene, rng, terse_text=True)).mentions
+        if len(scene.objects) == 1:
+            obj, m = scene.objects[0], wrong[0]
+            assert (m.colour != obj.colour) + (m.shape != obj.shape) == 1
 
 
 def test_captions_of_one_scene_are_diverse():
@@ -339,8 +361,8 @@ def test_web_noise_matches_its_label(world):
         assert truth["clean"] == (truth["noise"] == "none")
         assert caption_is_true(sample.text, truth["scene"]) == truth["clean"], (sample.text, truth)
         assert rows.loc[sample.key, "noise"] == truth["noise"]
-        if truth["terse"]:
-            assert truth["clean"]
+        if truth["terse"]:  # a terse text may be right or wrong, never generic junk
+            assert truth["noise"] != "generic"
             mentions = parse_caption(sample.text).mentions
             assert all(m.size is m.position is None for m in mentions), sample.text
             n_terse += 1
@@ -356,7 +378,7 @@ def test_web_noise_matches_its_label(world):
     assert abs(noisy / n - SMALL.noise_rate) < 0.08
     for kind, weight in SMALL.noise_mix.items():
         assert abs(kinds[kind] / noisy - weight / sum(SMALL.noise_mix.values())) < 0.1, kinds
-    assert abs(n_terse / kinds["none"] - SMALL.web_terse_rate) < 0.1, (n_terse, kinds)
+    assert abs(n_terse / (n - kinds["generic"]) - SMALL.web_terse_rate) < 0.1, (n_terse, kinds)
     summary = json.loads((world / "synth.json").read_text())["summary"]
     assert summary["splits"]["web"]["noise"] == dict(sorted(kinds.items()))
     assert summary["splits"]["web"]["terse"] == n_terse

@@ -48,10 +48,11 @@ class SynthConfig:
     )
     """Relative weights of the noise kinds among noisy web texts (swap, attribute, generic)."""
     web_terse_rate: float = 0.0
-    """Fraction of the clean ``web/`` texts that are terse: true, but naming only each object's
-    colour and shape ("a red circle and a blue square": no size, place or relation), as web
-    alt-text often says less than a caption. 0 makes every clean web text a full caption, as
-    informative as the human ones."""
+    """Fraction of the ``web/`` texts that are terse: naming only each object's colour and shape
+    ("a red circle and a blue square": no size, place or relation), as web alt-text often says
+    less than a caption. Wrong texts are terse at the same rate (another scene's terse text, or
+    one colour or shape wrong); generic junk is neither. 0 makes every web text that describes a
+    scene a full caption, as informative as the human ones."""
     shard_size: int = 1000
     """Samples per output shard."""
     jpeg_quality: int = 95

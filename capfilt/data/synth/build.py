@@ -2,12 +2,13 @@
 
 - ``human/``: clean images with ``captions_per_human`` distinct human captions each (COCO-like);
 - ``web/``: one text per image, wrong with probability ``noise_rate`` (swap / attribute /
-  generic, drawn from ``noise_mix``), like alt-text crawled from the web; a clean one is terse
-  (colours and shapes only) with probability ``web_terse_rate``, else a full caption;
+  generic, drawn from ``noise_mix``), like alt-text crawled from the web; a text that describes
+  a scene (clean, swap or attribute) is terse (colours and shapes only) with probability
+  ``web_terse_rate``, else a full caption;
 - ``test/``: clean held-out images with ``captions_per_test`` reference captions each.
 
 Every sample's json carries ``truth`` (the scene, whether its text is clean, the noise kind; for
-``web/``, whether a clean text is terse) for
+``web/``, whether the text is terse) for
 evaluation; no training stage reads it. Shard i of a split draws from its own generator keyed by
 (seed, split, i), so shards are independent and a resumed run writes byte-identical files.
 """
@@ -70,16 +71,15 @@ def _produce(cfg: SynthConfig, split: str):
                 kind = "none"
                 if kinds and rng.chance(cfg.noise_rate):
                     kind = rng.weighted(kinds, weights)
-                # drawn only when asked for, so worlds without terse texts stay as they were
+                # drawn only when asked for, so worlds without terse texts stay as they were;
+                # generic junk is neither
                 is_terse = (
-                    kind == "none" and cfg.web_terse_rate > 0 and rng.chance(cfg.web_terse_rate)
+                    kind != "generic" and cfg.web_terse_rate > 0 and rng.chance(cfg.web_terse_rate)
                 )
-                if is_terse:
-                    text = terse(scene, rng)
-                elif kind == "none":
-                    text = describe(scene, rng)
+                if kind == "none":
+                    text = terse(scene, rng) if is_terse else describe(scene, rng)
                 else:
-                    text = noisy_text(kind, scene, rng, cfg.max_objects)
+                    text = noisy_text(kind, scene, rng, cfg.max_objects, terse_text=is_terse)
                 n_terse += is_terse
                 captions = [caption_entry(text, "web")]
             else:

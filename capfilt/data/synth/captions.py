@@ -6,8 +6,10 @@ scene differ in content as well as in wording, like several people's COCO captio
 of two-object scenes always mention both objects.
 
 ``terse`` writes a true text that names each object's colour and shape and nothing else ("a red
-circle and a blue square": no size, place or relation): a clean web text that says less than a
-caption, as alt-text often does (the premise of BLIP's captioner, BLIP §3.3).
+circle and a blue square": no size, place or relation): a web text that says less than a
+caption, as alt-text often does (the premise of BLIP's captioner, BLIP §3.3). In a terse world
+the wrong web texts are terse too (another scene's terse text, or one colour or shape wrong), so
+a text's form never tells whether it is right.
 
 Noise for ``web/`` texts (``noisy_text``): ``swap`` (a caption of another random scene),
 ``attribute`` (a caption of this scene with one attribute of one object changed) and ``generic``
@@ -220,14 +222,21 @@ def describe_distinct(scene: Scene, rng: Rng, n: int) -> list[str]:
 ATTRIBUTES = ("colour", "shape", "size", "position")
 
 
-def corrupt_scene(scene: Scene, rng: Rng) -> tuple[Scene, tuple[int, str]]:
-    """``scene`` with one attribute of one object changed, and which (object index, attribute).
+TERSE_ATTRIBUTES = ("colour", "shape")
+"""The attributes a terse text states, so the ones a terse attribute-noise text can get wrong."""
+
+
+def corrupt_scene(
+    scene: Scene, rng: Rng, attributes: tuple[str, ...] = ATTRIBUTES
+) -> tuple[Scene, tuple[int, str]]:
+    """``scene`` with one of ``attributes`` of one object changed, and which (object index,
+    attribute).
 
     In a two-object scene a position change swaps the two objects' places, which keeps the
     scene's layout valid and makes "left of" into "right of".
     """
     index = rng.randint(0, len(scene.objects) - 1)
-    attribute = rng.choice(ATTRIBUTES)
+    attribute = rng.choice(attributes)
     obj = scene.objects[index]
     if attribute == "position" and len(scene.objects) == 2:
         other = scene.objects[1 - index]
@@ -242,21 +251,27 @@ def corrupt_scene(scene: Scene, rng: Rng) -> tuple[Scene, tuple[int, str]]:
     return scene.replace_object(index, obj.changed(**{attribute: new})), (index, attribute)
 
 
-def attribute_noise(scene: Scene, rng: Rng) -> str:
-    """A caption that is true of ``scene`` except for exactly one attribute of one object."""
+def attribute_noise(scene: Scene, rng: Rng, *, terse_text: bool = False) -> str:
+    """A caption that is true of ``scene`` except for exactly one attribute of one object
+    (with ``terse_text``, a terse text wrong in one object's colour or shape)."""
     for _ in range(MAX_TRIES):
-        wrong, require = corrupt_scene(scene, rng)
-        text = describe(wrong, rng, require=require)
+        if terse_text:
+            wrong, _ = corrupt_scene(scene, rng, TERSE_ATTRIBUTES)
+            text = terse(wrong, rng)
+        else:
+            wrong, require = corrupt_scene(scene, rng)
+            text = describe(wrong, rng, require=require)
         if not caption_is_true(text, scene):
             return text
     # only a degenerate hand-made scene gets here
     raise RuntimeError("could not write a false attribute caption")
 
 
-def swap_noise(scene: Scene, rng: Rng, max_objects: int = 2) -> str:
-    """A caption of another random scene that is false of ``scene``."""
+def swap_noise(scene: Scene, rng: Rng, max_objects: int = 2, *, terse_text: bool = False) -> str:
+    """A caption (or with ``terse_text`` a terse text) of another random scene, false of ``scene``."""
+    write = terse if terse_text else describe
     for _ in range(MAX_TRIES):
-        text = describe(sample_scene(rng, max_objects), rng)
+        text = write(sample_scene(rng, max_objects), rng)
         if not caption_is_true(text, scene):
             return text
     raise RuntimeError("could not draw a false swap caption")
@@ -293,12 +308,15 @@ def generic_noise(rng: Rng) -> str:
     return rng.choice(_GENERIC)(rng)
 
 
-def noisy_text(kind: str, scene: Scene, rng: Rng, max_objects: int = 2) -> str:
-    """A web text of noise ``kind`` (swap, attribute, generic) for ``scene``."""
+def noisy_text(
+    kind: str, scene: Scene, rng: Rng, max_objects: int = 2, *, terse_text: bool = False
+) -> str:
+    """A web text of noise ``kind`` (swap, attribute, generic) for ``scene``; swap and attribute
+    texts are terse with ``terse_text`` (generic junk is the same either way)."""
     if kind == "swap":
-        return swap_noise(scene, rng, max_objects)
+        return swap_noise(scene, rng, max_objects, terse_text=terse_text)
     if kind == "attribute":
-        return attribute_noise(scene, rng)
+        return attribute_noise(scene, rng, terse_text=terse_text)
     if kind == "generic":
         return generic_noise(rng)
     raise ValueError(f"unknown noise kind {kind!r}")
