@@ -15,7 +15,9 @@ the later ones in every run (``--restart-from evaluate`` re-scores finished runs
 
 Worlds (the synth settings; everything else is the recipe's):
 
-- ``main``: the recipe's world as it is, synth seed N;
+- ``main``: the recipe's world as it is, synth seed N (the demo's: terse web texts,
+  ``synth.web_terse_rate`` 1.0; ``--set synth.web_terse_rate=0`` gives both worlds full-caption
+  web texts);
 - ``second``: synth seed 1000 + N, ``noise_rate`` 0.5 and ``noise_mix`` swap 0.2 / attribute 0.5
   / generic 0.3 (the demo's: 0.4 and 0.4 / 0.4 / 0.2): more noise, and more of the kind the filter
   finds hardest (one wrong attribute), less of the easiest (another image's caption).
@@ -31,7 +33,7 @@ demo's time; per world, each figure's mean ± sample
 standard deviation over the seeds (and min, max), and gap closed of the seed means.
 
 On the demo recipe each run takes about 13 minutes plus 2.5 per ablation on 2 CPU cores: the
-default 6 runs take about 2 hours, two at a time (two processes, e.g. ``--worlds main --seeds 0,1``
+default 6 runs take about an hour, two at a time (18½-20 minutes a run; two processes, e.g. ``--worlds main --seeds 0,1``
 and ``--worlds main --seeds 2,``, each with its own ``--json`` and ``--set runtime.threads=1``; a
 last call over all seeds and worlds finds every run done and writes the whole table).
 """
