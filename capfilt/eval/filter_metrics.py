@@ -156,7 +156,7 @@ def filter_report(
       ``auc`` (score separating clean from noisy), ``rejection_by_noise`` (per noise kind ``{"n",
       "rejected_fraction"}``: the recall for each corruption, and for ``"none"`` the false-rejection rate),
       ``clean_rejection_by_detail`` (with a ``terse`` column: the false-rejection rate of clean texts
-      that are ``terse`` (name only shapes) and ``full``, ``{"n", "rejected_fraction"}`` each);
+      that are ``terse`` (colours and shapes only) and ``full``, ``{"n", "rejected_fraction"}`` each);
     - ``sweep``: one row per threshold t (decision ``score > t``): ``threshold``, ``precision``,
       ``recall``, ``f1``, ``web_kept_fraction``, ``synthetic_kept_fraction``;
     - ``histograms``: ``bin_edges`` (11 values) and per origin ``{"kept": [10 counts], "rejected":

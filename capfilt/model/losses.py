@@ -68,7 +68,6 @@ def itc_targets(ids_local: torch.Tensor, ids_all: torch.Tensor) -> torch.Tensor:
     return pos / pos.sum(1, keepdim=True)
 
 
-@torch.no_grad()
 def too_few_images(batch: int, distinct: int) -> ValueError:
     """The error for an ITM batch where some sample has no other image to pair with."""
     return ValueError(
@@ -78,6 +77,7 @@ def too_few_images(batch: int, distinct: int) -> ValueError:
     )
 
 
+@torch.no_grad()
 def sample_itm_negatives(
     sim_i2t: torch.Tensor,
     sim_t2i: torch.Tensor,
