@@ -28,7 +28,8 @@ run under the same bf16 autocast (capfilt's stages' own precision) and are timed
     sides run the same model (identical captions, count printed). With ``--set caption.compile=true``
     capfilt's decoder steps run compiled; the greedy check, before the timed runs, pays the compile.
 (b) Filtering, texts/s: capfilt's ``score_pairs`` (one image-encoder pass and one cross-attention
-    key/value projection per image, all its texts batched), twice: ITM probability and ITC cosine
+    key/value projection per image; the batch's texts in order of length, ``filter.batch_size`` at
+    a time, each chunk padded to its own longest, as the stage runs it), twice: ITM probability and ITC cosine
     (the stage's default) and ITM only (``filter.itc_cosine: false``, the output theirs gives), on
     batches of the recipe's ``filter.batch_size`` images with 2 texts each (a web text and a
     synthetic caption) vs ``BlipForImageTextRetrieval(input_ids, pixel_values, use_itm_head=True)``
@@ -294,6 +295,7 @@ def main() -> None:
                     [t for _, t in chunk],
                     cfg.max_text_len,
                     with_cosine=with_cosine,
+                    chunk_rows=fb,  # as the stage: texts in order of length, fb at a time
                 )
                 scores.append(itm.float().cpu())  # the result on the host, as theirs
         return torch.cat(scores)

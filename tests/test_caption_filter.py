@@ -804,6 +804,12 @@ def test_score_pairs_without_the_cosine_gives_the_same_itm(models, synth):
         model, models["tok"], images, index, texts, mcfg.max_text_len, with_cosine=False
     )
     assert none is None and cosine.shape == (3,) and torch.equal(itm, itm_only)
+    # scored one text at a time (each unpadded): the same scores, in the texts' order
+    one_by_one = score_pairs(
+        model, models["tok"], images, index, texts, mcfg.max_text_len, chunk_rows=1
+    )
+    torch.testing.assert_close(one_by_one[0], itm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one_by_one[1], cosine, rtol=1e-5, atol=1e-6)
 
 
 def test_a_shard_of_garbage_is_skipped_and_counted_by_every_stage(synth, models, tmp_path):

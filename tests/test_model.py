@@ -17,6 +17,7 @@ from capfilt.model import (
     LocalGather,
     build_model,
     count_parameters,
+    length_chunks,
     load_model_folder,
     load_tokenizer,
     prompt_length,
@@ -98,6 +99,52 @@ def test_tokenizer_specials_and_tokenize(tok):
     )
     assert tok.decode(ids[0], skip_special_tokens=True) == "a red cube"  # uncased
     assert prompt_length(tok, "a picture of ") == len(tok("a picture of")["input_ids"]) - 1
+
+
+def test_tokenize_pads_on_the_right_whatever_the_tokenizer_default(tok):
+    # positions count from the first token, so a left-padding tokenizer would shift every text
+    before = tok.padding_side
+    try:
+        tok.padding_side = "left"
+        ids, mask = tokenize(tok, ["a", "a red cube left of"], 16)
+    finally:
+        tok.padding_side = before
+    assert mask[0].tolist()[:3] == [1, 1, 1] and mask[0, 3:].sum() == 0
+    assert ids[0, 0] == special_ids(tok)["cls"]
+
+
+def test_length_chunks_order_rows_by_length_and_cut_each_chunk_to_its_longest():
+    lengths = [5, 2, 7, 2, 3]
+    mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    chunks = length_chunks(mask, 2)
+    # ties keep their input order (rows 1 and 3); the last chunk holds what is left
+    assert [(rows.tolist(), width) for rows, width in chunks] == [
+        ([1, 3], 2),
+        ([4, 0], 5),
+        ([2], 7),
+    ]
+    assert length_chunks(mask[:0], 2) == []
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        length_chunks(mask, 0)
+
+
+def test_itm_scored_in_length_chunks_equals_the_whole_padded_batch(tok):
+    model = make_model(tok).eval()
+    images, ids, mask = batch(tok, 6)
+    texts = ["a cube", *CAPTIONS[:4], "a big purple sphere right of a gray cube behind a red cone"]
+    ids, mask = tokenize(tok, texts, 16)
+    index = torch.tensor([0, 1, 1, 0, 2, 2])
+    with torch.no_grad():
+        cross_kv = model.image_cross_kv(model.encode_image(images[:3]))
+        whole = model.itm_logits(None, ids, mask, cross_kv, index)
+        chunked = torch.empty_like(whole)
+        chunks = length_chunks(mask, 4)
+        for rows, width in chunks:
+            chunked[rows] = model.itm_logits(
+                None, ids[rows, :width], mask[rows, :width], cross_kv, index[rows]
+            )
+    assert chunks[0][1] < ids.shape[1]  # the short chunk really was cut
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_tokenizer_training_is_deterministic():
@@ -342,6 +389,23 @@ def test_decoder_cache_takes_a_prefix_then_one_token_at_a_time(tok):
         assert cache.length == 4
         with pytest.raises(ValueError, match="empty cache"):
             model.text_decoder(input_ids=ids[:, 4:6], cross_kv=cross, cache=cache)
+
+
+def test_one_token_decoding_steps_equal_the_full_causal_pass(tok):
+    # a single query attends through plain matmuls on CPU, a longer one through SDPA: same logits
+    from capfilt.model.text import KVCache
+
+    model = make_model(tok).eval()
+    images, ids, _ = batch(tok, n=3)
+    with torch.no_grad():
+        cross = model.image_cross_kv(model.encode_image(images))
+        full = model.text_decoder(input_ids=ids[:, :6], cross_kv=cross).logits
+        cache = KVCache(6)
+        steps = [model.text_decoder(input_ids=ids[:, :2], cross_kv=cross, cache=cache).logits]
+        for t in range(2, 6):
+            step = model.text_decoder(input_ids=ids[:, t : t + 1], cross_kv=cross, cache=cache)
+            steps.append(step.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_pretrain_forward_compiles_into_one_graph_with_the_eager_losses(tok):

@@ -428,7 +428,8 @@ class FilterConfig:
     ``capfilt eval filter`` compares it with ITM and a later ``--scores-from`` run may decide on
     it. ``rule: itc`` and ``both`` need it; with ``rule: itm``, false skips the pass."""
     batch_size: int = 64
-    """Images per scoring batch."""
+    """Images per scoring batch; their texts are scored in order of length, this many at a time
+    (each chunk padded to its own longest)."""
     num_workers: int = 0
     """DataLoader processes decoding and transforming images (0 = in the main process)."""
 

@@ -39,7 +39,7 @@ from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.shards import expand_shards
 from capfilt.data.text import clean_caption
 from capfilt.data.transforms import eval_transform_for
-from capfilt.model import tokenize
+from capfilt.model import length_chunks, tokenize
 from capfilt.utils.device import autocast
 from capfilt.utils.dist import current_dist_info
 from capfilt.utils.logging import get_logger
@@ -366,7 +366,6 @@ def itm_pair_logits(
     was_training = model.training
     model.eval()
     out = torch.empty(image_index.numel(), dtype=torch.float32)
-    lengths = feats.text_mask.sum(1)
     # images go through in blocks of batch_size: their cross-attention keys/values are projected
     # once and shared by all their pairs (~2k per image at top-k); within a block, pairs are scored
     # in order of text length, so batches of similar lengths carry little padding
@@ -380,17 +379,12 @@ def itm_pair_logits(
         pairs = order[lo:hi]
         local = torch.searchsorted(block, image_index[pairs])  # image row within the block
         pairs_txt = text_index[pairs]
-        by_len = torch.argsort(lengths[pairs_txt], stable=True)
-        pairs, local, pairs_txt = pairs[by_len], local[by_len], pairs_txt[by_len]
         with autocast(device):
             cross_kv = model.image_cross_kv(feats.image_embeds[block].to(device, torch.float32))
-        for start in range(0, pairs.numel(), batch_size):
-            pos = pairs[start : start + batch_size]
-            txt = pairs_txt[start : start + batch_size]
-            mask = feats.text_mask[txt]
-            keep = mask.bool().any(0)  # drop columns that are padding in every row of this batch
-            ids, mask = feats.text_ids[txt][:, keep], mask[:, keep]
-            img = local[start : start + batch_size].to(device)
+        for rows, width in length_chunks(feats.text_mask[pairs_txt], batch_size):
+            pos, txt = pairs[rows], pairs_txt[rows]
+            ids, mask = feats.text_ids[txt, :width], feats.text_mask[txt, :width]
+            img = local[rows].to(device)
             with autocast(device):
                 logits = model.itm_logits(None, ids.to(device), mask.to(device), cross_kv, img)
             score = logits[:, 1] - logits[:, 0] if log_odds else logits[:, 1]

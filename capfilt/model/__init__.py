@@ -9,6 +9,7 @@ from capfilt.model.losses import itc_loss, itm_loss, lm_labels, lm_loss, sample_
 from capfilt.model.med import LOSSES, MED, check_image_ids, count_parameters
 from capfilt.model.tokenizer import (
     build_tokenizer,
+    length_chunks,
     load_tokenizer,
     pad_vocabulary,
     prompt_length,
@@ -28,6 +29,7 @@ __all__ = [
     "all_gather_with_grad",
     "build_model",
     "build_tokenizer",
+    "length_chunks",
     "count_parameters",
     "itc_loss",
     "itm_loss",

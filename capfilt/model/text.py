@@ -124,7 +124,15 @@ class TextSelfAttention(nn.Module):
         causal: bool,
     ) -> torch.Tensor:
         p = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        if q.shape[2] == 1 and mask is None and q.device.type == "cpu" and not self.training:
+            # a decoding step's one query: the CPU flash kernel, made for long queries, is slower
+            # here than two matmuls; GPUs keep SDPA's fused kernels
+            weights = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+            out = torch.matmul(weights.softmax(-1), v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
+            )
         b, _, length, _ = out.shape
         return out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)
 
@@ -276,7 +284,12 @@ class TextModel(nn.Module):
 
     def cross_kv(self, image_embeds: torch.Tensor) -> CrossKV:
         """Cross-attention keys/values of ``image_embeds`` [B_img, N, vision_width], every layer."""
-        return [layer.crossattention.self.project_kv(image_embeds) for layer in self.encoder.layer]
+        out = []
+        for layer in self.encoder.layer:
+            k, v = layer.crossattention.self.project_kv(image_embeds)
+            # contiguous once here rather than copied by every decoding step that reads them
+            out.append((k.contiguous(), v.contiguous()))
+        return out
 
     def forward(
         self,

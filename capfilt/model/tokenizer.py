@@ -132,18 +132,34 @@ def tokenize(
     tokenizer: PreTrainedTokenizerBase, texts: list[str] | str, max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize a batch: [CLS] ... [SEP], truncated to ``max_len`` tokens (the [SEP] is kept),
-    padded to the longest. Returns (input_ids LongTensor [B, L], attention_mask LongTensor [B, L])."""
+    padded on the right to the longest. Returns (input_ids LongTensor [B, L], attention_mask LongTensor [B, L])."""
     if isinstance(texts, str):
         texts = [texts]
     enc = tokenizer(
         list(texts),
         padding="longest",
+        padding_side="right",  # positions count from the first token, whatever the tokenizer's default
         truncation=True,
         max_length=max_len,
         return_tensors="pt",
         return_token_type_ids=False,
     )
     return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def length_chunks(attention_mask: torch.Tensor, rows: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows of a right-padded batch in order of length, ``rows`` at a time: (row ids, the chunk's
+    longest length) per chunk. Fed as ``ids[r, :width]``, a chunk of texts of similar lengths
+    carries little padding; the result per text is the same as in the whole padded batch (masked
+    positions take no part), up to float rounding."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    return [
+        (chunk, int(lengths[chunk].max()))
+        for chunk in (order[start : start + rows] for start in range(0, order.numel(), rows))
+    ]
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

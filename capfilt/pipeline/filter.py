@@ -35,7 +35,7 @@ from capfilt.data.stage import StageResult, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, stats_path
 from capfilt.eval.filter_metrics import HIST_BINS, score_histogram
-from capfilt.model import tokenize
+from capfilt.model import length_chunks, tokenize
 from capfilt.runs.resolve import load_stage_model, model_fingerprint
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import barrier, current_dist_info, init_distributed
@@ -118,22 +118,31 @@ def score_pairs(
     texts: list[str],
     max_len: int,
     with_cosine: bool = True,
+    chunk_rows: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair; the
     cosine is None without ``with_cosine`` (its text-encoder pass skipped).
 
-    Each image is encoded, and its cross-attention keys/values projected, once for all its texts."""
+    Each image is encoded, and its cross-attention keys/values projected, once for all its texts.
+    The texts go through in order of length, ``chunk_rows`` at a time, each chunk padded to its
+    own longest (:func:`~capfilt.model.length_chunks`): web texts and captions differ in length,
+    and padding to the batch's longest text was ~45% of the text work at the demo's lengths."""
     image_embeds = model.encode_image(images)
     ids, mask = tokenize(tokenizer, texts, max_len)
     ids, mask = ids.to(images.device), mask.to(images.device)
+    image_index = image_index.to(images.device)
     cross_kv = model.image_cross_kv(image_embeds)
-    itm = model.itm_logits(None, ids, mask, cross_kv, image_index).float().softmax(-1)[:, 1]
-    if not with_cosine:
-        return itm.cpu(), None
-    image_feat = model.image_features(image_embeds)
-    text_feat = model.encode_text_features(ids, mask)
-    cosine = (image_feat[image_index].float() * text_feat.float()).sum(-1)
-    return itm.cpu(), cosine.cpu()
+    image_feat = model.image_features(image_embeds) if with_cosine else None
+    itm = torch.empty(len(texts), dtype=torch.float32, device=images.device)
+    cosine = torch.empty_like(itm) if with_cosine else None
+    for rows, width in length_chunks(mask, chunk_rows):
+        chunk_ids, chunk_mask = ids[rows, :width], mask[rows, :width]
+        logits = model.itm_logits(None, chunk_ids, chunk_mask, cross_kv, image_index[rows])
+        itm[rows] = logits.float().softmax(-1)[:, 1]
+        if cosine is not None:
+            text_feat = model.encode_text_features(chunk_ids, chunk_mask)
+            cosine[rows] = (image_feat[image_index[rows]].float() * text_feat.float()).sum(-1)
+    return itm.cpu(), None if cosine is None else cosine.cpu()
 
 
 def _settings_of(cfg) -> dict[str, Any]:
@@ -221,6 +230,7 @@ def filter_shards(
                     [c["text"] for _, c in pairs],
                     mcfg.max_text_len,
                     with_cosine=cfg.itc_cosine,
+                    chunk_rows=cfg.batch_size,
                 )
             cosines = (
                 [None] * len(pairs) if cosine is None else [round(c, 6) for c in cosine.tolist()]
