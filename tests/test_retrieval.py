@@ -97,9 +97,10 @@ def test_features_from_shards_equal_with_loader_workers(model_and_tok, samples, 
 
 # --------------------------------------------------------------------------- exhaustive == brute force
 @torch.inference_mode()
-def brute_force_scores(model, tok, samples, log_odds=False) -> tuple[torch.Tensor, list[int]]:
+def brute_force_scores(model, tok, samples, score="blip") -> tuple[torch.Tensor, list[int]]:
     """ITM logit + cosine of every (image, text) pair, one pair per forward pass, nothing shared;
-    with ``log_odds``: (match − no-match logit) + cosine / temperature."""
+    ``log_odds``: (match − no-match logit) + cosine / temperature; ``log_prob``: log p(match) by
+    hand + cosine / temperature."""
     transform = EvalTransform(model.cfg.image_size)
     images, texts, txt2img = [], [], []
     for i, s in enumerate(samples):
@@ -114,8 +115,11 @@ def brute_force_scores(model, tok, samples, log_odds=False) -> tuple[torch.Tenso
         for j, (ids, mask, tfeat) in enumerate(texts):
             logits = model.itm_logits(embeds, ids, mask)[0]
             cos = (ifeat @ tfeat.t())[0, 0]
-            if log_odds:
+            if score == "log_odds":
                 scores[i, j] = logits[1] - logits[0] + cos / model.temp
+            elif score == "log_prob":
+                p_match = logits[1].exp() / (logits[0].exp() + logits[1].exp())
+                scores[i, j] = p_match.log() + cos / model.temp
             else:
                 scores[i, j] = logits[1] + cos
     return scores, txt2img
@@ -133,14 +137,13 @@ def test_exhaustive_equals_brute_force(model_and_tok, samples, feats8):
     assert recall_at_k(s_i2t, s_t2i, txt2img) == recall_at_k(ref, ref.t(), txt2img)
 
 
-def test_log_odds_score_equals_brute_force(model_and_tok, samples, feats8):
+@pytest.mark.parametrize("score", ["log_odds", "log_prob"])
+def test_log_probability_scores_equal_brute_force(model_and_tok, samples, feats8, score):
     model, tok = model_and_tok
-    ref, txt2img = brute_force_scores(model, tok, samples[:8], log_odds=True)
+    ref, txt2img = brute_force_scores(model, tok, samples[:8], score=score)
     blip, _ = brute_force_scores(model, tok, samples[:8])
-    assert (ref - blip).abs().max() > 1e-2  # the two scores differ on this model
-    scores = retrieval_scores(
-        model, feats8, k=10_000, batch_size=7, full=True, rerank_score="log_odds"
-    )
+    assert (ref - blip).abs().max() > 1e-2  # the scores differ on this model
+    scores = retrieval_scores(model, feats8, k=10_000, batch_size=7, full=True, rerank_score=score)
     s_i2t, s_t2i = scores.dense()
     assert (s_i2t - ref).abs().max() < 1e-4
     assert (s_t2i - ref.t()).abs().max() < 1e-4

@@ -93,8 +93,9 @@ def retrieval(
 ) -> None:
     """Image-text retrieval, BLIP scheme: ITC top-k then ITM re-rank; TR/IR R@1/5/10, and the same for ITC alone.
 
-    The re-rank score is the recipe's eval.rerank_score: blip (ITM match logit + cosine) or
-    log_odds (ITM log-odds + cosine / temperature; --set eval.rerank_score=log_odds).
+    The re-rank score is the recipe's eval.rerank_score: blip (ITM match logit + cosine),
+    log_odds (ITM log-odds + cosine / temperature) or log_prob (ITM log-probability of a match +
+    cosine / temperature); e.g. --set eval.rerank_score=log_prob.
 
     Every caption of a test image is a query and a candidate; an image counts as retrieved when any of its captions is ranked within K.
 

@@ -397,7 +397,7 @@ class CaptionConfig:
         check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
 
 
-RerankScore = Literal["blip", "log_odds"]
+RerankScore = Literal["blip", "log_odds", "log_prob"]
 RERANK_SCORES = get_args(RerankScore)
 
 FilterRule = Literal["itm", "itc", "both"]
@@ -468,7 +468,10 @@ class EvalConfig:
     cosine, within ±1, only breaks near-ties of a strong ITM head). ``log_odds``: ITM log-odds
     (match − no-match logit) + ITC logit (cosine / temperature): both on the scale of a log
     probability, so an ITM head weaker than ITC (the demo's, after minutes of pretraining) adds to
-    the ITC ranking instead of replacing it (docs/architecture.md §4)."""
+    the ITC ranking instead of replacing it. ``log_prob``: ITM log-probability of a match
+    (log softmax(itm)[1], at most 0) + ITC logit: the log of the product of the two heads'
+    probabilities; a text ITM is sure of keeps its ITC place, one it doubts moves down
+    (docs/architecture.md §4)."""
     batch_size: int = 64
     """Images or texts per feature batch."""
     num_workers: int = 0

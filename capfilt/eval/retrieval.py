@@ -7,8 +7,10 @@
    of each image (kept on the CPU) and the token ids of each text, for the ITM re-rank.
 2. :func:`retrieval_scores`: S = image_feat @ text_feat.T (cosine). For each image the top-k texts
    by S are scored by the ITM encoder and get ``itm_logit[1] + S`` (the raw match logit, no
-   softmax; BLIP's score, ``rerank_score="blip"``) or ``itm_logit[1] − itm_logit[0] + S / temp``
-   (``"log_odds"``: ITM log-odds + ITC logit); the same for each text over the images. ``k = 0``
+   softmax; BLIP's score, ``rerank_score="blip"``), ``itm_logit[1] − itm_logit[0] + S / temp``
+   (``"log_odds"``: ITM log-odds + ITC logit) or ``log softmax(itm_logit)[1] + S / temp``
+   (``"log_prob"``: ITM log-probability of a match + ITC logit); the same for each text over the
+   images. ``k = 0``
    ranks by S alone; ``k >= N`` is the exhaustive re-rank. S is computed ``chunk_size`` rows at a
    time, and per query only the ranked head is stored (:class:`Ranking`), so memory is
    O(chunk · N + N · max(k, 10)), not O(N²).
@@ -354,10 +356,12 @@ def itm_pair_logits(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: ProgressReporter | None = None,
-    log_odds: bool = False,
+    score: str = "blip",
 ) -> torch.Tensor:
-    """ITM match logit (index 1, no softmax) of each (image_index[p], text_index[p]) pair, float32
-    on CPU; with ``log_odds`` the match minus the no-match logit (log p(match) / p(no match))."""
+    """ITM score of each (image_index[p], text_index[p]) pair, float32 on CPU, by ``score`` (a
+    :data:`~capfilt.config.RERANK_SCORES` name): ``blip`` the match logit (index 1, no softmax),
+    ``log_odds`` the match minus the no-match logit (log p(match) / p(no match)), ``log_prob``
+    log p(match)."""
     if feats.image_embeds is None or feats.text_ids is None or feats.text_mask is None:
         raise ValueError(
             "k > 0 needs image_embeds, text_ids and text_mask in the features (compute_features)"
@@ -387,12 +391,20 @@ def itm_pair_logits(
             img = local[rows].to(device)
             with autocast(device):
                 logits = model.itm_logits(None, ids.to(device), mask.to(device), cross_kv, img)
-            score = logits[:, 1] - logits[:, 0] if log_odds else logits[:, 1]
-            out[pos] = score.float().cpu()
+            out[pos] = _itm_score(logits.float(), score).cpu()
             if progress is not None:
                 progress.advance(pos.numel())
     model.train(was_training)
     return out
+
+
+def _itm_score(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """A re-rank score's ITM term from ITM logits [P, 2] (see :func:`itm_pair_logits`)."""
+    if score == "log_odds":
+        return logits[:, 1] - logits[:, 0]
+    if score == "log_prob":
+        return logits.log_softmax(-1)[:, 1]
+    return logits[:, 1]
 
 
 def _rerank_head(
@@ -452,8 +464,7 @@ def score_rows(
     if k > 0:
         if model is None:
             raise ValueError("k > 0 needs a model for the ITM re-rank")
-        log_odds = rerank_score == "log_odds"
-        if log_odds:  # cosine / temperature: the logit ITC was trained with
+        if rerank_score != "blip":  # cosine / temperature: the logit ITC was trained with
             cos_scale = 1.0 / float(model.temp.detach())
         # pair code = image * N_txt + text, shared by both directions so each pair is scored once
         rows_img = torch.arange(image_rows.start, image_rows.stop).repeat_interleave(k_i2t)
@@ -470,7 +481,7 @@ def score_rows(
         ) as progress:
             logits = itm_pair_logits(
                 model, feats, unique // n_txt, unique % n_txt, batch_size, device, progress,
-                log_odds=log_odds,
+                score=rerank_score,
             )  # fmt: skip
         itm_i2t, itm_t2i = logits[inverse[: code_i2t.numel()]], logits[inverse[code_i2t.numel() :]]
 
@@ -525,8 +536,8 @@ def retrieval_scores(
 
     - ``k``: candidates per query re-ranked with ITM logit + cosine; 0 = cosine only; ``k >= N``
       re-ranks everything. ``model`` may be None when k = 0.
-    - ``rerank_score``: ``blip`` (ITM match logit + cosine) or ``log_odds`` (ITM log-odds +
-      cosine / the model's ITC temperature).
+    - ``rerank_score``: ``blip`` (ITM match logit + cosine), ``log_odds`` (ITM log-odds +
+      cosine / the model's ITC temperature) or ``log_prob`` (ITM log p(match) + cosine / temp).
     - ``batch_size``: (image, text) pairs per ITM forward pass.
     - ``chunk_size``: query rows per cosine block (memory: chunk_size × N floats).
     - ``full``: keep every query's whole ranking (needed for :meth:`RetrievalScores.dense`);
