@@ -126,17 +126,19 @@ def score_pairs(
     Each image is encoded, and its cross-attention keys/values projected, once for all its texts.
     The texts go through in order of length, ``chunk_rows`` at a time, each chunk padded to its
     own longest (:func:`~capfilt.model.length_chunks`): web texts and captions differ in length,
-    and padding to the batch's longest text was ~45% of the text work at the demo's lengths."""
+    and at the demo's lengths half of a batch padded to its longest text was padding."""
+    device = images.device
     image_embeds = model.encode_image(images)
-    ids, mask = tokenize(tokenizer, texts, max_len)
-    ids, mask = ids.to(images.device), mask.to(images.device)
-    image_index = image_index.to(images.device)
+    ids, mask = tokenize(tokenizer, texts, max_len)  # on the host: chunking them costs no sync
+    image_index = image_index.to(device)
     cross_kv = model.image_cross_kv(image_embeds)
     image_feat = model.image_features(image_embeds) if with_cosine else None
-    itm = torch.empty(len(texts), dtype=torch.float32, device=images.device)
+    itm = torch.empty(len(texts), dtype=torch.float32, device=device)
     cosine = torch.empty_like(itm) if with_cosine else None
     for rows, width in length_chunks(mask, chunk_rows):
-        chunk_ids, chunk_mask = ids[rows, :width], mask[rows, :width]
+        chunk_ids = ids[rows, :width].to(device, non_blocking=True)
+        chunk_mask = mask[rows, :width].to(device, non_blocking=True)
+        rows = rows.to(device, non_blocking=True)
         logits = model.itm_logits(None, chunk_ids, chunk_mask, cross_kv, image_index[rows])
         itm[rows] = logits.float().softmax(-1)[:, 1]
         if cosine is not None:
