@@ -29,10 +29,10 @@ run under the same bf16 autocast (capfilt's stages' own precision) and are timed
     capfilt's decoder steps run compiled; the greedy check, before the timed runs, pays the compile.
 (b) Filtering, texts/s: capfilt's ``score_pairs`` (one image-encoder pass and one cross-attention
     key/value projection per image; the batch's texts in order of length, ``filter.batch_size`` at
-    a time, each chunk padded to its own longest, as the stage runs it), twice: ITM probability and ITC cosine
-    (the stage's default) and ITM only (``filter.itc_cosine: false``, the output theirs gives), on
-    batches of the recipe's ``filter.batch_size`` images with 2 texts each (a web text and a
-    synthetic caption) vs ``BlipForImageTextRetrieval(input_ids, pixel_values, use_itm_head=True)``
+    a time, each chunk padded to its own longest, as the stage runs it), twice: ITM probability
+    and ITC cosine (the stage's default) and ITM only (``filter.itc_cosine: false``, the output
+    theirs gives), on batches of the recipe's ``filter.batch_size`` images with 2 texts each (a
+    web text and a synthetic caption) vs ``BlipForImageTextRetrieval(input_ids, pixel_values, use_itm_head=True)``
     on the same batches (every pair's image and padded text ids in one call, as a batched user of
     that class would). The largest ITM probability difference between the two is printed as a check.
 """
