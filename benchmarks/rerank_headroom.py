@@ -2,11 +2,12 @@
 
     python benchmarks/rerank_headroom.py demo-out                   # every pretrain of a demo folder
     python benchmarks/rerank_headroom.py abl/main/seed0 --runs capfilt,baseline
-    python benchmarks/rerank_headroom.py demo-out --model runs/my_pretrain --k 16
+    python benchmarks/rerank_headroom.py demo-out --model runs/my_pretrain --k 64 --json h.json
 
 For each pretrained model of a demo folder (``runs/pretrain_*``, or ``--model`` folders) on the
 folder's test split (``data/test``, built-in benchmark only: its scenes are stored with the
-images), ITC's top ``k`` candidates of every query (images → texts and texts → images) are scored
+images), with the folder's evaluation settings (``recipe.yaml``: ``eval.k``, ``data.max_words``),
+ITC's top ``k`` candidates of every query (images → texts and texts → images) are scored
 once by ITM, then ranked in several ways, and mean R@1 (mean of text and image R@1, as the demo's
 tables) is printed for each:
 
@@ -25,12 +26,14 @@ scores agree with ``capfilt eval retrieval`` (same features, same candidates, sa
 from __future__ import annotations
 
 import argparse
+import json
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from capfilt.config import load_recipe
 from capfilt.data.reader import read_samples
 from capfilt.data.shards import expand_shards
 from capfilt.data.synth.truth import caption_is_true
@@ -49,7 +52,10 @@ def parse_args() -> argparse.Namespace:
         help="pretrains to score, comma-separated (default: every runs/pretrain_* of the folder)",
     )
     p.add_argument("--model", action="append", default=[], help="more model folders to score")
-    p.add_argument("--k", type=int, default=16, help="candidates re-ranked per query")
+    p.add_argument(
+        "--k", type=int, default=None, help="candidates re-ranked per query (default: eval.k)"
+    )
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     return p.parse_args()
 
@@ -67,9 +73,13 @@ def _is_right(direction: str, txt2img: torch.Tensor, picked: torch.Tensor) -> to
     return picked == txt2img
 
 
-def score_model(model_dir: str, test: Path, scenes: dict[str, dict], k: int) -> dict[str, float]:
+def score_model(
+    model_dir: str, test: Path, scenes: dict[str, dict], k: int, max_words: int | None
+) -> dict[str, float]:
     model, tokenizer, _, meta, _ = load_stage_model(model_dir, torch.device("cpu"))
-    feats = compute_features(model, tokenizer, str(test), 128, 30, torch.device("cpu"), meta=meta)
+    feats = compute_features(
+        model, tokenizer, str(test), 128, max_words, torch.device("cpu"), meta=meta
+    )
     scene_of = [scenes[key] for key in feats.image_keys]
     cos = feats.image_feat @ feats.text_feat.t()  # [images, texts]
     temp = float(model.temp.detach())
@@ -127,8 +137,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = Path(args.folder)
     test = folder / "data" / "test"
-    if not test.is_dir():
-        raise SystemExit(f"{test}: no test split (a demo folder of the built-in benchmark?)")
+    if not test.is_dir() or not (folder / "recipe.yaml").is_file():
+        raise SystemExit(f"{folder}: no data/test or recipe.yaml (a demo folder?)")
+    # the folder's own evaluation settings, so that the re-rank columns are its eval's figures
+    recipe = load_recipe(str(folder / "recipe.yaml"))
+    k = recipe.eval.k if args.k is None else args.k
     scenes = {
         s.key: s.meta["truth"]["scene"]
         for s in read_samples(expand_shards([str(test)]))
@@ -144,11 +157,13 @@ def main() -> None:
     missing = [str(m) for m in models if not m.exists()]
     if missing:
         raise SystemExit(f"no model folder: {', '.join(missing)}")
-    print(f"mean R@1 on {test} ({len(scenes)} images), ITC top {args.k} re-ranked by:")
+    print(f"mean R@1 on {test} ({len(scenes)} images), ITC top {k} re-ranked by:")
     print(f"{'model':<40}" + "".join(f"{s:>10}" for s in SCHEMES))
+    results = {}
     for model_dir in models:
-        r = score_model(str(model_dir), test, scenes, args.k)
+        r = score_model(str(model_dir), test, scenes, k, recipe.data.max_words)
         name = str(model_dir.parent.name if model_dir.name == "model" else model_dir)
+        results[name] = r
         print(f"{name:<40}" + "".join(f"{r[s]:10.2f}" for s in SCHEMES))
         print(
             f"{'':<40}ITC's first text for an image: false of it {r['tr_first_false']:.1f}%, true "
@@ -157,6 +172,9 @@ def main() -> None:
             f"{r['ir_itc_r1']:.1f} -> {r['ir_truth_r1']:.1f}; ITC's first image false of the text "
             f"{r['ir_first_false']:.1f}%)"
         )
+
+    if args.json:
+        Path(args.json).write_text(json.dumps({"k": k, "models": results}, indent=1))
 
 
 if __name__ == "__main__":

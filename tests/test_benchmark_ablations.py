@@ -131,3 +131,31 @@ def test_the_script_runs_as_a_user_runs_it(tmp_path):
     assert set(result["aggregate"]) == {"main", "second"}
     assert "world second: mean ± sd over 1 run(s)" in proc.stdout
     assert "pretrain-oracle: done in" in proc.stdout
+
+    # benchmarks/rerank_headroom.py on one of those demo folders: its ITC and re-rank columns
+    # are the demo's own evaluation (the tiny recipe re-ranks with BLIP's score)
+    folder = out / "main" / "seed0"
+    headroom = ROOT / "benchmarks" / "rerank_headroom.py"
+    args = [sys.executable, str(headroom), str(folder), "--json", str(tmp_path / "h.json")]
+    proc = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads((tmp_path / "h.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(figures["models"]) == {
+        f"pretrain_{name}"
+        for name in ("baseline", "capfilt", "oracle", "filter_only", "captioner_only")
+    }
+    for name in ("baseline", "capfilt"):
+        retrieval, got = summary[name]["retrieval"], figures["models"][f"pretrain_{name}"]
+        assert got["blip"] == pytest.approx((retrieval["tr_r1"] + retrieval["ir_r1"]) / 2)
+        itc = retrieval["itc"]
+        assert got["itc"] == pytest.approx((itc["tr_r1"] + itc["ir_r1"]) / 2)
+        assert 0 <= got["truth"] <= 100 and 0 <= got["tr_first_false"] <= 100
+    bad = subprocess.run(
+        [sys.executable, str(headroom), str(folder), "--runs", "nope"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "no model folder" in bad.stderr
