@@ -31,13 +31,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from capfilt.config import load_recipe
+from capfilt.config import RERANK_SCORES, load_recipe
 from capfilt.data.reader import read_samples
 from capfilt.data.shards import expand_shards
 from capfilt.data.synth.truth import caption_is_true
-from capfilt.eval.retrieval import compute_features, itm_pair_logits
+from capfilt.eval.retrieval import compute_features, itm_pair_logits, itm_score
 from capfilt.runs.resolve import load_stage_model
 
 SCHEMES = ("itc", "blip", "log_odds", "log_prob", "itm", "truth")
@@ -102,18 +101,17 @@ def score_model(
         else:
             images, texts = cand.reshape(-1), queries
         right = partial(_is_right, direction, feats.txt2img)
-        match = itm_pair_logits(model, feats, images, texts, 128, score="blip").view(-1, k_dir)
-        log_odds = itm_pair_logits(model, feats, images, texts, 128, score="log_odds")
-        log_odds = log_odds.view(-1, k_dir)
+        logits = itm_pair_logits(model, feats, images, texts, 128)
+        itm = {name: itm_score(logits, name).view(-1, k_dir) for name in RERANK_SCORES}
         truth = torch.tensor(
             [true(int(i), int(t)) for i, t in zip(images, texts, strict=True)]
         ).view(-1, k_dir)
         ranked = {
             "itc": top_cos,
-            "blip": match + top_cos,
-            "log_odds": log_odds + top_cos / temp,
-            "log_prob": F.logsigmoid(log_odds) + top_cos / temp,
-            "itm": log_odds,
+            "blip": itm["blip"] + top_cos,
+            "log_odds": itm["log_odds"] + top_cos / temp,
+            "log_prob": itm["log_prob"] + top_cos / temp,
+            "itm": itm["log_odds"],
             "truth": truth.float(),
         }
         for name, scores in ranked.items():

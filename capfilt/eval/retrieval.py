@@ -356,12 +356,9 @@ def itm_pair_logits(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: ProgressReporter | None = None,
-    score: str = "blip",
 ) -> torch.Tensor:
-    """ITM score of each (image_index[p], text_index[p]) pair, float32 on CPU, by ``score`` (a
-    :data:`~capfilt.config.RERANK_SCORES` name): ``blip`` the match logit (index 1, no softmax),
-    ``log_odds`` the match minus the no-match logit (log p(match) / p(no match)), ``log_prob``
-    log p(match)."""
+    """ITM logits [P, 2] (index 1 = match) of each (image_index[p], text_index[p]) pair, float32
+    on CPU; :func:`itm_score` turns them into a re-rank score's ITM term."""
     if feats.image_embeds is None or feats.text_ids is None or feats.text_mask is None:
         raise ValueError(
             "k > 0 needs image_embeds, text_ids and text_mask in the features (compute_features)"
@@ -369,7 +366,7 @@ def itm_pair_logits(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = torch.empty(image_index.numel(), dtype=torch.float32)
+    out = torch.empty(image_index.numel(), 2, dtype=torch.float32)
     # images go through in blocks of batch_size: their cross-attention keys/values are projected
     # once and shared by all their pairs (~2k per image at top-k); within a block, pairs are scored
     # in order of text length, so batches of similar lengths carry little padding
@@ -391,15 +388,18 @@ def itm_pair_logits(
             img = local[rows].to(device)
             with autocast(device):
                 logits = model.itm_logits(None, ids.to(device), mask.to(device), cross_kv, img)
-            out[pos] = _itm_score(logits.float(), score).cpu()
+            out[pos] = logits.float().cpu()
             if progress is not None:
                 progress.advance(pos.numel())
     model.train(was_training)
     return out
 
 
-def _itm_score(logits: torch.Tensor, score: str) -> torch.Tensor:
-    """A re-rank score's ITM term from ITM logits [P, 2] (see :func:`itm_pair_logits`)."""
+def itm_score(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """A re-rank score's ITM term from ITM logits [P, 2], by ``score`` (a
+    :data:`~capfilt.config.RERANK_SCORES` name): ``blip`` the match logit (no softmax),
+    ``log_odds`` the match minus the no-match logit (log p(match) / p(no match)), ``log_prob``
+    log p(match)."""
     if score == "log_odds":
         return logits[:, 1] - logits[:, 0]
     if score == "log_prob":
@@ -479,10 +479,12 @@ def score_rows(
             unit="pairs",
             enabled=show_progress and current_dist_info().is_main,
         ) as progress:
-            logits = itm_pair_logits(
-                model, feats, unique // n_txt, unique % n_txt, batch_size, device, progress,
-                score=rerank_score,
-            )  # fmt: skip
+            logits = itm_score(
+                itm_pair_logits(
+                    model, feats, unique // n_txt, unique % n_txt, batch_size, device, progress
+                ),
+                rerank_score,
+            )
         itm_i2t, itm_t2i = logits[inverse[: code_i2t.numel()]], logits[inverse[code_i2t.numel() :]]
 
     s_i2t, i_i2t = _rerank_head(cos_i2t, idx_i2t, itm_i2t, k_i2t, cos_scale)

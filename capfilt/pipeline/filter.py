@@ -139,11 +139,12 @@ def score_pairs(
         chunk_ids = ids[rows, :width].to(device, non_blocking=True)
         chunk_mask = mask[rows, :width].to(device, non_blocking=True)
         rows = rows.to(device, non_blocking=True)
-        logits = model.itm_logits(None, chunk_ids, chunk_mask, cross_kv, image_index[rows])
+        chunk_images = image_index[rows]
+        logits = model.itm_logits(None, chunk_ids, chunk_mask, cross_kv, chunk_images)
         itm[rows] = logits.float().softmax(-1)[:, 1]
         if cosine is not None:
             text_feat = model.encode_text_features(chunk_ids, chunk_mask)
-            cosine[rows] = (image_feat[image_index[rows]].float() * text_feat.float()).sum(-1)
+            cosine[rows] = (image_feat[chunk_images].float() * text_feat.float()).sum(-1)
     return itm.cpu(), None if cosine is None else cosine.cpu()
 
 
