@@ -30,6 +30,7 @@ FAST = [
     "caption.max_length=8",
     "caption.min_length=2",
     "eval.k=4",
+    "filter.itc_cosine=true",  # recorded: a filter folder is re-decided on the cosine below
 ]
 """Overrides of the tiny recipe that keep every stage to a few optimiser steps."""
 SYNTH = ["synth.n_human=16", "synth.n_web=16", "synth.n_test=8", "synth.shard_size=8"]

@@ -65,7 +65,8 @@ PROMPT = "a picture of "
 SPECIAL_STRINGS = ("[CLS]", "[SEP]", "[PAD]", "[DEC]", "[ENC]", "[MASK]")
 THRESHOLD = 0.5
 CAPTION_SETS = ["caption.batch_size=8"]
-FILTER_SETS = [f"filter.threshold={THRESHOLD}", "filter.batch_size=8"]
+# the cosine recorded beside ITM, to check it (the default computes it only for rules itc/both)
+FILTER_SETS = [f"filter.threshold={THRESHOLD}", "filter.batch_size=8", "filter.itc_cosine=true"]
 SHARD_SIZE = 16  # 8 web shards: several done-markers for the resume and torchrun tests
 
 
@@ -770,8 +771,10 @@ def test_rethreshold_reapplies_the_rule_without_the_model(outputs, tmp_path, mon
 
 
 def test_filter_without_the_itc_cosine_decides_the_same(outputs, models, tmp_path):
-    # rule itm: the cosine is only recorded; skipping its text pass changes nothing else
-    cfg = dataclasses.replace(load_recipe("tiny", FILTER_SETS).filter, itc_cosine=False)
+    # rule itm: the cosine is only recorded; skipping its text pass (the default, itc_cosine
+    # null) changes nothing else
+    cfg = dataclasses.replace(load_recipe("tiny", FILTER_SETS).filter, itc_cosine=None)
+    assert not cfg.computes_cosine and dataclasses.replace(cfg, rule="both").computes_cosine
     filter_shards(models["filter"], [str(outputs["captioned"])], tmp_path / "filt", cfg)
     before, after = _parquet(outputs["filtered"]), _parquet(tmp_path / "filt")
     assert after[["uid", "text_index", "kept"]].equals(before[["uid", "text_index", "kept"]])

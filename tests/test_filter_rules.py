@@ -80,6 +80,11 @@ def test_a_cosine_rule_needs_the_cosine():
     with pytest.raises(ConfigError, match="filter.itc_cosine"):
         load_recipe("tiny", ["filter.rule=both", "filter.itc_cosine=false"])
     assert load_recipe("tiny", ["filter.itc_cosine=false"]).filter.rule == "itm"
+    # by default the cosine's text pass runs only for a rule that decides on it
+    assert not load_recipe("tiny").filter.computes_cosine
+    for rule in ("itc", "both"):
+        assert load_recipe("tiny", [f"filter.rule={rule}"]).filter.computes_cosine
+    assert load_recipe("tiny", ["filter.itc_cosine=true"]).filter.computes_cosine
 
 
 def test_truth_report_without_cosines_leaves_the_itc_head_out():

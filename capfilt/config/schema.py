@@ -422,21 +422,32 @@ class FilterConfig:
     threshold becomes its quantile over the whole run (every shard is scored first, then decided).
     Under ``both`` a text must be in the top fraction by both scores, so fewer may stay.
     None = the fixed thresholds."""
-    itc_cosine: bool = True
-    """Also compute each text's ITC cosine with its image (one more text-encoder pass, a fifth to
-    a quarter of the scoring time at the demo's size) and record it in the parquet, where
-    ``capfilt eval filter`` compares it with ITM and a later ``--scores-from`` run may decide on
-    it. ``rule: itc`` and ``both`` need it; with ``rule: itm``, false skips the pass."""
+    itc_cosine: bool | None = None
+    """Compute each text's ITC cosine with its image (one more text-encoder pass, a fifth to a
+    quarter of the scoring time at the demo's size) and record it in the parquet. None (default):
+    only when the rule decides on it (``itc``, ``both``). true: also with ``rule: itm``, so that
+    ``capfilt eval filter`` compares ITC with ITM and a later ``--scores-from`` run may decide on
+    it. false: never (refused with ``itc`` and ``both``)."""
     batch_size: int = 64
     """Images per scoring batch; their texts are scored in order of length, this many at a time
     (each chunk padded to its own longest)."""
     num_workers: int = 0
     """DataLoader processes decoding and transforming images (0 = in the main process)."""
 
+    @property
+    def computes_cosine(self) -> bool:
+        """Whether scoring computes the ITC cosine (``itc_cosine`` resolved against the rule)."""
+        return self.rule != "itm" if self.itc_cosine is None else self.itc_cosine
+
     def validate(self) -> None:
         check(self.rule in FILTER_RULES, "rule", " or ".join(FILTER_RULES), self.rule)
         if self.rule != "itm":
-            check(self.itc_cosine, "itc_cosine", f"true with rule {self.rule}", self.itc_cosine)
+            check(
+                self.itc_cosine is not False,
+                "itc_cosine",
+                f"true or null with rule {self.rule}",
+                self.itc_cosine,
+            )
         # a probability: above 1 nothing is ever kept, below 0 everything is
         check(
             0 <= self.threshold <= 1, "threshold", "in [0, 1] (an ITM probability)", self.threshold

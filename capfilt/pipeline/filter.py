@@ -150,7 +150,8 @@ def score_pairs(
 
 def _settings_of(cfg) -> dict[str, Any]:
     """The settings that change the output (not ``num_workers``): what the config hash covers."""
-    return {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
+    return {**settings, "itc_cosine": cfg.computes_cosine}
 
 
 def _truth_columns(sample: Sample, entry: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +233,7 @@ def filter_shards(
                     image_index,
                     [c["text"] for _, c in pairs],
                     mcfg.max_text_len,
-                    with_cosine=cfg.itc_cosine,
+                    with_cosine=cfg.computes_cosine,
                     chunk_rows=cfg.batch_size,
                 )
             cosines = (
@@ -344,7 +345,8 @@ def rethreshold_shards(
         if lacking:
             raise ConfigError(
                 f"rule {cfg.rule} needs the ITC cosine, and {lacking[0]} has none (scored with "
-                "filter.itc_cosine: false): re-score with the model, or use rule itm"
+                "rule itm and filter.itc_cosine not true): re-score with the model and --set "
+                "filter.itc_cosine=true, or use rule itm"
             )
     if cfg.keep_fraction is not None:
         frames = [
