@@ -4,6 +4,9 @@ halfway skipped over."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +120,68 @@ def test_a_worker_reading_its_own_samples_sees_the_same_tar(tmp_path, case):
     assert part_counter.shard_events == whole_counter.shard_events
     if case != "clean":
         assert any(s.get("__skip__") for s in whole) or whole_counter.shard_events
+
+
+def _piped(url: str, log, head_bytes: int | None = None, status: int = 0) -> str:
+    """A ``pipe:`` URL streaming ``url`` (or its first ``head_bytes`` bytes, then exiting with
+    ``status``), that appends a line to ``log`` each time it is opened."""
+    body = f"cat {url}" if head_bytes is None else f"head -c {head_bytes} {url}; exit {status}"
+    return f"pipe:echo {url} >> {log}; {body}"
+
+
+def _read_all(urls, workers):
+    """{shard: (keys, images, skip records as (reason, where), shard events)} of every shard."""
+    out = {}
+    with ShardImages(urls, TRANSFORM, batch_size=2, num_workers=workers) as stream:
+        for index in range(len(urls)):
+            counter = SkipCounter("test")
+            keys, images = [], []
+            for samples, batch in stream.batches(index, counter):
+                keys += [s.key for s in samples]
+                images.append(batch)
+            records = [(r.reason, r.url) for r in counter.records]
+            out[index] = (
+                keys,
+                torch.cat(images) if images else None,
+                records,
+                counter.shard_events,
+            )
+    return out
+
+
+def test_workers_fetch_each_remote_shard_once_and_read_what_one_stream_gives(
+    urls, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the copies go
+    log = tmp_path / "opened.log"
+    remote = [_piped(u, log) for u in urls]
+    expected = _read_all(remote, 0)
+    assert [len(expected[i][0]) for i in range(4)] == [6, 0, 5, 9]
+    assert expected[0][2] == [("undecodable_image", f"{remote[0]}:s0_3")]
+    log.unlink()
+    got = _read_all(remote, 3)
+    for index in range(4):
+        assert got[index][0] == expected[index][0] and got[index][2] == expected[index][2]
+        assert (got[index][1] is None) == (expected[index][1] is None)
+        assert got[index][1] is None or torch.equal(got[index][1], expected[index][1])
+    # one fetch per shard, not one per worker; the copies are gone once the loader closes
+    assert sorted(log.read_text().split()) == sorted(urls)
+    assert not list(tmp_path.glob("capfilt-shard-copies-*"))
+
+
+def test_a_remote_shard_that_breaks_off_reads_the_same_with_workers(urls, tmp_path):
+    whole = _read_all([urls[3]], 0)[0][0]
+    size = Path(urls[3]).stat().st_size
+    for cut in (size // 2, 0):  # some samples, then the end; nothing at all
+        remote = [_piped(urls[3], tmp_path / "log", head_bytes=cut)]
+        expected, got = _read_all(remote, 0)[0], _read_all(remote, 3)[0]
+        assert got[0] == expected[0] and got[2] == expected[2] and got[3] == expected[3]
+        assert expected[3] == {"truncated_tar" if cut else "unreadable_shard": 1}
+        assert expected[0] == whole[: len(expected[0])] and (expected[0] != []) == (cut > 0)
+    # a command that fails: webdataset raises on the read that sees its exit status, so how many
+    # bytes come before depends on timing even in one process; either way a prefix of the
+    # shard's samples and the failure counted once, not a crash
+    remote = [_piped(urls[3], tmp_path / "log", head_bytes=size // 2, status=3)]
+    for workers in (0, 3):
+        keys, _, _, events = _read_all(remote, workers)[0]
+        assert keys == whole[: len(keys)] and sum(events.values()) == 1

@@ -6,7 +6,8 @@ workers to start at a shard's beginning or for the last batch of a shard to drai
 decodes and transforms the samples at positions w, w + W, ... of each shard; every item carries
 its shard and position, and the main process puts them back in shard order: a stage builds exactly
 the batches a single process would (same samples, same order, same skip counts), so its output
-does not depend on the worker count.
+does not depend on the worker count. Several workers share a remote shard through one local copy
+(:mod:`capfilt.data.shard_copies`), not one stream each.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import dataclasses
 import math
 import multiprocessing
 import multiprocessing.context
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from capfilt.data.reader import Sample, SampleError, SkipCounter, decode_sample, iter_tar_samples
+from capfilt.data.shard_copies import ShardCopies
+from capfilt.data.shards import REMOTE_PREFIXES
 from capfilt.data.transforms import EvalTransform
 
 
@@ -34,7 +39,8 @@ class _ShardItems(IterableDataset):
     ("ok", shard, position, sample without PIL image, tensor), ("skip", shard, position, reason,
     where, detail, key), ("error", shard, message) if reading broke off, and last for each shard
     ("end", shard, what the tar reader itself rejected: skip records and shard events — worker 0
-    alone reports them, as every worker walks the whole tar, reading only its own samples)."""
+    alone reports them, as every worker walks the whole tar, reading only its own samples).
+    With several workers, remote shards are read from local copies in ``copies_dir``."""
 
     def __init__(
         self,
@@ -43,19 +49,31 @@ class _ShardItems(IterableDataset):
         transform: EvalTransform,
         require_caption: bool,
         min_side: int | None,
+        copies_dir: str | None = None,
     ):
         self.urls, self.indices, self.transform = list(urls), list(indices), transform
         self.require_caption, self.min_side = require_caption, min_side
+        self.copies_dir = copies_dir
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for index in self.indices:
+        copies = ShardCopies(self.copies_dir) if self.copies_dir and workers > 1 else None
+        for n, index in enumerate(self.indices):
             url = self.urls[index]
             counter = SkipCounter("reader")
             try:
+                source, source_damage = None, None
+                if copies is not None and url.startswith(REMOTE_PREFIXES):
+                    source, source_damage = copies.local(index, url)
+                    later = self.indices[n + 1 :]
+                    if later and self.urls[later[0]].startswith(REMOTE_PREFIXES):
+                        copies.prefetch(later[0], self.urls[later[0]])
                 mine = (lambda p: p % workers == worker) if workers > 1 else None
-                for position, raw in enumerate(iter_tar_samples(url, counter, read=mine)):
+                samples = iter_tar_samples(
+                    url, counter, read=mine, source=source, source_damage=source_damage
+                )
+                for position, raw in enumerate(samples):
                     if position % workers != worker:
                         continue
                     try:
@@ -122,6 +140,7 @@ class ShardImages:
         self._next = 0  # position in the plan of the next shard to hand out
         self._stream: Iterator | None = None
         self._early: dict[int, list[tuple]] = {}  # items of shards not asked for yet
+        self._copies_dir: str | None = None  # the workers' local copies of remote shards
 
     def plan(self, indices: Sequence[int]) -> None:
         if self._stream is not None or self._next:
@@ -129,9 +148,12 @@ class ShardImages:
         self._plan = list(indices)
 
     def close(self) -> None:
-        """Stop the workers (also when a stage ends early)."""
+        """Stop the workers (also when a stage ends early) and delete their shard copies."""
         self._stream = None
         self._early.clear()
+        if self._copies_dir is not None:
+            shutil.rmtree(self._copies_dir, ignore_errors=True)
+            self._copies_dir = None
 
     def __enter__(self) -> ShardImages:
         return self
@@ -158,12 +180,19 @@ class ShardImages:
 
     def _loader(self) -> Iterator:
         if self._stream is None:
+            planned = self._plan[self._next - 1 :]
+            if self.num_workers > 1 and any(
+                self.urls[i].startswith(REMOTE_PREFIXES) for i in planned
+            ):
+                # under $TMPDIR: about two shards at a time (see capfilt/data/shard_copies.py)
+                self._copies_dir = tempfile.mkdtemp(prefix="capfilt-shard-copies-")
             items = _ShardItems(
                 self.urls,
-                self._plan[self._next - 1 :],
+                planned,
                 self.transform,
                 self.require_caption,
                 self.min_side,
+                self._copies_dir,
             )
             self._stream = iter(
                 DataLoader(
@@ -207,6 +236,8 @@ class ShardImages:
             while next_position in waiting:
                 yield waiting.pop(next_position)
                 next_position += 1
+        if self._copies_dir is not None:  # every worker is past this shard
+            ShardCopies(self._copies_dir).remove(index)
         yield from (waiting[p] for p in sorted(waiting))
         yield end or ("end", index, [], {})
 

@@ -24,11 +24,12 @@ from typing import Any
 from PIL import Image
 
 from capfilt.data.sample import IMAGE_EXTS
+from capfilt.data.shards import REMOTE_PREFIXES
 from capfilt.utils.logging import RateLimitedLog, get_logger
 
 log = get_logger("reader")
 
-_TAR_ERRORS = (
+TAR_ERRORS = (
     tarfile.TarError,
     OSError,
     EOFError,
@@ -125,11 +126,9 @@ class Sample:
     extra: dict[str, bytes] = field(default_factory=dict)
 
 
-_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
-
-
-def _open_stream(url: str):
-    if url.startswith(_REMOTE):
+def open_shard(url: str):
+    """A binary file object of a local tar or a stream webdataset opens (``pipe:``, a URL)."""
+    if url.startswith(REMOTE_PREFIXES):
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
@@ -166,7 +165,11 @@ def member_key(name: str) -> tuple[str, str, str | None]:
 
 
 def iter_tar_samples(
-    url: str, counter: SkipCounter | None = None, read: Callable[[int], bool] | None = None
+    url: str,
+    counter: SkipCounter | None = None,
+    read: Callable[[int], bool] | None = None,
+    source: str | None = None,
+    source_damage: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__``, ext → bytes) of one tar, grouped by key.
 
@@ -174,7 +177,9 @@ def iter_tar_samples(
     the others come as ``__key__``/``__url__`` alone, their bytes skipped, not read, in a local
     tar (loader workers that share a shard each read their own samples only: W workers reading
     a whole shard each cost W times its bytes, the bottleneck on a network or sandboxed disk).
-    A stream (``pipe:``, a URL) cannot seek: each worker still receives all of its bytes.
+    A stream (``pipe:``, a URL) cannot seek: loader workers read a local copy of it instead,
+    ``source`` (:mod:`capfilt.data.shard_copies`), ``url`` still naming the samples and records;
+    ``source_damage``: the error that cut the copy short, reported as the shard's damage.
 
     Files without an extension or starting with a dot are not sample members. A sample the
     reader must reject carries ``__skip__`` (reason) for :func:`decode_sample`: an unsafe member
@@ -191,10 +196,11 @@ def iter_tar_samples(
     damage = ""
     # a local tar is opened seekable ("r:*"), so that skipped members are seeked over; a stream
     # ("r|*": pipes, URLs) reads through them
-    mode = "r|*" if read is None or url.startswith(_REMOTE) else "r:*"
+    path = source or url
+    mode = "r|*" if read is None or path.startswith(REMOTE_PREFIXES) else "r:*"
     try:
         with (
-            _open_stream(url) as fh,
+            open_shard(path) as fh,
             tarfile.open(fileobj=fh, mode=mode, tarinfo=_EndTrackingTarInfo) as stream,
         ):
             for info in stream:
@@ -225,8 +231,9 @@ def iter_tar_samples(
             end = getattr(stream, "_capfilt_end", None)
             if not isinstance(end, tarfile.EOFHeaderError):
                 damage = f"archive ends without an end-of-archive block ({end or 'no header'})"
-    except _TAR_ERRORS as err:
+    except TAR_ERRORS as err:
         damage = str(err) or type(err).__name__
+    damage = source_damage or damage  # where the stream broke, not where its copy ends
     if damage:
         reason = "truncated_tar" if n_members else "unreadable_shard"
         counter.shard_event(reason, url, damage)

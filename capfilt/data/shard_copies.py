@@ -1,0 +1,98 @@
+"""One local copy of each remote shard, shared by the loader workers that split it.
+
+Loader workers split a shard by sample position (``capfilt/data/loader.py``), so each of them
+walks the whole tar: in a local file it seeks over the other workers' samples, but a stream
+(``pipe:``, http, ``hf://``) cannot seek, and W workers would each fetch all of its bytes: W times
+the traffic and, where the network is the bottleneck, W times the wait. Instead the first worker
+that needs a remote shard copies it into a scratch folder the stage owns; the others wait for the
+copy and read it seekably, and while they work on it the next shard is fetched in the background.
+The main process deletes a copy once every worker has finished its shard, and the folder when
+the loader closes, so about two shards are on disk at a time.
+
+A fetch that breaks off keeps the bytes that came and its error, which the readers report as the
+shard's damage: they see what one process streaming the shard would have seen (the samples
+before the break; the shard counted ``truncated_tar``, or ``unreadable_shard`` if nothing came),
+so the output does not depend on the worker count. An error a stream reader would not survive
+either (:data:`~capfilt.data.reader.TAR_ERRORS` lists those it does) fails the shard.
+
+Workers coordinate through files only (they are separate processes): ``N.claim`` is created
+exclusively by the one worker that fetches shard N, ``N.ready`` appears when ``N.tar`` (and
+``N.damage`` or ``N.error``) are complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from capfilt.data.reader import TAR_ERRORS, open_shard
+
+POLL_SECONDS = 0.05
+"""How often a worker waiting for another's copy looks for it."""
+
+CHUNK_BYTES = 1 << 20
+
+
+class ShardCopyError(RuntimeError):
+    """Fetching a remote shard failed in a way a streaming reader would not survive either."""
+
+
+class ShardCopies:
+    """Local copies of remote shards in ``folder`` (one folder per loader, made by its owner)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def _path(self, index: int, suffix: str) -> Path:
+        return self.folder / f"{index:08d}.{suffix}"
+
+    def _claim(self, index: int) -> bool:
+        """True for the one caller (of any process) that is to fetch shard ``index``."""
+        try:
+            os.close(os.open(self._path(index, "claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    def _fetch(self, index: int, url: str) -> None:
+        part = self._path(index, "part")
+        damage = ""
+        try:
+            with open_shard(url) as source, open(part, "wb") as copy:
+                shutil.copyfileobj(source, copy, CHUNK_BYTES)
+        except TAR_ERRORS as err:
+            damage = str(err) or type(err).__name__
+        except Exception as err:  # noqa: BLE001 - handed to every reader of this shard
+            self._path(index, "error").write_text(f"{url}: {type(err).__name__}: {err}")
+        if part.exists():
+            os.replace(part, self._path(index, "tar"))
+        if damage:
+            self._path(index, "damage").write_text(damage)
+        self._path(index, "ready").touch()
+
+    def prefetch(self, index: int, url: str) -> None:
+        """Start fetching shard ``index`` in a background thread, unless a worker already has."""
+        if self._claim(index):
+            threading.Thread(target=self._fetch, args=(index, url), daemon=True).start()
+
+    def local(self, index: int, url: str) -> tuple[str, str | None]:
+        """(path of the local copy of shard ``index`` from ``url``, the damage its fetch met or
+        None), fetching it here if no worker has started to. Raises :class:`ShardCopyError`."""
+        if self._claim(index):
+            self._fetch(index, url)
+        while not self._path(index, "ready").exists():
+            time.sleep(POLL_SECONDS)
+        error = self._path(index, "error")
+        if error.exists():
+            raise ShardCopyError(error.read_text())
+        damage = self._path(index, "damage")
+        return str(self._path(index, "tar")), damage.read_text() if damage.exists() else None
+
+    def remove(self, index: int) -> None:
+        """Delete shard ``index``'s copy (every worker is done with it); its markers stay, so no
+        worker fetches it again."""
+        for suffix in ("tar", "part"):
+            self._path(index, suffix).unlink(missing_ok=True)
