@@ -185,3 +185,18 @@ def test_a_remote_shard_that_breaks_off_reads_the_same_with_workers(urls, tmp_pa
     for workers in (0, 3):
         keys, _, _, events = _read_all(remote, workers)[0]
         assert keys == whole[: len(keys)] and sum(events.values()) == 1
+
+
+def test_remote_shards_benchmark_counts_one_fetch_per_shard():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "remote_shards.py"
+    args = ["--shards", "2", "--images", "6", "--side", "32", "--rate", "50", "--repeats", "1"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    lines = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines()}
+    assert "fetched 2.00x the shards' bytes" in lines["a stream per worker"]
+    assert "fetched 1.00x the shards' bytes" in lines["one shared copy"]
