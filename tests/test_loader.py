@@ -200,3 +200,25 @@ def test_remote_shards_benchmark_counts_one_fetch_per_shard():
     lines = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines()}
     assert "fetched 2.00x the shards' bytes" in lines["a stream per worker"]
     assert "fetched 1.00x the shards' bytes" in lines["one shared copy"]
+
+
+def test_a_shard_copy_tells_stream_damage_from_a_local_write_failure(urls, tmp_path):
+    from capfilt.data.shard_copies import ShardCopies, ShardCopyError
+
+    copies = ShardCopies(tmp_path)
+    log = tmp_path / "opened.log"
+    copies.prefetch(0, _piped(urls[0], log))
+    path, damage = copies.local(0, _piped(urls[0], log))  # waits for the prefetch, no 2nd fetch
+    assert Path(path).read_bytes() == Path(urls[0]).read_bytes() and damage is None
+    assert log.read_text().split() == [urls[0]]
+    # the stream fails: its error is the shard's damage, read like a stream reader would
+    path, damage = copies.local(1, "pipe:exit 3")
+    assert Path(path).read_bytes() == b"" and "exit 3" in damage
+    # the copy cannot be written (here: its file name is taken by a folder): the shard fails
+    (tmp_path / "00000002.part").mkdir()
+    with pytest.raises(ShardCopyError, match=r"could not write its local copy.*\$TMPDIR"):
+        copies.local(2, _piped(urls[0], log))
+    copies.remove(0)
+    with pytest.raises(ShardCopyError, match="missing"):  # removed, not fetched again
+        copies.local(0, _piped(urls[0], log))
+    assert log.read_text().split() == [urls[0]]  # shard 2 failed before opening its stream

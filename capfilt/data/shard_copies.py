@@ -23,7 +23,6 @@ exclusively by the one worker that fetches shard N, ``N.ready`` appears when ``N
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -59,19 +58,44 @@ class ShardCopies:
 
     def _fetch(self, index: int, url: str) -> None:
         part = self._path(index, "part")
-        damage = ""
+        damage, write_error = "", None
         try:
-            with open_shard(url) as source, open(part, "wb") as copy:
-                shutil.copyfileobj(source, copy, CHUNK_BYTES)
-        except TAR_ERRORS as err:
-            damage = str(err) or type(err).__name__
+            with open(part, "wb") as copy:
+                try:
+                    with open_shard(url) as source:
+                        while chunk := source.read(CHUNK_BYTES):
+                            try:
+                                copy.write(chunk)
+                            except OSError as err:
+                                write_error = err
+                                break
+                except TAR_ERRORS as err:  # the stream's own damage, as a reader would meet it
+                    damage = str(err) or type(err).__name__
+        except OSError as err:  # opening or flushing the copy
+            write_error = write_error or err
         except Exception as err:  # noqa: BLE001 - handed to every reader of this shard
-            self._path(index, "error").write_text(f"{url}: {type(err).__name__}: {err}")
-        if part.exists():
-            os.replace(part, self._path(index, "tar"))
+            self._fail(index, f"{url}: {type(err).__name__}: {err}")
+            return
+        if write_error is not None:  # this disk's trouble: fail the shard, no partial output
+            self._fail(
+                index,
+                f"{url}: could not write its local copy in {self.folder} ({write_error}); "
+                "copies of remote shards read by several loader workers go under $TMPDIR",
+            )
+            return
+        os.replace(part, self._path(index, "tar"))
         if damage:
             self._path(index, "damage").write_text(damage)
         self._path(index, "ready").touch()
+
+    def _fail(self, index: int, message: str) -> None:
+        try:
+            self._path(index, "error").write_text(message)
+            self._path(index, "part").unlink(missing_ok=True)
+        except OSError:
+            pass  # the error file is what matters; without it the readers still fail
+        finally:  # even on a full disk the waiting workers must stop waiting
+            self._path(index, "ready").touch()
 
     def prefetch(self, index: int, url: str) -> None:
         """Start fetching shard ``index`` in a background thread, unless a worker already has."""
@@ -87,7 +111,9 @@ class ShardCopies:
             time.sleep(POLL_SECONDS)
         error = self._path(index, "error")
         if error.exists():
-            raise ShardCopyError(error.read_text())
+            raise ShardCopyError(error.read_text() or f"{url}: its local copy failed")
+        if not self._path(index, "tar").exists():
+            raise ShardCopyError(f"{url}: its local copy in {self.folder} is missing")
         damage = self._path(index, "damage")
         return str(self._path(index, "tar")), damage.read_text() if damage.exists() else None
 
