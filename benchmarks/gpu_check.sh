@@ -7,6 +7,8 @@
 #   stages           caption and filter stage throughput (images/s, the stage's own rate and the
 #                    whole command's) at BLIP-base sizes (random weights, BERT's 30,522-token
 #                    vocabulary) on ../shared/data/coco-mini's photos, each copied COPIES (10) times;
+#   host_cost        the stages' main-process CPU per image with the model stubbed (the host's
+#                    ceiling on their rate): benchmarks/stage_host_cost.py;
 #   pretrain_mfu     BLIP-base pretraining, model only: benchmarks/pretrain_throughput.py, batch 64,
 #                    bf16; MFU against an 8192² bf16 matmul timed between the step blocks;
 #   pretrain_cli     `capfilt pretrain` at BLIP-base with its loader on the same photos (samples/s
@@ -176,6 +178,14 @@ if wanted stages; then
         rate=$(grep -oE "[0-9]+ samples in [0-9.]+ s \([0-9.]+ samples/s" "$OUT/$stage.log" | tail -n 1)
         note "$stage: $N images; stage's own rate: ${rate:-none logged}); whole command: $($PY -c "import time; s = time.time() - $start; print(f'{s:.1f} s, {$N / s:.0f} images/s')")"
     done
+fi
+
+# 1b. the stages' host share: main-process CPU per image with the model stubbed (the most the
+# host lets a stage do, whatever the GPU), chunked handovers against one image per handover
+if wanted host_cost; then
+    step host_cost 120 $PY benchmarks/stage_host_cost.py --coco "$COCO" --copies "$COPIES" \
+        --workers "$LOADERS" --batch "$STAGE_BATCH" --repeats 1
+    grep -E "ms/image|less main" "$OUT/host_cost.log" | tee -a "$SUMMARY"
 fi
 
 # BLIP-base pretraining MFU, model only: mfu NAME SECONDS [EXTRA ARGS...]

@@ -90,6 +90,23 @@ def test_stream_splits_ranks_disjointly(synth_data):
     assert not seen[0] & seen[1]
 
 
+def test_fewer_shards_than_readers_each_reader_gets_its_positions_whole(synth_data):
+    # every reader walks all the shards (seeking over the others' samples) and keeps
+    # positions split, split + n_splits, ... counted across the shards
+    import random
+
+    from capfilt.data.reader import iter_tar_samples
+    from capfilt.data.shards import expand_shards
+
+    urls = expand_shards([str(synth_data / "human")])
+    whole = [s for url in urls for s in iter_tar_samples(url)]
+    n_splits = 3 * len(urls) + 1
+    stream = _stream(synth_data)
+    for split in range(n_splits):
+        got = list(stream._split_samples(list(urls), split, n_splits, random.Random(0)))
+        assert got == whole[split::n_splits]
+
+
 def test_stream_uses_every_caption_of_an_image(synth_data):
     it = iter(_stream(synth_data))
     by_key: dict[str, set[str]] = {}

@@ -2,11 +2,14 @@
 read in DataLoader worker processes (docs/architecture.md §3, data flow).
 
 One set of workers reads every shard a stage has left to do, in order, so a GPU never waits for
-workers to start at a shard's beginning or for the last batch of a shard to drain. Worker w of W
-decodes and transforms the samples at positions w, w + W, ... of each shard; every item carries
-its shard and position, and the main process puts them back in shard order: a stage builds exactly
-the batches a single process would (same samples, same order, same skip counts), so its output
-does not depend on the worker count. Several workers share a remote shard through one local copy
+workers to start at a shard's beginning or for the last batch of a shard to drain. A shard's
+sample positions are cut into chunks of ``ceil(batch_size / W)``; worker w of W decodes and
+transforms chunks w, w + W, ... and hands each over as one stacked tensor (one shared-memory
+transfer per chunk, not per image: per image, the main process's unpickling and mapping of the
+tensors capped a stage near a few hundred images/s whatever the GPU). The main process puts the
+chunks back in shard order and cuts them into batches: a stage builds exactly the batches a
+single process would (same samples, same order, same skip counts), so its output does not
+depend on the worker count. Several workers share a remote shard through one local copy
 (:mod:`capfilt.data.shard_copies`), not one stream each.
 """
 
@@ -36,11 +39,13 @@ class ShardReadError(RuntimeError):
 
 class _ShardItems(IterableDataset):
     """This worker's items of the shards ``urls[i]`` for i in ``indices``, in that order:
-    ("ok", shard, position, sample without PIL image, tensor), ("skip", shard, position, reason,
-    where, detail, key), ("error", shard, message) if reading broke off, and last for each shard
-    ("end", shard, what the tar reader itself rejected: skip records and shard events — worker 0
-    alone reports them, as every worker walks the whole tar, reading only its own samples).
-    With several workers, remote shards are read from local copies in ``copies_dir``."""
+    ("chunk", shard, chunk number, samples without PIL image, their pixels stacked [n, 3, H, W]
+    (None if n = 0), the chunk's rejected samples as (reason, where, detail, key)) for each of
+    its chunks of ``chunk_size`` positions, ("error", shard, message) if reading broke off, and
+    last for each shard ("end", shard, what the tar reader itself rejected: skip records and
+    shard events — worker 0 alone reports them, as every worker walks the whole tar, reading only
+    its own samples). With several workers, remote shards are read from local copies in
+    ``copies_dir``."""
 
     def __init__(
         self,
@@ -49,16 +54,18 @@ class _ShardItems(IterableDataset):
         transform: EvalTransform,
         require_caption: bool,
         min_side: int | None,
+        chunk_size: int,
         copies_dir: str | None = None,
     ):
         self.urls, self.indices, self.transform = list(urls), list(indices), transform
         self.require_caption, self.min_side = require_caption, min_side
-        self.copies_dir = copies_dir
+        self.chunk_size, self.copies_dir = chunk_size, copies_dir
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         copies = ShardCopies(self.copies_dir) if self.copies_dir and workers > 1 else None
+        size = self.chunk_size
         for n, index in enumerate(self.indices):
             url = self.urls[index]
             counter = SkipCounter("reader")
@@ -69,29 +76,88 @@ class _ShardItems(IterableDataset):
                     later = self.indices[n + 1 :]
                     if later and self.urls[later[0]].startswith(REMOTE_PREFIXES):
                         copies.prefetch(later[0], self.urls[later[0]])
-                mine = (lambda p: p % workers == worker) if workers > 1 else None
+                mine = (lambda p: (p // size) % workers == worker) if workers > 1 else None
                 samples = iter_tar_samples(
                     url, counter, read=mine, source=source, source_damage=source_damage
                 )
+                chunk: _Chunk | None = None
                 for position, raw in enumerate(samples):
-                    if position % workers != worker:
+                    number = position // size
+                    if number % workers != worker:
                         continue
+                    if chunk is not None and chunk.number != number:
+                        yield chunk.item(pack_bytes=info is not None)
+                        chunk = None
+                    chunk = chunk or _Chunk(index, number)
                     try:
                         sample = decode_sample(
                             raw, require_caption=self.require_caption, min_side=self.min_side
                         )
                     except SampleError as err:
                         key = raw.get("__key__", "")
-                        yield ("skip", index, position, err.reason, f"{url}:{key}", err.detail, key)
+                        chunk.skips.append((err.reason, f"{url}:{key}", err.detail, key))
                         continue
-                    pixels = self.transform.pixels(sample.image)
-                    yield ("ok", index, position, dataclasses.replace(sample, image=None), pixels)
+                    chunk.samples.append(dataclasses.replace(sample, image=None))
+                    chunk.pixels.append(self.transform.pixels(sample.image))
+                if chunk is not None:
+                    yield chunk.item(pack_bytes=info is not None)
             except Exception as err:  # noqa: BLE001 - reported in the main process, for this shard
                 yield ("error", index, f"{url}: {type(err).__name__}: {err}")
             if worker == 0:
                 yield ("end", index, list(counter.records), dict(counter.shard_events))
             else:
                 yield ("end", index, [], {})
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """A worker's chunk of a shard's sample positions, built up before it is handed over."""
+
+    shard: int
+    number: int
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    pixels: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    skips: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+
+    def item(self, pack_bytes: bool) -> tuple:
+        """The chunk as a loader item; ``pack_bytes``: the samples' original image bytes go in
+        one uint8 tensor (shared memory), not pickled through the workers' pipe (the larger part
+        of the main process's receiving cost for photos of a few hundred kB)."""
+        stacked = torch.stack(self.pixels) if self.pixels else None
+        samples: list[Sample] | _PackedSamples = self.samples
+        if pack_bytes and samples:
+            samples = _PackedSamples.pack(self.samples)
+        return ("chunk", self.shard, self.number, samples, stacked, self.skips)
+
+
+@dataclasses.dataclass
+class _PackedSamples:
+    """Samples without their image bytes, and those bytes concatenated in one tensor (a class,
+    not a tuple: the DataLoader turns tuples into lists)."""
+
+    samples: list[Sample]
+    packed: torch.Tensor
+    lengths: list[int]
+
+    @classmethod
+    def pack(cls, samples: list[Sample]) -> _PackedSamples:
+        blobs = [s.image_bytes for s in samples]
+        return cls(
+            [dataclasses.replace(s, image_bytes=b"") for s in samples],
+            torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
+            if any(blobs)
+            else torch.empty(0, dtype=torch.uint8),
+            [len(b) for b in blobs],
+        )
+
+    def unpack(self) -> list[Sample]:
+        data = self.packed.numpy()
+        out, start = [], 0
+        for sample, length in zip(self.samples, self.lengths, strict=True):
+            image = bytes(data[start : start + length])
+            out.append(dataclasses.replace(sample, image_bytes=image))
+            start += length
+        return out
 
 
 def _worker_context(transform: Callable) -> multiprocessing.context.BaseContext:
@@ -136,6 +202,8 @@ class ShardImages:
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.num_workers, self.device = num_workers, device or torch.device("cpu")
         self.require_caption, self.min_side = require_caption, min_side
+        # a batch is one chunk from each worker (docs: module)
+        self.chunk_size = max(1, math.ceil(batch_size / max(1, num_workers)))
         self._plan: list[int] = list(range(len(self.urls)))
         self._next = 0  # position in the plan of the next shard to hand out
         self._stream: Iterator | None = None
@@ -172,7 +240,14 @@ class ShardImages:
         self._next += 1
         if self.num_workers == 0:
             items = iter(
-                _ShardItems(self.urls, [index], self.transform, self.require_caption, self.min_side)
+                _ShardItems(
+                    self.urls,
+                    [index],
+                    self.transform,
+                    self.require_caption,
+                    self.min_side,
+                    self.chunk_size,
+                )
             )
         else:
             items = self._in_order(index)
@@ -192,6 +267,7 @@ class ShardImages:
                 self.transform,
                 self.require_caption,
                 self.min_side,
+                self.chunk_size,
                 self._copies_dir,
             )
             self._stream = iter(
@@ -200,17 +276,17 @@ class ShardImages:
                     batch_size=None,
                     num_workers=self.num_workers,
                     multiprocessing_context=_worker_context(self.transform),
-                    # each worker keeps its share of about two batches ready while the model runs
-                    prefetch_factor=max(2, math.ceil(2 * self.batch_size / self.num_workers)),
+                    # two chunks per worker: about two batches ready while the model runs
+                    prefetch_factor=2,
                 )
             )
         return self._stream
 
     def _in_order(self, index: int) -> Iterator[tuple]:
-        """Shard ``index``'s items in position order, then its "end" item. Workers reach a shard's
-        end at different times, so items of the shards after it may come first: they wait."""
+        """Shard ``index``'s chunks in order, then its "end" item. Workers reach a shard's end at
+        different times, so items of the shards after it may come first: they wait."""
         waiting: dict[int, tuple] = {}
-        next_position, ends, end = 0, 0, None
+        next_chunk, ends, end = 0, 0, None
         pending = iter(self._early.pop(index, []))
         stream = self._loader()
         while ends < self.num_workers:
@@ -233,39 +309,55 @@ class ShardImages:
                     end = item
                 continue
             waiting[item[2]] = item
-            while next_position in waiting:
-                yield waiting.pop(next_position)
-                next_position += 1
+            while next_chunk in waiting:
+                yield waiting.pop(next_chunk)
+                next_chunk += 1
         if self._copies_dir is not None:  # every worker is past this shard
             ShardCopies(self._copies_dir).remove(index)
-        yield from (waiting[p] for p in sorted(waiting))
+        yield from (waiting[c] for c in sorted(waiting))
         yield end or ("end", index, [], {})
 
     def _batch(self, items: Iterator[tuple], counter: SkipCounter):
+        """Cut the chunks into batches of ``batch_size`` (the last one shorter)."""
         samples: list[Sample] = []
-        images: list[torch.Tensor] = []
+        pieces: list[torch.Tensor] = []  # pixels of ``samples``, chunk by chunk
         pin = self.device.type == "cuda"
 
-        def flush() -> tuple[list[Sample], torch.Tensor]:
-            first = images[0]
-            batch = torch.empty((len(images), *first.shape), dtype=first.dtype, pin_memory=pin)
-            torch.stack(images, out=batch)
+        def flush(n: int) -> tuple[list[Sample], torch.Tensor]:
+            taken, need = [], n
+            while need:
+                piece = pieces[0]
+                if piece.shape[0] <= need:
+                    taken.append(pieces.pop(0))
+                    need -= piece.shape[0]
+                else:
+                    taken.append(piece[:need])
+                    pieces[0] = piece[need:]
+                    need = 0
+            if pin or len(taken) > 1:
+                first = taken[0]
+                batch = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
+                torch.cat(taken, out=batch)
+            else:  # one chunk held the whole batch: no copy
+                batch = taken[0]
             pixels = batch.to(self.device, non_blocking=pin)
-            out = (list(samples), self.transform.normalize(pixels))
-            samples.clear()
-            images.clear()
+            out = (samples[:n], self.transform.normalize(pixels))
+            del samples[:n]
             return out
 
         for item in items:
             kind = item[0]
-            if kind == "ok":
-                samples.append(item[3])
-                images.append(item[4])
-                if len(samples) == self.batch_size:
-                    yield flush()
-            elif kind == "skip":
-                _, _, _, reason, where, detail, key = item
-                counter.skip(reason, where, detail, key=key)
+            if kind == "chunk":
+                _, _, _, chunk_samples, pixels, skips = item
+                for reason, where, detail, key in skips:
+                    counter.skip(reason, where, detail, key=key)
+                if isinstance(chunk_samples, _PackedSamples):
+                    chunk_samples = chunk_samples.unpack()
+                if chunk_samples:
+                    samples.extend(chunk_samples)
+                    pieces.append(pixels)
+                while len(samples) >= self.batch_size:
+                    yield flush(self.batch_size)
             elif kind == "error":
                 raise ShardReadError(item[2])
             else:
@@ -276,4 +368,4 @@ class ShardImages:
                     for _ in range(n):
                         counter.shard_event(reason, self.urls[shard])
         if samples:
-            yield flush()
+            yield flush(len(samples))

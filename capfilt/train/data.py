@@ -154,10 +154,12 @@ class TrainStream(IterableDataset):
             pass_rng.shuffle(mine)
             for url in mine:
                 yield from iter_tar_samples(url, self.skips)
-        else:  # fewer shards than readers: every reader reads all, keeping its own sample positions
+        else:  # fewer shards than readers: every reader walks all, keeping its own sample positions
             index = 0
             for url in urls:
-                for sample in iter_tar_samples(url, self.skips):
+                first = index  # a local tar's other samples are seeked over, not read
+                mine = lambda p, first=first: (first + p) % n_splits == split  # noqa: E731
+                for sample in iter_tar_samples(url, self.skips, read=mine):
                     if index % n_splits == split:
                         yield sample
                     index += 1
