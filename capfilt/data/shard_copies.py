@@ -12,8 +12,11 @@ the loader closes, so about two shards are on disk at a time.
 A fetch that breaks off keeps the bytes that came and its error, which the readers report as the
 shard's damage: they see what one process streaming the shard would have seen (the samples
 before the break; the shard counted ``truncated_tar``, or ``unreadable_shard`` if nothing came),
-so the output does not depend on the worker count. An error a stream reader would not survive
-either (:data:`~capfilt.data.reader.TAR_ERRORS` lists those it does) fails the shard.
+so the output does not depend on the worker count (but for a ``pipe:`` command that fails:
+webdataset checks its exit status between reads, so how much comes before the error can vary
+from one run to the next, one process or several). An error a stream reader would not survive
+either (:data:`~capfilt.data.reader.TAR_ERRORS` lists those it does), or a copy that cannot be
+written (a full ``$TMPDIR``), fails the shard: no partial output, a re-run retries it.
 
 Workers coordinate through files only (they are separate processes): ``N.claim`` is created
 exclusively by the one worker that fetches shard N, ``N.ready`` appears when ``N.tar`` (and
@@ -36,7 +39,8 @@ CHUNK_BYTES = 1 << 20
 
 
 class ShardCopyError(RuntimeError):
-    """Fetching a remote shard failed in a way a streaming reader would not survive either."""
+    """A remote shard's fetch failed in a way a streaming reader would not survive either, or its
+    local copy could not be written."""
 
 
 class ShardCopies:

@@ -352,9 +352,8 @@ def truth_report(
         ("itc", "itc_cosine", itc_threshold),
     ):
         score = pd.to_numeric(matched[column], errors="coerce").to_numpy(dtype=np.float64)
-        if (
-            len(score) and np.isnan(score).all()
-        ):  # not computed: rule itm without filter.itc_cosine: true
+        # the cosine is not computed with rule itm unless filter.itc_cosine: true
+        if len(score) and np.isnan(score).all():
             report["heads"][head] = {"threshold": float(threshold), "note": "not computed"}
             continue
         rejected = ~(score > threshold)
