@@ -142,6 +142,10 @@ def test_shard_specs(tmp_path):
         expand_shards(str(tmp_path / "{00000000..00000005}.tar"))
     with pytest.raises(ShardSpecError):
         expand_shards(str(tmp_path / "empty_dir_missing"))
+    # webdataset has no s3 opener: said before any work, with the command that reads them
+    with pytest.raises(ShardSpecError, match="pipe:aws s3 cp s3://b/x.tar -"):
+        expand_shards("s3://b/x.tar")
+    assert expand_shards("pipe:cat {a,b}.tar") == ["pipe:cat a.tar", "pipe:cat b.tar"]
 
 
 def test_stage_resumes_and_writes_sizes(tmp_path):

@@ -23,6 +23,11 @@ class ShardSpecError(ValueError):
 def expand_shard_spec(spec: str) -> list[str]:
     """Expand one spec into shard URLs (sorted for folders and globs; pattern order for braces)."""
     spec = str(spec)
+    if spec.startswith("s3://"):  # webdataset opens pipes, http(s), gs and hf, not s3
+        raise ShardSpecError(
+            f"{spec}: s3:// shards are read through a command, e.g. --shards "
+            f"'pipe:aws s3 cp {spec} -' (or 'pipe:s5cmd cat {spec}')"
+        )
     if spec.startswith(REMOTE_PREFIXES):
         return list(braceexpand(spec))
     path = Path(spec)
