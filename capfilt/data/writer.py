@@ -78,6 +78,19 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _member_bytes(name: str, data: bytes) -> list[bytes]:
+    """A tar member as ``TarFile.addfile`` writes it in GNU format: header block(s) (a long name
+    takes its own), the data, NUL padding to the 512-byte block. Written by hand, without
+    ``addfile``'s copies of the header object and of the data through a file object: the
+    stages' main process writes every sample, and on a GPU its time per image is the stage's
+    ceiling (``benchmarks/stage_host_cost.py``)."""
+    header = _tarinfo(name, len(data)).tobuf(
+        tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape"
+    )
+    pad = -len(data) % tarfile.BLOCKSIZE
+    return [header, data, tarfile.NUL * pad] if pad else [header, data]
+
+
 def encode_field(value: Any) -> bytes:
     """Sample field → bytes: bytes as is, str as UTF-8, anything else as JSON."""
     if isinstance(value, bytes):
@@ -109,7 +122,8 @@ class ShardWriter:
         self.stats_path = stats_path(self.out_dir, index, prefix)
         self._tmp_tar = self.out_dir / f".{self.name}.tar.tmp{os.getpid()}"
         self._fh = open(self._tmp_tar, "wb")
-        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.GNU_FORMAT)
+        self._tar_bytes = 0  # written so far, for the end-of-archive padding
+        self._tar_ended = False
         self._keys: set[str] = set()
         self.rows: list[dict] = []
         self.n_written = 0
@@ -134,8 +148,9 @@ class ShardWriter:
             raise ValueError(f"duplicate sample key {key!r} in shard {self.name}")
         self._keys.add(key)
         for ext in sorted(k for k in sample if not k.startswith("__")):
-            data = encode_field(sample[ext])
-            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            for part in _member_bytes(f"{key}.{ext}", encode_field(sample[ext])):
+                self._fh.write(part)
+                self._tar_bytes += len(part)
         self.n_written += 1
 
     def record(self, row: dict[str, Any]) -> None:
@@ -169,12 +184,19 @@ class ShardWriter:
         if row is not None:
             self.rows.append({**row, "status": DROPPED, "reason": reason})
 
+    def _end_tar(self) -> None:
+        """The end of the archive as ``TarFile.close`` writes it: two zero blocks, then zeros
+        up to a multiple of the 10240-byte record."""
+        if self._tar_ended:
+            return
+        self._tar_ended = True
+        end = self._tar_bytes + 2 * tarfile.BLOCKSIZE
+        self._fh.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+
     def abort(self) -> None:
         # closing flushes, which fails again on a full disk: the error that made us abort is
         # the one to report, and the temporary goes either way
         try:
-            with contextlib.suppress(OSError):
-                self._tar.close()
             with contextlib.suppress(OSError):
                 self._fh.close()
         finally:
@@ -182,7 +204,7 @@ class ShardWriter:
 
     def commit(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publish tar, parquet, then stats (the done-marker). Returns the stats."""
-        self._tar.close()
+        self._end_tar()
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
