@@ -123,7 +123,6 @@ class ShardWriter:
         self._tmp_tar = self.out_dir / f".{self.name}.tar.tmp{os.getpid()}"
         self._fh = open(self._tmp_tar, "wb")
         self._tar_bytes = 0  # written so far, for the end-of-archive padding
-        self._tar_ended = False
         self._keys: set[str] = set()
         self.rows: list[dict] = []
         self.n_written = 0
@@ -187,9 +186,6 @@ class ShardWriter:
     def _end_tar(self) -> None:
         """The end of the archive as ``TarFile.close`` writes it: two zero blocks, then zeros
         up to a multiple of the 10240-byte record."""
-        if self._tar_ended:
-            return
-        self._tar_ended = True
         end = self._tar_bytes + 2 * tarfile.BLOCKSIZE
         self._fh.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
 
