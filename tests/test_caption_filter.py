@@ -1127,3 +1127,18 @@ def test_real_photos_caption_and_filter_end_to_end(sugarcrepe_shards, models, tm
         assert all(c["itm_score"] > THRESHOLD for c in json.loads(raw["json"])["captions"])
     summary = json.loads((tmp_path / "filt" / "summary.json").read_text())
     assert summary["texts"] == n_texts and summary["images"] == 22
+
+
+def test_a_model_keeps_its_fingerprint_when_its_folder_moves(models, tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(models["captioner"], moved)
+    meta_path = moved / "capfilt.json"
+    meta = json.loads(meta_path.read_text())
+    meta["extra"] = {**meta.get("extra", {}), "run": str(tmp_path / "another-run")}
+    meta_path.write_text(json.dumps(meta))
+    assert model_fingerprint(moved) == model_fingerprint(models["captioner"])
+    meta["special_ids"] = {**meta.get("special_ids", {}), "pad": -1}  # not extra: another id
+    meta_path.write_text(json.dumps(meta))
+    assert model_fingerprint(moved) != model_fingerprint(models["captioner"])

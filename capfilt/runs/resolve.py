@@ -162,11 +162,20 @@ def load_stage_model(path: str | Path, device: torch.device):
 
 
 def model_fingerprint(folder: Path) -> str:
-    """Short identity of a model folder (weights + config), recorded with what it produced."""
+    """Short identity of a model folder (weights + config), recorded with what it produced. The
+    metadata's ``extra`` (the run folder's path, the step count) is left out: the same weights
+    keep their id wherever they were trained or moved, so a moved model folder does not re-run
+    the shards a stage already made with it."""
     digest = hashlib.sha256()
     for name in (CONFIG, META, HF_CONFIG):
         path = folder / name
-        if path.is_file():
+        if not path.is_file():
+            continue
+        if name == META:
+            meta = json.loads(path.read_text())
+            meta.pop("extra", None)
+            digest.update(json.dumps(meta, sort_keys=True).encode())
+        else:
             digest.update(path.read_bytes())
     weights = folder / WEIGHTS  # transformers' safetensors weights file has the same name
     if weights.is_file():
