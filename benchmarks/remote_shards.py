@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -93,6 +93,13 @@ def read_all(urls: list[str], workers: int, batch: int) -> int:
 def main() -> None:
     args = parse_args()
     root = Path(tempfile.mkdtemp(prefix="capfilt-bench-remote-"))
+    try:
+        measure(root, args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def measure(root: Path, args: argparse.Namespace) -> None:
     shards = write_shards(root, args.shards, args.images, args.side)
     total = sum(p.stat().st_size for p in shards)
     script, lock, log = root / "slow_cat.py", root / "link.lock", root / "sent.log"
@@ -124,9 +131,6 @@ def main() -> None:
         )
     ratio = best["a stream per worker"][0] / best["one shared copy"][0]
     print(f"one shared copy: {ratio:.2f}x faster than a stream per worker")
-    for p in root.iterdir():
-        p.unlink()
-    os.rmdir(root)
 
 
 if __name__ == "__main__":
