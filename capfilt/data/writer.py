@@ -122,7 +122,6 @@ class ShardWriter:
         self.stats_path = stats_path(self.out_dir, index, prefix)
         self._tmp_tar = self.out_dir / f".{self.name}.tar.tmp{os.getpid()}"
         self._fh = open(self._tmp_tar, "wb")
-        self._tar_bytes = 0  # written so far, for the end-of-archive padding
         self._keys: set[str] = set()
         self.rows: list[dict] = []
         self.n_written = 0
@@ -149,7 +148,6 @@ class ShardWriter:
         for ext in sorted(k for k in sample if not k.startswith("__")):
             for part in _member_bytes(f"{key}.{ext}", encode_field(sample[ext])):
                 self._fh.write(part)
-                self._tar_bytes += len(part)
         self.n_written += 1
 
     def record(self, row: dict[str, Any]) -> None:
@@ -186,7 +184,7 @@ class ShardWriter:
     def _end_tar(self) -> None:
         """The end of the archive as ``TarFile.close`` writes it: two zero blocks, then zeros
         up to a multiple of the 10240-byte record."""
-        end = self._tar_bytes + 2 * tarfile.BLOCKSIZE
+        end = self._fh.tell() + 2 * tarfile.BLOCKSIZE
         self._fh.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
 
     def abort(self) -> None:
