@@ -32,10 +32,11 @@ synthetic captions true of their scene, the ITM re-rank's gain over ITC alone (m
 demo's time; per world, each figure's mean ± sample
 standard deviation over the seeds (and min, max), and gap closed of the seed means.
 
-On the demo recipe each run takes about 12½ minutes plus 2.5 per ablation on 2 CPU cores: the
-default 6 runs take about an hour, two at a time (18½-20 minutes a run; two processes, e.g. ``--worlds main --seeds 0,1``
-and ``--worlds main --seeds 2,``, each with its own ``--json`` and ``--set runtime.threads=1``; a
-last call over all seeds and worlds finds every run done and writes the whole table).
+On the demo recipe each run takes about 12½ minutes plus 4 per ablation on 2 CPU cores: the
+default 6 runs take about 75 minutes, two at a time (24-25 minutes a run; two processes, e.g.
+``--worlds main --seeds 0,1`` and ``--worlds main --seeds 2,``, each with its own ``--json`` and
+``--set runtime.threads=1``; a last call over all seeds and worlds finds every run done and
+writes the whole table).
 """
 
 from __future__ import annotations
