@@ -8,7 +8,7 @@ setup:
     python3 -m venv {{venv}}
     {{venv}}/bin/pip install -e ".[dev]"
 
-# The end-to-end demo on the built-in benchmark (about 10 minutes on 2 CPU cores).
+# The end-to-end demo on the built-in benchmark (about 12½ minutes on 2 CPU cores).
 demo out="demo-out":
     {{venv}}/bin/capfilt demo --out {{out}}
 
