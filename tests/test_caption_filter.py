@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -816,8 +817,6 @@ def test_score_pairs_without_the_cosine_gives_the_same_itm(models, synth):
 
 
 def test_a_shard_of_garbage_is_skipped_and_counted_by_every_stage(synth, models, tmp_path):
-    import shutil
-
     (tmp_path / "web").mkdir()
     shutil.copy(synth / "web" / "00000000.tar", tmp_path / "web" / "00000000.tar")
     (tmp_path / "web" / "00000001.tar").write_bytes(os.urandom(3000))
@@ -1130,8 +1129,6 @@ def test_real_photos_caption_and_filter_end_to_end(sugarcrepe_shards, models, tm
 
 
 def test_a_model_keeps_its_fingerprint_when_its_folder_moves(models, tmp_path):
-    import shutil
-
     moved = tmp_path / "elsewhere" / "model"
     shutil.copytree(models["captioner"], moved)
     meta_path = moved / "capfilt.json"

@@ -10,12 +10,20 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from capfilt.data.reader import SkipCounter, read_caption_texts, read_samples
+from capfilt.data.reader import SkipCounter, iter_tar_samples, read_caption_texts, read_samples
 from capfilt.data.sample import build_sample, caption_entry, make_key, output_sample
 from capfilt.data.shards import ShardSpecError, count_samples, expand_shards
 from capfilt.data.stage import StageError, run_shard_stage
 from capfilt.data.text import clean_caption
-from capfilt.data.writer import ShardWriter, is_shard_done, parquet_path, stats_path, tar_path
+from capfilt.data.writer import (
+    ShardWriter,
+    _tarinfo,
+    encode_field,
+    is_shard_done,
+    parquet_path,
+    stats_path,
+    tar_path,
+)
 
 
 def _jpeg(color=(200, 30, 30), size=16) -> bytes:
@@ -132,8 +140,6 @@ def test_same_samples_give_byte_identical_tars(tmp_path):
 def test_the_writer_writes_the_bytes_tarfile_writes(tmp_path, n_samples):
     # members written by hand: the same bytes as TarFile.addfile / close in GNU format, for
     # data of every padding (0, 512, odd sizes), a name too long for one header, non-ASCII
-    from capfilt.data.writer import _tarinfo
-
     samples = [
         {
             "__key__": f"s{i}" + ("x" * 120 if i == 1 else "é"),
@@ -152,18 +158,9 @@ def test_the_writer_writes_the_bytes_tarfile_writes(tmp_path, n_samples):
     with tarfile.open(fileobj=expected, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for sample in samples:
             for ext in sorted(k for k in sample if not k.startswith("__")):
-                value = sample[ext]
-                data = (
-                    value
-                    if isinstance(value, bytes)
-                    else value.encode()
-                    if isinstance(value, str)
-                    else json.dumps(value, sort_keys=True).encode()
-                )
+                data = encode_field(sample[ext])
                 tar.addfile(_tarinfo(f"{sample['__key__']}.{ext}", len(data)), io.BytesIO(data))
     assert tar_path(tmp_path, 0).read_bytes() == expected.getvalue()
-    from capfilt.data.reader import iter_tar_samples
-
     read_back = list(iter_tar_samples(str(tar_path(tmp_path, 0))))
     assert [r["__key__"] for r in read_back] == [s["__key__"] for s in samples]
     assert [r["bin"] for r in read_back] == [s["bin"] for s in samples]
