@@ -27,6 +27,8 @@ run under the same bf16 autocast (capfilt's stages' own precision) and are timed
     of both is printed (the work per caption); greedy decoding on the first batch checks that both
     sides run the same model (identical captions, count printed). With ``--set caption.compile=true``
     capfilt's decoder steps run compiled; the greedy check, before the timed runs, pays the compile.
+    With ``--set caption.cuda_graphs=true`` (on a GPU) capfilt replays each decoding step as a
+    captured CUDA graph; the greedy check pays the capture. ``--only caption`` stops after (a).
 (b) Filtering, texts/s: capfilt's ``score_pairs`` (one image-encoder pass and one cross-attention
     key/value projection per image; the batch's texts in order of length, ``filter.batch_size`` at
     a time, each chunk padded to its own longest, as the stage runs it), twice: ITM only (the
@@ -53,7 +55,8 @@ from capfilt.data.synth import write_synth
 from capfilt.data.transforms import EvalTransform
 from capfilt.model import build_model, pad_vocabulary, tokenize, train_wordpiece_tokenizer
 from capfilt.model.convert.transformers_io import med_to_hf
-from capfilt.model.generate import generate_captions, row_seeds
+from capfilt.model.decoding import row_seeds
+from capfilt.model.generate import generate_captions
 from capfilt.pipeline.filter import score_pairs
 from capfilt.runs.resolve import load_stage_model
 from capfilt.utils.device import autocast
@@ -93,6 +96,12 @@ def parse_args() -> argparse.Namespace:
         help="model dimensions: the recipe's, or MEDIUM (random weights only)",
     )
     p.add_argument("--repeats", type=int, default=2, help="timed runs per side (alternating)")
+    p.add_argument(
+        "--only",
+        choices=("caption",),
+        default=None,
+        help="race the captioners only (not the filters)",
+    )
     p.add_argument(
         "--clock",
         choices=tuple(CLOCKS),
@@ -263,13 +272,16 @@ def main() -> None:
     n = len(pixels)
     words = lambda caps: sum(len(c.split()) for c in caps) / max(1, len(caps))  # noqa: E731
     print(
-        f"caption{' (compiled decoder)' if cc.compile else ''}: capfilt {n / t_ours:8.1f} images/s ({t_ours:.2f} s, {words(ours):.1f} words/caption) | "
+        f"caption{' (compiled decoder)' if cc.compile else ''}{' (CUDA graphs)' if cc.cuda_graphs and device.type == 'cuda' else ''}: capfilt {n / t_ours:8.1f} images/s ({t_ours:.2f} s, {words(ours):.1f} words/caption) | "
         f"transformers generate {n / t_theirs:8.1f} images/s ({t_theirs:.2f} s, {words(theirs):.1f} words/caption) | "
         f"ratio {t_theirs / t_ours:.2f}x   [batch {bs}, top-p {cc.top_p}, rep. penalty {cc.repetition_penalty}, "
         f"length {cc.min_length}-{cc.max_length}; greedy check: {same}/{len(greedy_ours)} captions identical]"
     )
     clock = CLOCKS[args.clock]
     print(_ceiling(t_theirs, image_encoder_seconds(model, pixels, bs, args.repeats, clock, device)))
+
+    if args.only == "caption":
+        return
 
     # (b) filtering -----------------------------------------------------------------------------
     model, hf, tok, cfg = models["filter"]

@@ -7,6 +7,8 @@
 #   stages           caption and filter stage throughput (images/s, the stage's own rate and the
 #                    whole command's) at BLIP-base sizes (random weights, BERT's 30,522-token
 #                    vocabulary) on ../shared/data/coco-mini's photos, each copied COPIES (10) times;
+#                    then the caption stage again with its decoding steps replayed as CUDA graphs
+#                    (caption.cuda_graphs, step caption_graphs);
 #   host_cost        the stages' main-process CPU per image with the model stubbed (the host's
 #                    ceiling on their rate): benchmarks/stage_host_cost.py;
 #   pretrain_mfu     BLIP-base pretraining, model only: benchmarks/pretrain_throughput.py, batch 64,
@@ -14,6 +16,7 @@
 #   pretrain_cli     `capfilt pretrain` at BLIP-base with its loader on the same photos (samples/s
 #                    from metrics.jsonl, to compare with pretrain_mfu's model-only rate);
 #   vs_transformers  caption/filter against transformers' BLIP classes, same weights, BLIP-base;
+#   vs_transformers_graphs  the captioning race with capfilt's steps as CUDA graphs (caption.cuda_graphs);
 #   vs_transformers_compiled  the same with capfilt's decoder steps compiled (caption.compile);
 #   pretrain_mfu_compiled  pretrain_mfu through torch.compile (the compile is not timed);
 #   suite            the test suite with CUDA visible (not the slow-marked tests; pytest-xdist with
@@ -167,17 +170,38 @@ note "models: $(tail -n 1 "$OUT/models.log")"
 
 # 1. caption and filter stage throughput on the photos
 if wanted stages; then
-    for stage in caption filter; do
-        if [ $stage = caption ]; then shards="$OUT/coco" dest="$OUT/captioned"
-        else shards="$OUT/captioned" dest="$OUT/filtered"; fi
+    for stage in caption filter caption_graphs; do
+        command=$stage graphs=false
+        case $stage in
+            caption) shards="$OUT/coco" dest="$OUT/captioned" ;;
+            filter) shards="$OUT/captioned" dest="$OUT/filtered" ;;
+            caption_graphs) shards="$OUT/coco" dest="$OUT/captioned_graphs" command=caption graphs=true ;;
+        esac
         start=$($PY -c "import time; print(time.time())")
-        step "$stage" 120 $PY -m capfilt $stage blip-base --model "$OUT/model" \
+        step "$stage" 120 $PY -m capfilt $command blip-base --model "$OUT/model" \
             --shards "$shards" --out "$dest" "${BASE[@]}" --set caption.batch_size="$STAGE_BATCH" \
             --set filter.batch_size="$STAGE_BATCH" --set caption.num_workers="$LOADERS" \
-            --set filter.num_workers="$LOADERS"
+            --set filter.num_workers="$LOADERS" --set caption.cuda_graphs=$graphs
         rate=$(grep -oE "[0-9]+ samples in [0-9.]+ s \([0-9.]+ samples/s" "$OUT/$stage.log" | tail -n 1)
         note "$stage: $N images; stage's own rate: ${rate:-none logged}); whole command: $($PY -c "import time; s = time.time() - $start; print(f'{s:.1f} s, {$N / s:.0f} images/s')")"
     done
+    # the graphs' captions against the eager stage's (bf16: equal up to float rounding)
+    if [ -d "$OUT/captioned_graphs" ]; then
+        same=$($PY - "$OUT/captioned" "$OUT/captioned_graphs" 2>&1 <<'EOF' | tail -n 1
+import sys
+from pathlib import Path
+from capfilt.data.reader import read_samples
+def synthetic(folder):
+    shards = sorted(str(p) for p in Path(folder).glob("*.tar"))
+    return {s.key: [c["text"] for c in s.captions if c.get("origin") == "synthetic"]
+            for s in read_samples(shards)}
+eager, graphs = synthetic(sys.argv[1]), synthetic(sys.argv[2])
+same = sum(eager[k] == graphs.get(k) for k in eager)
+print(f"{same} of {len(eager)} images have the eager stage's synthetic captions")
+EOF
+)
+        note "caption_graphs: $same"
+    fi
 fi
 
 # 1b. the stages' host share: main-process CPU per image with the model stubbed (the most the
@@ -227,7 +251,11 @@ fi
 # 4. against transformers' BLIP classes
 vs_race vs_transformers 120 "^(caption|filter)( \([^)]*\))?:"
 
-# 4b. the same with capfilt's decoder steps compiled (the greedy check before the race compiles)
+# 4b. the captioning race with capfilt's decoding steps replayed as CUDA graphs (the greedy check
+# before the race captures them)
+vs_race vs_transformers_graphs 90 "^caption \(CUDA graphs" --set caption.cuda_graphs=true --only caption
+
+# 4c. the same with capfilt's decoder steps compiled (the greedy check before the race compiles)
 vs_race vs_transformers_compiled 150 "^caption \(compiled" --set caption.compile=true
 
 # 5. pretraining MFU through torch.compile (the compile itself is not timed)

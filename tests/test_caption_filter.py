@@ -40,17 +40,20 @@ from capfilt.model import (
     tokenize_with_prompt,
     train_wordpiece_tokenizer,
 )
-from capfilt.model.generate import (
+from capfilt.model.decode_graph import sample_tokens_static
+from capfilt.model.decoding import (
     _block_specials,
     _penalise_repeats,
+    nucleus_candidates,
+    row_seeds,
+    uniform_draws,
+)
+from capfilt.model.generate import (
     beam_search_tokens,
     decode_captions,
     generate_captions,
-    nucleus_candidates,
     prompt_ids,
-    row_seeds,
     sample_tokens,
-    uniform_draws,
 )
 from capfilt.pipeline import filter as filter_mod
 from capfilt.pipeline.caption import caption_shards
@@ -505,9 +508,9 @@ def test_kv_cached_greedy_equals_uncached_reference(
 def test_compiled_decoder_steps_give_the_eager_captions(peaked_captioner, tok, synth, monkeypatch):
     """``caption.compile`` traces the decoder (here with the ``aot_eager`` backend: the same kernels,
     so the same captions to the bit) through a growing cache, rows leaving the batch and beams."""
-    import capfilt.model.generate as generate_mod
+    import capfilt.model.decoding as decoding_mod
 
-    monkeypatch.setattr(generate_mod, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(decoding_mod, "COMPILE_BACKEND", "aot_eager")
     model, images = peaked_captioner, _synth_images(synth, 8)
     for method in ("greedy", "nucleus", "beam"):
         settings = _settings(method=method, prompt=PROMPT, max_length=12, min_length=2)
@@ -520,6 +523,98 @@ def test_compiled_decoder_steps_give_the_eager_captions(peaked_captioner, tok, s
     from torch._dynamo.utils import counters
 
     assert counters["stats"]["unique_graphs"] > 0  # traced, not silently run eagerly
+
+
+def _static_vs_eager(model, tok, images, settings, graph: bool):
+    """(fixed-shape ids, eager ids, the number of distinct steps that rows end at, never
+    included) for one batch."""
+    start = prompt_ids(model, tok, settings.prompt, images.shape[0], images.device)
+    seeds = row_seeds(0, [str(i) for i in range(images.shape[0])])
+    cross_kv = model.image_cross_kv(model.encode_image(images))
+    eager = sample_tokens(model, None, start, settings, seeds, cross_kv=cross_kv)
+    static = sample_tokens_static(model, start, settings, seeds, cross_kv, graph=graph)
+    sep = model.special["sep"]
+    ends = {row.index(sep) if sep in row else None for row in eager.tolist()}
+    return static, eager, len(ends)
+
+
+@pytest.mark.parametrize("method", ["greedy", "nucleus"])
+def test_fixed_shape_decoding_gives_the_eager_loops_ids(peaked_captioner, tok, synth, method):
+    """``caption.cuda_graphs``' step (a static cache masked over every position, finished rows kept
+    in the batch, the step counter on the device), run eagerly: the eager loop's ids, row for row,
+    through a prompt, a minimum length and rows ending at different steps; its buffers, kept with
+    the decoder for the next batch of that shape, hold nothing over from the last one."""
+    model = peaked_captioner
+    settings = _settings(method=method, prompt=PROMPT, max_length=12, min_length=2)
+    images = _synth_images(synth, 16)
+    kept = model.text_decoder.__dict__.get("_static_decoders", {})
+    kept.clear()
+    for batch in (images[:8], images[8:], images[:8].flip(0)):
+        static, eager, n_ends = _static_vs_eager(model, tok, batch, settings, graph=False)
+        assert torch.equal(static, eager)
+        assert n_ends >= 2  # rows ended at different steps: finished rows stayed while others ran
+    assert len(model.text_decoder.__dict__["_static_decoders"]) == 1  # one shape, one decoder
+    assert not any("static" in k for k in model.state_dict())
+    # a smaller last batch gets a decoder of its own
+    static, eager, _ = _static_vs_eager(model, tok, images[:3], settings, graph=False)
+    assert torch.equal(static, eager)
+    assert len(model.text_decoder.__dict__["_static_decoders"]) == 2
+
+
+def test_fixed_shape_decoding_refuses_what_it_cannot_do(peaked_captioner, tok, synth):
+    model, images = peaked_captioner, _synth_images(synth, 2)
+    start = prompt_ids(model, tok, PROMPT, 2, images.device)
+    cross_kv = model.image_cross_kv(model.encode_image(images))
+    seeds = row_seeds(0, ["a", "b"])
+    with pytest.raises(ValueError, match="nucleus and greedy, not 'beam'"):
+        sample_tokens_static(model, start, _settings(method="beam"), seeds, cross_kv, graph=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA graphs need the model and the batch on a CUDA"):
+            sample_tokens_static(model, start, _settings(), seeds, cross_kv, graph=True)
+    # generate_captions decodes eagerly where no graph can run (a CPU batch, beam search)
+    for method in ("nucleus", "beam"):
+        settings = _settings(method=method, prompt=PROMPT, max_length=8)
+        graphs = dataclasses.replace(settings, cuda_graphs=True)
+        assert generate_captions(model, tok, images, graphs, 1, seeds) == generate_captions(
+            model, tok, images, settings, 1, seeds
+        )
+
+
+def test_the_caption_hash_covers_cuda_graphs_only_when_on():
+    """Off, the output is the eager loop's, as before the setting existed: shards captioned then
+    stay done; on, captions may differ by float rounding, so they are redone."""
+    from capfilt.pipeline.caption import _settings_of
+
+    off, on = _settings_of(CaptionConfig()), _settings_of(CaptionConfig(cuda_graphs=True))
+    assert "cuda_graphs" not in off and "num_workers" not in off
+    assert on.pop("cuda_graphs") is True and on == off
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_replay_gives_the_captured_steps_ids(peaked_captioner, tok, synth, precision):
+    """On a GPU: the replayed graph gives the ids of the same step run eagerly (the same kernels),
+    and ``caption.cuda_graphs`` in generate_captions, under the stages' bf16 autocast too."""
+    from capfilt.utils.device import autocast
+
+    model = peaked_captioner.cuda()  # the module's fixture: moved back to the CPU at the end
+    try:
+        images = _synth_images(synth, 16).cuda()
+        settings = _settings(method="nucleus", prompt=PROMPT, max_length=12, min_length=2)
+        with torch.no_grad(), autocast(images.device, precision):
+            for batch in (images[:8], images[8:]):
+                graphed, eager, _ = _static_vs_eager(model, tok, batch, settings, graph=True)
+                replayed_eagerly, _, _ = _static_vs_eager(model, tok, batch, settings, graph=False)
+                assert torch.equal(graphed, replayed_eagerly)
+                if precision == "fp32":
+                    assert torch.equal(graphed, eager)
+            graphs = dataclasses.replace(settings, cuda_graphs=True)
+            seeds = row_seeds(0, [str(i) for i in range(16)])
+            captions = generate_captions(model, tok, images, graphs, 1, seeds)
+            assert captions == generate_captions(model, tok, images, graphs, 1, seeds)
+            assert len({c[0] for c in captions}) >= 2
+    finally:
+        model.cpu()
 
 
 def test_min_length_changes_greedy_output(peaked_captioner, tok, synth):

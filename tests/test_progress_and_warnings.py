@@ -10,7 +10,8 @@ import torch
 
 from capfilt.config import CaptionConfig
 from capfilt.model import train_wordpiece_tokenizer
-from capfilt.model.generate import generate_captions, row_seeds
+from capfilt.model.decoding import row_seeds
+from capfilt.model.generate import generate_captions
 from capfilt.utils.progress import ProgressReporter
 from tests.conftest import build_tiny_model
 

@@ -374,6 +374,14 @@ class CaptionConfig:
     is bound by kernel launches on a GPU (a BLIP-base decoder step at batch 128). Pays a compile
     (tens of seconds) in each process first; captions equal the eager decoder's up to float
     rounding, so a changed setting re-captions. Not yet measured on a GPU."""
+    cuda_graphs: bool = False
+    """On a GPU, capture one decoding step of nucleus or greedy sampling as a CUDA graph and replay
+    it for every step: one launch instead of a few hundred small kernels per step, whose launching
+    bounds a BLIP-base captioner's rate. Fixed shapes: finished rows stay in the batch until all
+    are done, and attention reads every cache position under a mask; captions equal the eager
+    loop's up to float rounding (a changed setting re-captions). Each batch shape pays a capture
+    (a few steps) once per process; beam search and CPUs decode eagerly whatever this says. Not
+    yet measured on a GPU (``benchmarks/gpu_check.sh`` measures it)."""
 
     def validate(self) -> None:
         check(self.num_captions >= 1, "num_captions", ">= 1", self.num_captions)

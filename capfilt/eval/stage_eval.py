@@ -21,7 +21,8 @@ from capfilt.data.shards import expand_shards
 from capfilt.data.transforms import eval_transform_for
 from capfilt.eval.caption_metrics import score_captions
 from capfilt.eval.filter_metrics import filter_report, load_score_tables
-from capfilt.model.generate import generate_captions, row_seeds
+from capfilt.model.decoding import row_seeds
+from capfilt.model.generate import generate_captions
 from capfilt.runs.resolve import load_stage_model
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.iters import batched

@@ -4,16 +4,12 @@ Batched with caches: the cross-attention keys/values of each image are computed 
 at every step; self-attention keys/values go to a preallocated :class:`~capfilt.model.text.KVCache`.
 Lengths count generated tokens, the prompt excluded. The prompt is stripped from the returned text.
 
-Sampling stays on the model's device without a host sync per token:
-
-- Each row draws its random numbers from a counter-based hash of (its seed, step)
-  (:func:`row_seeds` makes the seed from the sampling seed and the sample's key), so a caption
-  depends only on (seed, key), not on the batch, the shard split or the device's RNG state.
-- Nucleus sampling looks at the ``TOP_K`` most likely tokens only, with their probabilities under
-  the full softmax: the kept set is exactly the full-vocabulary nucleus whenever that nucleus has at
-  most ``TOP_K`` tokens (the mass of the top ``TOP_K`` reaches ``top_p``), else its first ``TOP_K``.
-- Finished rows are checked every ``CHECK_EVERY`` steps; then the batch stops when all are done,
-  or the finished rows leave it (cache, image keys/values and sequences shrink).
+Sampling stays on the model's device without a host sync per token; each row's draws depend only
+on (seed, its key), and nucleus sampling looks at the top 64 tokens (:mod:`capfilt.model.decoding`,
+the step's parts). Finished rows are checked every ``CHECK_EVERY`` steps; then the batch stops
+when all are done, or the finished rows leave it (cache, image keys/values and sequences shrink).
+With ``caption.cuda_graphs`` on a GPU, nucleus and greedy decoding instead replay one captured
+step with fixed shapes (:mod:`capfilt.model.decode_graph`).
 
 The settings are the recipe's :class:`~capfilt.config.CaptionConfig` (``method``, ``top_p``,
 ``temperature``, ``repetition_penalty``, ``num_beams``, ``min_length``, ``max_length``,
@@ -22,22 +18,19 @@ The settings are the recipe's :class:`~capfilt.config.CaptionConfig` (``method``
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
-
 import torch
 
 from capfilt.config import CaptionConfig
+from capfilt.model.decode_graph import sample_tokens_static
+from capfilt.model.decoding import (
+    CHECK_EVERY,
+    _block_specials,
+    _penalise_repeats,
+    choose_tokens,
+    decoder_step,
+)
 from capfilt.model.text import CrossKV, KVCache
 from capfilt.model.tokenizer import prompt_token_ids
-
-TOP_K = 64
-"""Candidates per step of nucleus sampling (see the module doc for when this is exact)."""
-
-CHECK_EVERY = 4
-"""Decoding steps between checks of which rows are finished (each check syncs with the host)."""
-
-_MASK32 = 0xFFFFFFFF
 
 
 def prompt_ids(model, tokenizer, prompt: str, batch: int, device: torch.device) -> torch.Tensor:
@@ -49,103 +42,6 @@ def prompt_ids(model, tokenizer, prompt: str, batch: int, device: torch.device) 
         .expand(batch, -1)
         .contiguous()
     )
-
-
-def row_seeds(seed: int, keys: Sequence[str], num_captions: int = 1) -> torch.Tensor:
-    """Per-caption sampling seeds [len(keys) * num_captions] (31-bit) from (seed, key, caption index)."""
-    out = []
-    for key in keys:
-        for j in range(num_captions):
-            digest = hashlib.blake2b(f"{seed}\0{key}\0{j}".encode(), digest_size=4).digest()
-            out.append(int.from_bytes(digest, "little") & 0x7FFFFFFF)
-    return torch.tensor(out, dtype=torch.long)
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x < 2^32, without overflowing int64 (16-bit halves)."""
-    lo, hi = x & 0xFFFF, x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """An invertible 32-bit integer mix (Wellons' lowbias32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def uniform_draws(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One uniform number in [0, 1) per row from (seed, step): float32 with 24 random bits."""
-    x = _hash32((_hash32(seeds & _MASK32) + step * 0x9E3779B9) & _MASK32)
-    return (x >> 8).to(torch.float32) / float(1 << 24)
-
-
-def _penalise_repeats(logits: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL repetition penalty: logits of tokens already in the sequence are divided (if > 0) or multiplied by ``penalty``."""
-    if penalty == 1.0:
-        return logits
-    seen = torch.gather(logits, 1, seqs)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(1, seqs, seen)
-
-
-def nucleus_candidates(
-    logits: torch.Tensor, top_p: float, k: int = TOP_K
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nucleus among the ``k`` most likely tokens: (probabilities [B, k] under the full softmax,
-    0 where dropped; token ids [B, k]), most likely first.
-
-    A token is kept when the mass of the tokens before it is below ``top_p`` (so the first one
-    always is): the smallest set reaching ``top_p``, exact while it fits in ``k``.
-    """
-    values, index = logits.topk(min(k, logits.shape[-1]), dim=-1)
-    probs = (values - logits.logsumexp(-1, keepdim=True)).exp()
-    if top_p < 1.0:
-        before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill(before >= top_p, 0.0)
-    return probs, index
-
-
-def _sample(probs: torch.Tensor, index: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw of one token per row from unnormalised ``probs`` with uniforms ``u``."""
-    cdf = probs.cumsum(-1)
-    target = (u * cdf[:, -1]).unsqueeze(1)
-    pick = (cdf <= target).sum(-1, keepdim=True).clamp_(max=probs.shape[-1] - 1)
-    return index.gather(1, pick).squeeze(1)
-
-
-def _block_specials(model, logits: torch.Tensor, allow_eos: bool) -> torch.Tensor:
-    for name in ("pad", "cls", "enc", "dec"):
-        logits[:, model.special[name]] = float("-inf")
-    if not allow_eos:
-        logits[:, model.special["sep"]] = float("-inf")
-    return logits
-
-
-COMPILE_BACKEND = "inductor"
-"""``torch.compile`` backend of ``caption.compile`` (the tests trace with ``aot_eager``)."""
-
-
-def _decoder(model, compiled: bool):
-    """The model's text decoder, or its compiled twin (made once per decoder module and kept in
-    its ``__dict__``, outside its submodules and state dict)."""
-    if not compiled:
-        return model.text_decoder
-    decoder = model.text_decoder.__dict__.get("_compiled_decoder")
-    if decoder is None:
-        decoder = torch.compile(model.text_decoder, backend=COMPILE_BACKEND)
-        object.__setattr__(model.text_decoder, "_compiled_decoder", decoder)
-    return decoder
-
-
-def _decoder_step(
-    model, ids: torch.Tensor, cross_kv: CrossKV, cache: KVCache, compiled: bool = False
-) -> torch.Tensor:
-    """Logits [B, vocab] (float32) of the last position after feeding ``ids`` (the new tokens)."""
-    out = _decoder(model, compiled)(input_ids=ids, cross_kv=cross_kv, cache=cache, last_only=True)
-    return out.logits[:, -1, :].float()
 
 
 def _select_kv(cross_kv: CrossKV, rows: torch.Tensor) -> CrossKV:
@@ -163,7 +59,7 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Nucleus sampling (or greedy) from ``start`` ids; returns the generated ids [B, T] (pad after [SEP]).
 
-    ``seeds`` [B]: per-row sampling seeds (:func:`row_seeds`); default: drawn from torch's global
+    ``seeds`` [B]: per-row sampling seeds (:func:`~capfilt.model.decoding.row_seeds`); default: drawn from torch's global
     generator. ``cross_kv``: the images' cross-attention keys/values (else from ``image_embeds``).
     """
     sep, pad = model.special["sep"], model.special["pad"]
@@ -183,17 +79,10 @@ def sample_tokens(
     seqs[:, : start.shape[1]] = start
     out = torch.full((batch, max_len), pad, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits = _decoder_step(model, start, cross_kv, cache, settings.compile)
+    logits = decoder_step(model, start, cross_kv, cache, settings.compile)
     for t in range(max_len):
         length = start.shape[1] + t
-        logits = _penalise_repeats(logits, seqs[:, :length], settings.repetition_penalty)
-        logits = _block_specials(model, logits, allow_eos=t >= settings.min_length)
-        if settings.method == "greedy":
-            token = logits.argmax(-1)
-        else:
-            scaled = logits / max(settings.temperature, 1e-6)
-            probs, index = nucleus_candidates(scaled, settings.top_p)
-            token = _sample(probs, index, uniform_draws(seeds, t))
+        token = choose_tokens(model, logits, seqs[:, :length], settings, seeds, t)
         token = token.masked_fill(finished, pad)
         out[rows, t] = token
         seqs[:, length] = token
@@ -211,7 +100,7 @@ def sample_tokens(
                 token = token[live]
                 cross_kv = _select_kv(cross_kv, live)
                 cache.select(live)
-        logits = _decoder_step(model, token.unsqueeze(1), cross_kv, cache, settings.compile)
+        logits = decoder_step(model, token.unsqueeze(1), cross_kv, cache, settings.compile)
     width = int((out != pad).any(0).nonzero().max()) + 1 if bool((out != pad).any()) else 0
     return out[:, :width]
 
@@ -230,7 +119,7 @@ def beam_search_tokens(
     ]
     seqs = start.repeat_interleave(k, 0)
     cache = KVCache(seqs.shape[1] + settings.max_length)
-    logits = _decoder_step(model, seqs, cross_kv, cache, settings.compile)
+    logits = decoder_step(model, seqs, cross_kv, cache, settings.compile)
     scores = torch.zeros(batch, k, device=start.device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
     best: list[tuple[float, list[int]] | None] = [None] * batch
@@ -274,7 +163,7 @@ def beam_search_tokens(
         generated = torch.cat([generated[flat_src], new_tok.view(-1, 1)], 1)
         seqs = torch.cat([seqs[flat_src], new_tok.view(-1, 1)], 1)
         scores = new_scores
-        logits = _decoder_step(model, new_tok.view(-1, 1), cross_kv, cache, settings.compile)
+        logits = decoder_step(model, new_tok.view(-1, 1), cross_kv, cache, settings.compile)
     width = max(len(h[1]) for h in best if h is not None) if any(best) else 0
     out = torch.full((batch, width), pad, dtype=torch.long, device=start.device)
     for b, hyp in enumerate(best):
@@ -307,7 +196,7 @@ def generate_captions(
     seeds: torch.Tensor | None = None,
 ) -> list[list[str]]:
     """``num_captions`` captions per image (a list per image); ``seeds``: one per caption, image-major
-    (:func:`row_seeds`), default drawn from torch's global generator."""
+    (:func:`~capfilt.model.decoding.row_seeds`), default drawn from torch's global generator."""
     image_embeds = model.encode_image(images)
     n = images.shape[0] * num_captions
     start = prompt_ids(model, tokenizer, settings.prompt, n, image_embeds.device)
@@ -323,6 +212,11 @@ def generate_captions(
                 (k.repeat_interleave(num_captions, 0), v.repeat_interleave(num_captions, 0))
                 for k, v in cross_kv
             ]
-        tokens = sample_tokens(model, None, start, settings, seeds, cross_kv=cross_kv)
+        if settings.cuda_graphs and start.is_cuda:
+            if seeds is None:
+                seeds = torch.randint(0, 2**31 - 1, (n,), dtype=torch.long)
+            tokens = sample_tokens_static(model, start, settings, seeds, cross_kv)
+        else:
+            tokens = sample_tokens(model, None, start, settings, seeds, cross_kv=cross_kv)
     texts = decode_captions(model, tokenizer, tokens)
     return [texts[i * num_captions : (i + 1) * num_captions] for i in range(images.shape[0])]

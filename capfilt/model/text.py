@@ -96,6 +96,36 @@ class KVCache:
             self.v = self.v[:, rows]
 
 
+class StaticKVCache:
+    """A self-attention cache whose shapes never change, for decoding steps replayed as CUDA graphs.
+
+    ``k``/``v`` [layers, B, heads, max_len, head_dim] are given (zero-filled: positions not yet
+    written are masked out, and masked weights times non-finite garbage would still be NaN);
+    ``length`` is a 0-dim device tensor advanced in place, so a captured step needs no input from
+    the host. Every step attends over all ``max_len`` positions with a mask of those written so
+    far: the same attention as :class:`KVCache`'s up to float rounding.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+        self.max_len = k.shape[3]
+        self.length = torch.zeros((), dtype=torch.long, device=k.device)
+
+    def write(
+        self, layer: int, n_layers: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions of ``layer``; return all ``max_len`` of its keys/values."""
+        where = self.length + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, where, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, where, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def mask(self, new: int) -> torch.Tensor:
+        """[new, max_len] bool: new position i sees the cached positions up to its own."""
+        query = self.length + torch.arange(new, device=self.k.device)
+        return torch.arange(self.max_len, device=self.k.device)[None, :] <= query[:, None]
+
+
 class TextSelfAttention(nn.Module):
     """``query``/``key``/``value`` projections (keys/values from ``kv_width`` inputs)."""
 
@@ -198,7 +228,7 @@ class TextLayer(nn.Module):
         causal: bool,
         cross: tuple[torch.Tensor, torch.Tensor] | None,
         image_index: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | StaticKVCache | None,
         index: int,
         n_layers: int,
         first_only: bool = False,
@@ -209,7 +239,10 @@ class TextLayer(nn.Module):
             hidden = hidden[:, :1]
         q = att.heads(att.query(hidden))
         k, v = att.project_kv(keys_from)
-        if cache is not None:
+        if isinstance(cache, StaticKVCache):  # fixed shapes: a mask says what is written
+            self_mask, causal = cache.mask(q.shape[2]), False
+            k, v = cache.write(index, n_layers, k, v)
+        elif cache is not None:
             # decoding: the new positions attend to everything cached before them, causally within
             # a multi-token prefix, which must start the cache (is_causal aligns query and key 0)
             # (branches, not a boolean expression: under torch.compile the lengths can be symbolic
@@ -249,8 +282,9 @@ class TextEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """``start``: the first position (a 0-dim tensor while decoding with a static cache)."""
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device) + start
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
         return self.dropout(self.LayerNorm(x))
 
@@ -299,7 +333,7 @@ class TextModel(nn.Module):
         is_decoder: bool = False,
         cross_kv: CrossKV | None = None,
         image_index: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         first_only: bool = False,
     ) -> TextOutput:
         """Hidden states [B, L, hidden] ([B, 1, hidden] with ``first_only``).
@@ -393,7 +427,7 @@ class TextLMHeadModel(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         cross_kv: CrossKV | None = None,
         image_index: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         last_only: bool = False,
     ) -> TextOutput:
         """Causal decoder; ``logits`` [B, L, vocab] ([B, 1, vocab] with ``last_only``)."""

@@ -6,7 +6,7 @@
 Output shard i holds input shard i's samples with every field unchanged and the synthetic
 captions appended to the json's ``captions`` (origin ``synthetic``, the captioner's id).
 Ranks split the input shards (``shards[rank::world]``) and each caption's random draws depend only
-on (seed, sample key, caption index) (:func:`~capfilt.model.generate.row_seeds`), so the output is
+on (seed, sample key, caption index) (:func:`~capfilt.model.decoding.row_seeds`), so the output is
 the same whatever the world size, batch size or shard split.
 """
 
@@ -23,7 +23,8 @@ from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import StageResult, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.writer import ShardWriter
-from capfilt.model.generate import generate_captions, row_seeds
+from capfilt.model.decoding import row_seeds
+from capfilt.model.generate import generate_captions
 from capfilt.runs.resolve import load_stage_model, model_fingerprint
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import init_distributed
@@ -33,8 +34,13 @@ log = get_logger("caption")
 
 
 def _settings_of(cfg) -> dict[str, Any]:
-    """The settings that change the output (not ``num_workers``): what the config hash covers."""
-    return {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
+    """The settings that change the output (not ``num_workers``): what the config hash covers.
+    ``cuda_graphs`` only when on: off, the output is the eager loop's, as before the setting
+    existed, so shards captioned then stay done."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
+    if not settings.get("cuda_graphs"):
+        settings.pop("cuda_graphs", None)
+    return settings
 
 
 def caption_shards(

@@ -1,0 +1,195 @@
+"""Nucleus and greedy decoding with fixed shapes, each step replayed as one CUDA graph
+(``caption.cuda_graphs``).
+
+Why: a decoding step of a BLIP-base captioner at batch 128 is a few hundred small kernels, and on a
+GPU the host's time launching them, not the GPU's time running them, sets the rate
+(docs/scaling.md). A captured graph launches the whole step at once. Replaying it needs fixed
+shapes and fixed addresses, so here:
+
+- the batch keeps its finished rows (fed [PAD], their outputs masked to [PAD]) instead of
+  dropping them;
+- self-attention reads a :class:`~capfilt.model.text.StaticKVCache`: all positions, masked;
+- everything a step reads or writes, the step counter included, lives in buffers made once per
+  (batch size, prompt length, settings) and kept with the decoder (:data:`KEEP` at most).
+
+The step itself is the eager loop's (:func:`~capfilt.model.decoding.choose_tokens`, then the decoder
+on the chosen tokens), so captions equal :func:`~capfilt.model.generate.sample_tokens`' up to float
+rounding. With ``graph=False`` the same buffers run the step eagerly: how the tests compare the two
+loops on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import nullcontext
+
+import torch
+
+from capfilt.config import CaptionConfig
+from capfilt.model.decoding import CHECK_EVERY, choose_tokens, decoder_step
+from capfilt.model.text import CrossKV, StaticKVCache
+
+KEEP = 4
+"""Captured decoders kept per model (each holds its buffers and graph memory): the stage's batch
+size and its last, smaller batch need two."""
+
+WARMUP_STEPS = 2
+"""Eager steps on a side stream before capture (PyTorch's recipe: lazy initialisation of cuBLAS
+and the caching allocator must not happen inside a capture)."""
+
+
+def _capture_autocast(device: torch.device):
+    """The caller's autocast, without its cast cache: a captured cast must read the fp32 weights at
+    replay, not a cached copy freed when the caller's autocast exits."""
+    if not torch.is_autocast_enabled(device.type):
+        return nullcontext()
+    return torch.autocast(
+        device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False
+    )
+
+
+class StaticDecoder:
+    """Buffers and the one-step body of nucleus / greedy decoding for ``batch`` rows."""
+
+    @torch.inference_mode()
+    def __init__(
+        self,
+        model,
+        settings: CaptionConfig,
+        batch: int,
+        prompt_len: int,
+        cross_kv: CrossKV,
+        graph: bool,
+    ):
+        k0 = cross_kv[0][0]
+        device, dtype = k0.device, k0.dtype
+        self.model, self.settings, self.prompt_len = model, settings, prompt_len
+        self.pad, self.sep = model.special["pad"], model.special["sep"]
+        cfg = model.text_decoder.config
+        heads = cfg.num_attention_heads
+        positions = prompt_len + settings.max_length
+        shape = (cfg.num_hidden_layers, batch, heads, positions, cfg.hidden_size // heads)
+        # self-attention keys/values come out of the same autocast as the images' (same dtype)
+        self.cache = StaticKVCache(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        self.cross = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cross_kv]
+        self.seqs = torch.full((batch, positions), self.pad, dtype=torch.long, device=device)
+        self.out = torch.full(
+            (batch, settings.max_length), self.pad, dtype=torch.long, device=device
+        )
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.seeds = torch.zeros(batch, dtype=torch.long, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.logits: torch.Tensor | None = None
+        self.use_graph = graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _reset(self, start: torch.Tensor, cross_kv: CrossKV, seeds: torch.Tensor) -> None:
+        """Load a batch into the buffers and run its prompt (eagerly: once per batch)."""
+        for (k, v), (sk, sv) in zip(cross_kv, self.cross, strict=True):
+            sk.copy_(k)
+            sv.copy_(v)
+        self.seeds.copy_(seeds)
+        self.seqs.fill_(self.pad)
+        self.seqs[:, : self.prompt_len] = start
+        self.out.fill_(self.pad)
+        self.finished.zero_()
+        self.step.zero_()
+        self.cache.length.zero_()
+        logits = decoder_step(self.model, start, self.cross, self.cache, self.settings.compile)
+        if self.logits is None:
+            self.logits = torch.empty_like(logits)
+        self.logits.copy_(logits)
+
+    def _body(self) -> None:
+        """One step, in place: choose the tokens of step ``self.step``, record them, feed them."""
+        token = choose_tokens(
+            self.model, self.logits, self.seqs, self.settings, self.seeds, self.step
+        )
+        token = token.masked_fill(self.finished, self.pad).unsqueeze(1)
+        self.out.index_copy_(1, self.step.view(1), token)
+        self.seqs.index_copy_(1, (self.step + self.prompt_len).view(1), token)
+        self.finished |= token.squeeze(1) == self.sep
+        logits = decoder_step(self.model, token, self.cross, self.cache, self.settings.compile)
+        self.logits.copy_(logits)
+        self.step += 1
+
+    def _capture(self) -> None:
+        device = self.seqs.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), _capture_autocast(device):
+            for _ in range(WARMUP_STEPS):
+                self._body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread-local: the loader's pin-memory thread may call CUDA while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), _capture_autocast(device):
+            self._body()
+        self.graph = graph
+
+    @torch.inference_mode()
+    def run(self, start: torch.Tensor, cross_kv: CrossKV, seeds: torch.Tensor) -> torch.Tensor:
+        """The generated ids [B, T] (pad after [SEP]) of one batch, as ``sample_tokens`` returns them."""
+        if self.use_graph and self.graph is None:
+            self._reset(start, cross_kv, seeds)
+            self._capture()  # its warm-up steps moved the buffers on: load the batch again
+        self._reset(start, cross_kv, seeds)
+        max_len = self.settings.max_length
+        for t in range(max_len):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._body()
+            if (t + 1) % CHECK_EVERY == 0 and t + 1 < max_len and bool(self.finished.all()):
+                break
+        used = (self.out != self.pad).any(0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 0
+        return self.out[:, :width].clone()
+
+
+def _key(settings: CaptionConfig, start: torch.Tensor, cross_kv: CrossKV, graph: bool) -> tuple:
+    k0 = cross_kv[0][0]
+    fields = ("method", "top_p", "temperature", "repetition_penalty", "min_length", "max_length")
+    return (
+        tuple(start.shape),
+        tuple(k0.shape),
+        k0.dtype,
+        str(k0.device),
+        graph,
+        settings.compile,
+        *(getattr(settings, f) for f in fields),
+    )
+
+
+def sample_tokens_static(
+    model,
+    start: torch.Tensor,
+    settings: CaptionConfig,
+    seeds: torch.Tensor,
+    cross_kv: CrossKV,
+    graph: bool = True,
+) -> torch.Tensor:
+    """:func:`~capfilt.model.generate.sample_tokens` with fixed shapes: generated ids [B, T].
+
+    ``graph``: capture the step as a CUDA graph and replay it (CUDA tensors only); else run the
+    same step eagerly. The decoder for this batch shape and these settings is made (and captured)
+    on first use and kept with the model's text decoder, outside its state dict.
+    """
+    if settings.method not in ("nucleus", "greedy"):
+        raise ValueError(f"fixed-shape decoding is for nucleus and greedy, not {settings.method!r}")
+    if graph and not start.is_cuda:
+        raise ValueError("CUDA graphs need the model and the batch on a CUDA device")
+    if settings.max_length <= 0:
+        return start.new_zeros(start.shape[0], 0)
+    kept = model.text_decoder.__dict__.setdefault("_static_decoders", OrderedDict())
+    key = _key(settings, start, cross_kv, graph)
+    decoder = kept.pop(key, None)
+    if decoder is None:
+        decoder = StaticDecoder(model, settings, start.shape[0], start.shape[1], cross_kv, graph)
+    kept[key] = decoder  # most recently used last
+    while len(kept) > KEEP:
+        kept.popitem(last=False)
+    return decoder.run(start, cross_kv, seeds.to(start.device))
