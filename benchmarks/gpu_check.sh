@@ -13,6 +13,7 @@
 #                    ceiling on their rate): benchmarks/stage_host_cost.py;
 #   pretrain_mfu     BLIP-base pretraining, model only: benchmarks/pretrain_throughput.py, batch 64,
 #                    bf16; MFU against an 8192² bf16 matmul timed between the step blocks;
+#   pretrain_mfu_large  the same at batch 192 (does MFU grow with the batch: launch-bound?);
 #   pretrain_cli     `capfilt pretrain` at BLIP-base with its loader on the same photos (samples/s
 #                    from metrics.jsonl, to compare with pretrain_mfu's model-only rate);
 #   vs_transformers  caption/filter against transformers' BLIP classes, same weights, BLIP-base;
@@ -236,8 +237,10 @@ vs_race() {
     grep -E "$pattern" "$OUT/$name.log" | tee -a "$SUMMARY"
 }
 
-# 2. BLIP-base pretraining MFU, model only
+# 2. BLIP-base pretraining MFU, model only; then at 3x the batch: a step bound by launching kernels
+# (host time per step independent of the batch) gains MFU with the batch, one bound by the GPU does not
 mfu pretrain_mfu 100
+mfu pretrain_mfu_large 100 --batch $((BATCH * 3)) --steps 5 --rounds 2
 
 # 3. `capfilt pretrain` with its loader on the photos, same vocabulary
 if wanted pretrain_cli; then

@@ -580,6 +580,37 @@ def test_fixed_shape_decoding_refuses_what_it_cannot_do(peaked_captioner, tok, s
         )
 
 
+@pytest.mark.parametrize("method", ["greedy", "nucleus"])
+def test_the_captured_step_never_reads_a_value_back(peaked_captioner, tok, synth, method):
+    """A CUDA graph cannot hold a host sync: among the ops of the step that is captured, none
+    reads a device value back to the host (checked on a CPU through the ops dispatched)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from capfilt.model.decode_graph import StaticDecoder
+
+    syncs = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal"}
+
+    class Ops(TorchDispatchMode):
+        seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model, images = peaked_captioner, _synth_images(synth, 4)
+    settings = _settings(method=method, prompt=PROMPT, max_length=8, min_length=2)
+    start = prompt_ids(model, tok, PROMPT, 4, images.device)
+    cross_kv = model.image_cross_kv(model.encode_image(images))
+    decoder = StaticDecoder(model, settings, 4, start.shape[1], cross_kv, graph=False)
+    with torch.inference_mode():
+        decoder._reset(start, cross_kv, row_seeds(0, list("abcd")))
+        with Ops() as ops:
+            decoder._body()
+    assert "index_copy_" in ops.seen and ("topk" in ops.seen or method == "greedy")
+    assert not ops.seen & syncs
+    assert int(decoder.step) == 1 and int(decoder.cache.length) == start.shape[1] + 1
+
+
 def test_the_caption_hash_covers_cuda_graphs_only_when_on():
     """Off, the output is the eager loop's, as before the setting existed: shards captioned then
     stay done; on, captions may differ by float rounding, so they are redone."""
