@@ -42,9 +42,9 @@ from capfilt.model import (
 )
 from capfilt.model.decode_graph import sample_tokens_static
 from capfilt.model.decoding import (
-    _block_specials,
-    _penalise_repeats,
+    block_specials,
     nucleus_candidates,
+    penalise_repeats,
     row_seeds,
     uniform_draws,
 )
@@ -260,7 +260,7 @@ def greedy_reference(
     for t in range(max_length):
         mask = torch.ones_like(seqs)
         logits = model.lm_logits(image_embeds, seqs, mask)[:, -1, :].float()
-        logits = _block_specials(model, logits, allow_eos=t >= min_length)
+        logits = block_specials(model, logits, allow_eos=t >= min_length)
         token = torch.where(
             finished,
             torch.full_like(logits[:, 0], model.special["pad"], dtype=torch.long),
@@ -722,12 +722,12 @@ def test_top_k_nucleus_equals_full_vocabulary_nucleus_when_it_fits():
 def test_repetition_penalty_divides_positive_multiplies_negative():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, -1.0]])
     seen = torch.tensor([[0, 1, 1, 4]])  # token 1 twice: penalised once (CTRL / transformers)
-    out = _penalise_repeats(logits.clone(), seen, 2.0)
+    out = penalise_repeats(logits.clone(), seen, 2.0)
     assert torch.allclose(out, torch.tensor([[1.0, -4.0, 1.0, 0.5, -2.0]]))
-    assert torch.equal(_penalise_repeats(logits, seen, 1.0), logits)
+    assert torch.equal(penalise_repeats(logits, seen, 1.0), logits)
     batch = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
     assert torch.allclose(
-        _penalise_repeats(batch, torch.tensor([[0], [1]]), 1.1),
+        penalise_repeats(batch, torch.tensor([[0], [1]]), 1.1),
         torch.tensor([[1 / 1.1, 1.0], [-1.0, -1.1]]),
     )
 

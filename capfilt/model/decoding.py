@@ -66,7 +66,7 @@ def uniform_draws(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor
     return (x >> 8).to(torch.float32) / float(1 << 24)
 
 
-def _penalise_repeats(logits: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch.Tensor:
+def penalise_repeats(logits: torch.Tensor, seqs: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL repetition penalty: logits of tokens already in the sequence are divided (if > 0) or multiplied by ``penalty``."""
     if penalty == 1.0:
         return logits
@@ -75,7 +75,7 @@ def _penalise_repeats(logits: torch.Tensor, seqs: torch.Tensor, penalty: float) 
     return logits.scatter(1, seqs, seen)
 
 
-def _block_specials(model, logits: torch.Tensor, allow_eos: bool | torch.Tensor) -> torch.Tensor:
+def block_specials(model, logits: torch.Tensor, allow_eos: bool | torch.Tensor) -> torch.Tensor:
     """[PAD], [CLS], [ENC], [DEC] never; [SEP] only where ``allow_eos`` (a bool, or a 0-dim bool
     tensor that a captured step computes on the device)."""
     for name in ("pad", "cls", "enc", "dec"):
@@ -125,9 +125,9 @@ def choose_tokens(
     penalty over ``seqs`` (the ids so far; [PAD] entries are harmless: [PAD] is blocked), specials
     blocked ([SEP] before ``min_length`` generated tokens), then greedy or nucleus sampling with
     the rows' draws for ``step`` (0-based count of generated tokens; an int, or a 0-dim device tensor)."""
-    logits = _penalise_repeats(logits, seqs, settings.repetition_penalty)
+    logits = penalise_repeats(logits, seqs, settings.repetition_penalty)
     allow_eos = step >= settings.min_length
-    logits = _block_specials(model, logits, allow_eos)
+    logits = block_specials(model, logits, allow_eos)
     if settings.method == "greedy":
         return logits.argmax(-1)
     scaled = logits / max(settings.temperature, 1e-6)

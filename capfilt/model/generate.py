@@ -24,10 +24,10 @@ from capfilt.config import CaptionConfig
 from capfilt.model.decode_graph import sample_tokens_static
 from capfilt.model.decoding import (
     CHECK_EVERY,
-    _block_specials,
-    _penalise_repeats,
+    block_specials,
     choose_tokens,
     decoder_step,
+    penalise_repeats,
 )
 from capfilt.model.text import CrossKV, KVCache
 from capfilt.model.tokenizer import prompt_token_ids
@@ -59,8 +59,9 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Nucleus sampling (or greedy) from ``start`` ids; returns the generated ids [B, T] (pad after [SEP]).
 
-    ``seeds`` [B]: per-row sampling seeds (:func:`~capfilt.model.decoding.row_seeds`); default: drawn from torch's global
-    generator. ``cross_kv``: the images' cross-attention keys/values (else from ``image_embeds``).
+    ``seeds`` [B]: per-row sampling seeds (:func:`~capfilt.model.decoding.row_seeds`); default:
+    drawn from torch's global generator. ``cross_kv``: the images' cross-attention keys/values
+    (else from ``image_embeds``).
     """
     sep, pad = model.special["sep"], model.special["pad"]
     batch, device = start.shape[0], start.device
@@ -125,8 +126,8 @@ def beam_search_tokens(
     best: list[tuple[float, list[int]] | None] = [None] * batch
     generated = seqs.new_zeros(batch * k, 0)
     for t in range(settings.max_length):
-        logits = _penalise_repeats(logits, seqs, settings.repetition_penalty)
-        logp = _block_specials(model, logits, allow_eos=t >= settings.min_length).log_softmax(-1)
+        logits = penalise_repeats(logits, seqs, settings.repetition_penalty)
+        logp = block_specials(model, logits, allow_eos=t >= settings.min_length).log_softmax(-1)
         vocab = logp.shape[-1]
         total = (scores.view(-1, 1) + logp).view(batch, k * vocab)
         top_scores, top_idx = total.topk(2 * k, dim=1)
