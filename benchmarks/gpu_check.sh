@@ -27,7 +27,8 @@
 # run into the same OUT reuses its photos, shards and models (a warm machine skips the set-up).
 # Measured on H200s (2026-11-28): set-up to vs_transformers 4.5-6 min, the suite 2.5 min with 12
 # workers, the compiled steps and the demo not yet: all of it runs past 8 minutes; DEADLINE stops
-# what does not fit.
+# what does not fit. With ~10 minutes of GPU time, the questions still open come first with
+#   SKIP="host_cost pretrain_cli vs_transformers_compiled pretrain_mfu_compiled demo"
 #
 # A CPU-only dry run of the script's plumbing (meaningless figures, small sizes):
 #   ALLOW_CPU=1 COPIES=1 SMALL=1 SKIP="suite demo" bash benchmarks/gpu_check.sh /tmp/gc
