@@ -121,13 +121,15 @@ class StaticDecoder:
         device = self.seqs.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), _capture_autocast(device):
+        with torch.cuda.device(device), torch.cuda.stream(side), _capture_autocast(device):
             for _ in range(WARMUP_STEPS):
                 self._body()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread-local: the loader's pin-memory thread may call CUDA while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"), _capture_autocast(device):
+        # on the batch's device's side stream (torch's default capture stream belongs to whichever
+        # device was current first); thread-local: other threads may call CUDA meanwhile
+        capture = torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local")
+        with torch.cuda.device(device), capture, _capture_autocast(device):
             self._body()
         self.graph = graph
 
