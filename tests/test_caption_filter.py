@@ -559,6 +559,10 @@ def test_fixed_shape_decoding_gives_the_eager_loops_ids(peaked_captioner, tok, s
     static, eager, _ = _static_vs_eager(model, tok, images[:3], settings, graph=False)
     assert torch.equal(static, eager)
     assert len(model.text_decoder.__dict__["_static_decoders"]) == 2
+    for max_length in (1, 2):  # a last step that feeds nothing comes first or second
+        short = dataclasses.replace(settings, max_length=max_length, min_length=0)
+        static, eager, _ = _static_vs_eager(model, tok, images[:4], short, graph=False)
+        assert static.shape[1] <= max_length and torch.equal(static, eager)
 
 
 def test_fixed_shape_decoding_refuses_what_it_cannot_do(peaked_captioner, tok, synth):

@@ -1,10 +1,10 @@
 """Nucleus and greedy decoding with fixed shapes, each step replayed as one CUDA graph
 (``caption.cuda_graphs``).
 
-Why: a decoding step of a BLIP-base captioner is some 450 small kernels (operators other than views,
-counted on a CPU: 12 layers, token choice), and on a GPU at batch 128 the host's time launching
-them, not the GPU's time running them, sets the rate (docs/scaling.md). A captured graph launches the whole step at once. Replaying it needs fixed
-shapes and fixed addresses, so here:
+Why: a decoding step of a BLIP-base captioner is some 450 small kernels (operators other than
+views, counted on a CPU: 12 layers, token choice), and on a GPU at batch 128 the host's time
+launching them, not the GPU's time running them, sets the rate (docs/scaling.md). A captured
+graph launches the whole step at once. Replaying it needs fixed shapes and fixed addresses, so:
 
 - the batch keeps its finished rows (fed [PAD], their outputs masked to [PAD]) instead of
   dropping them;
@@ -104,8 +104,8 @@ class StaticDecoder:
             self.logits = torch.empty_like(logits)
         self.logits.copy_(logits)
 
-    def _body(self) -> None:
-        """One step, in place: choose the tokens of step ``self.step``, record them, feed them."""
+    def _choose(self) -> torch.Tensor:
+        """Choose and record the tokens [B, 1] of step ``self.step``."""
         token = choose_tokens(
             self.model, self.logits, self.seqs, self.settings, self.seeds, self.step
         )
@@ -113,6 +113,12 @@ class StaticDecoder:
         self.out.index_copy_(1, self.step.view(1), token)
         self.seqs.index_copy_(1, (self.step + self.prompt_len).view(1), token)
         self.finished |= token.squeeze(1) == self.sep
+        return token
+
+    def _body(self) -> None:
+        """One step, in place: choose the tokens of step ``self.step``, record them, feed them to
+        the decoder for the next step's logits."""
+        token = self._choose()
         logits = decoder_step(self.model, token, self.cross, self.cache, self.settings.compile)
         self.logits.copy_(logits)
         self.step += 1
@@ -122,7 +128,8 @@ class StaticDecoder:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.device(device), torch.cuda.stream(side), _capture_autocast(device):
-            for _ in range(WARMUP_STEPS):
+            # no further than the loop goes (its last step feeds nothing)
+            for _ in range(min(WARMUP_STEPS, self.settings.max_length - 1)):
                 self._body()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -136,7 +143,8 @@ class StaticDecoder:
     @torch.inference_mode()
     def run(self, start: torch.Tensor, cross_kv: CrossKV, seeds: torch.Tensor) -> torch.Tensor:
         """The generated ids [B, T] (pad after [SEP]) of one batch, as ``sample_tokens`` returns them."""
-        if self.use_graph and self.graph is None:
+        max_len = self.settings.max_length
+        if self.use_graph and self.graph is None and max_len > 1:  # 1 step: nothing to replay
             self._reset(start, cross_kv, seeds)
             try:
                 self._capture()  # its warm-up steps move the buffers on: the batch is loaded again
@@ -146,9 +154,10 @@ class StaticDecoder:
                     "(--set caption.cuda_graphs=false decodes without graphs)"
                 ) from err
         self._reset(start, cross_kv, seeds)
-        max_len = self.settings.max_length
         for t in range(max_len):
-            if self.graph is not None:
+            if t + 1 == max_len:
+                self._choose()  # the last tokens: nothing to feed (nor a position past the last)
+            elif self.graph is not None:
                 self.graph.replay()
             else:
                 self._body()
