@@ -2,9 +2,10 @@
 (``caption.cuda_graphs``).
 
 Why: a decoding step of a BLIP-base captioner is some 450 small kernels (operators other than
-views, counted on a CPU: 12 layers, token choice), and on a GPU at batch 128 the host's time
-launching them, not the GPU's time running them, sets the rate (docs/scaling.md). A captured
-graph launches the whole step at once. Replaying it needs fixed shapes and fixed addresses, so:
+views, counted on a CPU by benchmarks/decode_step_ops.py), and on a GPU at batch 128 the host's
+time launching them, not the GPU's time running them, sets the rate (docs/scaling.md). A
+captured graph launches the whole step at once. Replaying it needs fixed shapes and fixed
+addresses, so:
 
 - the batch keeps its finished rows (fed [PAD], their outputs masked to [PAD]) instead of
   dropping them;
@@ -142,7 +143,7 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def run(self, start: torch.Tensor, cross_kv: CrossKV, seeds: torch.Tensor) -> torch.Tensor:
-        """The generated ids [B, T] (pad after [SEP]) of one batch, as ``sample_tokens`` returns them."""
+        """The generated ids [B, T] of one batch ([PAD] after [SEP]), as ``sample_tokens`` gives."""
         max_len = self.settings.max_length
         if self.use_graph and self.graph is None and max_len > 1:  # 1 step: nothing to replay
             self._reset(start, cross_kv, seeds)

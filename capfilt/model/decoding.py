@@ -124,7 +124,7 @@ def choose_tokens(
     """The next token of each row [B] from the last position's ``logits`` [B, vocab]: repetition
     penalty over ``seqs`` (the ids so far; [PAD] entries are harmless: [PAD] is blocked), specials
     blocked ([SEP] before ``min_length`` generated tokens), then greedy or nucleus sampling with
-    the rows' draws for ``step`` (0-based count of generated tokens; an int, or a 0-dim device tensor)."""
+    the rows' draws for ``step`` (generated tokens so far: an int, or a 0-dim device tensor)."""
     logits = penalise_repeats(logits, seqs, settings.repetition_penalty)
     allow_eos = step >= settings.min_length
     logits = block_specials(model, logits, allow_eos)
