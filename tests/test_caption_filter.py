@@ -595,7 +595,9 @@ def test_the_captured_step_never_reads_a_value_back(peaked_captioner, tok, synth
     syncs = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal"}
 
     class Ops(TorchDispatchMode):
-        seen: set[str] = set()
+        def __init__(self):
+            super().__init__()
+            self.seen: set[str] = set()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.seen.add(func.overloadpacket.__name__)
@@ -649,6 +651,7 @@ def test_cuda_graph_replay_gives_the_captured_steps_ids(peaked_captioner, tok, s
             assert captions == generate_captions(model, tok, images, graphs, 1, seeds)
             assert len({c[0] for c in captions}) >= 2
     finally:
+        model.text_decoder.__dict__.pop("_static_decoders", None)  # their GPU buffers and graphs
         model.cpu()
 
 
