@@ -27,7 +27,7 @@ from contextlib import nullcontext
 import torch
 
 from capfilt.config import CaptionConfig
-from capfilt.model.decoding import CHECK_EVERY, choose_tokens, decoder_step
+from capfilt.model.decoding import CHECK_EVERY, choose_tokens, decoder_step, trim_padding
 from capfilt.model.text import CrossKV, StaticKVCache
 
 KEEP = 2
@@ -164,9 +164,7 @@ class StaticDecoder:
                 self._body()
             if (t + 1) % CHECK_EVERY == 0 and t + 1 < max_len and bool(self.finished.all()):
                 break
-        used = (self.out != self.pad).any(0).nonzero()
-        width = int(used.max()) + 1 if used.numel() else 0
-        return self.out[:, :width].clone()
+        return trim_padding(self.out, self.pad).clone()
 
 
 def _key(settings: CaptionConfig, start: torch.Tensor, cross_kv: CrossKV, graph: bool) -> tuple:

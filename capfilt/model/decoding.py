@@ -44,6 +44,17 @@ def row_seeds(seed: int, keys: Sequence[str], num_captions: int = 1) -> torch.Te
     return torch.tensor(out, dtype=torch.long)
 
 
+def random_seeds(n: int) -> torch.Tensor:
+    """``n`` sampling seeds from torch's global generator: the default when no keys give them."""
+    return torch.randint(0, 2**31 - 1, (n,), dtype=torch.long)
+
+
+def trim_padding(out: torch.Tensor, pad: int) -> torch.Tensor:
+    """Generated ids [B, T] cut after the last column that holds a token other than [PAD]."""
+    used = (out != pad).any(0).nonzero()
+    return out[:, : int(used.max()) + 1 if used.numel() else 0]
+
+
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2^32 for int64 x < 2^32, without overflowing int64 (16-bit halves)."""
     lo, hi = x & 0xFFFF, x >> 16

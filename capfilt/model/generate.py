@@ -28,6 +28,8 @@ from capfilt.model.decoding import (
     choose_tokens,
     decoder_step,
     penalise_repeats,
+    random_seeds,
+    trim_padding,
 )
 from capfilt.model.text import CrossKV, KVCache
 from capfilt.model.tokenizer import prompt_token_ids
@@ -68,7 +70,7 @@ def sample_tokens(
     if cross_kv is None:
         cross_kv = model.image_cross_kv(image_embeds)
     if seeds is None:
-        seeds = torch.randint(0, 2**31 - 1, (batch,), dtype=torch.long)
+        seeds = random_seeds(batch)
     seeds = seeds.to(device)
     max_len = settings.max_length
     if max_len <= 0:
@@ -102,8 +104,7 @@ def sample_tokens(
                 cross_kv = _select_kv(cross_kv, live)
                 cache.select(live)
         logits = decoder_step(model, token.unsqueeze(1), cross_kv, cache, settings.compile)
-    width = int((out != pad).any(0).nonzero().max()) + 1 if bool((out != pad).any()) else 0
-    return out[:, :width]
+    return trim_padding(out, pad)
 
 
 @torch.no_grad()
@@ -215,7 +216,7 @@ def generate_captions(
             ]
         if settings.cuda_graphs and start.is_cuda:
             if seeds is None:
-                seeds = torch.randint(0, 2**31 - 1, (n,), dtype=torch.long)
+                seeds = random_seeds(n)
             tokens = sample_tokens_static(model, start, settings, seeds, cross_kv)
         else:
             tokens = sample_tokens(model, None, start, settings, seeds, cross_kv=cross_kv)
