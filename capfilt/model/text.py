@@ -284,7 +284,11 @@ class TextEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """``start``: the first position (a 0-dim tensor while decoding with a static cache)."""
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device) + start
+        length, device = input_ids.shape[1], input_ids.device
+        if isinstance(start, torch.Tensor):  # read on the device: a captured step cannot sync
+            pos = torch.arange(length, device=device) + start
+        else:  # one kernel on the training and eager-decoding path, not two
+            pos = torch.arange(start, start + length, device=device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
         return self.dropout(self.LayerNorm(x))
 
