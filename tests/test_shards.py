@@ -17,6 +17,7 @@ from capfilt.data.stage import StageError, run_shard_stage
 from capfilt.data.text import clean_caption
 from capfilt.data.writer import (
     ShardWriter,
+    _header,
     _tarinfo,
     encode_field,
     is_shard_done,
@@ -164,6 +165,15 @@ def test_the_writer_writes_the_bytes_tarfile_writes(tmp_path, n_samples):
     read_back = list(iter_tar_samples(str(tar_path(tmp_path, 0))))
     assert [r["__key__"] for r in read_back] == [s["__key__"] for s in samples]
     assert [r["bin"] for r in read_back] == [s["bin"] for s in samples]
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "é" * 50, "x" * 100, "x" * 101, "é" * 51])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 8**11 - 1, 8**11, 2**40])
+def test_a_member_header_is_tarfiles_own(name, size):
+    # names at the 100-byte limit (two-byte characters crossing it), sizes at the last one that
+    # octal digits hold and beyond it (base-256): byte for byte what TarInfo.tobuf writes
+    expected = _tarinfo(name, size).tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
+    assert _header(name, size) == expected
 
 
 def test_shard_specs(tmp_path):

@@ -78,16 +78,48 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _template_header() -> bytearray:
+    """A GNU header block as tarfile writes it for ``_tarinfo("", 0)``, its checksum field blank
+    (8 spaces, as the checksum is computed): the fixed fields of every member's header."""
+    block = bytearray(_tarinfo("", 0).tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    block[_CHKSUM] = b" " * 8
+    return block
+
+
+_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+"""Header fields (ustar layout): name (NUL-padded), size (11 octal digits + NUL), checksum."""
+_TEMPLATE = _template_header()
+
+
+def _header(name: str, size: int) -> bytes:
+    """The header block(s) of a member, byte for byte as ``TarInfo.tobuf`` in GNU format.
+
+    tobuf builds a TarInfo's every field each call (~20 us; three members per sample, in the
+    stages' main process, whose time per image is a GPU stage's ceiling:
+    ``benchmarks/stage_host_cost.py``); here only the name, size and checksum change in a copy
+    of a template. A name over 100 bytes (GNU long-name block) or a size of 8 GiB or more
+    (base-256 digits) goes through tobuf.
+    """
+    encoded = name.encode(tarfile.ENCODING, "surrogateescape")
+    if len(encoded) > 100 or size >= 8**11:
+        info = _tarinfo(name, size)
+        return info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
+    block = _TEMPLATE.copy()
+    block[: len(encoded)] = encoded
+    block[_SIZE] = b"%011o\0" % size
+    # tarfile's checksum: the unsigned byte sum with the field as spaces, 6 octal digits + NUL
+    block[148:155] = b"%06o\0" % sum(block)
+    return bytes(block)
+
+
 def _member_bytes(name: str, data: bytes) -> list[bytes]:
     """A tar member as ``TarFile.addfile`` writes it in GNU format: header block(s) (a long name
     takes its own), the data, NUL padding to the 512-byte block. Written by hand, without
     ``addfile``'s copies of the header object and of the data through a file object: the
     stages' main process writes every sample, and on a GPU its time per image is the stage's
     ceiling (``benchmarks/stage_host_cost.py``)."""
-    header = _tarinfo(name, len(data)).tobuf(
-        tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape"
-    )
     pad = -len(data) % tarfile.BLOCKSIZE
+    header = _header(name, len(data))
     return [header, data, tarfile.NUL * pad] if pad else [header, data]
 
 
