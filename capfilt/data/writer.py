@@ -81,7 +81,9 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 def _template_header() -> bytearray:
     """A GNU header block as tarfile writes it for ``_tarinfo("", 0)``, its checksum field blank
     (8 spaces, as the checksum is computed): the fixed fields of every member's header."""
-    block = bytearray(_tarinfo("", 0).tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    block = bytearray(
+        _tarinfo("", 0).tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
+    )
     block[_CHKSUM] = b" " * 8
     return block
 
