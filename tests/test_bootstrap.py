@@ -34,7 +34,16 @@ FAST = [
 ]
 """Overrides of the tiny recipe that keep every stage to a few optimiser steps."""
 SYNTH = ["synth.n_human=16", "synth.n_web=16", "synth.n_test=8", "synth.shard_size=8"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Bootstrap runs compared to the bit (a resumed one with an uninterrupted one) train on the CPU
+# even where a GPU is visible: capfilt asks for deterministic kernels on CPUs only.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _on_cpu():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
 
 
 def _cli(*args: str) -> list[str]:

@@ -67,3 +67,14 @@ def test_two_ranks_match_one_process_with_double_batch(tmp_path):
     assert "text_decoder.cls.predictions.transform.dense.weight" in filter_unused
     # accumulation over two micro-batches is a different step from one batch of 8, not a no-op
     assert not torch.allclose(one["pretrain/1"]["losses"], one["pretrain/2"]["losses"])
+
+
+def test_each_rank_takes_a_visible_gpu(monkeypatch):
+    from capfilt.utils.dist import local_gpu
+
+    # torchrun: every GPU of the node visible, a rank's LOCAL_RANK is its device
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert [local_gpu(r) for r in (0, 3, 7)] == [0, 3, 7]
+    # one GPU per process (SLURM --gpus-per-task=1): each sees its own as device 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [local_gpu(r) for r in (0, 3, 7)] == [0, 0, 0]

@@ -154,7 +154,31 @@ def test_train_itm_negatives_reaches_the_sampler(synth_data, tmp_path, monkeypat
     assert modes == ["random", "random"]
 
 
-def test_resume_after_stop_equals_uninterrupted_run(synth_data, tmp_path):
+def test_a_checkpoint_restores_the_cuda_state_of_this_device_only(monkeypatch):
+    from capfilt.train import checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(state.tolist()))
+    state = checkpoint.rng_state()
+    assert state["cuda"].tolist() == [7]
+    checkpoint.set_rng_state(state)
+    # a checkpoint of the earlier layout (one state per visible device, saved by rank 0 with 8
+    # GPUs visible) restores rank 0's device's state, even where fewer GPUs are visible now
+    old = {**state, "cuda": [torch.tensor([d], dtype=torch.uint8) for d in range(8)]}
+    checkpoint.set_rng_state(old)
+    assert restored == [[7], [0]]
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Train on the CPU even where a GPU is visible: a resumed run equals an uninterrupted one to
+    the bit where the kernels are deterministic, which capfilt asks for on CPUs only."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_resume_after_stop_equals_uninterrupted_run(synth_data, tmp_path, on_cpu):
     train(_job(synth_data, tmp_path / "a", "train.samples_per_epoch=96"))  # 12 steps
     train(_job(synth_data, tmp_path / "b", "train.samples_per_epoch=96", stop_after=5))
     assert not (tmp_path / "b" / "model").exists()
@@ -202,7 +226,8 @@ def _pretrain_cmd(synth_data, out):
 
 
 def test_killed_pretrain_resumes_to_the_same_weights(synth_data, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # on the CPU even where a GPU is visible (see on_cpu)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run(
         _pretrain_cmd(synth_data, tmp_path / "ref"), check=True, capture_output=True, env=env
     )

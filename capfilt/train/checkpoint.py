@@ -22,18 +22,27 @@ from capfilt.runs.run_folder import RunFolder
 
 
 def rng_state() -> dict[str, Any]:
+    """The random states a resumed run continues from: torch's CPU generator, Python's, and the
+    CUDA generator of the current device (this rank's GPU). Every rank starts from the same seed
+    and draws the same shapes, so rank 0's state, which the checkpoint keeps, is every rank's."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`; the CUDA state goes to the current device only (not one state
+    per device: a rank uses one GPU, and a resume may see fewer GPUs than the run that saved)."""
     torch.set_rng_state(state["torch"])
     version = random.getstate()[0]
     random.setstate((version, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # checkpoints before: one state per visible device,
+            cuda = cuda[0] if cuda else None  # of which rank 0 (on device 0) advanced the first
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def save_checkpoint(

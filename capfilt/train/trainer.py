@@ -121,7 +121,10 @@ def wrap_for_training(
 
         module = DistributedDataParallel(
             model,
-            device_ids=[device.index] if device.type == "cuda" else None,
+            # no device_ids: the trainer puts each input where it belongs, and DDP with device_ids
+            # would copy every tensor argument to the GPU, the image ids that are checked on the
+            # host included (two host syncs per micro-step then)
+            device_ids=None,
             broadcast_buffers=False,
             find_unused_parameters=set(losses) != set(STAGE_LOSSES["pretrain"]),
         )

@@ -35,6 +35,16 @@ def env_dist_info() -> DistInfo:
     return DistInfo()
 
 
+def local_gpu(local_rank: int) -> int:
+    """The CUDA device index of the rank with ``local_rank`` on its node: that index when the node's
+    GPUs are all visible (torchrun), the rank's share when a launcher gives each process fewer
+    (e.g. SLURM's ``--gpus-per-task=1``, where every process sees one GPU as device 0)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return local_rank % count if count else local_rank
+
+
 def init_distributed() -> DistInfo:
     """Initialise the process group when launched with several processes (NCCL on GPU, gloo on CPU)."""
     info = env_dist_info()
@@ -47,7 +57,7 @@ def init_distributed() -> DistInfo:
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(info.local_rank)
+            torch.cuda.set_device(local_gpu(info.local_rank))
         dist.init_process_group(backend=backend)
     return info
 
