@@ -78,3 +78,15 @@ def test_each_rank_takes_a_visible_gpu(monkeypatch):
     # one GPU per process (SLURM --gpus-per-task=1): each sees its own as device 0
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert [local_gpu(r) for r in (0, 3, 7)] == [0, 0, 0]
+
+
+def test_the_backend_follows_the_collectives_device(monkeypatch):
+    from capfilt.utils.dist import backend_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backend_for() == "nccl" and backend_for("cuda:1") == "nccl"
+    assert (
+        backend_for("cpu") == "gloo"
+    )  # `eval retrieval --device cpu` under torchrun on a GPU node
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend_for() == "gloo"

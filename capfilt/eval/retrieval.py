@@ -643,7 +643,7 @@ def evaluate_retrieval(
         from capfilt.utils.device import default_device
         from capfilt.utils.dist import init_distributed
 
-        init_distributed()
+        init_distributed(str(device) if device is not None else None)
         device = torch.device(device) if device is not None else default_device()
         model, tokenizer, _, meta, _ = load_stage_model(model, device)
     elif tokenizer is None:

@@ -45,8 +45,20 @@ def local_gpu(local_rank: int) -> int:
     return local_rank % count if count else local_rank
 
 
-def init_distributed() -> DistInfo:
-    """Initialise the process group when launched with several processes (NCCL on GPU, gloo on CPU)."""
+def backend_for(device: str | None = None) -> str:
+    """The process group's backend: NCCL for CUDA tensors, gloo for CPU ones. ``device``: where
+    the collectives' tensors live (default: CUDA when there is a GPU), so a CPU evaluation under
+    torchrun on a GPU node (``--device cpu``) gets gloo."""
+    import torch
+
+    if device is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Initialise the process group when launched with several processes (:func:`backend_for`
+    ``device``)."""
     info = env_dist_info()
     if not info.distributed:
         return info
@@ -55,7 +67,7 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         import torch
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(local_gpu(info.local_rank))
         dist.init_process_group(backend=backend)
