@@ -555,10 +555,17 @@ def test_fixed_shape_decoding_gives_the_eager_loops_ids(peaked_captioner, tok, s
         assert n_ends >= 2  # rows ended at different steps: finished rows stayed while others ran
     assert len(model.text_decoder.__dict__["_static_decoders"]) == 1  # one shape, one decoder
     assert not any("static" in k for k in model.state_dict())
-    # a smaller last batch gets a decoder of its own
-    static, eager, _ = _static_vs_eager(model, tok, images[:3], settings, graph=False)
+    # a smaller last batch runs in the kept decoder, its missing rows finished from the start
+    for rows in (images[:3], images[5:6]):
+        static, eager, _ = _static_vs_eager(model, tok, rows, settings, graph=False)
+        assert torch.equal(static, eager)
+    assert len(model.text_decoder.__dict__["_static_decoders"]) == 1
+    # a larger one gets a decoder of its own; then the smaller ones use the smaller decoder again
+    static, eager, _ = _static_vs_eager(model, tok, images, settings, graph=False)
     assert torch.equal(static, eager)
-    assert len(model.text_decoder.__dict__["_static_decoders"]) == 2
+    static, eager, _ = _static_vs_eager(model, tok, images[:7], settings, graph=False)
+    assert torch.equal(static, eager)
+    assert sorted(key[1] for key in model.text_decoder.__dict__["_static_decoders"]) == [8, 16]
     for max_length in (1, 2):  # a last step that feeds nothing comes first or second
         short = dataclasses.replace(settings, max_length=max_length, min_length=0)
         static, eager, _ = _static_vs_eager(model, tok, images[:4], short, graph=False)
@@ -639,7 +646,7 @@ def test_cuda_graph_replay_gives_the_captured_steps_ids(peaked_captioner, tok, s
         images = _synth_images(synth, 16).cuda()
         settings = _settings(method="nucleus", prompt=PROMPT, max_length=12, min_length=2)
         with torch.no_grad(), autocast(images.device, precision):
-            for batch in (images[:8], images[8:]):
+            for batch in (images[:8], images[8:], images[:5]):  # the last in the 8-row graph
                 graphed, eager, _ = _static_vs_eager(model, tok, batch, settings, graph=True)
                 replayed_eagerly, _, _ = _static_vs_eager(model, tok, batch, settings, graph=False)
                 assert torch.equal(graphed, replayed_eagerly)

@@ -11,7 +11,9 @@ addresses, so:
   dropping them;
 - self-attention reads a :class:`~capfilt.model.text.StaticKVCache`: all positions, masked;
 - everything a step reads or writes, the step counter included, lives in buffers made once per
-  (batch size, prompt length, settings) and kept with the decoder (:data:`KEEP` at most).
+  (batch size, prompt length, settings) and kept with the decoder (:data:`KEEP` at most);
+- a smaller batch (a shard's last) runs in a kept decoder for more rows, the rows it lacks marked
+  finished from the start: no capture of its own for every shard whose last batch differs.
 
 The step itself is the eager loop's (:func:`~capfilt.model.decoding.choose_tokens`, then the decoder
 on the chosen tokens), so captions equal :func:`~capfilt.model.generate.sample_tokens`' up to float
@@ -31,7 +33,7 @@ from capfilt.model.decoding import CHECK_EVERY, choose_tokens, decoder_step, tri
 from capfilt.model.text import CrossKV, StaticKVCache
 
 KEEP = 2
-"""Captured decoders kept per model: the stage's batch size and its last, smaller batch. Each holds
+"""Captured decoders kept per model (a smaller batch runs in one for more rows). Each holds
 its buffers (a copy of the batch's image keys/values among them: ~1.9 GB for 256 images at
 BLIP-base, 224 px, bf16) and its graph's memory; another shape evicts the least recently used."""
 
@@ -76,7 +78,12 @@ class StaticDecoder:
             torch.zeros(shape, dtype=dtype, device=device),
             torch.zeros(shape, dtype=dtype, device=device),
         )
-        self.cross = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cross_kv]
+        self.batch = batch
+        self.cross = [
+            (k.new_empty(batch, *k.shape[1:]), v.new_empty(batch, *v.shape[1:]))
+            for k, v in cross_kv
+        ]
+        self.start = torch.full((batch, prompt_len), self.pad, dtype=torch.long, device=device)
         self.seqs = torch.full((batch, positions), self.pad, dtype=torch.long, device=device)
         self.out = torch.full(
             (batch, settings.max_length), self.pad, dtype=torch.long, device=device
@@ -89,18 +96,27 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _reset(self, start: torch.Tensor, cross_kv: CrossKV, seeds: torch.Tensor) -> None:
-        """Load a batch into the buffers and run its prompt (eagerly: once per batch)."""
+        """Load a batch of up to ``self.batch`` rows into the buffers and run its prompt (eagerly:
+        once per batch). Rows beyond the batch's repeat its first row's inputs and count as
+        finished from the start: their outputs stay [PAD] and they never hold up the loop."""
+        n = start.shape[0]
         for (k, v), (sk, sv) in zip(cross_kv, self.cross, strict=True):
-            sk.copy_(k)
-            sv.copy_(v)
-        self.seeds.copy_(seeds)
+            sk[:n].copy_(k)
+            sv[:n].copy_(v)
+            sk[n:].copy_(k[:1].expand_as(sk[n:]))
+            sv[n:].copy_(v[:1].expand_as(sv[n:]))
+        self.start[:n].copy_(start)
+        self.start[n:].copy_(start[:1].expand_as(self.start[n:]))
+        self.seeds.zero_()
+        self.seeds[:n].copy_(seeds)
         self.seqs.fill_(self.pad)
-        self.seqs[:, : self.prompt_len] = start
+        self.seqs[:, : self.prompt_len] = self.start
         self.out.fill_(self.pad)
         self.finished.zero_()
+        self.finished[n:] = True
         self.step.zero_()
         self.cache.length.zero_()
-        logits = decoder_step(self.model, start, self.cross, self.cache, self.settings.compile)
+        logits = decoder_step(self.model, self.start, self.cross, self.cache, self.settings.compile)
         if self.logits is None:
             self.logits = torch.empty_like(logits)
         self.logits.copy_(logits)
@@ -143,7 +159,8 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def run(self, start: torch.Tensor, cross_kv: CrossKV, seeds: torch.Tensor) -> torch.Tensor:
-        """The generated ids [B, T] of one batch ([PAD] after [SEP]), as ``sample_tokens`` gives."""
+        """The generated ids [n, T] of one batch of n <= ``self.batch`` rows ([PAD] after [SEP]),
+        as ``sample_tokens`` gives."""
         max_len = self.settings.max_length
         if self.use_graph and self.graph is None and max_len > 1:  # 1 step: nothing to replay
             self._reset(start, cross_kv, seeds)
@@ -164,15 +181,16 @@ class StaticDecoder:
                 self._body()
             if (t + 1) % CHECK_EVERY == 0 and t + 1 < max_len and bool(self.finished.all()):
                 break
-        return trim_padding(self.out, self.pad).clone()
+        return trim_padding(self.out[: start.shape[0]], self.pad).clone()
 
 
 def _key(settings: CaptionConfig, start: torch.Tensor, cross_kv: CrossKV, graph: bool) -> tuple:
+    """What a decoder is made for, but the batch size."""
     k0 = cross_kv[0][0]
     fields = ("method", "top_p", "temperature", "repetition_penalty", "min_length", "max_length")
     return (
-        tuple(start.shape),
-        tuple(k0.shape),
+        start.shape[1],
+        tuple(k0.shape[1:]),
         k0.dtype,
         str(k0.device),
         graph,
@@ -202,10 +220,13 @@ def sample_tokens_static(
     if settings.max_length <= 0:
         return start.new_zeros(start.shape[0], 0)
     kept = model.text_decoder.__dict__.setdefault("_static_decoders", OrderedDict())
-    key = _key(settings, start, cross_kv, graph)
+    base, n = _key(settings, start, cross_kv, graph), start.shape[0]
+    # the kept decoder with the fewest rows that hold this batch, else one made for it
+    fits = [key for key in kept if key[0] == base and key[1] >= n]
+    key = min(fits, key=lambda k: k[1]) if fits else (base, n)
     decoder = kept.pop(key, None)
     if decoder is None:
-        decoder = StaticDecoder(model, settings, start.shape[0], start.shape[1], cross_kv, graph)
+        decoder = StaticDecoder(model, settings, n, start.shape[1], cross_kv, graph)
     kept[key] = decoder  # most recently used last
     while len(kept) > KEEP:
         kept.popitem(last=False)
