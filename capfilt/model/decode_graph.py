@@ -31,6 +31,7 @@ import torch
 from capfilt.config import CaptionConfig
 from capfilt.model.decoding import CHECK_EVERY, choose_tokens, decoder_step, trim_padding
 from capfilt.model.text import CrossKV, StaticKVCache
+from capfilt.utils.device import to_device
 
 KEEP = 2
 """Captured decoders kept per model (a smaller batch runs in one for more rows). Each holds
@@ -230,4 +231,4 @@ def sample_tokens_static(
     kept[key] = decoder  # most recently used last
     while len(kept) > KEEP:
         kept.popitem(last=False)
-    return decoder.run(start, cross_kv, seeds.to(start.device))
+    return decoder.run(start, cross_kv, to_device(seeds, start.device))

@@ -33,17 +33,15 @@ from capfilt.model.decoding import (
 )
 from capfilt.model.text import CrossKV, KVCache
 from capfilt.model.tokenizer import prompt_token_ids
+from capfilt.utils.device import to_device
 
 
 def prompt_ids(model, tokenizer, prompt: str, batch: int, device: torch.device) -> torch.Tensor:
     """[DEC] followed by the prompt's tokens (no [SEP]), repeated ``batch`` times."""
     ids = [model.special["dec"], *prompt_token_ids(tokenizer, prompt)]
-    return (
-        torch.tensor(ids, dtype=torch.long, device=device)
-        .unsqueeze(0)
-        .expand(batch, -1)
-        .contiguous()
-    )
+    row = torch.tensor(ids, dtype=torch.long)
+    # made on the host, copied without blocking (a blocking copy waits for the image encoder)
+    return to_device(row.unsqueeze(0).expand(batch, -1).contiguous(), device)
 
 
 def _select_kv(cross_kv: CrossKV, rows: torch.Tensor) -> CrossKV:
@@ -71,7 +69,7 @@ def sample_tokens(
         cross_kv = model.image_cross_kv(image_embeds)
     if seeds is None:
         seeds = random_seeds(batch)
-    seeds = seeds.to(device)
+    seeds = to_device(seeds, device)
     max_len = settings.max_length
     if max_len <= 0:
         return start.new_zeros(batch, 0)

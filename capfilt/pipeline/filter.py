@@ -37,7 +37,7 @@ from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, st
 from capfilt.eval.filter_metrics import HIST_BINS, score_histogram
 from capfilt.model import length_chunks, tokenize
 from capfilt.runs.resolve import load_stage_model, model_fingerprint
-from capfilt.utils.device import autocast, default_device
+from capfilt.utils.device import autocast, default_device, to_device
 from capfilt.utils.dist import barrier, current_dist_info, init_distributed
 from capfilt.utils.files import atomic_write_json
 from capfilt.utils.iters import batched
@@ -130,22 +130,27 @@ def score_pairs(
     device = images.device
     image_embeds = model.encode_image(images)
     ids, mask = tokenize(tokenizer, texts, max_len)  # on the host: chunking them costs no sync
-    image_index = image_index.to(device)
+    chunks = length_chunks(mask, chunk_rows)
+    # one pinned, non-blocking copy each (a copy from pageable memory waits for the GPU), then
+    # every chunk is cut on the device
+    order = to_device(torch.cat([rows for rows, _ in chunks]), device)
+    ids, mask, image_index = (to_device(t, device) for t in (ids, mask, image_index))
     cross_kv = model.image_cross_kv(image_embeds)
     image_feat = model.image_features(image_embeds) if with_cosine else None
-    itm = torch.empty(len(texts), dtype=torch.float32, device=device)
-    cosine = torch.empty_like(itm) if with_cosine else None
-    for rows, width in length_chunks(mask, chunk_rows):
-        chunk_ids = ids[rows, :width].to(device, non_blocking=True)
-        chunk_mask = mask[rows, :width].to(device, non_blocking=True)
-        rows = rows.to(device, non_blocking=True)
+    scores = torch.empty(2 if with_cosine else 1, len(texts), dtype=torch.float32, device=device)
+    start = 0
+    for chunk, width in chunks:
+        rows = order[start : start + len(chunk)]
+        start += len(chunk)
+        chunk_ids, chunk_mask = ids[rows, :width], mask[rows, :width]
         chunk_images = image_index[rows]
         logits = model.itm_logits(None, chunk_ids, chunk_mask, cross_kv, chunk_images)
-        itm[rows] = logits.float().softmax(-1)[:, 1]
-        if cosine is not None:
+        scores[0, rows] = logits.float().softmax(-1)[:, 1]
+        if with_cosine:
             text_feat = model.encode_text_features(chunk_ids, chunk_mask)
-            cosine[rows] = (image_feat[chunk_images].float() * text_feat.float()).sum(-1)
-    return itm.cpu(), None if cosine is None else cosine.cpu()
+            scores[1, rows] = (image_feat[chunk_images].float() * text_feat.float()).sum(-1)
+    scores = scores.cpu()  # one copy back for both
+    return scores[0], scores[1] if with_cosine else None
 
 
 def _settings_of(cfg) -> dict[str, Any]:
@@ -224,7 +229,9 @@ def filter_shards(
         counter = SkipCounter("filter")
         for batch, images in shard_images.batches(index, counter):
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
-            image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
+            image_index = torch.tensor(
+                [i for i, _ in pairs], dtype=torch.long
+            )  # to the GPU in score_pairs
             with autocast(device):
                 itm, cosine = score_pairs(
                     model,
