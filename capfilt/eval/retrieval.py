@@ -42,7 +42,7 @@ from capfilt.data.shards import expand_shards
 from capfilt.data.text import clean_caption
 from capfilt.data.transforms import eval_transform_for
 from capfilt.model import length_chunks, tokenize
-from capfilt.utils.device import autocast
+from capfilt.utils.device import autocast, to_device
 from capfilt.utils.dist import current_dist_info
 from capfilt.utils.logging import get_logger
 from capfilt.utils.progress import ProgressReporter
@@ -137,17 +137,23 @@ def _is_shard_spec(data: Any) -> bool:
 
 
 def _iter_images(
-    data: Any, counter: SkipCounter, transform, batch_size: int, num_workers: int
+    data: Any,
+    counter: SkipCounter,
+    transform,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
 ) -> Iterator[tuple[Sample, torch.Tensor]]:
     """(sample, transformed image) of ``data`` in order; shards are decoded in ``num_workers``
-    DataLoader processes (:class:`~capfilt.data.loader.ShardImages`)."""
+    DataLoader processes (:class:`~capfilt.data.loader.ShardImages`), their batches normalised on
+    ``device`` (pinned, non-blocking copies of uint8 pixels on a GPU)."""
     if not _is_shard_spec(data):
         for sample in data:
             yield sample, transform(sample.image.convert("RGB"))
         return
     specs = [str(data)] if isinstance(data, str | Path) else [str(x) for x in data]
     urls = expand_shards(specs)
-    with ShardImages(urls, transform, batch_size, num_workers) as shard_images:
+    with ShardImages(urls, transform, batch_size, num_workers, device) as shard_images:
         for index in range(len(urls)):
             for samples, images in shard_images.batches(index, counter):
                 yield from zip(samples, images)
@@ -191,12 +197,14 @@ def compute_features(
     n_text_done = 0
 
     def flush_images() -> None:
-        images = torch.stack(pending_images).to(device)
+        images = to_device(torch.stack(pending_images), device)  # shard images: already there
         pending_images.clear()
         with autocast(device):
             embeds = model.encode_image(images)
             feat = model.image_features(embeds)
-        image_embeds.append(embeds.to("cpu", cache_dtype))
+        image_embeds.append(
+            embeds.to(cache_dtype).cpu()
+        )  # cast where the GPU does it: half the bytes
         image_feats.append(feat.float().cpu())
 
     def flush_texts(end: int) -> None:
@@ -204,7 +212,7 @@ def compute_features(
         batch = texts[n_text_done:end]
         ids, mask = tokenize(tokenizer, batch, max_len)
         with autocast(device):
-            feat = model.encode_text_features(ids.to(device), mask.to(device))
+            feat = model.encode_text_features(to_device(ids, device), to_device(mask, device))
         text_feats.append(feat.float().cpu())
         text_ids.append(ids)
         text_masks.append(mask)
@@ -213,7 +221,9 @@ def compute_features(
     with ProgressReporter(
         "retrieval features", unit="images", enabled=show_progress and current_dist_info().is_main
     ) as progress:
-        for sample, image in _iter_images(data, counter, transform, batch_size, num_workers):
+        for sample, image in _iter_images(
+            data, counter, transform, batch_size, num_workers, device
+        ):
             index = len(image_keys)
             image_keys.append(sample.key)
             pending_images.append(image)
@@ -380,17 +390,24 @@ def itm_pair_logits(
         pairs = order[lo:hi]
         local = torch.searchsorted(block, image_index[pairs])  # image row within the block
         pairs_txt = text_index[pairs]
+        # copies to the GPU pinned and without blocking (one from pageable memory waits for the
+        # GPU); the block's logits stay there and come back in one copy
+        embeds = to_device(feats.image_embeds[block], device).float()
+        local = to_device(local, device)
+        logits_all = torch.empty(pairs.numel(), 2, dtype=torch.float32, device=device)
         with autocast(device):
-            cross_kv = model.image_cross_kv(feats.image_embeds[block].to(device, torch.float32))
+            cross_kv = model.image_cross_kv(embeds)
         for rows, width in length_chunks(feats.text_mask[pairs_txt], batch_size):
-            pos, txt = pairs[rows], pairs_txt[rows]
-            ids, mask = feats.text_ids[txt, :width], feats.text_mask[txt, :width]
-            img = local[rows].to(device)
+            txt = pairs_txt[rows]
+            ids = to_device(feats.text_ids[txt, :width], device)
+            mask = to_device(feats.text_mask[txt, :width], device)
+            rows = to_device(rows, device)
             with autocast(device):
-                logits = model.itm_logits(None, ids.to(device), mask.to(device), cross_kv, img)
-            out[pos] = logits.float().cpu()
-            if progress is not None:
-                progress.advance(pos.numel())
+                logits = model.itm_logits(None, ids, mask, cross_kv, local[rows])
+            logits_all[rows] = logits.float()
+        out[pairs] = logits_all.cpu()
+        if progress is not None:
+            progress.advance(pairs.numel())
     model.train(was_training)
     return out
 
