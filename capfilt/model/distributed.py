@@ -89,14 +89,16 @@ class Gather:
         return all_reduce_max(value, device)
 
     def no_grad_padded(
-        self, t: torch.Tensor, value: int | float = 0
+        self, t: torch.Tensor, value: int | float = 0, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad dim 1 of ``t`` to the largest length over ranks, then gather.
+        """Pad dim 1 of ``t`` to the largest length over ranks (or to ``length``, a length an
+        earlier call returned: the ids' for their mask, without another round trip), then gather.
 
         Returns (padded local tensor, gathered tensor); used for token ids whose padded length
         differs between ranks.
         """
-        length = self.max_int(t.shape[1], t.device)
+        if length is None:
+            length = self.max_int(t.shape[1], t.device)  # a collective and a host sync
         if length > t.shape[1]:
             t = F.pad(t, (0, length - t.shape[1]), value=value)
         return t, self.no_grad(t)

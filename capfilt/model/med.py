@@ -504,7 +504,9 @@ class MED(nn.Module):
                 neg_image_idx = neg_image_all[offset : offset + b]
                 neg_text_idx = neg_text_all[offset : offset + b]
                 ids_pad, ids_glob_tok = gather.no_grad_padded(input_ids, value=self.special["pad"])
-                mask_pad, mask_glob = gather.no_grad_padded(attention_mask, value=0)
+                mask_pad, mask_glob = gather.no_grad_padded(
+                    attention_mask, value=0, length=ids_pad.shape[1]
+                )
             image_embeds_glob = gather.with_grad(image_embeds)
             text_ids = torch.cat([ids_pad, ids_pad, ids_glob_tok[neg_text_idx]], 0)
             text_mask = torch.cat([mask_pad, mask_pad, mask_glob[neg_text_idx]], 0)
