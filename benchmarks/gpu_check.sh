@@ -253,14 +253,14 @@ if wanted pretrain_cli; then
 fi
 
 # 4. against transformers' BLIP classes
-vs_race vs_transformers 120 "^(caption|filter)( \([^)]*\))?:"
+vs_race vs_transformers 120 "^(caption|filter)( \([^)]*\))?:|image encoder alone"
 
 # 4b. the captioning race with capfilt's decoding steps replayed as CUDA graphs (the greedy check
 # before the race captures them)
-vs_race vs_transformers_graphs 90 "^caption \(CUDA graphs" --set caption.cuda_graphs=true --only caption
+vs_race vs_transformers_graphs 90 "^caption \(CUDA graphs|image encoder alone" --set caption.cuda_graphs=true --only caption
 
 # 4c. the same with capfilt's decoder steps compiled (the greedy check before the race compiles)
-vs_race vs_transformers_compiled 150 "^caption \(compiled" --set caption.compile=true
+vs_race vs_transformers_compiled 150 "^caption \(compiled|image encoder alone" --set caption.compile=true
 
 # 5. pretraining MFU through torch.compile (the compile itself is not timed)
 mfu pretrain_mfu_compiled 180 --compile
