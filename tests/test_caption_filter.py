@@ -954,6 +954,10 @@ def test_score_pairs_without_the_cosine_gives_the_same_itm(models, synth):
     )
     torch.testing.assert_close(one_by_one[0], itm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(one_by_one[1], cosine, rtol=1e-5, atol=1e-6)
+    # a batch without texts: no scores, not an error
+    empty = torch.empty(0, dtype=torch.long)
+    itm, cosine = score_pairs(model, models["tok"], images, empty, [], mcfg.max_text_len)
+    assert itm.shape == cosine.shape == (0,)
 
 
 def test_a_shard_of_garbage_is_skipped_and_counted_by_every_stage(synth, models, tmp_path):

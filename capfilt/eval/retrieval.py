@@ -202,9 +202,7 @@ def compute_features(
         with autocast(device):
             embeds = model.encode_image(images)
             feat = model.image_features(embeds)
-        image_embeds.append(
-            embeds.to(cache_dtype).cpu()
-        )  # cast where the GPU does it: half the bytes
+        image_embeds.append(embeds.to(cache_dtype).cpu())  # cast on the GPU: half the bytes back
         image_feats.append(feat.float().cpu())
 
     def flush_texts(end: int) -> None:

@@ -129,6 +129,9 @@ def score_pairs(
     and at the demo's lengths half of a batch padded to its longest text was padding."""
     device = images.device
     image_embeds = model.encode_image(images)
+    if not texts:
+        empty = torch.empty(0, dtype=torch.float32)
+        return empty, empty.clone() if with_cosine else None
     ids, mask = tokenize(tokenizer, texts, max_len)  # on the host: chunking them costs no sync
     chunks = length_chunks(mask, chunk_rows)
     # one pinned, non-blocking copy each (a copy from pageable memory waits for the GPU), then
@@ -229,9 +232,8 @@ def filter_shards(
         counter = SkipCounter("filter")
         for batch, images in shard_images.batches(index, counter):
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
-            image_index = torch.tensor(
-                [i for i, _ in pairs], dtype=torch.long
-            )  # to the GPU in score_pairs
+            # on the host: score_pairs copies it to the GPU without blocking
+            image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long)
             with autocast(device):
                 itm, cosine = score_pairs(
                     model,

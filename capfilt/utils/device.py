@@ -10,7 +10,8 @@ from capfilt.utils.dist import env_dist_info, local_gpu
 
 
 def default_device() -> torch.device:
-    """This rank's GPU when there is one (from torchrun's LOCAL_RANK: :func:`local_gpu`), else the CPU."""
+    """This rank's GPU when there is one (from torchrun's LOCAL_RANK: :func:`local_gpu`), else
+    the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", local_gpu(env_dist_info().local_rank))
     return torch.device("cpu")
