@@ -39,9 +39,9 @@ run under the same bf16 autocast (capfilt's stages' own precision) and are timed
     that class would). The largest ITM probability difference between the two is printed as a check.
 
 After (a) and after (b), each side's image encoder is timed alone on the same batches, and each
-side's time is split into that and the rest (the text work: decoding, or text encoding and ITM):
-the ratio of the rests is what capfilt's text stack is worth on its own, and (their total) / (our
-image encoder) is the most the total ratio could reach.
+side's time is split into that and the rest (:func:`split_report`): in captioning the rests are
+the decoding, whose ratio is what capfilt's text stack is worth on its own, and (their total) /
+(our image encoder) is the most the total ratio could reach.
 """
 
 from __future__ import annotations
@@ -171,18 +171,19 @@ def _synchronize(device: torch.device) -> None:
 
 
 def split_report(t_ours: float, t_theirs: float, images_ours: float, images_theirs: float) -> str:
-    """Each side's time as image encoder + everything else (the text work).
+    """Each side's time as one image-encoder pass per image + the rest.
 
-    Both sides encode each image once with the same ViT, so neither can be faster than its own
-    encoder: (their total) / (our encoder) bounds the ratio were all our text work free, and the
-    ratio of the text parts is what the text stack's own speed-ups bought.
+    A side encodes each image at least once with the same ViT, so neither can be faster than
+    that: (their total) / (our encoder) bounds the ratio were all our other work free. The rest
+    is the text work (decoding; text passes and ITM), and for transformers' filter also its
+    second encoding of each image (it encodes an image once per text).
     """
     text_ours, text_theirs = t_ours - images_ours, t_theirs - images_theirs
     return (
         f"  image encoder alone: capfilt {images_ours:.2f} s, transformers {images_theirs:.2f} s | "
-        f"the rest (text work): capfilt {text_ours:.2f} s, transformers {text_theirs:.2f} s, "
+        f"the rest: capfilt {text_ours:.2f} s, transformers {text_theirs:.2f} s, "
         f"ratio {text_theirs / max(text_ours, 1e-9):.2f}x | total ratio at most "
-        f"{t_theirs / images_ours:.2f}x were all our text work free"
+        f"{t_theirs / images_ours:.2f}x were all the rest of ours free"
     )
 
 
