@@ -170,7 +170,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def split_report(t_ours: float, t_theirs: float, images_ours: float, images_theirs: float) -> str:
+def split_report(t_ours, t_theirs, model, hf, pixels, batch, repeats, clock_name, device) -> str:
     """Each side's time as one image-encoder pass per image + the rest.
 
     A side encodes each image at least once with the same ViT, so neither can be faster than
@@ -178,6 +178,9 @@ def split_report(t_ours: float, t_theirs: float, images_ours: float, images_thei
     is the text work (decoding; text passes and ITM), and for transformers' filter also its
     second encoding of each image (it encodes an image once per text).
     """
+    clock = CLOCKS[clock_name]
+    images_ours = image_encoder_seconds(model.encode_image, pixels, batch, repeats, clock, device)
+    images_theirs = image_encoder_seconds(hf.vision_model, pixels, batch, repeats, clock, device)
     text_ours, text_theirs = t_ours - images_ours, t_theirs - images_theirs
     return (
         f"  image encoder alone: capfilt {images_ours:.2f} s, transformers {images_theirs:.2f} s | "
@@ -298,15 +301,7 @@ def main() -> None:
         f"ratio {t_theirs / t_ours:.2f}x   [batch {bs}, top-p {cc.top_p}, rep. penalty {cc.repetition_penalty}, "
         f"length {cc.min_length}-{cc.max_length}; greedy check: {same}/{len(greedy_ours)} captions identical]"
     )
-    clock = CLOCKS[args.clock]
-    print(
-        split_report(
-            t_ours,
-            t_theirs,
-            image_encoder_seconds(model.encode_image, pixels, bs, args.repeats, clock, device),
-            image_encoder_seconds(hf.vision_model, pixels, bs, args.repeats, clock, device),
-        )
-    )
+    print(split_report(t_ours, t_theirs, model, hf, pixels, bs, args.repeats, args.clock, device))
 
     if args.only == "caption":
         return
@@ -385,15 +380,7 @@ def main() -> None:
             f"{m / t_theirs:8.1f} texts/s ({t_theirs:.2f} s) | ratio {t_theirs / t_ours:.2f}x   [{m} texts, 2 per "
             f"image, batch {fb} images; max |ITM prob difference| {float((ours.cpu() - theirs).abs().max()):.1e}]"
         )
-    clock = CLOCKS[args.clock]
-    print(
-        split_report(
-            t_ours,
-            t_theirs,
-            image_encoder_seconds(model.encode_image, pixels, fb, args.repeats, clock, device),
-            image_encoder_seconds(hf.vision_model, pixels, fb, args.repeats, clock, device),
-        )
-    )
+    print(split_report(t_ours, t_theirs, model, hf, pixels, fb, args.repeats, args.clock, device))
 
 
 if __name__ == "__main__":
