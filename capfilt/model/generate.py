@@ -109,10 +109,14 @@ def sample_tokens(
 def beam_search_tokens(
     model, image_embeds: torch.Tensor, start: torch.Tensor, settings: CaptionConfig
 ) -> torch.Tensor:
-    """Beam search with length-normalised scores; returns the best generated ids per input [B, T]."""
+    """Beam search with length-normalised scores; returns the best generated ids per input [B, T].
+
+    The beams' bookkeeping (which candidates continue, which hypotheses finish) runs on the host
+    from one copy of each step's top candidates: on a GPU, one wait per step instead of a few per
+    input row."""
     sep, pad = model.special["sep"], model.special["pad"]
     k = max(1, settings.num_beams)
-    batch = start.shape[0]
+    batch, device = start.shape[0], start.device
     cross_kv = [
         (a.repeat_interleave(k, 0), b.repeat_interleave(k, 0))
         for a, b in model.image_cross_kv(image_embeds)
@@ -120,29 +124,28 @@ def beam_search_tokens(
     seqs = start.repeat_interleave(k, 0)
     cache = KVCache(seqs.shape[1] + settings.max_length)
     logits = decoder_step(model, seqs, cross_kv, cache, settings.compile)
-    scores = torch.zeros(batch, k, device=start.device)
+    scores = torch.zeros(batch, k)  # on the host, as the bookkeeping that updates them
     scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
     best: list[tuple[float, list[int]] | None] = [None] * batch
-    generated = seqs.new_zeros(batch * k, 0)
+    generated: list[list[int]] = [[] for _ in range(batch * k)]  # each beam's tokens so far
     for t in range(settings.max_length):
         logits = penalise_repeats(logits, seqs, settings.repetition_penalty)
         logp = block_specials(model, logits, allow_eos=t >= settings.min_length).log_softmax(-1)
         vocab = logp.shape[-1]
-        total = (scores.view(-1, 1) + logp).view(batch, k * vocab)
+        total = (to_device(scores, device).view(-1, 1) + logp).view(batch, k * vocab)
         top_scores, top_idx = total.topk(2 * k, dim=1)
-        beam_src, token = top_idx // vocab, top_idx % vocab
-        new_scores = torch.full((batch, k), float("-inf"), device=start.device)
-        new_src = torch.zeros(batch, k, dtype=torch.long, device=start.device)
-        new_tok = torch.full((batch, k), pad, dtype=torch.long, device=start.device)
+        top_scores, top_idx = top_scores.cpu(), top_idx.cpu()  # the step's one wait
+        new_scores = torch.full((batch, k), float("-inf"))
+        new_src = torch.zeros(batch, k, dtype=torch.long)
+        new_tok = torch.full((batch, k), pad, dtype=torch.long)
         for b in range(batch):
             filled = 0
-            for score, src, tok in zip(
-                top_scores[b].tolist(), beam_src[b].tolist(), token[b].tolist()
-            ):
+            for score, index in zip(top_scores[b].tolist(), top_idx[b].tolist()):
                 if score == float("-inf"):
                     break
+                src, tok = divmod(index, vocab)
                 if tok == sep or t + 1 == settings.max_length:
-                    hyp = generated[b * k + src].tolist() + [tok]
+                    hyp = generated[b * k + src] + [tok]
                     normalised = score / len(hyp)
                     if best[b] is None or normalised > best[b][0]:
                         best[b] = (normalised, hyp)
@@ -158,18 +161,22 @@ def beam_search_tokens(
         )
         if done or t + 1 == settings.max_length:
             break
-        flat_src = (new_src + torch.arange(batch, device=start.device).view(-1, 1) * k).view(-1)
+        flat_src = (new_src + torch.arange(batch).view(-1, 1) * k).view(-1)
+        generated = [
+            generated[src] + [tok]
+            for src, tok in zip(flat_src.tolist(), new_tok.view(-1).tolist(), strict=True)
+        ]
+        flat_src, tokens = to_device(flat_src, device), to_device(new_tok.view(-1, 1), device)
         cache.select(flat_src)
-        generated = torch.cat([generated[flat_src], new_tok.view(-1, 1)], 1)
-        seqs = torch.cat([seqs[flat_src], new_tok.view(-1, 1)], 1)
+        seqs = torch.cat([seqs[flat_src], tokens], 1)
         scores = new_scores
-        logits = decoder_step(model, new_tok.view(-1, 1), cross_kv, cache, settings.compile)
+        logits = decoder_step(model, tokens, cross_kv, cache, settings.compile)
     width = max(len(h[1]) for h in best if h is not None) if any(best) else 0
-    out = torch.full((batch, width), pad, dtype=torch.long, device=start.device)
+    out = torch.full((batch, width), pad, dtype=torch.long)
     for b, hyp in enumerate(best):
         if hyp is not None:
-            out[b, : len(hyp[1])] = torch.tensor(hyp[1], device=start.device)
-    return out
+            out[b, : len(hyp[1])] = torch.tensor(hyp[1])
+    return to_device(out, device)
 
 
 def decode_captions(model, tokenizer, tokens: torch.Tensor, prompt: str = "") -> list[str]:
