@@ -85,8 +85,7 @@ def test_the_backend_follows_the_collectives_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert backend_for() == "nccl" and backend_for("cuda:1") == "nccl"
-    assert (
-        backend_for("cpu") == "gloo"
-    )  # `eval retrieval --device cpu` under torchrun on a GPU node
+    # `eval retrieval --device cpu` under torchrun on a GPU node
+    assert backend_for("cpu") == "gloo"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert backend_for() == "gloo"
