@@ -103,14 +103,14 @@ def _header(name: str, size: int) -> bytes:
     (base-256 digits) goes through tobuf.
     """
     encoded = name.encode(tarfile.ENCODING, "surrogateescape")
-    if len(encoded) > 100 or size >= 8**11:
+    if len(encoded) > _NAME.stop or size >= 8**11:
         info = _tarinfo(name, size)
         return info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
     block = _TEMPLATE.copy()
     block[: len(encoded)] = encoded
     block[_SIZE] = b"%011o\0" % size
     # tarfile's checksum: the unsigned byte sum with the field as spaces, 6 octal digits + NUL
-    block[148:155] = b"%06o\0" % sum(block)
+    block[_CHKSUM.start : _CHKSUM.stop - 1] = b"%06o\0" % sum(block)  # its last byte stays " "
     return bytes(block)
 
 

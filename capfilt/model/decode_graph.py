@@ -79,7 +79,6 @@ class StaticDecoder:
             torch.zeros(shape, dtype=dtype, device=device),
             torch.zeros(shape, dtype=dtype, device=device),
         )
-        self.batch = batch
         self.cross = [
             (k.new_empty(batch, *k.shape[1:]), v.new_empty(batch, *v.shape[1:]))
             for k, v in cross_kv
@@ -97,7 +96,7 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _reset(self, start: torch.Tensor, cross_kv: CrossKV, seeds: torch.Tensor) -> None:
-        """Load a batch of up to ``self.batch`` rows into the buffers and run its prompt (eagerly:
+        """Load a batch of up to the decoder's rows into the buffers and run its prompt (eagerly:
         once per batch). Rows beyond the batch's repeat its first row's inputs and count as
         finished from the start: their outputs stay [PAD] and they never hold up the loop."""
         n = start.shape[0]
@@ -160,8 +159,8 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def run(self, start: torch.Tensor, cross_kv: CrossKV, seeds: torch.Tensor) -> torch.Tensor:
-        """The generated ids [n, T] of one batch of n <= ``self.batch`` rows ([PAD] after [SEP]),
-        as ``sample_tokens`` gives."""
+        """The generated ids [n, T] of one batch of n rows, at most the decoder's ([PAD] after
+        [SEP]), as ``sample_tokens`` gives."""
         max_len = self.settings.max_length
         if self.use_graph and self.graph is None and max_len > 1:  # 1 step: nothing to replay
             self._reset(start, cross_kv, seeds)
@@ -211,8 +210,9 @@ def sample_tokens_static(
     """:func:`~capfilt.model.generate.sample_tokens` with fixed shapes: generated ids [B, T].
 
     ``graph``: capture the step as a CUDA graph and replay it (CUDA tensors only); else run the
-    same step eagerly. The decoder for this batch shape and these settings is made (and captured)
-    on first use and kept with the model's text decoder, outside its state dict.
+    same step eagerly. Decoders are made (and captured) per batch size and settings on first use
+    and kept with the model's text decoder, outside its state dict; a batch runs in the smallest
+    kept one that holds it.
     """
     if settings.method not in ("nucleus", "greedy"):
         raise ValueError(f"fixed-shape decoding is for nucleus and greedy, not {settings.method!r}")
