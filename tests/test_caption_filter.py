@@ -46,6 +46,7 @@ from capfilt.model.decoding import (
     nucleus_candidates,
     penalise_repeats,
     row_seeds,
+    sample_nucleus,
     uniform_draws,
 )
 from capfilt.model.generate import (
@@ -731,6 +732,22 @@ def test_top_k_nucleus_equals_full_vocabulary_nucleus_when_it_fits():
         want[order.indices[row][nucleus[row]]] = order.values[row][nucleus[row]]
         got = torch.zeros(5000).scatter(0, index[row], probs[row])
         assert torch.allclose(got / got.sum(), want / want.sum(), atol=1e-6)
+
+
+def test_sure_rows_first_draws_the_general_paths_tokens():
+    """The eager loop on a CPU lets a row whose top token holds top_p take it without the top-k:
+    every row gets the general path's token (sure rows, unsure ones, two tokens tied at the top)."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.linspace(0.5, 12.0, 512).unsqueeze(1)  # rows from flat to peaked
+    logits = torch.randn(512, 400, generator=g) * scale
+    logits[0, :2] = 50.0  # half the mass each: the most likely token is not unique
+    seeds = row_seeds(0, [str(i) for i in range(512)])
+    for top_p in (0.3, 0.5, 0.9, 0.99, 1.0):
+        for step in (0, 5):
+            general = sample_nucleus(logits, top_p, seeds, step)
+            assert torch.equal(sample_nucleus(logits, top_p, seeds, step, True), general)
+    sure = logits.softmax(-1).max(-1).values >= 0.9
+    assert 50 < int(sure.sum()) < 462  # both kinds of rows were met
 
 
 def test_repetition_penalty_divides_positive_multiplies_negative():

@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from capfilt.config import CaptionConfig
 from capfilt.model.text import CrossKV, KVCache, StaticKVCache
@@ -26,7 +27,8 @@ TOP_K = 64
 """Candidates per step of nucleus sampling (see the module doc for when this is exact)."""
 
 CHECK_EVERY = 4
-"""Decoding steps between checks of which rows are finished (each check syncs with the host)."""
+"""Decoding steps between checks of which rows are finished on an accelerator (each check syncs
+with the host); on a CPU, where a check costs nothing, the eager loop checks at every step."""
 
 COMPILE_BACKEND = "inductor"
 """``torch.compile`` backend of ``caption.compile`` (the tests trace with ``aot_eager``)."""
@@ -108,10 +110,16 @@ def nucleus_candidates(
     A token is kept when the mass of the tokens before it is below ``top_p`` (so the first one
     always is): the smallest set reaching ``top_p``, exact while it fits in ``k``.
     """
-    values, index = logits.topk(min(k, logits.shape[-1]), dim=-1)
-    probs = (values - logits.logsumexp(-1, keepdim=True)).exp()
+    return _nucleus(logits.softmax(-1), top_p, k)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nucleus_candidates` from the full-vocabulary probabilities ``probs``."""
+    probs, index = probs.topk(min(k, probs.shape[-1]), dim=-1)
     if top_p < 1.0:
-        before = probs.cumsum(-1) - probs
+        # the mass before each token, an exclusive prefix sum: before the first exactly 0, before
+        # the second exactly the first's probability (what the single-token rows below rely on)
+        before = F.pad(probs[:, :-1].cumsum(-1), (1, 0))
         probs = probs.masked_fill(before >= top_p, 0.0)
     return probs, index
 
@@ -124,6 +132,35 @@ def _sample(probs: torch.Tensor, index: torch.Tensor, u: torch.Tensor) -> torch.
     return index.gather(1, pick).squeeze(1)
 
 
+def sample_nucleus(
+    logits: torch.Tensor,
+    top_p: float,
+    seeds: torch.Tensor,
+    step: int | torch.Tensor,
+    sure_rows_first: bool = False,
+) -> torch.Tensor:
+    """One token per row [B] drawn from the nucleus of ``logits`` with the rows' draws for ``step``.
+
+    ``sure_rows_first`` (the eager loop on a CPU): rows whose most likely token alone holds
+    ``top_p``, and more than half the mass (so that it is the only most likely one), take that
+    token without the top-k. It is their whole nucleus, so the general path would draw it whatever
+    the draw: the tokens are the same. The top-k is most of a step's sampling cost, and a trained
+    captioner is that sure of about half its tokens (the demo's at temperature 0.3). Picking the
+    rows reads a value back: free on a CPU, a sync on a GPU and impossible in a captured step.
+    """
+    probs = logits.softmax(-1)
+    if sure_rows_first:
+        top, token = probs.max(-1)
+        unsure = ((top < top_p) | (top <= 0.5)).nonzero().squeeze(1)
+        if unsure.numel() < token.numel():
+            if unsure.numel():
+                draws = uniform_draws(seeds.index_select(0, unsure), step)
+                picked = _nucleus(probs.index_select(0, unsure), top_p, TOP_K)
+                token[unsure] = _sample(*picked, draws)
+            return token
+    return _sample(*_nucleus(probs, top_p, TOP_K), uniform_draws(seeds, step))
+
+
 def choose_tokens(
     model,
     logits: torch.Tensor,
@@ -131,19 +168,20 @@ def choose_tokens(
     settings: CaptionConfig,
     seeds: torch.Tensor,
     step: int | torch.Tensor,
+    sure_rows_first: bool = False,
 ) -> torch.Tensor:
     """The next token of each row [B] from the last position's ``logits`` [B, vocab]: repetition
     penalty over ``seqs`` (the ids so far; [PAD] entries are harmless: [PAD] is blocked), specials
     blocked ([SEP] before ``min_length`` generated tokens), then greedy or nucleus sampling with
-    the rows' draws for ``step`` (generated tokens so far: an int, or a 0-dim device tensor)."""
+    the rows' draws for ``step`` (generated tokens so far: an int, or a 0-dim device tensor);
+    ``sure_rows_first``: see :func:`sample_nucleus`."""
     logits = penalise_repeats(logits, seqs, settings.repetition_penalty)
     allow_eos = step >= settings.min_length
     logits = block_specials(model, logits, allow_eos)
     if settings.method == "greedy":
         return logits.argmax(-1)
     scaled = logits / max(settings.temperature, 1e-6)
-    probs, index = nucleus_candidates(scaled, settings.top_p)
-    return _sample(probs, index, uniform_draws(seeds, step))
+    return sample_nucleus(scaled, settings.top_p, seeds, step, sure_rows_first)
 
 
 def _decoder(model, compiled: bool):

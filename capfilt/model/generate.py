@@ -6,8 +6,9 @@ Lengths count generated tokens, the prompt excluded. The prompt is stripped from
 
 Sampling stays on the model's device without a host sync per token; each row's draws depend only
 on (seed, its key), and nucleus sampling looks at the top 64 tokens (:mod:`capfilt.model.decoding`,
-the step's parts). Finished rows are checked every ``CHECK_EVERY`` steps; then the batch stops
-when all are done, or the finished rows leave it (cache, image keys/values and sequences shrink).
+the step's parts). Finished rows are checked every ``CHECK_EVERY`` steps on an accelerator, every
+step on a CPU; then the batch stops when all are done, or the finished rows leave it (cache, image
+keys/values and sequences shrink).
 With ``caption.cuda_graphs`` on a GPU, nucleus and greedy decoding instead replay one captured
 step with fixed shapes (:mod:`capfilt.model.decode_graph`).
 
@@ -80,17 +81,19 @@ def sample_tokens(
     seqs[:, : start.shape[1]] = start
     out = torch.full((batch, max_len), pad, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    on_cpu = device.type == "cpu"  # reading values back to the host costs nothing
+    check_every = 1 if on_cpu else CHECK_EVERY
     logits = decoder_step(model, start, cross_kv, cache, settings.compile)
     for t in range(max_len):
         length = start.shape[1] + t
-        token = choose_tokens(model, logits, seqs[:, :length], settings, seeds, t)
+        token = choose_tokens(model, logits, seqs[:, :length], settings, seeds, t, on_cpu)
         token = token.masked_fill(finished, pad)
         out[rows, t] = token
         seqs[:, length] = token
         finished |= token == sep
         if t + 1 == max_len:
             break
-        if (t + 1) % CHECK_EVERY == 0:
+        if (t + 1) % check_every == 0:
             n_done = int(finished.sum())
             if n_done == finished.numel():
                 break
