@@ -4,6 +4,8 @@
     python benchmarks/caption_filter_vs_transformers.py --size medium    # 4+4 layers of width 256, 64 px
     python benchmarks/caption_filter_vs_transformers.py --recipe tiny --images 128 --threads 2
     python benchmarks/caption_filter_vs_transformers.py --captioner runs/cap/model --filter runs/filt/model
+    bash benchmarks/race_captioner.sh /tmp/rc && \
+        python benchmarks/caption_filter_vs_transformers.py --captioner /tmp/rc/cap/model --only caption
     python benchmarks/caption_filter_vs_transformers.py --recipe blip-base --vocab 30522 \
         --set model.vision_checkpoint=null --set model.text_checkpoint=null --set model.tokenizer=null
 
@@ -25,7 +27,10 @@ run under the same bf16 autocast (capfilt's stages' own precision) and are timed
     repetition_penalty, min_new_tokens, max_new_tokens)`` on the same batches. The two draw
     different random numbers (capfilt's per-key counter-based draws), so the mean caption length
     of both is printed (the work per caption); greedy decoding on the first batch checks that both
-    sides run the same model (identical captions, count printed). With ``--set caption.compile=true``
+    sides run the same model (identical captions, count printed). A random-weight captioner has not
+    learnt to end a caption, so its rows run to ``max_length`` on both sides; a trained one's end
+    at different steps, where capfilt's finished rows leave the batch and transformers' stay in
+    it until the last is done (``benchmarks/race_captioner.sh`` trains a demo-size one). With ``--set caption.compile=true``
     capfilt's decoder steps run compiled; the greedy check, before the timed runs, pays the compile.
     With ``--set caption.cuda_graphs=true`` (on a GPU) capfilt replays each decoding step as a
     captured CUDA graph; the greedy check pays the capture. ``--only caption`` stops after (a).

@@ -126,6 +126,9 @@ def wrap_for_training(
             # host included (two host syncs per micro-step then)
             device_ids=None,
             broadcast_buffers=False,
+            # a fine-tune leaves out the same parameters at every step, but static_graph=True,
+            # DDP's way to learn them once, is not an option: under no_sync() (train.grad_accum)
+            # its first backward fails an internal assert (torch 2.14, pytorch/pytorch#187732)
             find_unused_parameters=set(losses) != set(STAGE_LOSSES["pretrain"]),
         )
     if compile:
