@@ -25,6 +25,12 @@ lint:
 bench:
     {{py}} benchmarks/pretrain_throughput.py --recipe demo
 
+# Caption/filter vs transformers' BLIP, same weights: random, then a trained captioner (+6 min).
+bench-vs-transformers out="/tmp/capfilt-bench/race-captioner":
+    {{py}} benchmarks/caption_filter_vs_transformers.py
+    CAPFILT={{venv}}/bin/capfilt bash benchmarks/race_captioner.sh {{out}}
+    {{py}} benchmarks/caption_filter_vs_transformers.py --captioner {{out}}/cap/model --only caption
+
 # Thread and loader-worker settings compared on this machine (pretraining steps of the demo recipe).
 bench-threads:
     {{py}} benchmarks/threads.py --recipe demo
