@@ -3,7 +3,8 @@
 # of a trained model (a random-weight captioner has not learnt when to stop: every row runs to
 # max_length, and capfilt's finished rows leaving the batch never show):
 #
-#   bash benchmarks/race_captioner.sh [OUT]       # ~6 min on 2 CPU cores
+#   bash benchmarks/race_captioner.sh [OUT]       # ~6 min on 2 CPU cores (CAPFILT=.venv/bin/capfilt
+#                                                 # when capfilt is not on PATH; `just` passes it)
 #   python benchmarks/caption_filter_vs_transformers.py --captioner OUT/cap/model --only caption
 #
 # The demo recipe with the two changes that let transformers' BLIP classes run the same weights:
