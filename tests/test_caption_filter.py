@@ -704,7 +704,7 @@ def test_nucleus_keeps_smallest_set_reaching_p():
         (0.97, {0.5, 0.3, 0.15, 0.05}),
     ):
         for k in (4, 3):
-            out, index = nucleus_candidates(logits, top_p, k)
+            out, index = nucleus_candidates(logits.softmax(-1), top_p, k)
             for row in range(2):
                 keep = out[row] > 0
                 top_k = {round(p, 2) for p in sorted(probs[row].tolist())[-k:]}
@@ -713,7 +713,7 @@ def test_nucleus_keeps_smallest_set_reaching_p():
                 # kept tokens carry their full-vocabulary probability
                 assert torch.allclose(out[row][keep], probs[row][index[row][keep]])
     # ties at the top and a peaked row: at least one token always survives
-    out, _ = nucleus_candidates(torch.tensor([[10.0, -10.0, -10.0]]), 0.9)
+    out, _ = nucleus_candidates(torch.tensor([[10.0, -10.0, -10.0]]).softmax(-1), 0.9)
     assert (out > 0).sum() == 1
 
 
@@ -722,7 +722,7 @@ def test_top_k_nucleus_equals_full_vocabulary_nucleus_when_it_fits():
     nucleus whenever the nucleus has at most 64 tokens."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 5000, generator=g) * 5  # nuclei of 1 to 42 tokens
-    probs, index = nucleus_candidates(logits, 0.9, 64)
+    probs, index = nucleus_candidates(logits.softmax(-1), 0.9, 64)
     full = logits.softmax(-1)
     order = full.sort(-1, descending=True)
     nucleus = (order.values.cumsum(-1) - order.values) < 0.9

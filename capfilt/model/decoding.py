@@ -102,23 +102,19 @@ def block_specials(model, logits: torch.Tensor, allow_eos: bool | torch.Tensor) 
 
 
 def nucleus_candidates(
-    logits: torch.Tensor, top_p: float, k: int = TOP_K
+    probs: torch.Tensor, top_p: float, k: int = TOP_K
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nucleus among the ``k`` most likely tokens: (probabilities [B, k] under the full softmax,
-    0 where dropped; token ids [B, k]), most likely first.
+    """The nucleus among the ``k`` most likely tokens of the full-vocabulary probabilities
+    ``probs`` [B, vocab]: (their probabilities [B, k], 0 where dropped; token ids [B, k]), most
+    likely first.
 
     A token is kept when the mass of the tokens before it is below ``top_p`` (so the first one
     always is): the smallest set reaching ``top_p``, exact while it fits in ``k``.
     """
-    return _nucleus(logits.softmax(-1), top_p, k)
-
-
-def _nucleus(probs: torch.Tensor, top_p: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`nucleus_candidates` from the full-vocabulary probabilities ``probs``."""
     probs, index = probs.topk(min(k, probs.shape[-1]), dim=-1)
     if top_p < 1.0:
         # the mass before each token, an exclusive prefix sum: before the first exactly 0, before
-        # the second exactly the first's probability (what the single-token rows below rely on)
+        # the second exactly the first's probability (what sample_nucleus' sure rows rely on)
         before = F.pad(probs[:, :-1].cumsum(-1), (1, 0))
         probs = probs.masked_fill(before >= top_p, 0.0)
     return probs, index
@@ -155,10 +151,10 @@ def sample_nucleus(
         if unsure.numel() < token.numel():
             if unsure.numel():
                 draws = uniform_draws(seeds.index_select(0, unsure), step)
-                picked = _nucleus(probs.index_select(0, unsure), top_p, TOP_K)
+                picked = nucleus_candidates(probs.index_select(0, unsure), top_p)
                 token[unsure] = _sample(*picked, draws)
             return token
-    return _sample(*_nucleus(probs, top_p, TOP_K), uniform_draws(seeds, step))
+    return _sample(*nucleus_candidates(probs, top_p), uniform_draws(seeds, step))
 
 
 def choose_tokens(
