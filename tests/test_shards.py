@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import tarfile
+import threading
 
 import pandas as pd
 import pytest
@@ -237,6 +239,78 @@ def test_stage_counts_failed_shards_as_partial(tmp_path):
     result = run_shard_stage(tmp_path, 3, produce, stage="t", config_hash="h")
     assert result.partial and list(result.failed) == [1]
     assert result.done == [0, 2]
+
+
+def _one_sample(index, writer):
+    writer.write(build_sample(make_key("k", index), _jpeg(), [caption_entry("t", "human")]))
+
+
+def test_a_shard_is_published_while_the_next_one_is_produced(tmp_path, monkeypatch):
+    """Shard 0's commit (its fsyncs) runs while shard 1 is produced; with commits in line it would
+    wait here for a produce that cannot start."""
+    produced = {i: threading.Event() for i in range(3)}
+    overlapped, commit = [], ShardWriter.commit
+
+    def slow_commit(self, extra=None):
+        if self.index + 1 in produced:
+            overlapped.append(produced[self.index + 1].wait(timeout=10))
+        return commit(self, extra)
+
+    def produce(index, writer):
+        produced[index].set()
+        _one_sample(index, writer)
+
+    monkeypatch.setattr(ShardWriter, "commit", slow_commit)
+    result = run_shard_stage(tmp_path, 3, produce, stage="t", config_hash="h")
+    assert overlapped == [True, True]
+    assert result.done == [0, 1, 2] and not result.failed
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {
+        f"0000000{i}.tar": 1 for i in range(3)
+    }
+    assert [p.name for p in tmp_path.glob(".*")] == []  # no temporaries left
+
+
+def test_a_commit_that_fails_fails_its_shard_only(tmp_path, monkeypatch):
+    commit = ShardWriter.commit
+
+    def failing_commit(self, extra=None):
+        if self.index == 1:
+            raise OSError(errno.EIO, "I/O error")
+        return commit(self, extra)
+
+    monkeypatch.setattr(ShardWriter, "commit", failing_commit)
+    result = run_shard_stage(tmp_path, 3, _one_sample, stage="t", config_hash="h")
+    assert list(result.failed) == [1] and "I/O error" in result.failed[1]
+    assert result.done == [0, 2]
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["00000000.tar", "00000002.tar"]
+    assert [p.name for p in tmp_path.glob(".*")] == []
+
+
+def test_a_full_disk_at_a_commit_stops_the_stage_after_that_shard(tmp_path, monkeypatch):
+    """The next shard is produced meanwhile, but never published, and leaves no temporary."""
+    calls, commit = [], ShardWriter.commit
+
+    def full_disk(self, extra=None):
+        calls.append(self.index)
+        if self.index == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return commit(self, extra)
+
+    produced = []
+
+    def produce(index, writer):
+        produced.append(index)
+        _one_sample(index, writer)
+
+    monkeypatch.setattr(ShardWriter, "commit", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        run_shard_stage(tmp_path, 4, produce, stage="t", config_hash="h")
+    assert calls == [0, 1] and produced == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000000.parquet",
+        "00000000.tar",
+        "00000000_stats.json",
+    ]
 
 
 def test_stage_with_only_bad_samples_fails_clearly(tmp_path):

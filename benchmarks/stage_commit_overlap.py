@@ -1,0 +1,125 @@
+"""A stage's wall time with each shard published while the next is produced, against in line.
+
+    python benchmarks/stage_commit_overlap.py                      # coco-mini's photos x10
+    python benchmarks/stage_commit_overlap.py --device-ms 3 --shard-size 1000 --copies 10
+
+Publishing a shard (``ShardWriter.commit``) mostly waits on the disk: the fsyncs of its tar,
+parquet and done-marker. In line, a stage's device idles that long once per shard; since
+``capfilt.data.stage.ShardPublisher`` the commit runs on a thread while the next shard is
+produced.
+
+This runs ``run_shard_stage``, the loop every stage runs, as a GPU stage whose loader keeps up
+(as a GPU machine's many loader processes do): each shard's samples are coco-mini's photos
+(``--coco``, default ../shared/data/coco-mini; each copied ``--copies`` times, in shards of
+``--shard-size``), written through as the caption and filter stages write them (image bytes,
+caption json, one parquet row each), in batches of ``--batch`` for which the host waits
+``--device-ms`` per image, as for a GPU's model (1 ms: the filter's target of 1,000 images/s).
+Both ways alternate, ``--repeats`` times; the output shards are the same bytes either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import capfilt.data.stage as stage_mod
+from capfilt.data.sample import build_sample, caption_entry, make_key
+from capfilt.data.writer import ShardWriter
+
+
+def parse_args() -> argparse.Namespace:
+    here = Path(__file__).resolve().parents[1]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--coco", default=str(here.parent / "shared" / "data" / "coco-mini"))
+    p.add_argument("--copies", type=int, default=10, help="copies of each photo")
+    p.add_argument("--shard-size", type=int, default=400)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device-ms", type=float, default=1.0, help="the host's wait per image")
+    p.add_argument("--repeats", type=int, default=3, help="runs per way (alternating)")
+    p.add_argument("--tmp", default=None, help="where the shards go (default: $TMPDIR)")
+    return p.parse_args()
+
+
+def load_photos(coco: Path) -> list[tuple[bytes, str]]:
+    """(JPEG bytes, first caption) of every coco-mini photo."""
+    photos = []
+    for split in ("train2017", "val2017"):
+        data = json.loads((coco / "annotations" / f"captions_{split}.json").read_text())
+        captions: dict[int, str] = {}
+        for ann in data["annotations"]:
+            captions.setdefault(ann["image_id"], ann["caption"])
+        for image in data["images"]:
+            path = coco / split / image["file_name"]
+            if path.is_file() and image["id"] in captions:
+                photos.append((path.read_bytes(), captions[image["id"]]))
+    if not photos:
+        raise SystemExit(f"no photos in {coco}")
+    return photos
+
+
+def main() -> None:
+    args = parse_args()
+    photos = load_photos(Path(args.coco)) * args.copies
+    n_shards = -(-len(photos) // args.shard_size)
+
+    def produce(index: int, writer: ShardWriter) -> None:
+        mine = photos[index * args.shard_size : (index + 1) * args.shard_size]
+        for start in range(0, len(mine), args.batch):
+            batch = mine[start : start + args.batch]
+            time.sleep(len(batch) * args.device_ms / 1000)  # the model's time on the device
+            for i, (jpeg, text) in enumerate(batch, start):
+                key = make_key("bench", index, i)
+                writer.write(build_sample(key, jpeg, [caption_entry(text, "web")]))
+                writer.record({"uid": key, "status": "kept", "reason": ""})
+
+    commits: list[float] = []
+    shipped_commit = ShardWriter.commit
+
+    def timed_commit(self, extra=None):
+        start = time.perf_counter()
+        try:
+            return shipped_commit(self, extra)
+        finally:
+            commits.append(time.perf_counter() - start)
+
+    ShardWriter.commit = timed_commit
+    root = Path(tempfile.mkdtemp(prefix="capfilt-bench-commit-", dir=args.tmp))
+    ways = {"in line": False, "background (shipped)": True}
+    best: dict[str, float] = {}
+    tars: dict[str, dict[str, bytes]] = {}
+    try:  # the outputs take GBs: gone whatever happens
+        for repeat in range(args.repeats):
+            for way, background in ways.items():
+                stage_mod.COMMIT_IN_BACKGROUND = background
+                out = root / f"{repeat}-{background}"  # a fresh folder: nothing to resume
+                start = time.perf_counter()
+                stage_mod.run_shard_stage(out, n_shards, produce, stage="bench", config_hash="b")
+                best[way] = min(best.get(way, float("inf")), time.perf_counter() - start)
+                tars[way] = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+                shutil.rmtree(out)
+    finally:
+        stage_mod.COMMIT_IN_BACKGROUND = True
+        ShardWriter.commit = shipped_commit
+        shutil.rmtree(root, ignore_errors=True)
+    n = len(photos)
+    print(
+        f"{n} photos (coco-mini x{args.copies}, {sum(len(j) for j, _ in photos) / n / 1e3:.0f} kB "
+        f"each) in {n_shards} shards of {args.shard_size}, batches of {args.batch}, the host "
+        f"waiting {args.device_ms:g} ms per image for the device; a commit took "
+        f"{1000 * sum(commits) / len(commits):.0f} ms on average; wall time, best of {args.repeats}:"
+    )
+    for way, seconds in best.items():
+        print(f"  publishing {way:22s} {seconds:6.2f} s  ({n / seconds:6.0f} images/s)")
+    same = tars["in line"] == tars["background (shipped)"]
+    print(
+        f"  in the background: {best['in line'] / best['background (shipped)']:.2f}x the in-line "
+        f"rate; output tars {'identical' if same else 'DIFFER'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
