@@ -83,9 +83,9 @@ def instant_captions(model, tokenizer, images, settings, num_captions=1, seeds=N
 
 
 def instant_scores(model, tokenizer, images, image_index, texts, max_len, **kw):
-    n = len(texts)
-    cosine = torch.full((n,), 0.3) if kw.get("with_cosine") else None
-    return torch.full((n,), 0.7), cosine
+    n, with_cosine = len(texts), kw.get("with_cosine", True)
+    scores = torch.tensor([[0.7] * n, [0.3] * n]) if with_cosine else torch.full((1, n), 0.7)
+    return filter_mod.PendingScores(scores, with_cosine)
 
 
 def run_stage(stage: str, model: Path, shards: Path, out: Path, args) -> float:
@@ -108,7 +108,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     caption_mod.generate_captions = instant_captions
-    filter_mod.score_pairs = instant_scores
+    filter_mod.queue_pair_scores = instant_scores
     EvalTransform.normalize = lambda self, pixels: pixels  # a GPU normalises on the device
     shipped_init = loader_mod.ShardImages.__init__
 

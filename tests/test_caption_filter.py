@@ -953,6 +953,31 @@ def test_filter_without_the_itc_cosine_decides_the_same(outputs, models, tmp_pat
     assert not result.failed and _parquet(tmp_path / "re")["itc_cosine"].isna().all()
 
 
+def test_the_filter_queues_a_batch_before_writing_the_one_before(
+    outputs, models, tmp_path, monkeypatch
+):
+    """On a GPU the host writes batch k - 1 while the device scores batch k: the stage asks for
+    batch k's scores before it waits for batch k - 1's; the output is the in-order stage's."""
+    events, queue, scored = [], filter_mod.queue_pair_scores, filter_mod._scored
+
+    def queued(*args, **kwargs):
+        events.append("queue")
+        return queue(*args, **kwargs)
+
+    def waited(batch, pairs, pending):
+        events.append("write")
+        return scored(batch, pairs, pending)
+
+    monkeypatch.setattr(filter_mod, "queue_pair_scores", queued)
+    monkeypatch.setattr(filter_mod, "_scored", waited)
+    cfg = load_recipe("tiny", FILTER_SETS).filter  # batches of 8 images, shards of 16
+    result = filter_shards(models["filter"], [str(outputs["captioned"])], tmp_path / "filt", cfg)
+    n_shards = len(result.done)
+    assert n_shards >= 2 and not result.failed
+    assert events == ["queue", "queue", "write", "write"] * n_shards
+    assert _files(tmp_path / "filt") == _files(outputs["filtered"])
+
+
 def test_score_pairs_without_the_cosine_gives_the_same_itm(models, synth):
     from capfilt.pipeline.filter import score_pairs
 

@@ -109,7 +109,27 @@ def fraction_rule(cfg: FilterConfig, table: pd.DataFrame) -> KeepRule:
     )
 
 
-@torch.no_grad()
+class PendingScores:
+    """Scores a device is computing, copied back to the host without blocking: :meth:`wait`
+    returns them (ITM probabilities, ITC cosines or None) once there."""
+
+    def __init__(self, scores: torch.Tensor, with_cosine: bool):
+        self.with_cosine = with_cosine
+        self._ready: torch.cuda.Event | None = None
+        if scores.device.type == "cuda":
+            self._host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+            self._host.copy_(scores, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = scores.cpu()
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host[0], self._host[1] if self.with_cosine else None
+
+
 def score_pairs(
     model,
     tokenizer,
@@ -121,7 +141,26 @@ def score_pairs(
     chunk_rows: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair; the
-    cosine is None without ``with_cosine`` (its text-encoder pass skipped).
+    cosine is None without ``with_cosine``. :func:`queue_pair_scores`, waited for."""
+    return queue_pair_scores(
+        model, tokenizer, images, image_index, texts, max_len, with_cosine, chunk_rows
+    ).wait()
+
+
+@torch.no_grad()
+def queue_pair_scores(
+    model,
+    tokenizer,
+    images: torch.Tensor,
+    image_index: torch.Tensor,
+    texts: list[str],
+    max_len: int,
+    with_cosine: bool = True,
+    chunk_rows: int = 64,
+) -> PendingScores:
+    """Start scoring each (image[image_index[j]], texts[j]) pair: its ITM match probability and
+    its ITC cosine (None without ``with_cosine``: its text-encoder pass skipped). On a GPU this
+    returns once the work is queued, with no host sync; the scores come back when waited for.
 
     Each image is encoded, and its cross-attention keys/values projected, once for all its texts.
     The texts go through in order of length, ``chunk_rows`` at a time, each chunk padded to its
@@ -130,8 +169,7 @@ def score_pairs(
     device = images.device
     image_embeds = model.encode_image(images)
     if not texts:
-        empty = torch.empty(0, dtype=torch.float32)
-        return empty, empty.clone() if with_cosine else None
+        return PendingScores(torch.empty(2, 0), with_cosine)
     ids, mask = tokenize(tokenizer, texts, max_len)  # on the host: chunking them costs no sync
     chunks = length_chunks(mask, chunk_rows)
     # one pinned, non-blocking copy each (a copy from pageable memory waits for the GPU), then
@@ -152,8 +190,7 @@ def score_pairs(
         if with_cosine:
             text_feat = model.encode_text_features(chunk_ids, chunk_mask)
             scores[1, rows] = (image_feat[chunk_images].float() * text_feat.float()).sum(-1)
-    scores = scores.cpu()  # one copy back for both
-    return scores[0], scores[1] if with_cosine else None
+    return PendingScores(scores, with_cosine)  # one copy back for both
 
 
 def _settings_of(cfg) -> dict[str, Any]:
@@ -230,12 +267,16 @@ def filter_shards(
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("filter")
+        # One batch in flight: batch k is queued on the device before batch k - 1's rows and
+        # samples are written, so on a GPU the host's share (writing, the next batch's hand-over)
+        # overlaps the device's instead of following it. On a CPU the order alone changes.
+        previous = None
         for batch, images in shard_images.batches(index, counter):
             pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
-            # on the host: score_pairs copies it to the GPU without blocking
+            # on the host: the scoring copies it to the GPU without blocking
             image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long)
             with autocast(device):
-                itm, cosine = score_pairs(
+                pending = queue_pair_scores(
                     model,
                     tokenizer,
                     images,
@@ -245,20 +286,11 @@ def filter_shards(
                     with_cosine=cfg.computes_cosine,
                     chunk_rows=cfg.batch_size,
                 )
-            cosines = (
-                [None] * len(pairs) if cosine is None else [round(c, 6) for c in cosine.tolist()]
-            )
-            scored: list[list[dict]] = [[] for _ in batch]
-            for (i, caption), score, cos in zip(pairs, itm.tolist(), cosines):
-                scored[i].append(
-                    {
-                        **caption,
-                        "origin": normalize_origin(caption.get("origin")),
-                        "itm_score": round(score, 6),
-                        "itc_cosine": cos,
-                    }
-                )
-            _write_batch(writer, batch, scored, rule, info)
+            if previous is not None:
+                _write_batch(writer, previous[0], _scored(*previous), rule, info)
+            previous = batch, pairs, pending
+        if previous is not None:
+            _write_batch(writer, previous[0], _scored(*previous), rule, info)
         writer.add_skipped(counter)
         return {"input_shard": urls[index], "filter": filter_id, **rule_info(cfg, rule)}
 
@@ -266,6 +298,26 @@ def filter_shards(
         return _run(
             out_dir, urls, produce, chash, rule_info(cfg, rule), inputs=urls, plan=shard_images.plan
         )
+
+
+def _scored(
+    batch: list[Sample], pairs: list[tuple[int, dict]], pending: PendingScores
+) -> list[list[dict]]:
+    """Each image's captions with their scores, once they are back (``pairs``: (image, caption)
+    in the order scored)."""
+    itm, cosine = pending.wait()
+    cosines = [None] * len(pairs) if cosine is None else [round(c, 6) for c in cosine.tolist()]
+    scored: list[list[dict]] = [[] for _ in batch]
+    for (i, caption), score, cos in zip(pairs, itm.tolist(), cosines):
+        scored[i].append(
+            {
+                **caption,
+                "origin": normalize_origin(caption.get("origin")),
+                "itm_score": round(score, 6),
+                "itc_cosine": cos,
+            }
+        )
+    return scored
 
 
 def _write_batch(
