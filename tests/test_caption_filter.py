@@ -978,6 +978,29 @@ def test_the_filter_queues_a_batch_before_writing_the_one_before(
     assert _files(tmp_path / "filt") == _files(outputs["filtered"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU's")
+def test_queueing_a_filter_batch_does_not_wait_for_the_gpu(models):
+    """What lets the filter write one batch while the GPU scores the next: queueing the scoring
+    makes no host sync (torch raises on one in sync-debug mode "error")."""
+    from capfilt.utils.device import autocast
+
+    device = torch.device("cuda")
+    model, _, mcfg, _, _ = load_stage_model(models["filter"], device)
+    images, index = _images(2).to(device), torch.tensor([0, 0, 1])
+    texts = ["a red cross", "a blue circle", "two shapes"]
+    args = (model, models["tok"], images, index, texts, mcfg.max_text_len)
+    with autocast(device):
+        expected = filter_mod.score_pairs(*args)  # also warms torch's pinned-memory cache
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = filter_mod.queue_pair_scores(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    itm, cosine = pending.wait()
+    assert torch.equal(itm, expected[0]) and torch.equal(cosine, expected[1])
+
+
 def test_score_pairs_without_the_cosine_gives_the_same_itm(models, synth):
     from capfilt.pipeline.filter import score_pairs
 
