@@ -336,7 +336,7 @@ def main() -> None:
                     cfg.max_text_len,
                     with_cosine=with_cosine,
                     chunk_rows=fb,  # as the stage: texts in order of length, fb at a time
-                )
+                ).wait()
                 scores.append(itm.float().cpu())  # the result on the host, as theirs
         return torch.cat(scores)
 
@@ -367,7 +367,7 @@ def main() -> None:
             torch.arange(2, device=device),
             [t for _, t in pair_texts[:2]],
             cfg.max_text_len,
-        )
+        ).wait()
         hf(
             input_ids=torch.tensor([[enc_id, sp["sep"]]], device=device),
             pixel_values=pixels[:1],

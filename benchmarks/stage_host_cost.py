@@ -108,7 +108,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     caption_mod.generate_captions = instant_captions
-    filter_mod.queue_pair_scores = instant_scores
+    filter_mod.score_pairs = instant_scores
     EvalTransform.normalize = lambda self, pixels: pixels  # a GPU normalises on the device
     shipped_init = loader_mod.ShardImages.__init__
 

@@ -958,7 +958,7 @@ def test_the_filter_queues_a_batch_before_writing_the_one_before(
 ):
     """On a GPU the host writes batch k - 1 while the device scores batch k: the stage asks for
     batch k's scores before it waits for batch k - 1's; the output is the in-order stage's."""
-    events, queue, scored = [], filter_mod.queue_pair_scores, filter_mod._scored
+    events, queue, scored = [], filter_mod.score_pairs, filter_mod._scored
 
     def queued(*args, **kwargs):
         events.append("queue")
@@ -968,7 +968,7 @@ def test_the_filter_queues_a_batch_before_writing_the_one_before(
         events.append("write")
         return scored(batch, pairs, pending)
 
-    monkeypatch.setattr(filter_mod, "queue_pair_scores", queued)
+    monkeypatch.setattr(filter_mod, "score_pairs", queued)
     monkeypatch.setattr(filter_mod, "_scored", waited)
     cfg = load_recipe("tiny", FILTER_SETS).filter  # batches of 8 images, shards of 16
     result = filter_shards(models["filter"], [str(outputs["captioned"])], tmp_path / "filt", cfg)
@@ -990,11 +990,11 @@ def test_queueing_a_filter_batch_does_not_wait_for_the_gpu(models):
     texts = ["a red cross", "a blue circle", "two shapes"]
     args = (model, models["tok"], images, index, texts, mcfg.max_text_len)
     with autocast(device):
-        expected = filter_mod.score_pairs(*args)  # also warms torch's pinned-memory cache
+        expected = filter_mod.score_pairs(*args).wait()  # also warms the pinned-memory cache
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            pending = filter_mod.queue_pair_scores(*args)
+            pending = filter_mod.score_pairs(*args)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     itm, cosine = pending.wait()
@@ -1008,20 +1008,20 @@ def test_score_pairs_without_the_cosine_gives_the_same_itm(models, synth):
     images = _images(2)
     index = torch.tensor([0, 0, 1])
     texts = ["a red cross", "a blue circle", "two shapes"]
-    itm, cosine = score_pairs(model, models["tok"], images, index, texts, mcfg.max_text_len)
+    itm, cosine = score_pairs(model, models["tok"], images, index, texts, mcfg.max_text_len).wait()
     itm_only, none = score_pairs(
         model, models["tok"], images, index, texts, mcfg.max_text_len, with_cosine=False
-    )
+    ).wait()
     assert none is None and cosine.shape == (3,) and torch.equal(itm, itm_only)
     # scored one text at a time (each unpadded): the same scores, in the texts' order
     one_by_one = score_pairs(
         model, models["tok"], images, index, texts, mcfg.max_text_len, chunk_rows=1
-    )
+    ).wait()
     torch.testing.assert_close(one_by_one[0], itm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(one_by_one[1], cosine, rtol=1e-5, atol=1e-6)
     # a batch without texts: no scores, not an error
     empty = torch.empty(0, dtype=torch.long)
-    itm, cosine = score_pairs(model, models["tok"], images, empty, [], mcfg.max_text_len)
+    itm, cosine = score_pairs(model, models["tok"], images, empty, [], mcfg.max_text_len).wait()
     assert itm.shape == cosine.shape == (0,)
 
 

@@ -149,7 +149,9 @@ def test_filter_itm_itc_match_transformers(hf_models, images):
         cfg.image_size == 32 and cfg.embed_dim == 16 and model.special["enc"] == len(tokenizer) - 1
     )
     texts = TEXTS[:3]
-    itm, cosine = score_pairs(model, tokenizer, images, torch.arange(3), texts, cfg.max_text_len)
+    itm, cosine = score_pairs(
+        model, tokenizer, images, torch.arange(3), texts, cfg.max_text_len
+    ).wait()
     ids, mask = _ids(tokenizer, texts, model.special["enc"])  # BLIP's ITM input: [ENC] first
     with torch.no_grad():
         ref_itm = hf(

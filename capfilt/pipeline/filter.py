@@ -130,25 +130,8 @@ class PendingScores:
         return self._host[0], self._host[1] if self.with_cosine else None
 
 
-def score_pairs(
-    model,
-    tokenizer,
-    images: torch.Tensor,
-    image_index: torch.Tensor,
-    texts: list[str],
-    max_len: int,
-    with_cosine: bool = True,
-    chunk_rows: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ITM match probability and ITC cosine of each (image[image_index[j]], texts[j]) pair; the
-    cosine is None without ``with_cosine``. :func:`queue_pair_scores`, waited for."""
-    return queue_pair_scores(
-        model, tokenizer, images, image_index, texts, max_len, with_cosine, chunk_rows
-    ).wait()
-
-
 @torch.no_grad()
-def queue_pair_scores(
+def score_pairs(
     model,
     tokenizer,
     images: torch.Tensor,
@@ -160,7 +143,7 @@ def queue_pair_scores(
 ) -> PendingScores:
     """Start scoring each (image[image_index[j]], texts[j]) pair: its ITM match probability and
     its ITC cosine (None without ``with_cosine``: its text-encoder pass skipped). On a GPU this
-    returns once the work is queued, with no host sync; the scores come back when waited for.
+    returns once the work is queued, with no host sync; ``.wait()`` gives the scores.
 
     Each image is encoded, and its cross-attention keys/values projected, once for all its texts.
     The texts go through in order of length, ``chunk_rows`` at a time, each chunk padded to its
@@ -276,7 +259,7 @@ def filter_shards(
             # on the host: the scoring copies it to the GPU without blocking
             image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long)
             with autocast(device):
-                pending = queue_pair_scores(
+                pending = score_pairs(
                     model,
                     tokenizer,
                     images,
