@@ -317,6 +317,12 @@ class ShardImages:
         yield from (waiting[c] for c in sorted(waiting))
         yield end or ("end", index, [], {})
 
+    @staticmethod
+    def _join_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        """Where a batch's chunks are joined: pinned memory for a GPU, whose blocks torch's
+        host allocator caches and hands out again once their copies are done."""
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
     def _batch(self, items: Iterator[tuple], counter: SkipCounter):
         """Cut the chunks into batches of ``batch_size`` (the last one shorter)."""
         samples: list[Sample] = []
@@ -336,7 +342,7 @@ class ShardImages:
                     need = 0
             if pin or len(taken) > 1:
                 first = taken[0]
-                batch = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
+                batch = self._join_buffer((n, *first.shape[1:]), first.dtype, pin)
                 torch.cat(taken, out=batch)
             else:  # one chunk held the whole batch: no copy
                 batch = taken[0]
