@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -311,6 +312,31 @@ def test_a_full_disk_at_a_commit_stops_the_stage_after_that_shard(tmp_path, monk
         "00000000.tar",
         "00000000_stats.json",
     ]
+
+
+def test_ctrl_c_lets_the_shard_in_flight_finish_publishing(tmp_path, monkeypatch):
+    """Interrupted while producing shard 1, the stage first finishes publishing shard 0 (slowed
+    here), so a re-run skips it; shard 1 leaves nothing behind."""
+    commit = ShardWriter.commit
+
+    def slow_commit(self, extra=None):
+        time.sleep(0.5)
+        return commit(self, extra)
+
+    def produce(index, writer):
+        _one_sample(index, writer)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "commit", slow_commit)
+    with pytest.raises(KeyboardInterrupt):
+        run_shard_stage(tmp_path, 3, produce, stage="t", config_hash="h")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000000.parquet",
+        "00000000.tar",
+        "00000000_stats.json",
+    ]
+    assert is_shard_done(tmp_path, 0, "h")
 
 
 def test_stage_with_only_bad_samples_fails_clearly(tmp_path):
