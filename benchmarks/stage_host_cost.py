@@ -128,6 +128,7 @@ def main() -> None:
             buffers[shape, dtype] = torch.empty(shape, dtype=dtype)
         return buffers[shape, dtype]
 
+    shipped_join_buffer = loader_mod.ShardImages._join_buffer
     if not args.fresh_buffers:
         loader_mod.ShardImages._join_buffer = staticmethod(reused_join_buffer)
     shipped_init = loader_mod.ShardImages.__init__
@@ -142,6 +143,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
         loader_mod.ShardImages.__init__ = shipped_init
+        loader_mod.ShardImages._join_buffer = staticmethod(shipped_join_buffer)
 
 
 def measure(root: Path, args: argparse.Namespace, shipped_init, one_per_handover) -> None:
