@@ -14,19 +14,22 @@ This runs ``run_shard_stage``, the loop every stage runs, as a GPU stage whose l
 ``--shard-size``), written through as the caption and filter stages write them (image bytes,
 caption json, one parquet row each), in batches of ``--batch`` for which the host waits
 ``--device-ms`` per image, as for a GPU's model (1 ms: the filter's target of 1,000 images/s).
-Both ways alternate, ``--repeats`` times; the output shards are the same bytes either way.
+Then the same photos go through ``capfilt data import`` (``import_records``), whose own work
+(reading and checking each photo) takes the place of the device's. Both ways alternate,
+``--repeats`` times; the output shards are the same bytes either way.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import capfilt.data.stage as stage_mod
+from capfilt.data.importers import ImportRecord, coco_records, import_records
 from capfilt.data.sample import build_sample, caption_entry, make_key
 from capfilt.data.writer import ShardWriter
 
@@ -44,26 +47,27 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def load_photos(coco: Path) -> list[tuple[bytes, str]]:
-    """(JPEG bytes, first caption) of every coco-mini photo."""
-    photos = []
+WAYS = {"in line": False, "background (shipped)": True}
+
+
+def photo_records(coco: Path) -> list[ImportRecord]:
+    """coco-mini's photos as ``capfilt data import coco`` reads them."""
+    records = []
     for split in ("train2017", "val2017"):
-        data = json.loads((coco / "annotations" / f"captions_{split}.json").read_text())
-        captions: dict[int, str] = {}
-        for ann in data["annotations"]:
-            captions.setdefault(ann["image_id"], ann["caption"])
-        for image in data["images"]:
-            path = coco / split / image["file_name"]
-            if path.is_file() and image["id"] in captions:
-                photos.append((path.read_bytes(), captions[image["id"]]))
-    if not photos:
-        raise SystemExit(f"no photos in {coco}")
-    return photos
+        found = coco_records(coco / "annotations" / f"captions_{split}.json", coco / split)
+        records += [r for r in found if r.path is not None and Path(r.path).is_file()]
+    return records
 
 
 def main() -> None:
     args = parse_args()
-    photos = load_photos(Path(args.coco)) * args.copies
+    found = photo_records(Path(args.coco))
+    if not found:
+        raise SystemExit(f"no photos in {args.coco}")
+    records = [
+        dataclasses.replace(r, uid=f"{r.uid}-{copy}") for copy in range(args.copies) for r in found
+    ]
+    photos = [(r.load(), r.captions[0]) for r in records]
     n_shards = -(-len(photos) // args.shard_size)
 
     def produce(index: int, writer: ShardWriter) -> None:
@@ -88,19 +92,22 @@ def main() -> None:
 
     ShardWriter.commit = timed_commit
     root = Path(tempfile.mkdtemp(prefix="capfilt-bench-commit-", dir=args.tmp))
-    ways = {"in line": False, "background (shipped)": True}
-    best: dict[str, float] = {}
-    tars: dict[str, dict[str, bytes]] = {}
     try:  # the outputs take GBs: gone whatever happens
-        for repeat in range(args.repeats):
-            for way, background in ways.items():
-                stage_mod.COMMIT_IN_BACKGROUND = background
-                out = root / f"{repeat}-{background}"  # a fresh folder: nothing to resume
-                start = time.perf_counter()
-                stage_mod.run_shard_stage(out, n_shards, produce, stage="bench", config_hash="b")
-                best[way] = min(best.get(way, float("inf")), time.perf_counter() - start)
-                tars[way] = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
-                shutil.rmtree(out)
+        stage = race(
+            lambda out: stage_mod.run_shard_stage(
+                out, n_shards, produce, stage="bench", config_hash="b"
+            ),
+            root / "stage",
+            args.repeats,
+        )
+        waits = 1000 * sum(commits) / len(commits)
+        imported = race(
+            lambda out: import_records(
+                records, out, source="bench", origin="web", shard_size=args.shard_size
+            ),
+            root / "import",
+            args.repeats,
+        )
     finally:
         stage_mod.COMMIT_IN_BACKGROUND = True
         ShardWriter.commit = shipped_commit
@@ -108,16 +115,42 @@ def main() -> None:
     n = len(photos)
     print(
         f"{n} photos (coco-mini x{args.copies}, {sum(len(j) for j, _ in photos) / n / 1e3:.0f} kB "
-        f"each) in {n_shards} shards of {args.shard_size}, batches of {args.batch}, the host "
-        f"waiting {args.device_ms:g} ms per image for the device; a commit took "
-        f"{1000 * sum(commits) / len(commits):.0f} ms on average; wall time, best of {args.repeats}:"
+        f"each) in {n_shards} shards of {args.shard_size}; a commit took {waits:.0f} ms on "
+        f"average; wall time, best of {args.repeats}:"
     )
+    report(
+        f"the stage loop, batches of {args.batch}, the host waiting {args.device_ms:g} ms per "
+        "image for the device:",
+        stage,
+        n,
+    )
+    report("`capfilt data import` of the same photos (its own work, no device):", imported, n)
+
+
+def race(run, out: Path, repeats: int) -> tuple[dict[str, float], bool]:
+    """Best wall time of ``run(folder)`` per way (alternating), and whether the tars are the same."""
+    best: dict[str, float] = {}
+    tars: dict[str, dict[str, bytes]] = {}
+    for repeat in range(repeats):
+        for way, background in WAYS.items():
+            stage_mod.COMMIT_IN_BACKGROUND = background
+            folder = out / f"{repeat}-{background}"  # a fresh folder: nothing to resume
+            start = time.perf_counter()
+            run(folder)
+            best[way] = min(best.get(way, float("inf")), time.perf_counter() - start)
+            tars[way] = {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+            shutil.rmtree(folder)
+    return best, tars["in line"] == tars["background (shipped)"] and bool(tars["in line"])
+
+
+def report(title: str, result: tuple[dict[str, float], bool], n: int) -> None:
+    best, same = result
+    print(f"  {title}")
     for way, seconds in best.items():
-        print(f"  publishing {way:22s} {seconds:6.2f} s  ({n / seconds:6.0f} images/s)")
-    same = tars["in line"] == tars["background (shipped)"]
+        print(f"    publishing {way:22s} {seconds:6.2f} s  ({n / seconds:6.0f} images/s)")
     print(
-        f"  in the background: {best['in line'] / best['background (shipped)']:.2f}x the in-line "
-        f"rate; output tars {'identical' if same else 'DIFFER'}"
+        f"    in the background: {best['in line'] / best['background (shipped)']:.2f}x the "
+        f"in-line rate; output tars {'identical' if same else 'DIFFER'}"
     )
 
 
