@@ -22,24 +22,22 @@ Then the same photos go through ``capfilt data import`` (``import_records``), wh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from stage_host_cost import add_photo_args, coco_photos, copied  # same folder: run as a script
+
 import capfilt.data.stage as stage_mod
-from capfilt.data.importers import ImportRecord, coco_records, import_records
+from capfilt.data.importers import import_records
 from capfilt.data.sample import build_sample, caption_entry, make_key
 from capfilt.data.writer import ShardWriter
 
 
 def parse_args() -> argparse.Namespace:
-    here = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--coco", default=str(here.parent / "shared" / "data" / "coco-mini"))
-    p.add_argument("--copies", type=int, default=10, help="copies of each photo")
-    p.add_argument("--shard-size", type=int, default=400)
+    add_photo_args(p)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device-ms", type=float, default=1.0, help="the host's wait per image")
     p.add_argument("--repeats", type=int, default=3, help="runs per way (alternating)")
@@ -50,23 +48,9 @@ def parse_args() -> argparse.Namespace:
 WAYS = {"in line": False, "background (shipped)": True}
 
 
-def photo_records(coco: Path) -> list[ImportRecord]:
-    """coco-mini's photos as ``capfilt data import coco`` reads them."""
-    records = []
-    for split in ("train2017", "val2017"):
-        found = coco_records(coco / "annotations" / f"captions_{split}.json", coco / split)
-        records += [r for r in found if r.path is not None and Path(r.path).is_file()]
-    return records
-
-
 def main() -> None:
     args = parse_args()
-    found = photo_records(Path(args.coco))
-    if not found:
-        raise SystemExit(f"no photos in {args.coco}")
-    records = [
-        dataclasses.replace(r, uid=f"{r.uid}-{copy}") for copy in range(args.copies) for r in found
-    ]
+    records = copied(coco_photos(Path(args.coco)), args.copies)
     photos = [(r.load(), r.captions[0]) for r in records]
     n_shards = -(-len(photos) // args.shard_size)
 

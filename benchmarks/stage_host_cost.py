@@ -36,17 +36,38 @@ import capfilt.data.loader as loader_mod
 import capfilt.pipeline.caption as caption_mod
 import capfilt.pipeline.filter as filter_mod
 from capfilt.config import load_recipe
-from capfilt.data.importers import coco_records, import_records
+from capfilt.data.importers import ImportRecord, coco_records, import_records
 from capfilt.data.transforms import EvalTransform, preprocess_spec
 from capfilt.model import build_model, save_model_folder, train_wordpiece_tokenizer
 
 
-def parse_args() -> argparse.Namespace:
+def add_photo_args(p: argparse.ArgumentParser) -> None:
+    """``--coco``, ``--copies``, ``--shard-size``: :func:`coco_photos`, :func:`copied`, in shards."""
     here = Path(__file__).resolve().parents[1]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--coco", default=str(here.parent / "shared" / "data" / "coco-mini"))
     p.add_argument("--copies", type=int, default=10, help="copies of each photo")
     p.add_argument("--shard-size", type=int, default=400)
+
+
+def coco_photos(coco: Path) -> list[ImportRecord]:
+    """coco-mini's photos as ``capfilt data import coco`` reads them."""
+    records = []
+    for split in ("train2017", "val2017"):
+        found = coco_records(coco / "annotations" / f"captions_{split}.json", coco / split)
+        records += [r for r in found if r.path is not None and Path(r.path).is_file()]
+    if not records:
+        raise SystemExit(f"no photos in {coco}")
+    return records
+
+
+def copied(records: list[ImportRecord], copies: int) -> list[ImportRecord]:
+    """Each record ``copies`` times, under distinct uids."""
+    return [dataclasses.replace(r, uid=f"{r.uid}-{c}") for c in range(copies) for r in records]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_photo_args(p)
     p.add_argument("--workers", type=int, default=2, help="loader workers of the stages")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--image-size", type=int, default=384, help="the model's input side")
@@ -61,16 +82,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_inputs(root: Path, args: argparse.Namespace) -> tuple[Path, Path, int]:
-    coco = Path(args.coco)
-    records = []
-    for split in ("train2017", "val2017"):
-        found = coco_records(coco / "annotations" / f"captions_{split}.json", coco / split)
-        records += [r for r in found if r.path is not None and Path(r.path).is_file()]
-    if not records:
-        raise SystemExit(f"no photos in {coco}")
-    copies = [
-        dataclasses.replace(r, uid=f"{r.uid}-{c}") for c in range(args.copies) for r in records
-    ]
+    records = coco_photos(Path(args.coco))
+    copies = copied(records, args.copies)
     import_records(
         copies, root / "photos", source="bench", origin="web", shard_size=args.shard_size
     )
