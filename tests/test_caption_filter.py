@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -976,6 +977,36 @@ def test_the_filter_queues_a_batch_before_writing_the_one_before(
     assert n_shards >= 2 and not result.failed
     assert events == ["queue", "queue", "write", "write"] * n_shards
     assert _files(tmp_path / "filt") == _files(outputs["filtered"])
+
+
+def test_a_caption_stage_waiting_on_its_loader_says_so_and_which_setting_helps(
+    models, synth, outputs, tmp_path, monkeypatch, caplog
+):
+    """The stage times its main process's phases: with a loader slower than everything else,
+    its closing line says the loader set the rate and names ``caption.num_workers``; the output
+    is the untimed stage's."""
+    import capfilt.pipeline.caption as caption_mod
+    from capfilt.data.loader import ShardImages
+
+    batches = ShardImages.batches
+
+    def slow_batches(self, *args, **kwargs):
+        for item in batches(self, *args, **kwargs):
+            time.sleep(0.1)
+            yield item
+
+    monkeypatch.setattr(ShardImages, "batches", slow_batches)
+    caplog.set_level(logging.INFO, logger="capfilt")
+    cfg = load_recipe("tiny", CAPTION_SETS).caption
+    result = caption_shards(models["captioner"], [str(synth / "web")], tmp_path / "cap", cfg)
+    assert _files(tmp_path / "cap") == _files(outputs["captioned"])
+    phases = result.phase_seconds
+    assert {"loader start", "images", "model", "writing", "publishing"} <= set(phases)
+    n_batches = result.stats["input_count"] // cfg.batch_size  # at least
+    assert phases["images"] + phases["loader start"] >= 0.1 * n_batches
+    line = next(r.getMessage() for r in caplog.records if "samples in" in r.getMessage())
+    assert "the loader set the rate" in line and "caption.num_workers is 0" in line
+    assert caption_mod.generate_captions is generate_captions  # the model itself was not stubbed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU's")

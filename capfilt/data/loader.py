@@ -31,6 +31,7 @@ from capfilt.data.reader import Sample, SampleError, SkipCounter, decode_sample,
 from capfilt.data.shard_copies import ShardCopies
 from capfilt.data.shards import REMOTE_PREFIXES
 from capfilt.data.transforms import EvalTransform
+from capfilt.utils.threads import available_cores
 
 
 class ShardReadError(RuntimeError):
@@ -174,6 +175,27 @@ def _worker_context(transform: Callable) -> multiprocessing.context.BaseContext:
     preload = ["__main__", __name__, type(transform).__module__]
     context.set_forkserver_preload(preload + ([main_spec.name] if main_spec else []))
     return context
+
+
+def loader_hint(section: str, num_workers: int) -> str:
+    """What to change when a stage's main process mostly waited for images (``section``: the
+    recipe section whose ``num_workers`` sets the stage's loader processes)."""
+    cores = available_cores()
+    if num_workers == 0:
+        return (
+            f"{section}.num_workers is 0, so the main process decodes every image itself: "
+            f"--set {section}.num_workers=N decodes them in N processes while the model runs "
+            f"(this machine has {cores} CPU cores)"
+        )
+    processes = f"{num_workers} loader process{'es' if num_workers > 1 else ''}"
+    if num_workers + 1 < cores:
+        more = min(cores - 1, 2 * num_workers)
+        return f"{processes} on {cores} CPU cores: try --set {section}.num_workers={more}"
+    fill = "fill" if num_workers > 1 else "fills"
+    return (
+        f"{processes} already {fill} this machine's {cores} CPU cores: faster storage, or "
+        "images stored nearer the model's input size, would feed it faster"
+    )
 
 
 class ShardImages:

@@ -27,6 +27,7 @@ from capfilt.utils.dist import DistInfo, barrier, current_dist_info
 from capfilt.utils.lock import locks_out_dir
 from capfilt.utils.logging import get_logger
 from capfilt.utils.progress import ProgressReporter
+from capfilt.utils.timing import PhaseClock
 
 log = get_logger("stage")
 
@@ -46,6 +47,10 @@ class StageResult:
     skipped_existing: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    """Wall time of producing and publishing this run's shards (0 when all were done before)."""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Of ``seconds``, the main process's time in each phase (the stage's ``clock``)."""
 
     @property
     def partial(self) -> bool:
@@ -82,6 +87,18 @@ def _names(files: Sequence[str], limit: int = 3) -> str:
 ProduceFn = Callable[[int, ShardWriter], dict[str, Any] | None]
 """Fills one shard: ``produce(index, writer)`` writes samples/rows; returns extra stats or None."""
 
+
+LOADER_START = "loader start"
+"""The phase of a stage's first wait for its loader (processes starting, first images decoded)."""
+
+RATE_SET_BY = {
+    "images": "the loader set the rate",
+    "model": "the model set the rate",
+    "writing": "writing the output set the rate",
+    "publishing": "publishing shards (their fsyncs) set the rate: is the output folder's disk slow?",
+}
+"""What a stage says when a phase of its main process took the most time (``timing_hints``
+extends it, e.g. with the setting that adds loader processes)."""
 
 COMMIT_IN_BACKGROUND = True
 """Publish each shard on a thread while the next one is produced (:class:`ShardPublisher`);
@@ -129,6 +146,10 @@ class ShardPublisher:
             self._settle()
         else:
             self._pending = (index, self._pool.submit(_commit, writer, extra).result)
+
+    def flush(self) -> None:
+        """Wait for the commit in flight, if any, and report its outcome."""
+        self._settle()
 
     def _settle(self) -> None:
         """Wait for the pending commit and report its outcome."""
@@ -181,6 +202,8 @@ def run_shard_stage(
     inputs: Sequence[str | Sequence[str]] | None = None,
     hints: Mapping[str, str] | None = None,
     plan: Callable[[list[int]], None] | None = None,
+    clock: PhaseClock | None = None,
+    timing_hints: Mapping[str, str] | None = None,
 ) -> StageResult:
     """Run ``produce`` for every shard of this rank not yet done; write ``sizes.json`` at the end.
 
@@ -189,7 +212,10 @@ def run_shard_stage(
     ``hints``: reason → what the user should check, added when every input sample was rejected.
     ``plan``: called once with the shards this rank will produce, in order, before the first (so
     that a stage's loader can read ahead across shards: :class:`~capfilt.data.loader.ShardImages`).
-    Raises ``StageError`` when the input holds no sample at all or every sample was rejected.
+    ``clock``: the phases ``produce`` times on this thread (e.g. "images", "model", "writing");
+    the stage adds "publishing" (waiting for the previous shard's commit), shows the shares in its
+    progress and ends by saying which phase set the rate (:data:`RATE_SET_BY`, then
+    ``timing_hints``). Raises ``StageError`` when the input holds no sample at all or every sample was rejected.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +243,7 @@ def run_shard_stage(
             len(mine),
         )
     total = sum(samples_per_shard[i] for i in todo) if samples_per_shard else None
+    clock = clock if clock is not None else PhaseClock()
     started, processed = time.perf_counter(), 0
 
     def failed(index: int, err: Exception) -> None:
@@ -232,7 +259,11 @@ def run_shard_stage(
         nonlocal processed
         result.done.append(index)
         processed += stats["input_count"]
-        progress.advance(stats["input_count"])
+        if _timed_phases(clock):
+            shares = clock.describe(time.perf_counter() - started)
+            progress.advance(stats["input_count"], main=shares)
+        else:
+            progress.advance(stats["input_count"])
 
     with (
         ProgressReporter(desc or stage, total=total, enabled=dist.is_main) as progress,
@@ -254,18 +285,26 @@ def run_shard_stage(
                 if writer is not None:
                     writer.abort()
                 raise
-            publisher.publish(index, writer, extra)
+            with clock.phase("publishing"):
+                publisher.publish(index, writer, extra)
+        with clock.phase("publishing"):
+            publisher.flush()
+    if todo:
+        result.seconds = time.perf_counter() - started
+        result.phase_seconds = dict(clock.seconds)
     if processed:
         # the stage's own rate (model loading and process start excluded): what a user compares
-        # between machines, batch sizes and worker counts
-        seconds = time.perf_counter() - started
+        # between machines, batch sizes and worker counts; then where the main process's time
+        # went, which says what to change when the rate disappoints
+        seconds = result.seconds
         log.info(
-            "%s: %d samples in %.1f s (%.1f samples/s%s)",
+            "%s: %d samples in %.1f s (%.1f samples/s%s)%s",
             stage,
             processed,
             seconds,
             processed / max(seconds, 1e-9),
             f" on rank {dist.rank} of {dist.world_size}" if dist.world_size > 1 else "",
+            _rate_set_by(clock, seconds, timing_hints or {}),
         )
     barrier()
     names = [shard_name(i, prefix) for i in range(n_shards)]
@@ -274,6 +313,27 @@ def run_shard_stage(
     result.stats = collect_stats(out_dir, names=names)
     _check_not_all_bad(result, stage, inputs, hints or {})
     return result
+
+
+def _timed_phases(clock: PhaseClock) -> bool:
+    """Whether the stage's ``produce`` timed phases of its own (else only publishing is)."""
+    return bool(set(clock.seconds) - {"publishing"})
+
+
+def _rate_set_by(clock: PhaseClock, seconds: float, hints: Mapping[str, str]) -> str:
+    """``"; main process: images 62%, model 30%, ...: the loader set the rate ..."``, or ``""``
+    when the stage timed no phase of its own (only publishing)."""
+    if not _timed_phases(clock):
+        return ""
+    # the rate is set by the steady state: more loader processes do not start the loader sooner
+    steady = {name: s for name, s in clock.seconds.items() if name != LOADER_START}
+    largest = max(steady, key=steady.__getitem__)
+    said = RATE_SET_BY.get(largest, f"{largest} set the rate")
+    if largest in hints:
+        said = f"{said}; {hints[largest]}"
+    if clock.largest() == LOADER_START:
+        said = f"the loader's start took the most time (a short run); after it, {said}"
+    return f"; main process: {clock.describe(seconds)}: {said}"
 
 
 def _check_not_all_bad(result: StageResult, stage: str, inputs, hints: Mapping[str, str]) -> None:

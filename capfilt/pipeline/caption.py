@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.config import CaptionConfig, config_hash, to_dict
-from capfilt.data.loader import ShardImages
+from capfilt.data.loader import ShardImages, loader_hint
 from capfilt.data.reader import SkipCounter
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
-from capfilt.data.stage import StageResult, run_shard_stage
+from capfilt.data.stage import LOADER_START, StageResult, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.writer import ShardWriter
 from capfilt.model.decoding import row_seeds
@@ -29,6 +29,7 @@ from capfilt.runs.resolve import load_stage_model, model_fingerprint
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import init_distributed
 from capfilt.utils.logging import get_logger
+from capfilt.utils.timing import PhaseClock
 
 log = get_logger("caption")
 
@@ -69,29 +70,21 @@ def caption_shards(
         min_side=transform.image_size,
     )
 
+    clock = PhaseClock()  # where the main process's time goes: the stage's closing line says
+
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("caption")
         n_captions = 0
-        for batch, images in shard_images.batches(index, counter):
-            seeds = row_seeds(cfg.seed, [s.key for s in batch], cfg.num_captions)
-            with autocast(device):
-                captions = generate_captions(model, tokenizer, images, cfg, cfg.num_captions, seeds)
-            for sample, texts in zip(batch, captions):
-                entries = [
-                    {"text": t, "origin": "synthetic", "model": captioner_id} for t in texts if t
-                ]
-                txt = sample.text if sample.text else (entries[0]["text"] if entries else "")
-                writer.write(output_sample(sample, list(sample.captions) + entries, txt))
-                writer.record(
-                    {
-                        "uid": sample.key,
-                        "status": "kept",
-                        "reason": "",
-                        "n_synthetic": len(entries),
-                        "synthetic": [e["text"] for e in entries],
-                    }
-                )
-                n_captions += len(entries)
+        batches = shard_images.batches(index, counter)
+        for batch, images in clock.timed("images", batches, first_as=LOADER_START):
+            with clock.phase("model"):
+                seeds = row_seeds(cfg.seed, [s.key for s in batch], cfg.num_captions)
+                with autocast(device):
+                    captions = generate_captions(
+                        model, tokenizer, images, cfg, cfg.num_captions, seeds
+                    )
+            with clock.phase("writing"):
+                n_captions += _write_batch(writer, batch, captions, captioner_id)
         writer.add_skipped(counter)
         return {
             "input_shard": urls[index],
@@ -113,4 +106,26 @@ def caption_shards(
             desc="caption",
             inputs=urls,
             plan=shard_images.plan,
+            clock=clock,
+            timing_hints={"images": loader_hint("caption", cfg.num_workers)},
         )
+
+
+def _write_batch(writer: ShardWriter, batch, captions: list[list[str]], captioner_id: str) -> int:
+    """Write a batch's samples with their new captions; the number of captions written."""
+    n_captions = 0
+    for sample, texts in zip(batch, captions):
+        entries = [{"text": t, "origin": "synthetic", "model": captioner_id} for t in texts if t]
+        txt = sample.text if sample.text else (entries[0]["text"] if entries else "")
+        writer.write(output_sample(sample, list(sample.captions) + entries, txt))
+        writer.record(
+            {
+                "uid": sample.key,
+                "status": "kept",
+                "reason": "",
+                "n_synthetic": len(entries),
+                "synthetic": [e["text"] for e in entries],
+            }
+        )
+        n_captions += len(entries)
+    return n_captions

@@ -27,11 +27,11 @@ import pandas as pd
 import torch
 
 from capfilt.config import ConfigError, FilterConfig, config_hash, to_dict
-from capfilt.data.loader import ShardImages
+from capfilt.data.loader import ShardImages, loader_hint
 from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
-from capfilt.data.stage import StageResult, run_shard_stage
+from capfilt.data.stage import LOADER_START, StageResult, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, stats_path
 from capfilt.eval.filter_metrics import HIST_BINS, score_histogram
@@ -42,6 +42,7 @@ from capfilt.utils.dist import barrier, current_dist_info, init_distributed
 from capfilt.utils.files import atomic_write_json
 from capfilt.utils.iters import batched
 from capfilt.utils.logging import get_logger
+from capfilt.utils.timing import PhaseClock
 
 log = get_logger("filter")
 
@@ -248,38 +249,56 @@ def filter_shards(
         urls, transform, cfg.batch_size, cfg.num_workers, device, min_side=transform.image_size
     )
 
+    clock = PhaseClock()  # where the main process's time goes: the stage's closing line says
+
+    def write(writer: ShardWriter, batch, pairs, pending: PendingScores) -> None:
+        with clock.phase("model"):  # on a GPU: waiting for the device
+            pending.wait()
+        with clock.phase("writing"):
+            _write_batch(writer, batch, _scored(batch, pairs, pending), rule, info)
+
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("filter")
         # One batch in flight: batch k is queued on the device before batch k - 1's rows and
         # samples are written, so on a GPU the host's share (writing, the next batch's hand-over)
         # overlaps the device's instead of following it. On a CPU the order alone changes.
         previous = None
-        for batch, images in shard_images.batches(index, counter):
-            pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
-            # on the host: the scoring copies it to the GPU without blocking
-            image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long)
-            with autocast(device):
-                pending = score_pairs(
-                    model,
-                    tokenizer,
-                    images,
-                    image_index,
-                    [c["text"] for _, c in pairs],
-                    mcfg.max_text_len,
-                    with_cosine=cfg.computes_cosine,
-                    chunk_rows=cfg.batch_size,
-                )
+        batches = shard_images.batches(index, counter)
+        for batch, images in clock.timed("images", batches, first_as=LOADER_START):
+            with clock.phase("model"):
+                pairs = [(i, c) for i, s in enumerate(batch) for c in s.captions]
+                # on the host: the scoring copies it to the GPU without blocking
+                image_index = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+                with autocast(device):
+                    pending = score_pairs(
+                        model,
+                        tokenizer,
+                        images,
+                        image_index,
+                        [c["text"] for _, c in pairs],
+                        mcfg.max_text_len,
+                        with_cosine=cfg.computes_cosine,
+                        chunk_rows=cfg.batch_size,
+                    )
             if previous is not None:
-                _write_batch(writer, previous[0], _scored(*previous), rule, info)
+                write(writer, *previous)
             previous = batch, pairs, pending
         if previous is not None:
-            _write_batch(writer, previous[0], _scored(*previous), rule, info)
+            write(writer, *previous)
         writer.add_skipped(counter)
         return {"input_shard": urls[index], "filter": filter_id, **rule_info(cfg, rule)}
 
     with shard_images:
         return _run(
-            out_dir, urls, produce, chash, rule_info(cfg, rule), inputs=urls, plan=shard_images.plan
+            out_dir,
+            urls,
+            produce,
+            chash,
+            rule_info(cfg, rule),
+            inputs=urls,
+            plan=shard_images.plan,
+            clock=clock,
+            timing_hints={"images": loader_hint("filter", cfg.num_workers)},
         )
 
 
@@ -339,6 +358,8 @@ def _run(
     rule: dict,
     inputs: list,
     plan: Callable[[list[int]], None] | None = None,
+    clock: PhaseClock | None = None,
+    timing_hints: dict[str, str] | None = None,
 ) -> StageResult:
     sizes = shard_sizes(urls)
     known = None if any(s is None for s in sizes) else [int(s) for s in sizes]  # type: ignore[arg-type]
@@ -352,6 +373,8 @@ def _run(
         desc="filter",
         inputs=inputs,
         plan=plan,
+        clock=clock,
+        timing_hints=timing_hints,
     )
     if current_dist_info().is_main:
         summary = summarize(Path(out_dir), n_shards=len(urls))
