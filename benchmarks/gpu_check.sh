@@ -8,14 +8,17 @@
 #                    whole command's) at BLIP-base sizes (random weights, BERT's 30,522-token
 #                    vocabulary) on ../shared/data/coco-mini's photos, each copied COPIES (10) times;
 #                    then the caption stage again with its decoding steps replayed as CUDA graphs
-#                    (caption.cuda_graphs, step caption_graphs);
+#                    (caption.cuda_graphs, step caption_graphs); each with the stage's own account
+#                    of its main process's time (images, model, writing, publishing) and what set
+#                    the rate;
 #   host_cost        the stages' main-process CPU per image with the model stubbed (the host's
 #                    ceiling on their rate): benchmarks/stage_host_cost.py;
 #   pretrain_mfu     BLIP-base pretraining, model only: benchmarks/pretrain_throughput.py, batch 64,
 #                    bf16; MFU against an 8192² bf16 matmul timed between the step blocks;
 #   pretrain_mfu_large  the same at batch 192 (does MFU grow with the batch: launch-bound?);
 #   pretrain_cli     `capfilt pretrain` at BLIP-base with its loader on the same photos (samples/s
-#                    from metrics.jsonl, to compare with pretrain_mfu's model-only rate);
+#                    from metrics.jsonl, to compare with pretrain_mfu's model-only rate, and
+#                    data_wait: the share of each window spent waiting for the loader);
 #   vs_transformers  caption/filter against transformers' BLIP classes, same weights, BLIP-base;
 #   vs_transformers_graphs  the captioning race with capfilt's steps as CUDA graphs (caption.cuda_graphs);
 #   vs_transformers_compiled  the same with capfilt's decoder steps compiled (caption.compile);

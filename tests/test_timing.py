@@ -83,46 +83,42 @@ def _sample(writer, index: int) -> None:
     writer.record({"uid": f"s{index}"})
 
 
-def test_the_stage_says_which_phase_set_its_rate(tmp_path, caplog):
+def _timed_stage(tmp_path, caplog, image_wait, model_seconds: float):
+    """A 2-shard stage whose ``produce`` waits ``image_wait(index)`` s for its one batch
+    (timed as "images", the first wait as "loader start"), then ``model_seconds`` on the model;
+    (its result, its closing log line)."""
     caplog.set_level(logging.INFO, logger="capfilt")
     clock = PhaseClock()
 
+    def loader(index):
+        time.sleep(image_wait(index))
+        yield index
+
     def produce(index, writer):
-        with clock.phase("images"):
-            time.sleep(0.01)
-        with clock.phase("model"):
-            time.sleep(0.25)  # far longer than everything else the stage does
+        for _ in clock.timed("images", loader(index), first_as="loader start"):
+            with clock.phase("model"):
+                time.sleep(model_seconds)
         with clock.phase("writing"):
             _sample(writer, index)
         return None
 
     result = _stage(tmp_path, produce, clock, timing_hints={"images": "more loader processes"})
-    assert set(result.phase_seconds) == {"images", "model", "writing", "publishing"}
-    assert result.phase_seconds["model"] >= 0.5
-    assert sum(result.phase_seconds.values()) <= result.seconds
     line = next(r.getMessage() for r in caplog.records if "samples in" in r.getMessage())
+    return result, line
+
+
+def test_the_stage_says_which_phase_set_its_rate(tmp_path, caplog):
+    result, line = _timed_stage(tmp_path, caplog, lambda index: 0.01, model_seconds=0.25)
+    phases = result.phase_seconds
+    assert set(phases) == {"loader start", "images", "model", "writing", "publishing"}
+    assert phases["model"] >= 0.5
+    assert sum(phases.values()) <= result.seconds
     assert "main process: model" in line and line.endswith("the model set the rate")
     assert "more loader processes" not in line  # a hint only for the phase that set the rate
 
 
 def test_a_stage_waiting_on_images_gives_the_loader_hint(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="capfilt")
-    clock = PhaseClock()
-
-    def slow_loader(index):
-        time.sleep(0.25)
-        yield index
-
-    def produce(index, writer):
-        for _ in clock.timed("images", slow_loader(index)):
-            pass
-        with clock.phase("model"):
-            time.sleep(0.01)
-        _sample(writer, index)
-        return None
-
-    _stage(tmp_path, produce, clock, timing_hints={"images": "more loader processes"})
-    line = next(r.getMessage() for r in caplog.records if "samples in" in r.getMessage())
+    _, line = _timed_stage(tmp_path, caplog, lambda index: 0.25, model_seconds=0.01)
     assert line.endswith("the loader set the rate; more loader processes")
 
 
@@ -143,22 +139,7 @@ def test_a_stage_that_times_nothing_says_nothing_of_phases(tmp_path, caplog):
 def test_a_short_run_whose_loader_start_took_the_most_names_the_steady_phase(tmp_path, caplog):
     """More loader processes would not start the loader sooner: the rate is the steady state's,
     and the line says the start took the most time."""
-    caplog.set_level(logging.INFO, logger="capfilt")
-    clock = PhaseClock()
-
-    def loader(index):
-        time.sleep(0.6 if index == 0 else 0.01)  # a slow start, then images on time
-        yield index
-
-    def produce(index, writer):
-        for _ in clock.timed("images", loader(index), first_as="loader start"):
-            with clock.phase("model"):
-                time.sleep(0.1)
-        _sample(writer, index)
-        return None
-
-    _stage(tmp_path, produce, clock, timing_hints={"images": "more loader processes"})
-    line = next(r.getMessage() for r in caplog.records if "samples in" in r.getMessage())
+    _, line = _timed_stage(tmp_path, caplog, lambda index: 0.6 if index == 0 else 0.01, 0.1)
     assert line.endswith(
         "the loader's start took the most time (a short run); after it, the model set the rate"
     )

@@ -171,6 +171,37 @@ def test_a_checkpoint_restores_the_cuda_state_of_this_device_only(monkeypatch):
     assert restored == [[7], [0]]
 
 
+def test_metrics_say_what_share_of_each_window_waited_for_the_loader(
+    synth_data, tmp_path, monkeypatch
+):
+    """``data_wait``: the fraction of a logging window the main process spent blocked on the
+    loader's next batch. A loader that sleeps 0.2 s per batch holds most of a tiny model's
+    window; each window counts its own waits only."""
+    import time
+
+    from capfilt.train import trainer as trainer_mod
+
+    make_loader = trainer_mod.make_loader
+
+    def slow_loader(*args, **kwargs):
+        for batch in make_loader(*args, **kwargs):
+            time.sleep(0.2)
+            yield batch
+
+    train(_job(synth_data, tmp_path / "fast", stop_after=4))
+    monkeypatch.setattr(trainer_mod, "make_loader", slow_loader)
+    train(_job(synth_data, tmp_path / "slow", stop_after=4))
+    fast, slow = (
+        [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("fast", "slow")
+    )
+    assert [x["step"] for x in slow] == [2, 4]
+    for record in slow:  # 2 steps of 0.2 s waits in each window, its elapsed time at most ~0.6 s
+        elapsed = 2 * 8 / record["samples_per_s"]
+        assert record["data_wait"] * elapsed >= 0.4 - 1e-3 and record["data_wait"] <= 1.0
+    assert all(0.0 <= x["data_wait"] < y["data_wait"] for x, y in zip(fast, slow))
+
+
 @pytest.fixture
 def on_cpu(monkeypatch):
     """Train on the CPU even where a GPU is visible: a resumed run equals an uninterrupted one to

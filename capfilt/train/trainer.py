@@ -48,6 +48,7 @@ from capfilt.utils.files import atomic_write_json
 from capfilt.utils.logging import get_logger, setup_logging
 from capfilt.utils.progress import ProgressReporter
 from capfilt.utils.threads import use_threads
+from capfilt.utils.timing import PhaseClock
 
 log = get_logger("train")
 
@@ -275,6 +276,9 @@ class Trainer:
 
         window: dict[str, float] = {}
         window_n, window_start = 0, time.monotonic()
+        # the main process's time blocked on the loader's next batch, per logging window: how far
+        # the loader falls behind the model (data_wait in metrics.jsonl)
+        loader_clock = PhaseClock()
         progress = ProgressReporter(
             f"{job.stage}",
             total=(last - step) * global_batch * cfg.grad_accum,
@@ -295,14 +299,13 @@ class Trainer:
                     shuffle_buffer=data_cfg.shuffle_buffer,
                     max_words=data_cfg.max_words,
                 )
-                batches = iter(
-                    make_loader(
-                        stream,
-                        data_cfg.num_workers,
-                        seed=self.recipe.seed + epoch,
-                        pin_memory=self.device.type == "cuda",
-                    )
+                loader = make_loader(
+                    stream,
+                    data_cfg.num_workers,
+                    seed=self.recipe.seed + epoch,
+                    pin_memory=self.device.type == "cuda",
                 )
+                batches = loader_clock.timed("data", loader)
                 epoch_end = min(last, (epoch + 1) * steps_per_epoch)
                 while step < epoch_end:
                     lr = lr_at(step, cfg, steps_per_epoch)
@@ -341,6 +344,7 @@ class Trainer:
                             * global_batch
                             * cfg.grad_accum
                             / max(elapsed, 1e-9),
+                            data_wait=loader_clock.seconds.get("data", 0.0) / max(elapsed, 1e-9),
                         )
                         if self.dist.is_main:
                             self.run.log_metrics(record)
@@ -356,11 +360,12 @@ class Trainer:
                                     ),
                                 )
                         window, window_n, window_start = {}, 0, time.monotonic()
+                        loader_clock.seconds.clear()
                     if step % cfg.ckpt_every == 0 or step == last:
                         if window_n:  # steps not logged yet: no checkpoint of a diverged model
                             finite_means(window, window_n)
                         self._checkpoint(model, tokenizer, mcfg, optimizer, step)
-                del batches
+                del batches, loader
         if step >= total_steps and self.dist.is_main:
             save_model_folder(
                 self.run.model_dir,
