@@ -187,8 +187,8 @@ if wanted stages; then
             --shards "$shards" --out "$dest" "${BASE[@]}" --set caption.batch_size="$STAGE_BATCH" \
             --set filter.batch_size="$STAGE_BATCH" --set caption.num_workers="$LOADERS" \
             --set filter.num_workers="$LOADERS" --set caption.cuda_graphs=$graphs
-        rate=$(grep -oE "[0-9]+ samples in [0-9.]+ s \([0-9.]+ samples/s" "$OUT/$stage.log" | tail -n 1)
-        note "$stage: $N images; stage's own rate: ${rate:-none logged}); whole command: $($PY -c "import time; s = time.time() - $start; print(f'{s:.1f} s, {$N / s:.0f} images/s')")"
+        rate=$(grep -oE "[0-9]+ samples in [0-9.]+ s \([^)]*\)" "$OUT/$stage.log" | tail -n 1)
+        note "$stage: $N images; stage's own rate: ${rate:-none logged}; whole command: $($PY -c "import time; s = time.time() - $start; print(f'{s:.1f} s, {$N / s:.0f} images/s')")"
         # where the stage's main process spent its time, and what it says set the rate
         phases=$(grep -oE "main process: .*" "$OUT/$stage.log" | tail -n 1)
         note "$stage: ${phases:-no phases logged}"

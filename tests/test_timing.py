@@ -4,6 +4,7 @@ which phase set the rate, and for a loader that did not keep up, which setting t
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import pytest
@@ -114,6 +115,7 @@ def test_the_stage_says_which_phase_set_its_rate(tmp_path, caplog):
     assert phases["model"] >= 0.5
     assert sum(phases.values()) <= result.seconds
     assert "main process: model" in line and line.endswith("the model set the rate")
+    assert "after the loader's start" not in line  # a start of under 5% of the time
     assert "more loader processes" not in line  # a hint only for the phase that set the rate
 
 
@@ -139,7 +141,14 @@ def test_a_stage_that_times_nothing_says_nothing_of_phases(tmp_path, caplog):
 def test_a_short_run_whose_loader_start_took_the_most_names_the_steady_phase(tmp_path, caplog):
     """More loader processes would not start the loader sooner: the rate is the steady state's,
     and the line says the start took the most time."""
-    _, line = _timed_stage(tmp_path, caplog, lambda index: 0.6 if index == 0 else 0.01, 0.1)
+    result, line = _timed_stage(tmp_path, caplog, lambda i: 0.6 if i == 0 else 0.01, 0.1)
     assert line.endswith(
         "the loader's start took the most time (a short run); after it, the model set the rate"
     )
+    # the rate a longer run would see: the samples over the time after the loader's start
+    rate, steady = re.search(
+        r"\(([0-9.]+) samples/s, ([0-9.]+) after the loader's start\)", line
+    ).groups()
+    start = result.phase_seconds["loader start"]
+    assert float(steady) == pytest.approx(2 / (result.seconds - start), rel=0.01)
+    assert float(steady) > 2 * float(rate)

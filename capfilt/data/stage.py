@@ -298,11 +298,12 @@ def run_shard_stage(
         # went, which says what to change when the rate disappoints
         seconds = result.seconds
         log.info(
-            "%s: %d samples in %.1f s (%.1f samples/s%s)%s",
+            "%s: %d samples in %.1f s (%.1f samples/s%s%s)%s",
             stage,
             processed,
             seconds,
             processed / max(seconds, 1e-9),
+            _steady_rate(clock, processed, seconds),
             f" on rank {dist.rank} of {dist.world_size}" if dist.world_size > 1 else "",
             _rate_set_by(clock, seconds, timing_hints or {}),
         )
@@ -318,6 +319,16 @@ def run_shard_stage(
 def _timed_phases(clock: PhaseClock) -> bool:
     """Whether the stage's ``produce`` timed phases of its own (else only publishing is)."""
     return bool(set(clock.seconds) - {"publishing"})
+
+
+def _steady_rate(clock: PhaseClock, processed: int, seconds: float) -> str:
+    """``", 301.2 after the loader's start"``: the rate without the loader's start (seconds of
+    processes starting), which a short run's rate understates and a long run's does not; ``""``
+    when the start was under 5% of the time."""
+    start = clock.seconds.get(LOADER_START, 0.0)
+    if start <= 0.05 * seconds:
+        return ""
+    return f", {processed / max(seconds - start, 1e-9):.1f} after the loader's start"
 
 
 def _rate_set_by(clock: PhaseClock, seconds: float, hints: Mapping[str, str]) -> str:
