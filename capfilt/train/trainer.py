@@ -333,7 +333,8 @@ class Trainer:
                     if step % cfg.log_every == 0 or step == total_steps:
                         elapsed = time.monotonic() - window_start
                         record = finite_means(window, window_n)
-                        progress.advance(0, loss=record["loss"])
+                        data_wait = loader_clock.seconds.get("data", 0.0) / max(elapsed, 1e-9)
+                        progress.advance(0, loss=record["loss"], data_wait=round(data_wait, 2))
                         record.update(
                             step=step,
                             epoch=epoch,
@@ -344,7 +345,7 @@ class Trainer:
                             * global_batch
                             * cfg.grad_accum
                             / max(elapsed, 1e-9),
-                            data_wait=loader_clock.seconds.get("data", 0.0) / max(elapsed, 1e-9),
+                            data_wait=data_wait,
                         )
                         if self.dist.is_main:
                             self.run.log_metrics(record)
