@@ -215,7 +215,8 @@ def run_shard_stage(
     ``clock``: the phases ``produce`` times on this thread (e.g. "images", "model", "writing");
     the stage adds "publishing" (waiting for the previous shard's commit), shows the shares in its
     progress and ends by saying which phase set the rate (:data:`RATE_SET_BY`, then
-    ``timing_hints``). Raises ``StageError`` when the input holds no sample at all or every sample was rejected.
+    ``timing_hints``).
+    Raises ``StageError`` when the input holds no sample at all or every sample was rejected.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

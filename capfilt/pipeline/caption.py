@@ -17,7 +17,7 @@ from typing import Any
 
 from capfilt.config import CaptionConfig, config_hash, to_dict
 from capfilt.data.loader import ShardImages, loader_hint
-from capfilt.data.reader import SkipCounter
+from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import LOADER_START, StageResult, run_shard_stage
@@ -111,7 +111,9 @@ def caption_shards(
         )
 
 
-def _write_batch(writer: ShardWriter, batch, captions: list[list[str]], captioner_id: str) -> int:
+def _write_batch(
+    writer: ShardWriter, batch: list[Sample], captions: list[list[str]], captioner_id: str
+) -> int:
     """Write a batch's samples with their new captions; the number of captions written."""
     n_captions = 0
     for sample, texts in zip(batch, captions):
