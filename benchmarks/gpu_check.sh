@@ -13,6 +13,8 @@
 #                    the rate;
 #   host_cost        the stages' main-process CPU per image with the model stubbed (the host's
 #                    ceiling on their rate): benchmarks/stage_host_cost.py;
+#   worker_rate      one loader worker's photos/s on this host, decoded and resized to 224 px
+#                    (benchmarks/image_resize.py; ~10 s): how many workers a stage's rate needs;
 #   pretrain_mfu     BLIP-base pretraining, model only: benchmarks/pretrain_throughput.py, batch 64,
 #                    bf16; MFU against an 8192² bf16 matmul timed between the step blocks;
 #   pretrain_mfu_large  the same at batch 192 (does MFU grow with the batch: launch-bound?);
@@ -218,6 +220,13 @@ if wanted host_cost; then
     step host_cost 120 $PY benchmarks/stage_host_cost.py --coco "$COCO" --copies "$COPIES" \
         --workers "$LOADERS" --batch "$STAGE_BATCH" --repeats 1
     grep -E "ms/image|less main" "$OUT/host_cost.log" | tee -a "$SUMMARY"
+fi
+
+# 1c. one loader worker's photos/s on this host (decoded and resized to 224 px): a stage's rate
+# over it is the number of loader processes the GPU needs
+if wanted worker_rate; then
+    step worker_rate 60 $PY benchmarks/image_resize.py --coco "$COCO" --sizes 224 --repeats 2 --no-stage
+    grep -E "photos/s" "$OUT/worker_rate.log" | tee -a "$SUMMARY"
 fi
 
 # BLIP-base pretraining MFU, model only: mfu NAME SECONDS [EXTRA ARGS...]
