@@ -47,7 +47,7 @@ def resize_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor
 
     This is the filter of Pillow's BICUBIC resize, which BLIP's transforms use, run by torch's
     uint8 kernel. Pillow's resize cost an inference stage's loader worker as much as decoding
-    the JPEG; on coco-mini's photos this one is 4.2-4.7x faster, so a worker prepares 1.7-1.9x
+    the JPEG; on coco-mini's photos this one is 4.2-4.7x faster, so a worker prepares 1.7-1.95x
     the photos per second (benchmarks/image_resize.py). The values are Pillow's up to rounding:
     0.015-0.05 levels apart on average, and 1 value in 10,000-100,000 more than 2 levels apart
     (at sharp edges; at most 19 levels in that benchmark).
