@@ -21,20 +21,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from stage_host_cost import add_photo_args, coco_photos, make_inputs  # same folder: run as a script
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+import capfilt.pipeline.caption as caption_mod
+from capfilt.config import load_recipe
 from capfilt.data.reader import decode_image
 from capfilt.data.transforms import EvalTransform
-
-HERE = Path(__file__).resolve().parents[1]
 
 
 def pillow_pixels(image, size: int) -> torch.Tensor:
@@ -51,19 +51,12 @@ def per_image_ms(fn: Callable, items: list) -> float:
 
 def stage_race(args: argparse.Namespace) -> None:
     """The caption stage's wall time with Pillow's resize against capfilt's, alternating."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from stage_host_cost import make_inputs
-
-    import capfilt.pipeline.caption as caption_mod
-    from capfilt.config import load_recipe
-
     root = Path(tempfile.mkdtemp(prefix="capfilt-bench-resize-"))
     shipped = EvalTransform.pixels
     try:
-        inputs = argparse.Namespace(
-            coco=args.coco, copies=args.copies, shard_size=400, image_size=args.stage_size
+        photos, model, n = make_inputs(
+            root, argparse.Namespace(**vars(args), image_size=args.stage_size)
         )
-        photos, model, n = make_inputs(root, inputs)
         cfg = dataclasses.replace(
             load_recipe("demo", []).caption, num_workers=0, max_length=5, min_length=1
         )
@@ -95,18 +88,15 @@ def stage_race(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--coco", default=str(HERE.parent / "shared" / "data" / "coco-mini"))
+    add_photo_args(p)  # --coco, --copies (of each photo, for the stage race), --shard-size
+    p.set_defaults(copies=4)
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 384])
     p.add_argument("--repeats", type=int, default=3, help="alternating runs per way (best kept)")
-    p.add_argument("--copies", type=int, default=4, help="copies of each photo for the stage race")
     p.add_argument("--stage-size", type=int, default=224, help="the stage race's model input side")
     p.add_argument("--no-stage", action="store_true", help="leave the stage race out")
     args = p.parse_args()
     torch.set_num_threads(1)  # a loader worker's: one thread
-    photos = sorted(Path(args.coco).glob("*2017/*.jpg"))
-    if not photos:
-        raise SystemExit(f"no photos in {args.coco}")
-    data = [path.read_bytes() for path in photos]
+    data = [Path(record.path).read_bytes() for record in coco_photos(Path(args.coco))]
     print(
         f"{len(data)} photos ({sum(map(len, data)) / len(data) / 1e3:.0f} kB on average), 1 thread"
     )

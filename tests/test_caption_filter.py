@@ -965,9 +965,9 @@ def test_the_filter_queues_a_batch_before_writing_the_one_before(
         events.append("queue")
         return queue(*args, **kwargs)
 
-    def waited(batch, pairs, pending):
+    def waited(batch, pairs, scores):
         events.append("write")
-        return scored(batch, pairs, pending)
+        return scored(batch, pairs, scores)
 
     monkeypatch.setattr(filter_mod, "score_pairs", queued)
     monkeypatch.setattr(filter_mod, "_scored", waited)

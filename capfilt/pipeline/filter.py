@@ -253,9 +253,9 @@ def filter_shards(
 
     def write(writer: ShardWriter, batch, pairs, pending: PendingScores) -> None:
         with clock.phase("model"):  # on a GPU: waiting for the device
-            pending.wait()
+            scores = pending.wait()
         with clock.phase("writing"):
-            _write_batch(writer, batch, _scored(batch, pairs, pending), rule, info)
+            _write_batch(writer, batch, _scored(batch, pairs, scores), rule, info)
 
     def produce(index: int, writer: ShardWriter) -> dict[str, Any]:
         counter = SkipCounter("filter")
@@ -303,11 +303,13 @@ def filter_shards(
 
 
 def _scored(
-    batch: list[Sample], pairs: list[tuple[int, dict]], pending: PendingScores
+    batch: list[Sample],
+    pairs: list[tuple[int, dict]],
+    scores: tuple[torch.Tensor, torch.Tensor | None],
 ) -> list[list[dict]]:
-    """Each image's captions with their scores, once they are back (``pairs``: (image, caption)
-    in the order scored)."""
-    itm, cosine = pending.wait()
+    """Each image's captions with their ``scores`` (:meth:`PendingScores.wait`'s ITM
+    probabilities and ITC cosines; ``pairs``: (image, caption) in the order scored)."""
+    itm, cosine = scores
     cosines = [None] * len(pairs) if cosine is None else [round(c, 6) for c in cosine.tolist()]
     scored: list[list[dict]] = [[] for _ in batch]
     for (i, caption), score, cos in zip(pairs, itm.tolist(), cosines):

@@ -299,13 +299,15 @@ class Trainer:
                     shuffle_buffer=data_cfg.shuffle_buffer,
                     max_words=data_cfg.max_words,
                 )
-                loader = make_loader(
-                    stream,
-                    data_cfg.num_workers,
-                    seed=self.recipe.seed + epoch,
-                    pin_memory=self.device.type == "cuda",
+                batches = loader_clock.timed(
+                    "data",
+                    make_loader(
+                        stream,
+                        data_cfg.num_workers,
+                        seed=self.recipe.seed + epoch,
+                        pin_memory=self.device.type == "cuda",
+                    ),
                 )
-                batches = loader_clock.timed("data", loader)
                 epoch_end = min(last, (epoch + 1) * steps_per_epoch)
                 while step < epoch_end:
                     lr = lr_at(step, cfg, steps_per_epoch)
@@ -366,7 +368,7 @@ class Trainer:
                         if window_n:  # steps not logged yet: no checkpoint of a diverged model
                             finite_means(window, window_n)
                         self._checkpoint(model, tokenizer, mcfg, optimizer, step)
-                del batches, loader
+                del batches
         if step >= total_steps and self.dist.is_main:
             save_model_folder(
                 self.run.model_dir,
