@@ -723,6 +723,9 @@ def test_model_folder_round_trip(tok, tmp_path):
         loaded.text_decoder.cls.predictions.decoder.weight
         is loaded.text_encoder.embeddings.word_embeddings.weight
     )
+    assert (
+        loaded.text_decoder.cls.predictions.bias is loaded.text_decoder.cls.predictions.decoder.bias
+    )
     model.eval()
     with torch.no_grad():
         for fn in ("itm_logits", "lm_logits"):
@@ -736,8 +739,37 @@ def test_model_folder_round_trip(tok, tmp_path):
     small, _, _, meta3 = load_model_folder(tmp_path / "small")
     assert meta3["stage"] == "filter" and not meta3["includes_momentum"]
     assert torch.equal(small.visual_encoder_m.pos_embed, model.visual_encoder.pos_embed)
+    # and the queues are a new model's (the model was built without random weights to draw)
+    assert int(small.queue_ptr) == 0 and (small.idx_queue == -1).all()
+    for queue in (small.image_queue, small.text_queue):
+        assert queue.shape == (16, 10)
+        assert torch.allclose(queue.norm(dim=0), torch.ones(10))
+    assert not torch.equal(small.image_queue, model.image_queue)  # the saved ones were left out
     with pytest.raises(ValueError, match="not a capfilt model folder"):
         load_model_folder(tmp_path)
+
+
+def test_a_model_that_cannot_be_built_on_the_meta_device_still_loads(tok, tmp_path, monkeypatch):
+    """Loading builds the model without drawing random weights (on the meta device); a library
+    that reads a tensor's value while building cannot: the model is then built as usual."""
+    import capfilt.model.folder as folder_mod
+
+    model = make_model(tok)
+    save_model_folder(tmp_path / "m", model, tok, model.cfg, stage="pretrain")
+    build, builds = folder_mod.build_model, []
+
+    def reads_a_value(*args, **kwargs):
+        on_meta = torch.empty(0).is_meta
+        builds.append("meta" if on_meta else "cpu")
+        if on_meta:
+            torch.zeros(1).item()  # what an older timm's ViT does with its drop-path rates
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(folder_mod, "build_model", reads_a_value)
+    loaded, *_ = load_model_folder(tmp_path / "m")
+    assert builds == ["meta", "cpu"]
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
 
 
 def test_safetensors_file_stores_shared_tensors_once(tok, tmp_path):

@@ -42,15 +42,15 @@ META = "capfilt.json"
 EXTRA_EPS = "vision_layer_norm_eps"
 """``extra`` key of the meta: the ViT LayerNorm eps of an imported checkpoint, re-applied on load."""
 
+QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+"""The MED's ITC queue buffers."""
+
 MOMENTUM_PREFIXES = (
     "visual_encoder_m.",
     "text_encoder_m.",
     "vision_proj_m.",
     "text_proj_m.",
-    "image_queue",
-    "text_queue",
-    "idx_queue",
-    "queue_ptr",
+    *QUEUES,
 )
 """Training-only state (momentum copies and queues); optional in a folder."""
 
@@ -160,19 +160,47 @@ def apply_folder_settings(model: MED, meta: dict[str, Any]) -> None:
         set_vision_layer_norm_eps(model, float(eps))
 
 
+def _build_unfilled(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> MED:
+    """A MED for ``cfg`` whose tensors are allocated but not initialised, as every one is about to
+    be overwritten from a weights file: drawing random initial weights is most of the time of
+    building a model (6 of the 8 s of loading a BLIP-base folder on this project's CPU machine).
+
+    Built on the meta device, then given memory. ``Module.to_empty`` gives each module that holds
+    a shared parameter its own copy, so the shared ones (the LM output layer and the word
+    embeddings, a bias under two names) are shared again afterwards.
+    """
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, tokenizer, pretrained=False)
+    except (RuntimeError, NotImplementedError):  # a library that reads a value while building
+        return build_model(cfg, tokenizer, pretrained=False)
+    first: dict[int, str] = {}
+    shared: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(param), name)
+        if kept != name:
+            shared[name] = kept
+    model.to_empty(device="cpu")
+    for name, kept in shared.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(kept))
+    return model
+
+
 def load_model_folder(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[MED, PreTrainedTokenizerBase, ModelConfig, dict[str, Any]]:
     """Load (model, tokenizer, cfg, meta) from a folder written by :func:`save_model_folder`.
 
-    The model is rebuilt from the saved config (no checkpoint initialisation), its ties made by
-    construction, then filled from the safetensors file; returned in eval mode on ``device``.
+    The model is rebuilt from the saved config (no checkpoint initialisation, no random one), its
+    ties made by construction, then filled from the safetensors file; returned in eval mode on
+    ``device``.
     """
     path = Path(path)
     meta = read_meta(path)
     cfg = from_dict(ModelConfig, json.loads((path / CONFIG).read_text()))
     tokenizer = load_tokenizer(str(path))
-    model = build_model(cfg, tokenizer, pretrained=False)
+    model = _build_unfilled(cfg, tokenizer)
     apply_folder_settings(model, meta)  # e.g. an imported BLIP checkpoint's ViT LayerNorm eps
 
     with safe_open(str(path / WEIGHTS), framework="pt", device="cpu") as fh:
@@ -193,8 +221,10 @@ def load_model_folder(
         raise ValueError(
             f"{path / WEIGHTS} does not match the model config / tokenizer: {exc}"
         ) from exc
-    if momentum_missing:
+    if momentum_missing:  # an inference folder: momentum copies and queues as in a new model
         model.copy_params()
+        if set(momentum_missing) & set(QUEUES):
+            model.reset_queues()
     model.to(device)
     model.eval()
     return model, tokenizer, cfg, meta

@@ -122,18 +122,23 @@ class MED(nn.Module):
             self.init_fan_in()
         self.copy_params()
 
-        self.register_buffer(
-            "image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0)
-        )
-        self.register_buffer(
-            "text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0)
-        )
-        # -1 marks "no image id" (real ids are >= 0), so these entries are never positives
-        self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -1, dtype=torch.long))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("image_queue", torch.empty(cfg.embed_dim, cfg.queue_size))
+        self.register_buffer("text_queue", torch.empty(cfg.embed_dim, cfg.queue_size))
+        self.register_buffer("idx_queue", torch.empty((1, cfg.queue_size), dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.empty(1, dtype=torch.long))
+        self.reset_queues()
 
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
+
+    @torch.no_grad()
+    def reset_queues(self) -> None:
+        """The ITC queues as a new model has them: random unit features, no image ids (-1: real
+        ids are >= 0, so these entries are never positives), written from position 0."""
+        self.image_queue.copy_(F.normalize(torch.randn_like(self.image_queue), dim=0))
+        self.text_queue.copy_(F.normalize(torch.randn_like(self.text_queue), dim=0))
+        self.idx_queue.fill_(-1)
+        self.queue_ptr.zero_()
 
     # ------------------------------------------------------------------ structure
     def tie_text_weights(self) -> None:
