@@ -57,6 +57,7 @@ from capfilt.model.generate import (
     prompt_ids,
     sample_tokens,
 )
+from capfilt.pipeline import caption as caption_mod
 from capfilt.pipeline import filter as filter_mod
 from capfilt.pipeline.caption import caption_shards
 from capfilt.pipeline.filter import filter_shards, is_kept, rethreshold_shards
@@ -905,7 +906,7 @@ def test_rethreshold_reapplies_the_rule_without_the_model(outputs, tmp_path, mon
     def no_model(*args, **kwargs):
         raise AssertionError("rethreshold must not load a model")
 
-    monkeypatch.setattr(filter_mod, "load_stage_model", no_model)
+    monkeypatch.setattr(filter_mod, "load_identified_model", no_model)
     before = _parquet(outputs["filtered"])
     # below the stage's threshold, amid the rejected scores: some of them are kept now, some not
     rejected = before.loc[~before["kept"], "itm_score"]
@@ -985,7 +986,6 @@ def test_a_caption_stage_waiting_on_its_loader_says_so_and_which_setting_helps(
     """The stage times its main process's phases: with a loader slower than everything else,
     its closing line says the loader set the rate and names ``caption.num_workers``; the output
     is the untimed stage's."""
-    import capfilt.pipeline.caption as caption_mod
     from capfilt.data.loader import ShardImages
 
     batches = ShardImages.batches
@@ -1135,12 +1135,27 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "capfilt", *args]
 
 
-def test_loader_workers_give_byte_identical_shards(synth, models, outputs, tmp_path):
-    """Images decoded in 2 DataLoader worker processes: the same tars and parquet as in-process."""
+def test_loader_workers_give_byte_identical_shards(synth, models, outputs, tmp_path, monkeypatch):
+    """Images decoded in 2 DataLoader worker processes: the same tars and parquet as in-process.
+    Both stages ask for the workers' fork server before they load their model."""
+    calls = []
+    for module in (caption_mod, filter_mod):
+
+        def start_server(n, real=module.start_worker_server):
+            calls.append(("server", n))
+            real(n)
+
+        def load(*args, real=module.load_identified_model, **kwargs):
+            calls.append(("model",))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "start_worker_server", start_server)
+        monkeypatch.setattr(module, "load_identified_model", load)
     cap = dataclasses.replace(load_recipe("tiny", CAPTION_SETS).caption, num_workers=2)
     caption_shards(models["captioner"], [str(synth / "web")], tmp_path / "captioned", cap)
     flt = dataclasses.replace(load_recipe("tiny", FILTER_SETS).filter, num_workers=2)
     filter_shards(models["filter"], [str(tmp_path / "captioned")], tmp_path / "filtered", flt)
+    assert calls == [("server", 2), ("model",)] * 2
     for stage in ("captioned", "filtered"):
         names = sorted(p.name for p in outputs[stage].glob("*.tar"))
         assert names and names == sorted(p.name for p in (tmp_path / stage).glob("*.tar"))

@@ -161,7 +161,7 @@ class _PackedSamples:
         return out
 
 
-def _worker_context(transform: Callable) -> multiprocessing.context.BaseContext:
+def _worker_context(transform: Callable | None = None) -> multiprocessing.context.BaseContext:
     """Where loader workers come from: spawned, each imports torch, the transform's module and the
     main module again (seconds). A fork server that has imported them once forks each worker in a
     fraction of that, and like spawn it never forks a process that has started CUDA. Spawn where
@@ -172,9 +172,27 @@ def _worker_context(transform: Callable) -> multiprocessing.context.BaseContext:
     # Read when the server starts (once per process); a module that fails to import is skipped.
     # "__main__" covers a script run by path; `python -m pkg` needs its module's name as well.
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    preload = ["__main__", __name__, type(transform).__module__]
+    preload = ["__main__", __name__]
+    if transform is not None and type(transform).__module__ not in preload:
+        preload.append(type(transform).__module__)
     context.set_forkserver_preload(preload + ([main_spec.name] if main_spec else []))
     return context
+
+
+def start_worker_server(num_workers: int) -> None:
+    """Start the fork server that a stage's ``num_workers`` loader workers will come from, now.
+
+    Its imports (torch, capfilt, the main module: 2-3 s) then run in their own process while the
+    stage loads its model, instead of after it, when the first batch is wanted. Returns at once;
+    nothing to do without workers or without a fork server, or when the server already runs.
+    """
+    if num_workers <= 0:
+        return
+    context = _worker_context()
+    if context.get_start_method() == "forkserver":
+        import multiprocessing.forkserver  # POSIX only
+
+        multiprocessing.forkserver.ensure_running()
 
 
 def loader_hint(section: str, num_workers: int) -> str:

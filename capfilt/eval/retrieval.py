@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.config import RERANK_SCORES
-from capfilt.data.loader import ShardImages
+from capfilt.data.loader import ShardImages, start_worker_server
 from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.shards import expand_shards
 from capfilt.data.text import clean_caption
@@ -658,6 +658,8 @@ def evaluate_retrieval(
         from capfilt.utils.device import default_device
         from capfilt.utils.dist import init_distributed
 
+        if _is_shard_spec(shards):
+            start_worker_server(num_workers)  # its imports overlap the model's loading
         init_distributed(str(device) if device is not None else None)
         device = torch.device(device) if device is not None else default_device()
         model, tokenizer, _, meta, _ = load_stage_model(model, device)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.config import CaptionConfig, config_hash, to_dict
-from capfilt.data.loader import ShardImages, loader_hint
+from capfilt.data.loader import ShardImages, loader_hint, start_worker_server
 from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
@@ -25,7 +25,7 @@ from capfilt.data.transforms import eval_transform_for
 from capfilt.data.writer import ShardWriter
 from capfilt.model.decoding import row_seeds
 from capfilt.model.generate import generate_captions
-from capfilt.runs.resolve import load_stage_model, model_fingerprint
+from capfilt.runs.resolve import load_identified_model
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import init_distributed
 from capfilt.utils.logging import get_logger
@@ -48,13 +48,13 @@ def caption_shards(
     model_path: str | Path, shards: list[str], out_dir: str | Path, cfg: CaptionConfig
 ) -> StageResult:
     """Caption every image of ``shards`` into ``out_dir``; resumable and rank-split."""
+    start_worker_server(cfg.num_workers)  # its imports overlap the model's loading
     dist = init_distributed()
     device = default_device()
     urls = expand_shards(shards)
-    model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
+    model, tokenizer, mcfg, meta, folder, captioner_id = load_identified_model(model_path, device)
     if meta.get("stage") not in ("captioner", "pretrain"):
         log.warning("model %s was made by stage '%s', not a captioner", folder, meta.get("stage"))
-    captioner_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
         {"stage": "caption", "model": captioner_id, "caption": _settings_of(cfg), "inputs": urls}

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from capfilt.config import ConfigError, FilterConfig, config_hash, to_dict
-from capfilt.data.loader import ShardImages, loader_hint
+from capfilt.data.loader import ShardImages, loader_hint, start_worker_server
 from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
@@ -36,7 +36,7 @@ from capfilt.data.transforms import eval_transform_for
 from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, stats_path
 from capfilt.eval.filter_metrics import HIST_BINS, score_histogram
 from capfilt.model import length_chunks, tokenize
-from capfilt.runs.resolve import load_stage_model, model_fingerprint
+from capfilt.runs.resolve import load_identified_model
 from capfilt.utils.device import autocast, default_device, to_device
 from capfilt.utils.dist import barrier, current_dist_info, init_distributed
 from capfilt.utils.files import atomic_write_json
@@ -233,11 +233,11 @@ def filter_shards(
         if scored.partial:
             return scored
         return rethreshold_shards(scored_dir, shards, out_dir, cfg)
+    start_worker_server(cfg.num_workers)  # its imports overlap the model's loading
     init_distributed()
     device = default_device()
     urls = expand_shards(shards)
-    model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
-    filter_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
+    model, tokenizer, mcfg, meta, folder, filter_id = load_identified_model(model_path, device)
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
         {"stage": "filter", "model": filter_id, "filter": _settings_of(cfg), "inputs": urls}

@@ -1,0 +1,187 @@
+"""How long an inference stage takes from its call to its first batch of images: as capfilt's
+stages start now against as they started before (the baseline).
+
+    python benchmarks/stage_start.py                      # BLIP-base, random weights (1.8 GB)
+    python benchmarks/stage_start.py --size tiny --repeats 5
+
+Before its first batch a stage loads its model, names it by a hash of its weights, and starts
+its loader's workers. Three things changed:
+
+- the model is built without drawing random initial weights, which the weights file then
+  overwrites (``load_model_folder``: built on the meta device, then given memory);
+- the weights are hashed (``model_fingerprint``) on a thread while they load
+  (``load_identified_model``), not after;
+- the fork server that the loader workers are forked from, which first imports torch,
+  torchvision and capfilt (2-3 s on this machine), starts before the model loads
+  (``start_worker_server``), not when the first batch is wanted (what a DataLoader does).
+
+Each run is a fresh Python process (a process starts its fork server once) that calls the
+stage's library function (``filter_shards`` or ``caption_shards``) on coco-mini's photos and
+stops at its first batch; the two ways alternate, ``--repeats`` runs each. The baseline patches
+all three back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from stage_host_cost import add_photo_args, make_inputs  # same folder: run as a script
+
+from capfilt.config import load_recipe
+from capfilt.data.transforms import preprocess_spec
+from capfilt.model import build_model, pad_vocabulary, save_model_folder, train_wordpiece_tokenizer
+from capfilt.runs.resolve import load_stage_model, model_fingerprint
+
+WAYS = ("now", "before")
+CHILD = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import stage_start; stage_start.main()"
+
+
+class FirstBatch(BaseException):
+    """Raised at the first batch: a BaseException, so the stage does not record a failed shard."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_photo_args(p)
+    p.set_defaults(copies=1)
+    p.add_argument("--stage", choices=("filter", "caption"), default="filter")
+    p.add_argument(
+        "--size",
+        choices=("blip-base", "tiny"),
+        default="blip-base",
+        help="the model: BLIP-base's (ViT-B/16, two BERT-base text stacks, 30,522 tokens: 447 M "
+        "parameters) or the tiny recipe's; random weights either way",
+    )
+    p.add_argument("--workers", type=int, default=2, help="the stage's loader workers")
+    p.add_argument("--batch", type=int, default=32, help="the stage's batch size")
+    p.add_argument("--repeats", type=int, default=3, help="runs per way (alternating)")
+    p.add_argument("--child", choices=WAYS, help=argparse.SUPPRESS)
+    p.add_argument("--inputs", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def blip_base_model(folder: Path) -> None:
+    cfg = load_recipe(
+        "blip-base",
+        ["model.vision_checkpoint=null", "model.text_checkpoint=null", "model.tokenizer=null"],
+    ).model
+    texts = ["a photo of a cat on a bench", "two dogs playing in the snow"]
+    tok = pad_vocabulary(train_wordpiece_tokenizer(texts * 50, 300), 30522)
+    torch.manual_seed(0)
+    model = build_model(cfg, tok)
+    save_model_folder(folder, model, tok, cfg, "pretrain", preprocess=preprocess_spec(224))
+
+
+def child(args: argparse.Namespace) -> None:
+    """One stage call up to its first batch; prints the seconds as JSON."""
+    import importlib
+
+    import capfilt.model.folder as folder_mod
+    from capfilt.data.loader import ShardImages
+
+    stage = importlib.import_module(f"capfilt.pipeline.{args.stage}")
+    if args.child == "before":  # random weights drawn; the hash after loading; no early server
+
+        def load_then_hash(path, device):
+            model, tokenizer, cfg, meta, folder = load_stage_model(path, device)
+            model_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
+            return model, tokenizer, cfg, meta, folder, model_id
+
+        def build_initialised(cfg, tokenizer):
+            return build_model(cfg, tokenizer, pretrained=False)
+
+        stage.start_worker_server = lambda num_workers: None
+        stage.load_identified_model = load_then_hash
+        folder_mod._build_unfilled = build_initialised
+    seconds: dict[str, float] = {}
+    load = stage.load_identified_model
+
+    def timed_load(*a, **kw):
+        began = time.perf_counter()
+        loaded = load(*a, **kw)
+        seconds["model"] = time.perf_counter() - began
+        return loaded
+
+    stage.load_identified_model = timed_load
+    batches = ShardImages.batches
+
+    def first_batch(self, *a, **kw):
+        for _ in batches(self, *a, **kw):
+            seconds["first batch"] = time.perf_counter() - started
+            raise FirstBatch
+
+    ShardImages.batches = first_batch
+    recipe = load_recipe("blip-base", [])
+    section = getattr(recipe, args.stage)
+    cfg = dataclasses.replace(section, num_workers=args.workers, batch_size=args.batch)
+    run = stage.filter_shards if args.stage == "filter" else stage.caption_shards
+    inputs = Path(args.inputs)
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        try:
+            run(inputs / "model", [str(inputs / "photos")], out, cfg)
+        except FirstBatch:
+            pass
+    print(json.dumps(seconds))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child(args)
+        return
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        args.image_size = 224
+        photos, tiny, n = make_inputs(root, args)
+        if args.size == "blip-base":
+            print("building a BLIP-base model folder (random weights) ...", flush=True)
+            blip_base_model(root / "base")
+            (root / "model").rename(root / "tiny")
+            (root / "base").rename(root / "model")
+        runs: dict[str, list[dict[str, float]]] = {way: [] for way in WAYS}
+        for r in range(args.repeats):
+            for way in WAYS if r % 2 == 0 else WAYS[::-1]:
+                # run with -c: a fork server imports the main script again, and this one's
+                # imports are not the CLI's (which imports capfilt's modules only when called)
+                command = [sys.executable, "-c", CHILD, *sys.argv[1:], "--child", way]
+                command += ["--inputs", tmp]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"the {way} run failed:\n{done.stderr[-3000:]}")
+                runs[way].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(
+        f"{args.stage} stage, {args.size} model, {args.workers} loader workers, batch {args.batch}, "
+        f"{n} photos; {args.repeats} runs per way, alternating; seconds from the stage's call\n"
+        "  now: no random weights drawn, weights hashed on a thread and the fork server started "
+        "while the model loads; before: random weights drawn, then overwritten, weights hashed "
+        "after the loading, fork server started by the loader"
+    )
+    medians = {}
+    for way in WAYS:
+        model = [r["model"] for r in runs[way]]
+        first = [r["first batch"] for r in runs[way]]
+        medians[way] = statistics.median(first)
+        print(
+            f"  {way:<6}: first batch after {min(first):5.2f} s best, {medians[way]:5.2f} s median "
+            f"(loading and naming the model: {statistics.median(model):5.2f} s median)"
+        )
+    saved = medians["before"] - medians["now"]
+    print(
+        f"  now: the first batch {saved:.2f} s sooner, "
+        f"{medians['before'] / medians['now']:.2f}x less time to it (medians)"
+    )
+
+
+if __name__ == "__main__":
+    main()
