@@ -15,6 +15,8 @@
 #                    ceiling on their rate): benchmarks/stage_host_cost.py;
 #   worker_rate      one loader worker's photos/s on this host, decoded and resized to 224 px
 #                    (benchmarks/image_resize.py; ~10 s): how many workers a stage's rate needs;
+#   train_loader     the training loader's samples/s with LOADERS workers (benchmarks/train_loader.py,
+#                    ~20 s): the most `capfilt pretrain` can do on this host, whatever the GPU;
 #   pretrain_mfu     BLIP-base pretraining, model only: benchmarks/pretrain_throughput.py, batch 64,
 #                    bf16; MFU against an 8192² bf16 matmul timed between the step blocks;
 #   pretrain_mfu_large  the same at batch 192 (does MFU grow with the batch: launch-bound?);
@@ -227,6 +229,14 @@ fi
 if wanted worker_rate; then
     step worker_rate 60 $PY benchmarks/image_resize.py --coco "$COCO" --sizes 224 --repeats 2 --no-stage
     grep -E "photos/s" "$OUT/worker_rate.log" | tee -a "$SUMMARY"
+fi
+
+# 1d. the training loader's samples/s with LOADERS workers at 224 px (random crops of the photos,
+# uint8 handed over against float): the most `capfilt pretrain` can do on this host
+if wanted train_loader; then
+    step train_loader 90 $PY benchmarks/train_loader.py --coco "$COCO" --copies 2 \
+        --workers "$LOADERS" --repeats 1
+    grep -E "samples/s" "$OUT/train_loader.log" | tee -a "$SUMMARY"
 fi
 
 # BLIP-base pretraining MFU, model only: mfu NAME SECONDS [EXTRA ARGS...]

@@ -106,10 +106,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_synth(tmp, recipe.synth)
         sources = build_sources([str(Path(tmp) / "human")])
+        transform = TrainTransform(recipe.model.image_size, hflip=False)
         stream = iter(
             TrainStream(
                 sources,
-                TrainTransform(recipe.model.image_size, hflip=False),
+                transform,
                 batch_size=batch,
                 seed=0,
                 epoch=0,
@@ -130,7 +131,8 @@ def main() -> None:
         ids, mask = tokenize(tokenizer, b["texts"], recipe.model.max_text_len)
         # image ids stay on the host, as the trainer passes them (checked there, no device sync)
         image_ids = b["image_ids"].pin_memory() if device.type == "cuda" else b["image_ids"]
-        inputs.append((b["images"].to(device), ids.to(device), mask.to(device), image_ids))
+        images = transform.normalize(b["images"].to(device))
+        inputs.append((images, ids.to(device), mask.to(device), image_ids))
 
     def step(images, ids, mask, image_ids, fwd=forward) -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -144,6 +144,35 @@ def test_worker_pixels_then_batch_normalisation_equal_the_whole_transform_to_the
     assert difference.max() <= 2 and difference.float().mean() < 0.01
 
 
+def test_training_views_are_pillows_crops_normalised_where_the_model_is_to_the_bit():
+    """The training loader's workers send uint8 crops and the trainer normalises the batch: the
+    model's input is exactly what to_tensor + normalize of the same random crop and flip give
+    (Pillow's resize, the training runs unchanged)."""
+    import random
+
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    from capfilt.data.transforms import TrainTransform, _crop_box
+
+    transform = TrainTransform(32, (0.5, 1.0), True, MEAN, STD)
+    images = _noise_images([(40, 50), (17, 33), (64, 64), (480, 640)]) * 3
+    pixels = torch.stack([transform.pixels(im, random.Random(i)) for i, im in enumerate(images)])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (12, 3, 32, 32)
+    reference = []
+    for i, im in enumerate(images):  # the transform before the split, step by step
+        rng = random.Random(i)
+        top, left, h, w = _crop_box(im.width, im.height, (0.5, 1.0), rng)
+        view = F.resized_crop(im, top, left, h, w, [32, 32], InterpolationMode.BICUBIC)
+        view = F.hflip(view) if rng.random() < 0.5 else view
+        reference.append(F.normalize(F.to_tensor(view), MEAN, STD))
+    reference = torch.stack(reference)
+    assert torch.equal(transform.normalize(pixels), reference)
+    wholes = [transform(im, random.Random(i)) for i, im in enumerate(images)]
+    assert torch.equal(torch.stack(wholes), reference)
+    assert not torch.equal(reference[0], reference[4])  # the same image, another view
+
+
 def test_exported_processor_carries_the_saved_statistics(trained, tmp_path):
     from transformers import BlipImageProcessor
 

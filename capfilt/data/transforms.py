@@ -55,60 +55,19 @@ def resize_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor
     return F2.resize(pixels, [height, width], InterpolationMode.BICUBIC, antialias=True)
 
 
-class TrainTransform:
-    """RandomResizedCrop(scale) + optional horizontal flip + normalise, driven by an explicit RNG."""
+class _Normalizing:
+    """The second half of a transform split for loader workers: :meth:`normalize` turns uint8
+    pixels (made in a worker: a quarter of the bytes of the float input to pass between
+    processes and copy to a GPU) into the model's float input, a whole batch at once on the
+    model's device."""
 
-    def __init__(
-        self,
-        image_size: int,
-        crop_scale: tuple[float, float] = (0.5, 1.0),
-        hflip: bool = True,
-        mean: tuple[float, ...] = CLIP_MEAN,
-        std: tuple[float, ...] = CLIP_STD,
-    ):
-        self.image_size = image_size
-        self.crop_scale = tuple(crop_scale)
-        self.hflip = hflip
-        self.mean, self.std = list(mean), list(std)
-
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        # Pillow's resize, not resize_pixels' faster kernel: the training runs (and the
-        # README's measured demo and ablation tables) stay the same to the digit
-        top, left, h, w = _crop_box(image.width, image.height, self.crop_scale, rng)
-        image = F.resized_crop(
-            image, top, left, h, w, [self.image_size, self.image_size], InterpolationMode.BICUBIC
-        )
-        if self.hflip and rng.random() < 0.5:
-            image = F.hflip(image)
-        return F.normalize(F.to_tensor(image), self.mean, self.std)
-
-
-class EvalTransform:
-    """Resize to the model's square input, normalise.
-
-    In two halves for the inference stages' loaders: :meth:`pixels` (in a worker process: the
-    resized image as uint8, a quarter of the bytes of the float input to pass between processes
-    and copy to a GPU) and :meth:`normalize` (a whole batch, on the model's device). Calling the
-    transform does both; the result is the same to the bit either way.
-    """
-
-    def __init__(
-        self,
-        image_size: int,
-        mean: tuple[float, ...] = CLIP_MEAN,
-        std: tuple[float, ...] = CLIP_STD,
-    ):
-        self.image_size = image_size
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean, self.std = list(mean), list(std)
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # loader workers get the settings, never statistics cached on a GPU
         return {**self.__dict__, "_stats": {}}
-
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """The image resized to the model's input, uint8 [3, S, S]."""
-        return resize_pixels(F.pil_to_tensor(image), self.image_size, self.image_size)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels [..., 3, S, S] (an image or a batch, on any device) → the model's float
@@ -122,6 +81,64 @@ class EvalTransform:
             self._stats[pixels.device] = stats
         mean, std = stats
         return pixels.float().div(255).sub_(mean).div_(std)
+
+
+class TrainTransform(_Normalizing):
+    """RandomResizedCrop(scale) + optional horizontal flip + normalise, driven by an explicit RNG.
+
+    :meth:`pixels` runs in the training loader's workers (uint8), :meth:`normalize` on the
+    batch where the model is; calling the transform does both, the same to the bit.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        hflip: bool = True,
+        mean: tuple[float, ...] = CLIP_MEAN,
+        std: tuple[float, ...] = CLIP_STD,
+    ):
+        super().__init__(mean, std)
+        self.image_size = image_size
+        self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
+
+    def pixels(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        """The random view of the image at the model's input size, uint8 [3, S, S]."""
+        # Pillow's resize, not resize_pixels' faster kernel: the training runs (and the
+        # README's measured demo and ablation tables) stay the same to the digit
+        top, left, h, w = _crop_box(image.width, image.height, self.crop_scale, rng)
+        image = F.resized_crop(
+            image, top, left, h, w, [self.image_size, self.image_size], InterpolationMode.BICUBIC
+        )
+        if self.hflip and rng.random() < 0.5:
+            image = F.hflip(image)
+        return F.pil_to_tensor(image)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.normalize(self.pixels(image, rng))
+
+
+class EvalTransform(_Normalizing):
+    """Resize to the model's square input, normalise.
+
+    In two halves for the inference stages' loaders: :meth:`pixels` (in a worker process: the
+    resized image as uint8) and :meth:`normalize` (a whole batch, on the model's device). Calling
+    the transform does both; the result is the same to the bit either way.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: tuple[float, ...] = CLIP_MEAN,
+        std: tuple[float, ...] = CLIP_STD,
+    ):
+        super().__init__(mean, std)
+        self.image_size = image_size
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The image resized to the model's input, uint8 [3, S, S]."""
+        return resize_pixels(F.pil_to_tensor(image), self.image_size, self.image_size)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         return self.normalize(self.pixels(image))

@@ -113,7 +113,9 @@ def _seed(*parts: Any) -> int:
 
 
 class TrainStream(IterableDataset):
-    """Endless batches of (images, captions, image ids, keys) for one epoch of one rank."""
+    """Endless batches of (images, captions, image ids, keys) for one epoch of one rank; images as
+    uint8 pixels [B, 3, S, S], for ``transform.normalize`` where the model is (a quarter of the
+    bytes of the float input through the loader's shared memory and the copy to a GPU)."""
 
     def __init__(
         self,
@@ -209,7 +211,7 @@ class TrainStream(IterableDataset):
         if not text:
             self.skips.skip("empty_caption", sample.key)
             return None
-        return self.transform(sample.image, rng), text, image_id(sample.key), sample.key
+        return self.transform.pixels(sample.image, rng), text, image_id(sample.key), sample.key
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -319,6 +319,7 @@ class Trainer:
                         tokenizer,
                         mcfg,
                         batches,
+                        transform,
                         optimizer,
                         params,
                         alpha,
@@ -391,6 +392,7 @@ class Trainer:
         tokenizer,
         mcfg,
         batches,
+        transform: TrainTransform,
         optimizer,
         params,
         alpha,
@@ -421,7 +423,7 @@ class Trainer:
             with sync_unless_last(step_module, micro, cfg.grad_accum):
                 with autocast(self.device, cfg.precision):
                     out = step_module(
-                        to_device(batch["images"], self.device),
+                        transform.normalize(to_device(batch["images"], self.device)),
                         to_device(ids, self.device),
                         to_device(mask, self.device),
                         image_ids=batch["image_ids"],  # checked on the host, then copied
