@@ -3,6 +3,7 @@ stages start now against as they started before (the baseline).
 
     python benchmarks/stage_start.py                      # BLIP-base, random weights (1.8 GB)
     python benchmarks/stage_start.py --size tiny --repeats 5
+    python benchmarks/stage_start.py --size tiny --command --stage caption --workers 1 --copies 4
 
 Before its first batch a stage loads its model, names it by a hash of its weights, and starts
 its loader's workers. Three things changed:
@@ -18,7 +19,10 @@ its loader's workers. Three things changed:
 Each run is a fresh Python process (a process starts its fork server once) that calls the
 stage's library function (``filter_shards`` or ``caption_shards``) on coco-mini's photos and
 stops at its first batch; the two ways alternate, ``--repeats`` runs each. The baseline patches
-all three back.
+all three back. With ``--command`` each run is the whole ``capfilt STAGE`` command instead (the
+demo recipe's settings), timed from the process's start to its exit: the command starts the fork
+server before it imports torch and the stage, so that the server's imports also run beside its
+own.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="the stage's loader workers")
     p.add_argument("--batch", type=int, default=32, help="the stage's batch size")
     p.add_argument("--repeats", type=int, default=3, help="runs per way (alternating)")
+    p.add_argument(
+        "--command",
+        action="store_true",
+        help="time the whole `capfilt STAGE` command to its end instead (process start to exit; "
+        "the server then starts before the command's imports; use with --size tiny)",
+    )
     p.add_argument("--child", choices=WAYS, help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -89,7 +100,7 @@ def child(args: argparse.Namespace) -> None:
     from capfilt.data.loader import ShardImages
 
     stage = importlib.import_module(f"capfilt.pipeline.{args.stage}")
-    if args.child == "before":  # random weights drawn; the hash after loading; no early server
+    if args.child == "before":  # random weights drawn; the hash after loading
 
         def load_then_hash(path, device):
             model, tokenizer, cfg, meta, folder = load_stage_model(path, device)
@@ -102,6 +113,7 @@ def child(args: argparse.Namespace) -> None:
         stage.start_worker_server = lambda num_workers: None
         stage.load_identified_model = load_then_hash
         folder_mod._build_unfilled = build_initialised
+    inputs = Path(args.inputs)
     seconds: dict[str, float] = {}
     load = stage.load_identified_model
 
@@ -124,7 +136,6 @@ def child(args: argparse.Namespace) -> None:
     section = getattr(recipe, args.stage)
     cfg = dataclasses.replace(section, num_workers=args.workers, batch_size=args.batch)
     run = stage.filter_shards if args.stage == "filter" else stage.caption_shards
-    inputs = Path(args.inputs)
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         try:
@@ -132,6 +143,38 @@ def child(args: argparse.Namespace) -> None:
         except FirstBatch:
             pass
     print(json.dumps(seconds))
+
+
+BEFORE_COMMAND = """
+import sys
+import capfilt.data.workers as workers_mod
+workers_mod.start_worker_server = lambda num_workers: None
+import capfilt.model.folder as folder_mod
+import capfilt.pipeline.{stage} as stage_mod
+from capfilt.model import build_model
+from capfilt.runs.resolve import load_stage_model, model_fingerprint
+def load_then_hash(path, device):
+    model, tokenizer, cfg, meta, folder = load_stage_model(path, device)
+    return model, tokenizer, cfg, meta, folder, f"{{meta.get('stage', 'model')}}-{{model_fingerprint(folder)}}"
+folder_mod._build_unfilled = lambda cfg, tokenizer: build_model(cfg, tokenizer, pretrained=False)
+stage_mod.load_identified_model = load_then_hash
+from capfilt.cli.main import main
+sys.argv[0] = "capfilt"
+main()
+"""
+"""The command as it ran before: the CLI imported the stage (torch) first, as here; no fork server
+until the loader, random weights drawn, the hash after the loading."""
+
+
+def command_run(args: argparse.Namespace, way: str, root: Path) -> list[str]:
+    """The ``capfilt STAGE`` command line of one way (the demo recipe's settings)."""
+    stage_args = [args.stage, "demo", "--model", str(root / "model")]
+    stage_args += ["--shards", str(root / "photos"), "--out", str(root / "out")]
+    stage_args += ["--set", f"{args.stage}.num_workers={args.workers}"]
+    stage_args += ["--set", f"{args.stage}.batch_size={args.batch}"]
+    if way == "now":
+        return [sys.executable, "-m", "capfilt", *stage_args]
+    return [sys.executable, "-c", BEFORE_COMMAND.format(stage=args.stage), *stage_args]
 
 
 def main() -> None:
@@ -152,14 +195,36 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {way: [] for way in WAYS}
         for r in range(args.repeats):
             for way in WAYS if r % 2 == 0 else WAYS[::-1]:
-                # run with -c: a fork server imports the main script again, and this one's
-                # imports are not the CLI's (which imports capfilt's modules only when called)
-                command = [sys.executable, "-c", CHILD, *sys.argv[1:], "--child", way]
-                command += ["--inputs", tmp]
+                if args.command:
+                    command = command_run(args, way, root)
+                else:
+                    # run with -c: a fork server imports the main script again, and this one's
+                    # imports are not the CLI's (which imports capfilt's modules only when called)
+                    command = [sys.executable, "-c", CHILD, *sys.argv[1:], "--child", way]
+                    command += ["--inputs", tmp]
+                began = time.perf_counter()
                 done = subprocess.run(command, capture_output=True, text=True)
+                seconds = time.perf_counter() - began
                 if done.returncode:
                     sys.exit(f"the {way} run failed:\n{done.stderr[-3000:]}")
-                runs[way].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                if args.command:
+                    shutil.rmtree(root / "out")
+                    runs[way].append({"process": seconds})
+                else:
+                    runs[way].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if args.command:
+        print(
+            f"`capfilt {args.stage}`, {args.size} model, {args.workers} loader workers, batch "
+            f"{args.batch}, {n} photos; {args.repeats} runs per way, alternating; seconds from "
+            "the process's start to its exit\n"
+            "  now: the fork server started before the command's imports; before: by the loader"
+        )
+        medians = {way: statistics.median(r["process"] for r in runs[way]) for way in WAYS}
+        for way in WAYS:
+            best = min(r["process"] for r in runs[way])
+            print(f"  {way:<6}: {best:5.2f} s best, {medians[way]:5.2f} s median")
+        print(f"  now: {medians['before'] / medians['now']:.2f}x less time (medians)")
+        return
     print(
         f"{args.stage} stage, {args.size} model, {args.workers} loader workers, batch {args.batch}, "
         f"{n} photos; {args.repeats} runs per way, alternating; seconds from the stage's call\n"

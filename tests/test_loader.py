@@ -13,6 +13,7 @@ import torch
 from capfilt.data.loader import ShardImages
 from capfilt.data.reader import SkipCounter, iter_tar_samples
 from capfilt.data.transforms import EvalTransform
+from tests.conftest import subprocess_env
 from tests.faults.conftest import good_members, make_tar
 
 TRANSFORM = EvalTransform(16)
@@ -222,3 +223,25 @@ def test_a_shard_copy_tells_stream_damage_from_a_local_write_failure(urls, tmp_p
     with pytest.raises(ShardCopyError, match="missing"):  # removed, not fetched again
         copies.local(0, _piped(urls[0], log))
     assert log.read_text().split() == [urls[0]]  # shard 2 failed before opening its stream
+
+
+def test_the_worker_server_can_start_before_torch_is_imported_and_preloads_the_loader():
+    """A command starts the workers' fork server before its own imports (capfilt/data/workers.py):
+    the module that starts it imports no torch, and the server imports this loader's module."""
+    import subprocess
+    import sys
+
+    import capfilt.data.loader as loader_mod
+    from capfilt.data.workers import LOADER_MODULE
+
+    assert LOADER_MODULE == loader_mod.__name__
+    check = (
+        "import sys; import capfilt.data.workers as w; "
+        "assert 'torch' not in sys.modules, 'imports torch'; "
+        "w.start_worker_server(0); w.start_worker_server(2); "
+        "assert 'torch' not in sys.modules, 'starting the server imports torch'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

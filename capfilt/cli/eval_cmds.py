@@ -102,13 +102,16 @@ def retrieval(
     Under torchrun the re-rank is split over the ranks.
     """
     from capfilt.config import ConfigError
-    from capfilt.data.shards import ShardSpecError, expand_shards
-    from capfilt.eval.retrieval import evaluate_retrieval
-    from capfilt.utils.dist import current_dist_info
+    from capfilt.data.workers import start_worker_server
 
     cfg = resolve(recipe, set_, dry_run, shortcuts={"eval.k": k})
     if cfg.eval.k < 0:
         raise fail(f"--k: must be >= 0, got {cfg.eval.k}", EXIT_USAGE)
+    start_worker_server(cfg.eval.num_workers)  # its imports run beside the ones below
+    from capfilt.data.shards import ShardSpecError, expand_shards
+    from capfilt.eval.retrieval import evaluate_retrieval
+    from capfilt.utils.dist import current_dist_info
+
     try:
         urls = expand_shards(shards)  # fail fast on a bad --shards, before loading the model
         with use_threads(cfg.runtime.threads, cfg.eval.num_workers):

@@ -17,6 +17,7 @@ from capfilt.cli.common import (
     report_stage,
     resolve,
 )
+from capfilt.data.workers import start_worker_server
 from capfilt.utils.threads import use_threads
 
 ShardsOption = Annotated[
@@ -45,9 +46,10 @@ def caption(
     Output shards keep every input field and add the captions to the json with origin
     'synthetic'. Resumable; under torchrun the shards are split over the ranks.
     """
+    cfg = resolve(recipe, set_, dry_run)
+    start_worker_server(cfg.caption.num_workers)  # its imports run beside the ones below
     from capfilt.pipeline.caption import caption_shards
 
-    cfg = resolve(recipe, set_, dry_run)
     with use_threads(cfg.runtime.threads, cfg.caption.num_workers):
         result = caption_shards(model, shards, out_dir, cfg.caption)
     report_stage(result, "caption")
@@ -80,9 +82,11 @@ def filter_(
     """Keep the web and synthetic texts the filter accepts (filter.rule: ITM probability, ITC
     cosine or both; fixed thresholds or filter.keep_fraction of the whole run); write kept
     shards, per-text scores and a summary."""
+    cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
+    if scores_from is None and model is not None:
+        start_worker_server(cfg.filter.num_workers)  # its imports run beside the ones below
     from capfilt.pipeline.filter import filter_shards, rethreshold_shards
 
-    cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
     if scores_from is not None:
         result = rethreshold_shards(scores_from, shards, out_dir, cfg.filter)
     elif model is None:

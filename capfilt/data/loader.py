@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
-import multiprocessing.context
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -31,6 +28,7 @@ from capfilt.data.reader import Sample, SampleError, SkipCounter, decode_sample,
 from capfilt.data.shard_copies import ShardCopies
 from capfilt.data.shards import REMOTE_PREFIXES
 from capfilt.data.transforms import EvalTransform
+from capfilt.data.workers import worker_context
 from capfilt.utils.threads import available_cores
 
 
@@ -161,40 +159,6 @@ class _PackedSamples:
         return out
 
 
-def _worker_context(transform: Callable | None = None) -> multiprocessing.context.BaseContext:
-    """Where loader workers come from: spawned, each imports torch, the transform's module and the
-    main module again (seconds). A fork server that has imported them once forks each worker in a
-    fraction of that, and like spawn it never forks a process that has started CUDA. Spawn where
-    there is no fork server (Windows)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    # Read when the server starts (once per process); a module that fails to import is skipped.
-    # "__main__" covers a script run by path; `python -m pkg` needs its module's name as well.
-    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    preload = ["__main__", __name__]
-    if transform is not None and type(transform).__module__ not in preload:
-        preload.append(type(transform).__module__)
-    context.set_forkserver_preload(preload + ([main_spec.name] if main_spec else []))
-    return context
-
-
-def start_worker_server(num_workers: int) -> None:
-    """Start the fork server that a stage's ``num_workers`` loader workers will come from, now.
-
-    Its imports (torch, capfilt, the main module: 2-3 s) then run in their own process while the
-    stage loads its model, instead of after it, when the first batch is wanted. Returns at once;
-    nothing to do without workers or without a fork server, or when the server already runs.
-    """
-    if num_workers <= 0:
-        return
-    context = _worker_context()
-    if context.get_start_method() == "forkserver":
-        import multiprocessing.forkserver  # POSIX only
-
-        multiprocessing.forkserver.ensure_running()
-
-
 def loader_hint(section: str, num_workers: int) -> str:
     """What to change when a stage's main process mostly waited for images (``section``: the
     recipe section whose ``num_workers`` sets the stage's loader processes)."""
@@ -315,7 +279,7 @@ class ShardImages:
                     items,
                     batch_size=None,
                     num_workers=self.num_workers,
-                    multiprocessing_context=_worker_context(self.transform),
+                    multiprocessing_context=worker_context([type(self.transform).__module__]),
                     # two chunks per worker: about two batches ready while the model runs
                     prefetch_factor=2,
                 )

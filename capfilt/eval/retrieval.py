@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.config import RERANK_SCORES
-from capfilt.data.loader import ShardImages, start_worker_server
+from capfilt.data.loader import ShardImages
 from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.shards import expand_shards
 from capfilt.data.text import clean_caption
 from capfilt.data.transforms import eval_transform_for
+from capfilt.data.workers import start_worker_server
 from capfilt.model import length_chunks, tokenize
 from capfilt.utils.device import autocast, to_device
 from capfilt.utils.dist import current_dist_info

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.config import CaptionConfig, config_hash, to_dict
-from capfilt.data.loader import ShardImages, loader_hint, start_worker_server
+from capfilt.data.loader import ShardImages, loader_hint
 from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import LOADER_START, StageResult, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
+from capfilt.data.workers import start_worker_server
 from capfilt.data.writer import ShardWriter
 from capfilt.model.decoding import row_seeds
 from capfilt.model.generate import generate_captions

@@ -27,12 +27,13 @@ import pandas as pd
 import torch
 
 from capfilt.config import ConfigError, FilterConfig, config_hash, to_dict
-from capfilt.data.loader import ShardImages, loader_hint, start_worker_server
+from capfilt.data.loader import ShardImages, loader_hint
 from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import LOADER_START, StageResult, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
+from capfilt.data.workers import start_worker_server
 from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, stats_path
 from capfilt.eval.filter_metrics import HIST_BINS, score_histogram
 from capfilt.model import length_chunks, tokenize
