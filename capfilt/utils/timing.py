@@ -45,18 +45,15 @@ class PhaseClock:
         ``first_as``: the clock's very first wait for ``name`` counts as that phase instead (a
         loader's start-up: its processes starting and decoding their first images, which more
         processes would not shorten)."""
-        iterator = iter(items)
+        iterator, end = iter(items), object()
         while True:
             phase = name
             if first_as is not None and name not in self.seconds and first_as not in self.seconds:
                 phase = first_as
-            started = self.now()
-            try:
-                item = next(iterator)
-            except StopIteration:
-                self.add(phase, self.now() - started)
+            with self.phase(phase):
+                item = next(iterator, end)
+            if item is end:
                 return
-            self.add(phase, self.now() - started)
             yield item
 
     def largest(self) -> str | None:
