@@ -38,16 +38,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from stage_host_cost import add_photo_args, make_inputs  # same folder: run as a script
-
-from capfilt.config import load_recipe
-from capfilt.data.transforms import preprocess_spec
-from capfilt.model import build_model, pad_vocabulary, save_model_folder, train_wordpiece_tokenizer
-from capfilt.runs.resolve import load_stage_model, model_fingerprint
+# Nothing heavy at the top: a `--command` baseline run imports this module first (patch_back),
+# and the command it times must import no more than the command itself did.
 
 WAYS = ("now", "before")
-CHILD = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import stage_start; stage_start.main()"
+IMPORT_THIS = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import stage_start"
+CHILD = f"{IMPORT_THIS}; stage_start.main()"
+BEFORE_COMMAND = (
+    f"{IMPORT_THIS}; stage_start.patch_back({{stage!r}}); "
+    "from capfilt.cli.main import main; sys.argv[0] = 'capfilt'; main()"
+)
+"""The command as it ran before: the CLI imported the stage (torch) first, as patch_back does."""
 
 
 class FirstBatch(BaseException):
@@ -55,6 +56,8 @@ class FirstBatch(BaseException):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from stage_host_cost import add_photo_args  # same folder: run as a script
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_photo_args(p)
     p.set_defaults(copies=1)
@@ -81,6 +84,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def blip_base_model(folder: Path) -> None:
+    import torch
+
+    from capfilt.config import load_recipe
+    from capfilt.data.transforms import preprocess_spec
+    from capfilt.model import (
+        build_model,
+        pad_vocabulary,
+        save_model_folder,
+        train_wordpiece_tokenizer,
+    )
+
     cfg = load_recipe(
         "blip-base",
         ["model.vision_checkpoint=null", "model.text_checkpoint=null", "model.tokenizer=null"],
@@ -92,27 +106,45 @@ def blip_base_model(folder: Path) -> None:
     save_model_folder(folder, model, tok, cfg, "pretrain", preprocess=preprocess_spec(224))
 
 
+def patch_back(stage_name: str):
+    """Make the stage start as it did before (the baseline) and return its module: no fork server
+    until its loader starts (the command's and the stage's calls do nothing), random weights
+    drawn when the model is built for loading, the weights hashed after the loading."""
+    import importlib
+
+    import capfilt.data.workers as workers_mod
+
+    workers_mod.start_worker_server = lambda num_workers: None
+    import capfilt.model.folder as folder_mod
+    from capfilt.model import build_model
+    from capfilt.runs.resolve import load_stage_model, model_fingerprint
+
+    stage = importlib.import_module(f"capfilt.pipeline.{stage_name}")
+
+    def load_then_hash(path, device):
+        model, tokenizer, cfg, meta, folder = load_stage_model(path, device)
+        model_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
+        return model, tokenizer, cfg, meta, folder, model_id
+
+    stage.start_worker_server = workers_mod.start_worker_server
+    stage.load_identified_model = load_then_hash
+    folder_mod._build_unfilled = lambda cfg, tokenizer: build_model(
+        cfg, tokenizer, pretrained=False
+    )
+    return stage
+
+
 def child(args: argparse.Namespace) -> None:
     """One stage call up to its first batch; prints the seconds as JSON."""
     import importlib
 
-    import capfilt.model.folder as folder_mod
+    from capfilt.config import load_recipe
     from capfilt.data.loader import ShardImages
 
-    stage = importlib.import_module(f"capfilt.pipeline.{args.stage}")
-    if args.child == "before":  # random weights drawn; the hash after loading
-
-        def load_then_hash(path, device):
-            model, tokenizer, cfg, meta, folder = load_stage_model(path, device)
-            model_id = f"{meta.get('stage', 'model')}-{model_fingerprint(folder)}"
-            return model, tokenizer, cfg, meta, folder, model_id
-
-        def build_initialised(cfg, tokenizer):
-            return build_model(cfg, tokenizer, pretrained=False)
-
-        stage.start_worker_server = lambda num_workers: None
-        stage.load_identified_model = load_then_hash
-        folder_mod._build_unfilled = build_initialised
+    if args.child == "before":
+        stage = patch_back(args.stage)
+    else:
+        stage = importlib.import_module(f"capfilt.pipeline.{args.stage}")
     inputs = Path(args.inputs)
     seconds: dict[str, float] = {}
     load = stage.load_identified_model
@@ -145,27 +177,6 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(seconds))
 
 
-BEFORE_COMMAND = """
-import sys
-import capfilt.data.workers as workers_mod
-workers_mod.start_worker_server = lambda num_workers: None
-import capfilt.model.folder as folder_mod
-import capfilt.pipeline.{stage} as stage_mod
-from capfilt.model import build_model
-from capfilt.runs.resolve import load_stage_model, model_fingerprint
-def load_then_hash(path, device):
-    model, tokenizer, cfg, meta, folder = load_stage_model(path, device)
-    return model, tokenizer, cfg, meta, folder, f"{{meta.get('stage', 'model')}}-{{model_fingerprint(folder)}}"
-folder_mod._build_unfilled = lambda cfg, tokenizer: build_model(cfg, tokenizer, pretrained=False)
-stage_mod.load_identified_model = load_then_hash
-from capfilt.cli.main import main
-sys.argv[0] = "capfilt"
-main()
-"""
-"""The command as it ran before: the CLI imported the stage (torch) first, as here; no fork server
-until the loader, random weights drawn, the hash after the loading."""
-
-
 def command_run(args: argparse.Namespace, way: str, root: Path) -> list[str]:
     """The ``capfilt STAGE`` command line of one way (the demo recipe's settings)."""
     stage_args = [args.stage, "demo", "--model", str(root / "model")]
@@ -182,6 +193,9 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    import torch
+    from stage_host_cost import make_inputs
+
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
