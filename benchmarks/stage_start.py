@@ -4,12 +4,16 @@ stages start now against as they started before (the baseline).
     python benchmarks/stage_start.py                      # BLIP-base, random weights (1.8 GB)
     python benchmarks/stage_start.py --size tiny --repeats 5
     python benchmarks/stage_start.py --size tiny --command --stage caption --workers 1 --copies 4
+    python benchmarks/stage_start.py --format transformers --stage caption   # BLIP's hub layout
 
 Before its first batch a stage loads its model, names it by a hash of its weights, and starts
 its loader's workers. Three things changed:
 
 - the model is built without drawing random initial weights, which the weights file then
-  overwrites (``load_model_folder``: built on the meta device, then given memory);
+  overwrites (``load_model_folder``: built on the meta device, then given memory); with
+  ``--format transformers`` the model is a transformers BLIP folder (a hub checkpoint's layout,
+  converted at every start), and the change is the same in its import: only the few heads the
+  checkpoint lacks are initialised (``fill_med``), no longer the whole model;
 - the weights are hashed (``model_fingerprint``) on a thread while they load
   (``load_identified_model``), not after;
 - the fork server that the loader workers are forked from, which first imports torch,
@@ -69,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the model: BLIP-base's (ViT-B/16, two BERT-base text stacks, 30,522 tokens: 447 M "
         "parameters) or the tiny recipe's; random weights either way",
     )
+    p.add_argument(
+        "--format",
+        choices=("capfilt", "transformers"),
+        default="capfilt",
+        help="the model's folder: capfilt's, or transformers' BLIP captioner/filter (what "
+        "`--model Salesforce/blip-...` loads), converted as the stage starts",
+    )
     p.add_argument("--workers", type=int, default=2, help="the stage's loader workers")
     p.add_argument("--batch", type=int, default=32, help="the stage's batch size")
     p.add_argument("--repeats", type=int, default=3, help="runs per way (alternating)")
@@ -109,7 +120,8 @@ def blip_base_model(folder: Path) -> None:
 def patch_back(stage_name: str):
     """Make the stage start as it did before (the baseline) and return its module: no fork server
     until its loader starts (the command's and the stage's calls do nothing), random weights
-    drawn when the model is built for loading, the weights hashed after the loading."""
+    drawn when the model is built for loading (or for a transformers folder's import: every
+    tensor, from the import's seed), the weights hashed after the loading."""
     import importlib
 
     import capfilt.data.workers as workers_mod
@@ -128,9 +140,17 @@ def patch_back(stage_name: str):
 
     stage.start_worker_server = workers_mod.start_worker_server
     stage.load_identified_model = load_then_hash
-    folder_mod._build_unfilled = lambda cfg, tokenizer: build_model(
-        cfg, tokenizer, pretrained=False
-    )
+    folder_mod.build_unfilled = lambda cfg, tokenizer: build_model(cfg, tokenizer, pretrained=False)
+    import torch
+
+    import capfilt.model.convert.transformers_io as transformers_io
+
+    def seeded_full_build(cfg, tokenizer, vocab_size):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return build_model(cfg, tokenizer, pretrained=False)
+
+    transformers_io.new_med = seeded_full_build
     return stage
 
 
@@ -206,6 +226,13 @@ def main() -> None:
             blip_base_model(root / "base")
             (root / "model").rename(root / "tiny")
             (root / "base").rename(root / "model")
+        if args.format == "transformers":
+            from capfilt.runs.convert import convert
+
+            kind = "filter" if args.stage == "filter" else "captioner"
+            convert(root / "model", root / "transformers", to="transformers", kind=kind)
+            shutil.rmtree(root / "model")
+            (root / "transformers").rename(root / "model")
         runs: dict[str, list[dict[str, float]]] = {way: [] for way in WAYS}
         for r in range(args.repeats):
             for way in WAYS if r % 2 == 0 else WAYS[::-1]:
@@ -228,7 +255,7 @@ def main() -> None:
                     runs[way].append(json.loads(done.stdout.strip().splitlines()[-1]))
     if args.command:
         print(
-            f"`capfilt {args.stage}`, {args.size} model, {args.workers} loader workers, batch "
+            f"`capfilt {args.stage}`, {args.size} model ({args.format} folder), {args.workers} loader workers, batch "
             f"{args.batch}, {n} photos; {args.repeats} runs per way, alternating; seconds from "
             "the process's start to its exit\n"
             "  now: the fork server started before the command's imports; before: by the loader"
@@ -240,7 +267,7 @@ def main() -> None:
         print(f"  now: {medians['before'] / medians['now']:.2f}x less time (medians)")
         return
     print(
-        f"{args.stage} stage, {args.size} model, {args.workers} loader workers, batch {args.batch}, "
+        f"{args.stage} stage, {args.size} model ({args.format} folder), {args.workers} loader workers, batch {args.batch}, "
         f"{n} photos; {args.repeats} runs per way, alternating; seconds from the stage's call\n"
         "  now: no random weights drawn, weights hashed on a thread and the fork server started "
         "while the model loads; before: random weights drawn, then overwritten, weights hashed "

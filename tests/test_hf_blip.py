@@ -214,6 +214,52 @@ def test_captioner_logits_and_greedy_match_transformers(hf_models, images):
     assert len(set(captions)) > 1 and all(captions)
 
 
+LACKING = {
+    "captioner": ["itm_head", "temp", "text_proj", "vision_proj"],
+    "filter": [
+        "temp",
+        "text_decoder.cls.predictions",
+        "text_decoder.cls.predictions.decoder",
+        "text_decoder.cls.predictions.transform.LayerNorm",
+        "text_decoder.cls.predictions.transform.dense",
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", ["captioner", "filter"])
+def test_an_import_initialises_what_the_checkpoint_lacks_the_same_every_time(hf_models, kind):
+    """The imported model is built unfilled: whatever the checkpoint lacks (heads, momentum
+    copies, queues) must be set all the same, and from a fixed seed, not from torch's state."""
+    _, folder = hf_models[kind]
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        state = torch.random.get_rng_state()
+        model, _, _, meta, _ = load_stage_model(folder, torch.device("cpu"))
+        assert torch.equal(torch.random.get_rng_state(), state)
+        assert meta["extra"]["imported"]["initialised"] == LACKING[kind]
+        models.append(model.state_dict())
+    first, second = models
+    for key, value in first.items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+        assert torch.equal(value, second[key]), key
+    for key, value in first.items():
+        if key.startswith(("visual_encoder_m.", "text_encoder_m.")):
+            online = key.replace("_m.", ".", 1)
+            assert torch.equal(value, first[online]), key
+    assert torch.allclose(
+        first["image_queue"].norm(dim=0), torch.ones(first["image_queue"].shape[1])
+    )
+    # fresh memory reads as zeros: the heads must hold a new model's values, not just be finite
+    if kind == "captioner":
+        assert first["itm_head.weight"].std() > 0 and first["vision_proj.weight"].std() > 0
+    else:
+        assert (first["text_decoder.cls.predictions.transform.LayerNorm.weight"] == 1).all()
+        assert first["text_decoder.cls.predictions.transform.dense.weight"].std() > 0
+    assert first["queue_ptr"].item() == 0 and (first["idx_queue"] == -1).all()
+
+
 def _hf_state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -368,6 +414,19 @@ def test_blip_pth_layout_loads_with_same_outputs(hf_models, tok_dir, tmp_path, i
         embeds = model.encode_image(images)
         hf_embeds = hf.vision_model(pixel_values=images).last_hidden_state
     assert (embeds - hf_embeds).abs().max() < 1e-4
+
+
+def test_a_blip_pth_without_part_of_its_image_encoder_is_refused(hf_models, tok_dir):
+    """Only heads a stage never uses may be missing: a ViT block cannot be made up."""
+    from capfilt.model.tokenizer import load_tokenizer
+
+    sd = _as_blip_pth(hf_models["captioner"][0], "captioner")["model"]
+    sd = {k: v for k, v in sd.items() if not k.startswith("visual_encoder.blocks.1.mlp.")}
+    tok = load_tokenizer(str(tok_dir))
+    with pytest.raises(
+        ValueError, match="lacks weights .*: visual_encoder.blocks.1.mlp.fc1 has no"
+    ):
+        import_blip_state_dict(sd, tok, "captioner", {"vision_heads": 2, "text_heads": 2})
 
 
 def test_export_of_a_pretrain_folder_needs_kind(tok_dir, tmp_path):

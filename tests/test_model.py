@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -752,11 +753,11 @@ def test_model_folder_round_trip(tok, tmp_path):
 def test_a_model_that_cannot_be_built_on_the_meta_device_still_loads(tok, tmp_path, monkeypatch):
     """Loading builds the model without drawing random weights (on the meta device); a library
     that reads a tensor's value while building cannot: the model is then built as usual."""
-    import capfilt.model.folder as folder_mod
+    import capfilt.model.build as build_mod
 
     model = make_model(tok)
     save_model_folder(tmp_path / "m", model, tok, model.cfg, stage="pretrain")
-    build, builds = folder_mod.build_model, []
+    build, builds = build_mod.build_model, []
 
     def reads_a_value(*args, **kwargs):
         on_meta = torch.empty(0).is_meta
@@ -765,11 +766,74 @@ def test_a_model_that_cannot_be_built_on_the_meta_device_still_loads(tok, tmp_pa
             torch.zeros(1).item()  # what an older timm's ViT does with its drop-path rates
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(folder_mod, "build_model", reads_a_value)
+    monkeypatch.setattr(build_mod, "build_model", reads_a_value)
     loaded, *_ = load_model_folder(tmp_path / "m")
     assert builds == ["meta", "cpu"]
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
+HEAD_PARTS = (
+    "temp",
+    "itm_head.weight",
+    "itm_head.bias",
+    "vision_proj.weight",
+    "vision_proj.bias",
+    "text_decoder.cls.predictions.transform.dense.weight",
+    "text_decoder.cls.predictions.transform.dense.bias",
+    "text_decoder.cls.predictions.transform.LayerNorm.weight",
+    "text_decoder.cls.predictions.transform.LayerNorm.bias",
+    "text_decoder.cls.predictions.bias",
+)
+
+
+@pytest.mark.parametrize("weight_init", ["bert", "fan_in"])
+def test_init_parts_gives_lacking_heads_a_new_models_initialisation(tok, weight_init):
+    """An imported checkpoint's model is built unfilled; the heads the checkpoint lacks are then
+    initialised alone, as the constructor initialises them, and nothing else is touched."""
+    from capfilt.model.build import build_unfilled
+    from capfilt.model.text import INIT_STD
+
+    cfg = dataclasses.replace(
+        make_model(tok).cfg,
+        text_width=64,
+        text_intermediate=128,
+        embed_dim=64,
+        weight_init=weight_init,
+    )
+    model = build_unfilled(cfg, tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # what uninitialised memory may hold
+    torch.manual_seed(0)
+    model.init_parts(HEAD_PARTS)
+    p = dict(model.named_parameters(remove_duplicate=False))
+    assert all(torch.isfinite(p[name]).all() for name in HEAD_PARTS)
+    assert (
+        torch.isnan(p["text_proj.weight"]).all()
+        and torch.isnan(p["visual_encoder.cls_token"]).all()
+    )
+    assert p["temp"].item() == pytest.approx(cfg.temp)
+    transform = "text_decoder.cls.predictions.transform."
+    assert torch.equal(p[transform + "LayerNorm.weight"], torch.ones(64))
+    for zero in (
+        transform + "LayerNorm.bias",
+        transform + "dense.bias",
+        "text_decoder.cls.predictions.bias",
+    ):
+        assert not p[zero].any(), zero  # BERT's biases
+    dense, itm = p[transform + "dense.weight"], p["itm_head.weight"]
+    if weight_init == "bert":
+        assert dense.std().item() == pytest.approx(INIT_STD, rel=0.1)
+        bound = 64**-0.5  # a new nn.Linear's: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias too
+        assert itm.abs().max() <= bound and p["itm_head.bias"].abs().max() <= bound
+        assert itm.std().item() == pytest.approx(bound / 3**0.5, rel=0.25)
+    else:  # every linear weight re-drawn from N(0, 1/fan_in)
+        assert dense.std().item() == pytest.approx(64**-0.5, rel=0.1)
+        assert p["vision_proj.weight"].std().item() == pytest.approx(32**-0.5, rel=0.1)
+    for part in ("visual_encoder.cls_token", "not_a_part.weight"):
+        with pytest.raises(ValueError, match="no initialisation of its own|not parameters"):
+            model.init_parts([part])
 
 
 def test_safetensors_file_stores_shared_tensors_once(tok, tmp_path):

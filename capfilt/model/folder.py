@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 import capfilt
 from capfilt.config import ModelConfig, from_dict, to_dict
-from capfilt.model.build import build_model
+from capfilt.model.build import build_unfilled
 from capfilt.model.med import MED, count_parameters, set_vision_layer_norm_eps
 from capfilt.model.tokenizer import load_tokenizer, special_ids
 from capfilt.utils.files import atomic_write_bytes, atomic_write_json
@@ -160,33 +160,6 @@ def apply_folder_settings(model: MED, meta: dict[str, Any]) -> None:
         set_vision_layer_norm_eps(model, float(eps))
 
 
-def _build_unfilled(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> MED:
-    """A MED for ``cfg`` whose tensors are allocated but not initialised, as every one is about to
-    be overwritten from a weights file: drawing random initial weights is most of the time of
-    building a model (6 of the 8 s of loading a BLIP-base folder on this project's CPU machine).
-
-    Built on the meta device, then given memory. ``Module.to_empty`` gives each module that holds
-    a shared parameter its own copy, so the shared ones (the LM output layer and the word
-    embeddings, a bias under two names) are shared again afterwards.
-    """
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg, tokenizer, pretrained=False)
-    except (RuntimeError, NotImplementedError):  # a library that reads a value while building
-        return build_model(cfg, tokenizer, pretrained=False)
-    first: dict[int, str] = {}
-    shared: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        kept = first.setdefault(id(param), name)
-        if kept != name:
-            shared[name] = kept
-    model.to_empty(device="cpu")
-    for name, kept in shared.items():
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, model.get_parameter(kept))
-    return model
-
-
 def load_model_folder(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[MED, PreTrainedTokenizerBase, ModelConfig, dict[str, Any]]:
@@ -200,7 +173,7 @@ def load_model_folder(
     meta = read_meta(path)
     cfg = from_dict(ModelConfig, json.loads((path / CONFIG).read_text()))
     tokenizer = load_tokenizer(str(path))
-    model = _build_unfilled(cfg, tokenizer)
+    model = build_unfilled(cfg, tokenizer)
     apply_folder_settings(model, meta)  # e.g. an imported BLIP checkpoint's ViT LayerNorm eps
 
     with safe_open(str(path / WEIGHTS), framework="pt", device="cpu") as fh:

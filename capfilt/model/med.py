@@ -29,7 +29,7 @@ from capfilt.model.losses import (
     sample_itm_negatives,
     too_few_images,
 )
-from capfilt.model.text import CrossKV, TextConfig, TextLMHeadModel, TextModel
+from capfilt.model.text import CrossKV, TextConfig, TextLMHeadModel, TextModel, init_bert
 from capfilt.model.vision import VIT_LAYER_NORM_EPS, build_vit
 
 LOSSES = ("itc", "itm", "lm")
@@ -109,7 +109,7 @@ class MED(nn.Module):
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text_width, 2)
-        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)).clamp(*TEMP_RANGE))
+        self.temp = nn.Parameter(self._initial_temp())
 
         # momentum copies (ITC, docs/architecture.md §2); the text one is unimodal only, so it has no cross-attention
         self.visual_encoder_m = build_vit(cfg, 0.0)
@@ -140,6 +140,51 @@ class MED(nn.Module):
         self.idx_queue.fill_(-1)
         self.queue_ptr.zero_()
 
+    def _initial_temp(self) -> torch.Tensor:
+        return torch.tensor(float(self.cfg.temp)).clamp(*TEMP_RANGE)
+
+    @torch.no_grad()
+    def init_parts(self, names: Iterable[str]) -> None:
+        """Initialise the parameters ``names`` (state-dict names) as this constructor does, drawing
+        from torch's current random state; each whole module holding one is initialised (a
+        Linear's weight with its bias).
+
+        For a model built without initial values (:func:`capfilt.model.build.build_unfilled`) of
+        which a checkpoint holds all but these: the heads an imported captioner or filter lacks.
+        The text stack gets BERT's init, the ITC/ITM heads a new ``nn.Linear``'s, ``temp`` the
+        config's; with ``weight_init: fan_in`` the weights are then re-drawn as in
+        :meth:`init_fan_in`. Raises ValueError for a part without such a rule (the ViTs:
+        timm initialises a ViT as a whole) or an unknown name.
+        """
+        names = sorted(set(names))
+        known = dict(self.named_parameters(remove_duplicate=False))
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"not parameters of the model: {unknown[:6]}")
+        # tensor -> a module holding it as its own, the innermost (modules come parents first;
+        # the LM bias is held by `predictions` and by its `decoder`)
+        holder: dict[int, str] = {}
+        for module_name, module in self.named_modules(remove_duplicate=False):
+            for param in module.parameters(recurse=False):
+                holder[id(param)] = module_name
+        modules: dict[str, nn.Module] = {}
+        for name in names:
+            if name == "temp":
+                self.temp.copy_(self._initial_temp())
+                continue
+            module_name = holder[id(known[name])]
+            modules.setdefault(module_name, self.get_submodule(module_name))
+        heads = ("vision_proj", "text_proj", "itm_head", "vision_proj_m", "text_proj_m")
+        for module_name, module in sorted(modules.items()):
+            if module_name.split(".")[0] in ("text_encoder", "text_decoder", "text_encoder_m"):
+                init_bert(module)
+            elif module_name in heads:
+                module.reset_parameters()
+            else:
+                raise ValueError(f"{module_name} has no initialisation of its own")
+        if self.cfg.weight_init == "fan_in":
+            self.init_fan_in(modules.values())
+
     # ------------------------------------------------------------------ structure
     def tie_text_weights(self) -> None:
         """Make the decoder use the encoder's embeddings, cross-attention and FFN modules (BLIP
@@ -153,14 +198,16 @@ class MED(nn.Module):
         self.text_decoder.cls.predictions.decoder.weight = enc.embeddings.word_embeddings.weight
 
     @torch.no_grad()
-    def init_fan_in(self) -> None:
-        """Re-draw every linear and embedding weight from N(0, 1/fan_in) (``weight_init: fan_in``);
-        biases, norms, the patch convolution and position/[CLS] parameters keep their init."""
-        for module in self.modules():
+    def init_fan_in(self, modules: Iterable[nn.Module] | None = None) -> None:
+        """Re-draw every linear and embedding weight (of ``modules``, default all) from
+        N(0, 1/fan_in) (``weight_init: fan_in``); biases, norms, the patch convolution and
+        position/[CLS] parameters keep their init."""
+        modules = list(self.modules() if modules is None else modules)
+        for module in modules:
             if isinstance(module, nn.Linear | nn.Embedding):
                 module.weight.normal_(0.0, module.weight.shape[1] ** -0.5)
         # after every draw: the LM output layer shares the word embeddings' tensor
-        for module in self.modules():
+        for module in modules:
             if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                 module.weight[module.padding_idx].zero_()
 

@@ -293,7 +293,7 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-def _init_bert(module: nn.Module) -> None:
+def init_bert(module: nn.Module) -> None:
     """BERT's init: N(0, 0.02) weights, zero biases, unit LayerNorms, zero padding row."""
     with torch.no_grad():
         for m in module.modules():
@@ -318,7 +318,7 @@ class TextModel(nn.Module):
         self.config = cfg
         self.embeddings = TextEmbeddings(cfg)
         self.encoder = TextEncoder(cfg)
-        _init_bert(self)
+        init_bert(self)
 
     def cross_kv(self, image_embeds: torch.Tensor) -> CrossKV:
         """Cross-attention keys/values of ``image_embeds`` [B_img, N, vision_width], every layer."""
@@ -422,7 +422,7 @@ class TextLMHeadModel(nn.Module):
         self.config = cfg
         self.bert = TextModel(cfg)
         self.cls = LMHead(cfg)
-        _init_bert(self.cls)
+        init_bert(self.cls)
 
     def forward(
         self,

@@ -33,7 +33,8 @@ Mapping onto capfilt's :class:`~capfilt.model.med.MED`:
   weights (the same tensors) and, for its self-attention, a copy of the present side's
   self-attention (encoder SA := decoder SA for a captioner, decoder SA := encoder SA for a filter).
   Heads the checkpoint lacks (a captioner's ``vision_proj``/``text_proj``/``itm_head``, a filter's
-  LM-head transform and bias) keep a seeded initialisation and are listed in the meta's
+  LM-head transform and bias) get a new MED's initialisation from a fixed seed, alone (the model
+  is built unfilled, as a model folder is loaded), and are listed in the meta's
   ``extra.imported.initialised``: they are never used by that stage.
 - **Tokens.** BLIP's tokenizer is bert-base-uncased plus ``[DEC]`` (bos, 30522) and ``[ENC]``
   (30523). transformers' ``BlipForConditionalGeneration.generate`` puts ``bos_token_id`` first

@@ -1,5 +1,6 @@
-"""Filling a MED from a checkpoint's tensors: a seeded model, the side a checkpoint lacks taken
-from the side it has, and the meta of the imported model."""
+"""Filling a MED from a checkpoint's tensors: a model built unfilled, the side a checkpoint lacks
+taken from the side it has, the heads it lacks initialised from a seed, and the meta of the
+imported model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from capfilt.config.schema import ModelConfig
 from capfilt.data.transforms import preprocess_spec
+from capfilt.model.build import build_unfilled
 from capfilt.model.convert.keymaps import MOMENTUM_MODULES, QUEUES, partner_key
 from capfilt.model.folder import EXTRA_EPS, FORMAT_VERSION
 from capfilt.model.med import MED, set_vision_layer_norm_eps
@@ -18,12 +20,14 @@ from capfilt.model.tokenizer import special_ids
 BLIP_PROMPT = "a picture of "
 """BLIP's caption prompt (capfilt's ``caption.prompt`` default)."""
 INIT_SEED = 0
-"""Seed of the initialisation of the parts a checkpoint lacks (conversion is deterministic)."""
+"""Seed of the initialisation of the parts a checkpoint lacks and of new queues (conversion is
+deterministic)."""
 
 
 def new_med(cfg: ModelConfig, tokenizer, vocab_size: int) -> MED:
-    """A MED with a seeded initialisation (so a conversion always writes the same bytes)."""
-    ids = special_ids(tokenizer)
+    """A MED to fill from a checkpoint with :func:`fill_med`: its tensors are allocated but not
+    initialised (:func:`~capfilt.model.build.build_unfilled`), as a checkpoint holds all but a
+    few heads, which :func:`fill_med` initialises."""
     if len(tokenizer) > vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens (with [DEC]/[ENC]) but the checkpoint's vocabulary only {vocab_size}"
@@ -33,10 +37,7 @@ def new_med(cfg: ModelConfig, tokenizer, vocab_size: int) -> MED:
             f"the tokenizer has {len(tokenizer)} tokens (with [DEC]/[ENC]) but the checkpoint's vocabulary {vocab_size}: "
             "is it the checkpoint's tokenizer?"
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        model = MED(cfg, vocab_size=vocab_size, special=ids)
-    return model
+    return build_unfilled(cfg, tokenizer)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -45,12 +46,19 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 @torch.no_grad()
 def fill_med(model: MED, values: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Write MED-named tensors into ``model``; fill the absent text side from the present one.
+    """Write MED-named tensors into ``model`` (from :func:`new_med`); fill the absent text side
+    from the present one; initialise what the source lacks.
+
+    The parameters the source lacks (a captioner's ITC/ITM heads, a filter's LM-head transform)
+    get a new MED's initialisation (:meth:`MED.init_parts`) and queues the source lacks are drawn
+    as a new MED's, all from :data:`INIT_SEED`; the momentum copies are the online model's unless
+    the source has them all.
 
     Returns ``{"filled": [...], "initialised": [...], "momentum": [...]}``: parameters copied
-    from the other text side's self-attention, parameters the source lacks (kept at their seeded
-    initialisation), and whether the momentum state came from the source.
-    Raises ValueError on unknown names or shape mismatches.
+    from the other text side's self-attention, parameters the source lacks (initialised), and
+    whether the momentum state came from the source.
+    Raises ValueError on unknown names, shape mismatches, or a lacking part that has no
+    initialisation of its own (the image encoder).
     """
     sd = model.state_dict()
     unknown = sorted(k for k in values if k not in sd)
@@ -77,13 +85,22 @@ def fill_med(model: MED, values: dict[str, torch.Tensor]) -> dict[str, list[str]
             ):  # self-attention: a copy; shared parts are the same tensor anyway
                 filled.append(key)
     plan.update(values)  # the source's own tensors last: they win over any fill of a shared tensor
-    written = set()
-    for key, value in plan.items():
-        sd[key].copy_(value.to(sd[key].dtype))
-        written.add(_storage_key(sd[key]))
-
+    written = {_storage_key(sd[key]) for key in plan}
     online = {k: v for k, v in sd.items() if not k.startswith(MOMENTUM_MODULES) and k not in QUEUES}
     initialised = sorted(k for k, v in online.items() if _storage_key(v) not in written)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        # before the copies: a module initialised whole may hold a tensor the source has (the
+        # LM bias's Linear holds the tied word embeddings)
+        try:
+            model.init_parts(initialised)
+        except ValueError as exc:  # a part a checkpoint cannot do without (the image encoder)
+            raise ValueError(
+                f"the checkpoint lacks weights a model cannot do without: {exc}"
+            ) from exc
+        model.reset_queues()
+    for key, value in plan.items():
+        sd[key].copy_(value.to(sd[key].dtype))
 
     momentum_keys = [k for k in sd if k.startswith(MOMENTUM_MODULES)]
     has_momentum = bool(momentum_keys) and all(k in values for k in momentum_keys)
