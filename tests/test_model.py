@@ -727,6 +727,11 @@ def test_model_folder_round_trip(tok, tmp_path):
     assert (
         loaded.text_decoder.cls.predictions.bias is loaded.text_decoder.cls.predictions.decoder.bias
     )
+    # the file's tensors become the model's parameters, trainable as the saved model's were
+    params, params2 = dict(model.named_parameters()), dict(loaded.named_parameters())
+    assert params.keys() == params2.keys()
+    assert all(params[k].requires_grad == params2[k].requires_grad for k in params)
+    assert all(isinstance(p, torch.nn.Parameter) for p in params2.values())
     model.eval()
     with torch.no_grad():
         for fn in ("itm_logits", "lm_logits"):
@@ -748,6 +753,47 @@ def test_model_folder_round_trip(tok, tmp_path):
     assert not torch.equal(small.image_queue, model.image_queue)  # the saved ones were left out
     with pytest.raises(ValueError, match="not a capfilt model folder"):
         load_model_folder(tmp_path)
+
+
+def test_a_folder_whose_weights_are_half_precision_or_of_another_shape(tok, tmp_path):
+    """The file's tensors are taken as they are where they fit: of another dtype they are
+    converted to the model's, of another shape the folder is refused, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(tok)
+    save_model_folder(tmp_path / "m", model, tok, model.cfg, stage="pretrain")
+    weights = tmp_path / "m" / WEIGHTS
+    tensors = load_file(str(weights))
+    save_file(
+        {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(weights)
+    )
+    loaded, *_ = load_model_folder(tmp_path / "m")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    half = model.text_proj.weight.half().float()
+    assert torch.equal(loaded.text_proj.weight, half)
+    tensors["text_proj.weight"] = tensors["text_proj.weight"][:, :-1].contiguous()
+    save_file(tensors, str(weights))
+    with pytest.raises(
+        ValueError, match=r"does not match.*text_proj.weight: \(16, 31\) in the weights"
+    ):
+        load_model_folder(tmp_path / "m")
+
+
+def test_a_model_loaded_on_a_cpu_keeps_its_weights_when_the_file_is_rewritten_in_place(
+    tok, tmp_path
+):
+    """safetensors reads through a mapping of the file, which would show a later rewrite of the
+    file in place (``cp`` over it while a stage runs); on a CPU the model holds its own copy."""
+    model = make_model(tok)
+    save_model_folder(tmp_path / "m", model, tok, model.cfg, stage="pretrain")
+    weights = tmp_path / "m" / WEIGHTS
+    loaded, *_ = load_model_folder(tmp_path / "m")
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    size = weights.stat().st_size
+    with open(weights, "r+b") as fh:  # same file, new bytes: what cp does
+        fh.write(bytes(size))
+    after = loaded.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_model_that_cannot_be_built_on_the_meta_device_still_loads(tok, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from capfilt.config.schema import ModelConfig
@@ -34,30 +35,55 @@ def build_model(
     return model
 
 
-def build_unfilled(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> MED:
-    """A MED for ``cfg`` whose tensors are allocated but not initialised, for a caller about to
-    overwrite them from a weights file (a model folder, an imported checkpoint): drawing random
-    initial weights is most of the time of building a model (6 of the 8 s of loading a BLIP-base
-    folder on this project's CPU machine).
+def build_unfilled(
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    values: dict[str, torch.Tensor] | None = None,
+) -> MED:
+    """A MED for ``cfg`` holding ``values`` (state-dict names; taken as they are, not copied) and,
+    for every other tensor, memory that is not initialised: for a caller that overwrites those
+    from a checkpoint (an import) or from nothing (an inference folder's momentum copies).
+    Drawing random initial weights is most of the time of building a model (6 of the 8 s of
+    loading a BLIP-base folder on this project's CPU machine); taking the values as they are
+    spares a second copy of them in host memory where the model goes to an accelerator next.
 
-    Built on the meta device, then given memory. ``Module.to_empty`` gives each module that holds
-    a shared parameter its own copy, so the shared ones (the LM output layer and the word
-    embeddings, a bias under two names) are shared again afterwards.
+    Built on the meta device, then each tensor replaced, once for all the names it has: a tied
+    tensor (the LM output layer and the word embeddings, the LM bias under two names) stays one.
+    A library that reads a value while building (an older timm's drop-path rates) cannot be built
+    there: the model is then built as usual and ``values`` copied in. A value of another shape
+    than the model's tensor raises ValueError; one of another dtype is converted.
     """
+    values = values or {}
     try:
         with torch.device("meta"):
             model = build_model(cfg, tokenizer, pretrained=False)
     except (RuntimeError, NotImplementedError):  # a library that reads a value while building
         with torch.random.fork_rng(devices=[]):  # values to be overwritten: leave torch's RNG be
-            return build_model(cfg, tokenizer, pretrained=False)
-    first: dict[int, str] = {}
-    shared: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        kept = first.setdefault(id(param), name)
-        if kept != name:
-            shared[name] = kept
-    model.to_empty(device="cpu")
-    for name, kept in shared.items():
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, model.get_parameter(kept))
+            model = build_model(cfg, tokenizer, pretrained=False)
+        try:
+            model.load_state_dict(values, strict=False)
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from exc
+        return model
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for attr, tensor in own:
+            names.setdefault(id(tensor), []).append(f"{module_name}.{attr}".lstrip("."))
+            tensors[id(tensor)] = tensor
+    for key, empty in tensors.items():
+        given = next((values[n] for n in names[key] if n in values), None)
+        if given is None:
+            given = torch.empty_like(empty, device="cpu")
+        elif given.shape != empty.shape:
+            raise ValueError(
+                f"{names[key][0]}: {tuple(given.shape)} in the weights, {tuple(empty.shape)} in the model"
+            )
+        given = given.to(empty.dtype)
+        if isinstance(empty, nn.Parameter):
+            given = nn.Parameter(given, requires_grad=empty.requires_grad)
+        for name in names[key]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, given)
     return model
