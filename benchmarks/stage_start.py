@@ -140,7 +140,13 @@ def patch_back(stage_name: str):
 
     stage.start_worker_server = workers_mod.start_worker_server
     stage.load_identified_model = load_then_hash
-    folder_mod.build_unfilled = lambda cfg, tokenizer: build_model(cfg, tokenizer, pretrained=False)
+
+    def drawn_then_copied(cfg, tokenizer, values):
+        model = build_model(cfg, tokenizer, pretrained=False)
+        model.load_state_dict(values, strict=False)
+        return model
+
+    folder_mod.build_unfilled = drawn_then_copied
     import torch
 
     import capfilt.model.convert.transformers_io as transformers_io
