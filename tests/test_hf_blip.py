@@ -27,7 +27,7 @@ from capfilt.model.convert.fill import BLIP_PROMPT
 from capfilt.model.convert.transformers_io import med_to_hf, write_transformers_folder
 from capfilt.model.folder import META
 from capfilt.model.generate import generate_captions
-from capfilt.model.med import set_vision_layer_norm_eps
+from capfilt.model.med import is_training_state, set_vision_layer_norm_eps
 from capfilt.pipeline.filter import score_pairs
 from capfilt.runs.convert import convert
 from capfilt.runs.resolve import load_stage_model
@@ -230,12 +230,14 @@ LACKING = {
 def test_an_import_initialises_what_the_checkpoint_lacks_the_same_every_time(hf_models, kind):
     """The imported model is built unfilled: whatever the checkpoint lacks (heads, momentum
     copies, queues) must be set all the same, and from a fixed seed, not from torch's state."""
+    from capfilt.model.convert.transformers_io import import_transformers
+
     _, folder = hf_models[kind]
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         state = torch.random.get_rng_state()
-        model, _, _, meta, _ = load_stage_model(folder, torch.device("cpu"))
+        model, _, _, meta = import_transformers(folder)
         assert torch.equal(torch.random.get_rng_state(), state)
         assert meta["extra"]["imported"]["initialised"] == LACKING[kind]
         models.append(model.state_dict())
@@ -258,6 +260,10 @@ def test_an_import_initialises_what_the_checkpoint_lacks_the_same_every_time(hf_
         assert (first["text_decoder.cls.predictions.transform.LayerNorm.weight"] == 1).all()
         assert first["text_decoder.cls.predictions.transform.dense.weight"].std() > 0
     assert first["queue_ptr"].item() == 0 and (first["idx_queue"] == -1).all()
+    # a stage's model is the same without its training state
+    staged, *_ = load_stage_model(folder, torch.device("cpu"))
+    assert staged.state_dict().keys() == {k for k in first if not is_training_state(k)}
+    assert all(torch.equal(v, first[k]) for k, v in staged.state_dict().items())
 
 
 def _hf_state(model):

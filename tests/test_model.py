@@ -796,6 +796,28 @@ def test_a_model_loaded_on_a_cpu_keeps_its_weights_when_the_file_is_rewritten_in
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_model_loaded_for_inference_leaves_its_training_state_behind(tok, tmp_path):
+    """A stage's model has no momentum copies and no queues (nothing for its device to hold),
+    and computes what the whole model computes."""
+    from capfilt.model.med import is_training_state
+
+    model = make_model(tok)
+    save_model_folder(tmp_path / "m", model, tok, model.cfg, stage="pretrain")
+    whole, *_ = load_model_folder(tmp_path / "m")
+    lean, *_ = load_model_folder(tmp_path / "m", inference=True)
+    sd, lean_sd = whole.state_dict(), lean.state_dict()
+    assert lean_sd.keys() == {k for k in sd if not is_training_state(k)}
+    assert all(torch.equal(v, sd[k]) for k, v in lean_sd.items())
+    assert lean.visual_encoder_m is None and lean.image_queue is None
+    size = sum(p.numel() for p in lean.parameters())
+    assert size < 0.75 * sum(p.numel() for p in whole.parameters())
+    images, ids, mask = batch(tok)
+    with torch.no_grad():
+        a, b = whole.encode_image(images), lean.encode_image(images)
+        for fn in ("itm_logits", "lm_logits"):
+            assert torch.equal(getattr(whole, fn)(a, ids, mask), getattr(lean, fn)(b, ids, mask))
+
+
 def test_a_model_that_cannot_be_built_on_the_meta_device_still_loads(tok, tmp_path, monkeypatch):
     """Loading builds the model without drawing random weights (on the meta device); a library
     that reads a tensor's value while building cannot: the model is then built as usual."""

@@ -25,7 +25,13 @@ from transformers import PreTrainedTokenizerBase
 import capfilt
 from capfilt.config import ModelConfig, from_dict, to_dict
 from capfilt.model.build import build_unfilled
-from capfilt.model.med import MED, count_parameters, set_vision_layer_norm_eps
+from capfilt.model.med import (
+    MED,
+    QUEUES,
+    count_parameters,
+    is_training_state,
+    set_vision_layer_norm_eps,
+)
 from capfilt.model.tokenizer import load_tokenizer, special_ids
 from capfilt.utils.files import atomic_write_bytes, atomic_write_json
 
@@ -41,22 +47,6 @@ META = "capfilt.json"
 
 EXTRA_EPS = "vision_layer_norm_eps"
 """``extra`` key of the meta: the ViT LayerNorm eps of an imported checkpoint, re-applied on load."""
-
-QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
-"""The MED's ITC queue buffers."""
-
-MOMENTUM_PREFIXES = (
-    "visual_encoder_m.",
-    "text_encoder_m.",
-    "vision_proj_m.",
-    "text_proj_m.",
-    *QUEUES,
-)
-"""Training-only state (momentum copies and queues); optional in a folder."""
-
-
-def _is_momentum(name: str) -> bool:
-    return name.startswith(MOMENTUM_PREFIXES)
 
 
 def unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -107,8 +97,8 @@ def save_model_folder(
 
     tensors, aliases = unique_state_dict(model)
     if not include_momentum:
-        tensors = {k: v for k, v in tensors.items() if not _is_momentum(k)}
-        aliases = {k: v for k, v in aliases.items() if not _is_momentum(k)}
+        tensors = {k: v for k, v in tensors.items() if not is_training_state(k)}
+        aliases = {k: v for k, v in aliases.items() if not is_training_state(k)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     blob = safetensors_save(
         tensors, metadata={"format": "pt", "capfilt_aliases": json.dumps(aliases, sort_keys=True)}
@@ -161,13 +151,15 @@ def apply_folder_settings(model: MED, meta: dict[str, Any]) -> None:
 
 
 def load_model_folder(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", inference: bool = False
 ) -> tuple[MED, PreTrainedTokenizerBase, ModelConfig, dict[str, Any]]:
     """Load (model, tokenizer, cfg, meta) from a folder written by :func:`save_model_folder`.
 
     The model is rebuilt from the saved config (no checkpoint initialisation, no random one), its
     ties made by construction, and given the safetensors file's tensors
     (:func:`~capfilt.model.build.build_unfilled`); returned in eval mode on ``device``.
+    ``inference``: for a model that will only infer, without its training state
+    (:meth:`MED.drop_training_state`), which then never goes to the device.
 
     The file's tensors are read through a mapping of the file. On an accelerator they are copied
     from there to the device, and no second copy is made in host memory (a BLIP-base folder: 1.9
@@ -182,6 +174,8 @@ def load_model_folder(
     tokenizer = load_tokenizer(str(path))
     with safe_open(str(path / WEIGHTS), framework="pt", device="cpu") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if inference:  # neither copied nor carried to the device
+        tensors = {k: v for k, v in tensors.items() if not is_training_state(k)}
     if device.type == "cpu":
         tensors = {k: v.clone() for k, v in tensors.items()}
     try:
@@ -195,13 +189,15 @@ def load_model_folder(
     expected = set(model.state_dict())
     unexpected = sorted(set(tensors) - expected)
     missing = [k for k in sorted(expected - set(tensors)) if fresh_aliases.get(k) not in tensors]
-    momentum_missing = [k for k in missing if _is_momentum(k)]
-    missing = [k for k in missing if not _is_momentum(k)]
+    momentum_missing = [k for k in missing if is_training_state(k)]
+    missing = [k for k in missing if not is_training_state(k)]
     if unexpected or missing:
         raise ValueError(
             f"{path / WEIGHTS} does not match the model config: missing {missing[:6]}, unexpected {unexpected[:6]}"
         )
-    if momentum_missing:  # an inference folder: momentum copies and queues as in a new model
+    if inference:
+        model.drop_training_state()
+    elif momentum_missing:  # an inference folder: momentum copies and queues as in a new model
         model.copy_params()
         if set(momentum_missing) & set(QUEUES):
             model.reset_queues()

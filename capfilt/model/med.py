@@ -41,6 +41,18 @@ MAX_POSITIONS = 512
 TEMP_RANGE = (0.001, 0.5)
 """Clamp range of the learnable ITC temperature (docs/architecture.md §1, heads)."""
 
+MOMENTUM_MODULES = ("visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m")
+"""The momentum copies (ITC's momentum distillation): training state only."""
+
+QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+"""The ITC queue buffers: training state only."""
+
+
+def is_training_state(name: str) -> bool:
+    """Whether a state-dict name is training state: of a momentum copy or a queue."""
+    return name in QUEUES or name.split(".", 1)[0] in MOMENTUM_MODULES
+
+
 SHARED_LAYER_PARTS = ("crossattention", "intermediate", "output")
 """Per-layer submodules the decoder takes from the encoder; only ``attention`` (self-attention) is its own."""
 
@@ -139,6 +151,14 @@ class MED(nn.Module):
         self.text_queue.copy_(F.normalize(torch.randn_like(self.text_queue), dim=0))
         self.idx_queue.fill_(-1)
         self.queue_ptr.zero_()
+
+    def drop_training_state(self) -> None:
+        """Free what only training uses, the momentum copies and the ITC queues, from a model that
+        will only infer (a stage's: caption, filter, eval): at BLIP-base 0.9 of its 1.8 GB, which
+        it would otherwise carry to its device. The model cannot be trained or saved afterwards
+        (its state dict lacks them)."""
+        for name in (*MOMENTUM_MODULES, *QUEUES):
+            setattr(self, name, None)
 
     def _initial_temp(self) -> torch.Tensor:
         return torch.tensor(float(self.cfg.temp)).clamp(*TEMP_RANGE)

@@ -159,15 +159,17 @@ def _load_stage_folder(source: ModelSource, folder: Path, device: torch.device):
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        model.drop_training_state()
         return model.to(device).eval(), tokenizer, cfg, meta, folder
-    model, tokenizer, cfg, meta = load_model_folder(folder, device=device)
-    model.eval()
+    model, tokenizer, cfg, meta = load_model_folder(folder, device=device, inference=True)
     return model, tokenizer, cfg, meta, folder
 
 
 def load_stage_model(path: str | Path, device: torch.device):
     """(model, tokenizer, model_cfg, meta, folder) from a model folder, a run folder, or a
-    transformers BLIP captioner/filter (folder, or hub id when online; converted on the fly)."""
+    transformers BLIP captioner/filter (folder, or hub id when online; converted on the fly).
+    The model is for inference, in eval mode and without its training state (momentum copies and
+    queues: :meth:`~capfilt.model.med.MED.drop_training_state`)."""
     source = find_model(path)
     return _load_stage_folder(source, _stage_folder(source), device)
 

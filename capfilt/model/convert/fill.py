@@ -12,9 +12,9 @@ import torch
 from capfilt.config.schema import ModelConfig
 from capfilt.data.transforms import preprocess_spec
 from capfilt.model.build import build_unfilled
-from capfilt.model.convert.keymaps import MOMENTUM_MODULES, QUEUES, partner_key
+from capfilt.model.convert.keymaps import partner_key
 from capfilt.model.folder import EXTRA_EPS, FORMAT_VERSION
-from capfilt.model.med import MED, set_vision_layer_norm_eps
+from capfilt.model.med import MED, QUEUES, is_training_state, set_vision_layer_norm_eps
 from capfilt.model.tokenizer import special_ids
 
 BLIP_PROMPT = "a picture of "
@@ -86,7 +86,7 @@ def fill_med(model: MED, values: dict[str, torch.Tensor]) -> dict[str, list[str]
                 filled.append(key)
     plan.update(values)  # the source's own tensors last: they win over any fill of a shared tensor
     written = {_storage_key(sd[key]) for key in plan}
-    online = {k: v for k, v in sd.items() if not k.startswith(MOMENTUM_MODULES) and k not in QUEUES}
+    online = {k: v for k, v in sd.items() if not is_training_state(k)}
     initialised = sorted(k for k, v in online.items() if _storage_key(v) not in written)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
@@ -102,7 +102,7 @@ def fill_med(model: MED, values: dict[str, torch.Tensor]) -> dict[str, list[str]
     for key, value in plan.items():
         sd[key].copy_(value.to(sd[key].dtype))
 
-    momentum_keys = [k for k in sd if k.startswith(MOMENTUM_MODULES)]
+    momentum_keys = [k for k in sd if is_training_state(k) and k not in QUEUES]
     has_momentum = bool(momentum_keys) and all(k in values for k in momentum_keys)
     if not has_momentum:
         model.copy_params()

@@ -8,6 +8,8 @@ import re
 
 import torch
 
+from capfilt.model.med import is_training_state
+
 KINDS = ("captioner", "filter")
 """What a transformers BLIP checkpoint holds: a captioner (LM) or a filter (ITC + ITM)."""
 ARCHITECTURES = {"captioner": "BlipForConditionalGeneration", "filter": "BlipForImageTextRetrieval"}
@@ -27,8 +29,6 @@ VISION_KEYS = (
     ("norm.{p}", "post_layernorm.{p}"),
 )
 
-MOMENTUM_MODULES = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.")
-QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
 HEADS = ("vision_proj.", "text_proj.", "itm_head.")
 
 
@@ -90,7 +90,7 @@ def blip_state_dict_to_med(
             key = "queue_ptr"
         if key.startswith("text_encoder_m.") and ".crossattention." in key:
             continue  # BLIP's momentum text encoder has unused cross-attention; capfilt's has none
-        if key.startswith(MOMENTUM_MODULES) or key in QUEUES:
+        if is_training_state(key):
             if not momentum:
                 continue
         elif kind == "captioner" and key.startswith(("text_encoder.", *HEADS)):
