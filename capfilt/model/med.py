@@ -154,7 +154,7 @@ class MED(nn.Module):
 
     def drop_training_state(self) -> None:
         """Free what only training uses, the momentum copies and the ITC queues, from a model that
-        will only infer (a stage's: caption, filter, eval): at BLIP-base 0.9 of its 1.8 GB, which
+        will only infer (a stage's: caption, filter, eval): at BLIP-base 0.9 of its 1.9 GB, which
         it would otherwise carry to its device. The model cannot be trained or saved afterwards
         (its state dict lacks them)."""
         for name in (*MOMENTUM_MODULES, *QUEUES):
