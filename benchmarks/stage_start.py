@@ -7,13 +7,16 @@ stages start now against as they started before (the baseline).
     python benchmarks/stage_start.py --format transformers --stage caption   # BLIP's hub layout
 
 Before its first batch a stage loads its model, names it by a hash of its weights, and starts
-its loader's workers. Three things changed:
+its loader's workers. Four things changed:
 
 - the model is built without drawing random initial weights, which the weights file then
   overwrites (``load_model_folder``: built on the meta device, then given memory); with
   ``--format transformers`` the model is a transformers BLIP folder (a hub checkpoint's layout,
   converted at every start), and the change is the same in its import: only the few heads the
   checkpoint lacks are initialised (``fill_med``), no longer the whole model;
+- the model leaves its training state (momentum copies, queues) behind
+  (``load_model_folder(inference=True)``, ``MED.drop_training_state``): neither copied nor
+  carried to the device;
 - the weights are hashed (``model_fingerprint``) on a thread while they load
   (``load_identified_model``), not after;
 - the fork server that the loader workers are forked from, which first imports torch,
@@ -23,7 +26,7 @@ its loader's workers. Three things changed:
 Each run is a fresh Python process (a process starts its fork server once) that calls the
 stage's library function (``filter_shards`` or ``caption_shards``) on coco-mini's photos and
 stops at its first batch; the two ways alternate, ``--repeats`` runs each. The baseline patches
-all three back. With ``--command`` each run is the whole ``capfilt STAGE`` command instead (the
+all four back. With ``--command`` each run is the whole ``capfilt STAGE`` command instead (the
 demo recipe's settings), timed from the process's start to its exit: the command starts the fork
 server before it imports torch and the stage, so that the server's imports also run beside its
 own.
@@ -121,15 +124,22 @@ def patch_back(stage_name: str):
     """Make the stage start as it did before (the baseline) and return its module: no fork server
     until its loader starts (the command's and the stage's calls do nothing), random weights
     drawn when the model is built for loading (or for a transformers folder's import: every
-    tensor, from the import's seed), the weights hashed after the loading."""
+    tensor, from the import's seed), its training state kept, the weights hashed after the
+    loading."""
     import importlib
 
     import capfilt.data.workers as workers_mod
 
     workers_mod.start_worker_server = lambda num_workers: None
     import capfilt.model.folder as folder_mod
-    from capfilt.model import build_model
+    import capfilt.runs.resolve as resolve_mod
+    from capfilt.model import MED, build_model
     from capfilt.runs.resolve import load_stage_model, model_fingerprint
+
+    MED.drop_training_state = lambda self: None
+    resolve_mod.load_model_folder = lambda folder, device, inference=False: (
+        folder_mod.load_model_folder(folder, device)
+    )
 
     stage = importlib.import_module(f"capfilt.pipeline.{stage_name}")
 
@@ -275,8 +285,9 @@ def main() -> None:
     print(
         f"{args.stage} stage, {args.size} model ({args.format} folder), {args.workers} loader workers, batch {args.batch}, "
         f"{n} photos; {args.repeats} runs per way, alternating; seconds from the stage's call\n"
-        "  now: no random weights drawn, weights hashed on a thread and the fork server started "
-        "while the model loads; before: random weights drawn, then overwritten, weights hashed "
+        "  now: no random weights drawn, no training state, weights hashed on a thread and the fork "
+        "server started while the model loads; before: random weights drawn, then overwritten, "
+        "the training state kept, weights hashed "
         "after the loading, fork server started by the loader"
     )
     medians = {}
