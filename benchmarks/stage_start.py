@@ -134,12 +134,34 @@ def patch_back(stage_name: str):
     import capfilt.model.folder as folder_mod
     import capfilt.runs.resolve as resolve_mod
     from capfilt.model import MED, build_model
+    from capfilt.model.med import is_training_state
     from capfilt.runs.resolve import load_stage_model, model_fingerprint
 
     MED.drop_training_state = lambda self: None
-    resolve_mod.load_model_folder = lambda folder, device, inference=False: (
-        folder_mod.load_model_folder(folder, device)
-    )
+
+    def load_as_before(folder, device, inference=False):
+        """The model folder loader before: random weights, then the file's tensors copied in."""
+        import json
+
+        from safetensors import safe_open
+
+        from capfilt.config import ModelConfig, from_dict
+        from capfilt.model import load_tokenizer
+
+        meta = folder_mod.read_meta(folder)
+        cfg = from_dict(ModelConfig, json.loads((folder / folder_mod.CONFIG).read_text()))
+        tokenizer = load_tokenizer(str(folder))
+        model = build_model(cfg, tokenizer, pretrained=False)
+        folder_mod.apply_folder_settings(model, meta)
+        with safe_open(str(folder / folder_mod.WEIGHTS), framework="pt", device="cpu") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        model.load_state_dict(tensors, strict=False)
+        if any(k not in tensors for k in model.state_dict() if is_training_state(k)):
+            model.copy_params()
+            model.reset_queues()
+        return model.to(device).eval(), tokenizer, cfg, meta
+
+    resolve_mod.load_model_folder = load_as_before
 
     stage = importlib.import_module(f"capfilt.pipeline.{stage_name}")
 
@@ -151,12 +173,6 @@ def patch_back(stage_name: str):
     stage.start_worker_server = workers_mod.start_worker_server
     stage.load_identified_model = load_then_hash
 
-    def drawn_then_copied(cfg, tokenizer, values):
-        model = build_model(cfg, tokenizer, pretrained=False)
-        model.load_state_dict(values, strict=False)
-        return model
-
-    folder_mod.build_unfilled = drawn_then_copied
     import torch
 
     import capfilt.model.convert.transformers_io as transformers_io
