@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from capfilt.config.schema import ModelConfig
-from capfilt.model.med import MED
+from capfilt.model.med import MED, tensor_names
 from capfilt.model.tokenizer import special_ids
 
 
@@ -65,25 +65,18 @@ def build_unfilled(
         except RuntimeError as exc:
             raise ValueError(str(exc)) from exc
         return model
-    names: dict[int, list[str]] = {}
-    tensors: dict[int, torch.Tensor] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        for attr, tensor in own:
-            names.setdefault(id(tensor), []).append(f"{module_name}.{attr}".lstrip("."))
-            tensors[id(tensor)] = tensor
-    for key, empty in tensors.items():
-        given = next((values[n] for n in names[key] if n in values), None)
+    for empty, names in tensor_names(model):
+        given = next((values[n] for n in names if n in values), None)
         if given is None:
             given = torch.empty_like(empty, device="cpu")
         elif given.shape != empty.shape:
             raise ValueError(
-                f"{names[key][0]}: {tuple(given.shape)} in the weights, {tuple(empty.shape)} in the model"
+                f"{names[0]}: {tuple(given.shape)} in the weights, {tuple(empty.shape)} in the model"
             )
         given = given.to(empty.dtype)
         if isinstance(empty, nn.Parameter):
             given = nn.Parameter(given, requires_grad=empty.requires_grad)
-        for name in names[key]:
+        for name in names:
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, given)
     return model

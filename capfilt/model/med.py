@@ -53,6 +53,20 @@ def is_training_state(name: str) -> bool:
     return name in QUEUES or name.split(".", 1)[0] in MOMENTUM_MODULES
 
 
+def tensor_names(module: nn.Module) -> list[tuple[torch.Tensor, list[str]]]:
+    """Each parameter and buffer of ``module`` once, with every name it has (a tied tensor has
+    several), in module order: parents first, so a tensor's last name is its innermost holder's.
+    By identity, not storage: it works on the meta device, where nothing has storage yet."""
+    found: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for module_name, sub in module.named_modules(remove_duplicate=False):
+        own = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+        for attr, tensor in own:
+            found.setdefault(id(tensor), (tensor, []))[1].append(
+                f"{module_name}.{attr}".lstrip(".")
+            )
+    return list(found.values())
+
+
 SHARED_LAYER_PARTS = ("crossattention", "intermediate", "output")
 """Per-layer submodules the decoder takes from the encoder; only ``attention`` (self-attention) is its own."""
 
@@ -173,20 +187,17 @@ class MED(nn.Module):
         which a checkpoint holds all but these: the heads an imported captioner or filter lacks.
         The text stack gets BERT's init, the ITC/ITM heads a new ``nn.Linear``'s, ``temp`` the
         config's; with ``weight_init: fan_in`` the weights are then re-drawn as in
-        :meth:`init_fan_in`. Raises ValueError for a part without such a rule (the ViTs:
-        timm initialises a ViT as a whole) or an unknown name.
+        :meth:`init_fan_in`. Raises ValueError for a part without such a rule (the ViT: timm
+        initialises a ViT as a whole; the momentum copies: :meth:`copy_params` sets them) or an
+        unknown name.
         """
         names = sorted(set(names))
         known = dict(self.named_parameters(remove_duplicate=False))
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"not parameters of the model: {unknown[:6]}")
-        # tensor -> a module holding it as its own, the innermost (modules come parents first;
-        # the LM bias is held by `predictions` and by its `decoder`)
-        holder: dict[int, str] = {}
-        for module_name, module in self.named_modules(remove_duplicate=False):
-            for param in module.parameters(recurse=False):
-                holder[id(param)] = module_name
+        # tensor -> the innermost module holding it (the LM bias: `predictions`' `decoder`)
+        holder = {id(t): names[-1].rpartition(".")[0] for t, names in tensor_names(self)}
         modules: dict[str, nn.Module] = {}
         for name in names:
             if name == "temp":
@@ -194,11 +205,10 @@ class MED(nn.Module):
                 continue
             module_name = holder[id(known[name])]
             modules.setdefault(module_name, self.get_submodule(module_name))
-        heads = ("vision_proj", "text_proj", "itm_head", "vision_proj_m", "text_proj_m")
         for module_name, module in sorted(modules.items()):
-            if module_name.split(".")[0] in ("text_encoder", "text_decoder", "text_encoder_m"):
+            if module_name.split(".")[0] in ("text_encoder", "text_decoder"):
                 init_bert(module)
-            elif module_name in heads:
+            elif module_name in ("vision_proj", "text_proj", "itm_head"):
                 module.reset_parameters()
             else:
                 raise ValueError(f"{module_name} has no initialisation of its own")
