@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.text import Text
 
-from capfilt.config import ConfigError, Recipe, dump_yaml, load_recipe
+from capfilt.config import ConfigError, Recipe, dump_yaml, load_recipe, shipped_recipe_names
 from capfilt.data.shards import ShardSpecError
 from capfilt.data.stage import StageError
 from capfilt.utils.lock import FolderInUseError
@@ -54,7 +54,8 @@ DryRunOption = Annotated[
 RecipeArgument = Annotated[
     str,
     typer.Argument(
-        help="Recipe: a YAML path or a shipped name (tiny, demo, blip-base).", show_default=True
+        help=f"Recipe: a YAML path or a shipped name ({', '.join(shipped_recipe_names())}).",
+        show_default=True,
     ),
 ]
 

@@ -31,19 +31,25 @@ from capfilt.config.schema import (
     recipe_identity,
 )
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-"""Shipped recipes (the repository's ``recipes/``; present in a source checkout / editable install)."""
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+"""Shipped recipes: ``capfilt/recipes/``, package data, so a wheel (``pip install .`` or from git,
+as on a cluster) has them as well as a source checkout."""
+
+
+def shipped_recipe_names() -> list[str]:
+    """Names of the shipped recipes (``tiny``, ``demo``, ...), sorted."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
 
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
-    """A recipe is a YAML path or the name of a shipped recipe (``tiny``, ``demo``, ``blip-base``)."""
+    """A recipe is a YAML path or the name of a shipped recipe (:func:`shipped_recipe_names`)."""
     path = Path(recipe)
     if path.is_file():
         return path
     shipped = RECIPES_DIR / f"{recipe}.yaml"
     if shipped.is_file():
         return shipped
-    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    names = shipped_recipe_names()
     raise ConfigError(
         f"recipe not found: '{recipe}' (a YAML path, or one of: {', '.join(names) or 'none shipped'})"
     )
@@ -120,5 +126,6 @@ __all__ = [
     "load_yaml",
     "recipe_identity",
     "resolve_recipe_path",
+    "shipped_recipe_names",
     "to_dict",
 ]

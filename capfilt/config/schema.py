@@ -1,6 +1,6 @@
 """The recipe schema: one typed dataclass per section, a docstring per field.
 
-A recipe (``recipes/*.yaml``) is a mapping with the sections below; any section or field left
+A recipe (``capfilt/recipes/*.yaml``) is a mapping with the sections below; any section or field left
 out takes the default written here. ``capfilt config explain`` prints this schema.
 
 Each section's ``validate()`` checks its ranges when the recipe loads, so that a value no stage
@@ -149,7 +149,7 @@ class ModelConfig:
     """ITC text feature from the unimodal text encoder's ``cls`` token (BLIP) or the ``mean`` of its
     token states over the text ([CLS] and [SEP] included, padding not). From scratch in a few hundred
     steps, ``mean`` gives the contrastive loss every word at once instead of what attention has learnt
-    to gather into [CLS] (recipes/demo.yaml)."""
+    to gather into [CLS] (capfilt/recipes/demo.yaml)."""
     vision_stem: list[int] = field(default_factory=list)
     """Channels of a convolutional stem in place of the ViT's linear patch embedding: per entry one
     3x3 stride-2 convolution + BatchNorm + ReLU, then a 1x1 convolution to ``vision_width``, so
@@ -304,7 +304,7 @@ class TrainConfig:
     ``mixed`` (even rows of the global batch hard, odd rows random). Where a caption is often true
     of many images (the demo's world), hard negatives are often true of their image too and an ITM
     trained on them alone rejects clean texts; ``random`` rarely draws such, ``mixed`` keeps half of
-    BLIP's (recipes/demo.yaml)."""
+    BLIP's (capfilt/recipes/demo.yaml)."""
     compile: bool = False
     """Run the training step through ``torch.compile`` (inductor). Pays a compile of tens of
     seconds to minutes at start-up for faster steps on GPU; the saved weights are the same model's."""

@@ -1,6 +1,6 @@
 """``capfilt demo``: the whole CapFilt loop on the built-in benchmark, baseline vs CapFilt.
 
-    capfilt demo --out demo-out                 # recipes/demo.yaml, ~10 min on 2 CPU cores
+    capfilt demo --out demo-out                 # capfilt/recipes/demo.yaml, ~10 min on 2 CPU cores
     capfilt demo tiny --out /tmp/d              # seconds, for a smoke test
 
 The demo is the ``synth`` stage (built-in benchmark → data/{human,web,test}) followed by
