@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import inspect
 import os
 import signal
 import subprocess
@@ -36,6 +37,18 @@ def test_help_lists_every_stage():
     ):
         text = capfilt(group, "--help", check=True).stdout
         assert all(sub in text for sub in subs), text
+
+
+def test_the_list_of_commands_gives_each_summary_unbroken():
+    from capfilt.cli.main import app
+
+    # wide enough that rich wraps nothing: a summary split over two lines came from its docstring
+    listing = capfilt("--help", check=True, env={**os.environ, "COLUMNS": "400"}).stdout
+    for command in app.registered_commands:
+        first = inspect.cleandoc(command.callback.__doc__).split("\n\n")[0]
+        assert " ".join(first.split()) in listing, command.name
+    stages = capfilt("caption", "--help", check=True, env={**os.environ, "COLUMNS": "400"}).stdout
+    assert "shipped name (blip-base, demo, real-cpu, tiny)" in stages
 
 
 def test_dry_run_prints_the_resolved_recipe(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import typer
@@ -32,17 +33,26 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
+
+
+def _command(name: str, fn) -> None:
+    """Register ``fn`` as ``capfilt NAME``, listed by its docstring's first paragraph on one line
+    (typer's rich mode would keep the docstring's line breaks in the list of commands)."""
+    summary = " ".join(inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0].split())
+    app.command(name, short_help=summary)(fn)
+
+
 app.add_typer(data_cmds.app, name="data")
-app.command("demo")(demo_cmds.demo)
-app.command("bootstrap")(bootstrap_cmds.bootstrap)
-app.command("pretrain")(train_cmds.pretrain)
+_command("demo", demo_cmds.demo)
+_command("bootstrap", bootstrap_cmds.bootstrap)
+_command("pretrain", train_cmds.pretrain)
 app.add_typer(train_cmds.finetune_app, name="finetune")
-app.command("caption")(pipeline_cmds.caption)
-app.command("filter")(pipeline_cmds.filter_)
+_command("caption", pipeline_cmds.caption)
+_command("filter", pipeline_cmds.filter_)
 app.add_typer(config_cmds.app, name="config")
 app.add_typer(eval_cmds.app, name="eval")
-app.command("report")(report_cmds.report)
-app.command("convert")(convert_cmds.convert)
+_command("report", report_cmds.report)
+_command("convert", convert_cmds.convert)
 
 
 def _version(value: bool) -> None:
