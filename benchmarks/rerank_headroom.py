@@ -20,7 +20,8 @@ tables) is printed for each:
 
 It also prints how often ITC's first text for an image is false of it, and how often it is true
 but another image's caption (which no judge of truth can rank apart from the right one). The
-scores agree with ``capfilt eval retrieval`` (same features, same candidates, same ITM).
+scores agree with ``capfilt eval retrieval`` (same features, same candidates, same ITM, on the
+same device).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from capfilt.data.shards import expand_shards
 from capfilt.data.synth.truth import caption_is_true
 from capfilt.eval.retrieval import compute_features, itm_pair_logits, itm_score
 from capfilt.runs.resolve import load_stage_model
+from capfilt.utils.device import default_device
 
 SCHEMES = ("itc", "blip", "log_odds", "log_prob", "itm", "truth")
 
@@ -75,10 +77,11 @@ def _is_right(direction: str, txt2img: torch.Tensor, picked: torch.Tensor) -> to
 def score_model(
     model_dir: str, test: Path, scenes: dict[str, dict], k: int, max_words: int | None
 ) -> dict[str, float]:
-    model, tokenizer, _, meta, _ = load_stage_model(model_dir, torch.device("cpu"))
-    feats = compute_features(
-        model, tokenizer, str(test), 128, max_words, torch.device("cpu"), meta=meta
-    )
+    # the device and precision `capfilt eval retrieval` uses (a GPU's bf16 can pick another
+    # first candidate than the CPU's fp32); features and ITM logits come back to the CPU
+    device = default_device()
+    model, tokenizer, _, meta, _ = load_stage_model(model_dir, device)
+    feats = compute_features(model, tokenizer, str(test), 128, max_words, device, meta=meta)
     scene_of = [scenes[key] for key in feats.image_keys]
     cos = feats.image_feat @ feats.text_feat.t()  # [images, texts]
     temp = float(model.temp.detach())

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import subprocess_env
+
 STAGES = ("data", "pretrain", "finetune", "caption", "filter", "eval", "demo", "report", "config")
 
 
 def capfilt(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("env", subprocess_env())  # this checkout importable from any cwd
     proc = subprocess.run(
         [sys.executable, "-m", "capfilt", *args], capture_output=True, text=True, **kw
     )
@@ -43,11 +46,11 @@ def test_the_list_of_commands_gives_each_summary_unbroken():
     from capfilt.cli.main import app
 
     # wide enough that rich wraps nothing: a summary split over two lines came from its docstring
-    listing = capfilt("--help", check=True, env={**os.environ, "COLUMNS": "400"}).stdout
+    listing = capfilt("--help", check=True, env=subprocess_env(COLUMNS="400")).stdout
     for command in app.registered_commands:
         first = inspect.cleandoc(command.callback.__doc__).split("\n\n")[0]
         assert " ".join(first.split()) in listing, command.name
-    stages = capfilt("caption", "--help", check=True, env={**os.environ, "COLUMNS": "400"}).stdout
+    stages = capfilt("caption", "--help", check=True, env=subprocess_env(COLUMNS="400")).stdout
     assert "shipped name (blip-base, demo, real-cpu, tiny)" in stages
 
 
@@ -109,6 +112,7 @@ def test_synth_is_byte_identical_by_seed_and_resumes_after_a_kill(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env=subprocess_env(),
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(web_c.glob("*_stats.json"))) < 3:

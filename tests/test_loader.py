@@ -195,7 +195,11 @@ def test_remote_shards_benchmark_counts_one_fetch_per_shard():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "remote_shards.py"
     args = ["--shards", "2", "--images", "6", "--side", "32", "--rate", "50", "--repeats", "1"]
     done = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
     )
     assert done.returncode == 0, done.stderr
     lines = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines()}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import subprocess_env
 from tests.faults._cli import image_folder, no_traceback, run_cli
 
 
@@ -141,6 +142,7 @@ def test_the_console_script_prints_no_traceback_for_a_config_error(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=subprocess_env(),  # this checkout importable from tmp_path
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip() == "error: train.log_every: must be >= 1, got 0"
