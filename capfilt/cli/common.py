@@ -15,7 +15,7 @@ from rich.text import Text
 
 from capfilt.config import ConfigError, Recipe, dump_yaml, load_recipe, shipped_recipe_names
 from capfilt.data.shards import ShardSpecError
-from capfilt.data.stage import StageError
+from capfilt.data.stage import OutputFolderError, StageError
 from capfilt.utils.lock import FolderInUseError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -81,11 +81,12 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     """The exit code and one-line message for an exception that reached the command line.
 
     The one place that maps library errors to exit codes: a wrong recipe, option, path or input
-    file exits 2 (usage); a folder another job holds exits 2; a full disk exits 1 (free space and
+    file exits 2 (usage); a folder another job holds, or whose shards a stage's would mix with,
+    exits 2; a full disk exits 1 (free space and
     re-run: finished shards and checkpoints are kept); anything else exits 1 with its type and
     message (``--verbose`` prints the traceback).
     """
-    if isinstance(err, ConfigError | ShardSpecError | FolderInUseError):
+    if isinstance(err, ConfigError | ShardSpecError | FolderInUseError | OutputFolderError):
         return EXIT_USAGE, str(err)
     if isinstance(err, StageError):
         return EXIT_FAILURE, str(err)

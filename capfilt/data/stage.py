@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from capfilt.data.writer import ShardWriter, collect_stats, is_shard_done, shard_name, write_sizes
+from capfilt.data.shards import REMOTE_PREFIXES
+from capfilt.data.writer import (
+    ShardWriter,
+    collect_stats,
+    is_shard_done,
+    read_done_marker,
+    shard_name,
+    write_sizes,
+)
 from capfilt.utils.dist import DistInfo, barrier, current_dist_info
 from capfilt.utils.lock import locks_out_dir
 from capfilt.utils.logging import get_logger
@@ -38,6 +47,10 @@ way after doing its work, so the stage stops at the first one instead of trying 
 
 class StageError(RuntimeError):
     """A stage could not produce usable output (e.g. every input sample was bad)."""
+
+
+class OutputFolderError(ValueError):
+    """``--out`` holds shards this stage must not mix its own with or overwrite."""
 
 
 @dataclass
@@ -82,6 +95,75 @@ def _shard_hash(config_hash: str, identity: list[list] | None) -> str:
 def _names(files: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(str(f) for f in files[:limit])
     return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
+def _input_files(inputs: Sequence[str | Sequence[str]]) -> list[Path]:
+    files = []
+    for entry in inputs:
+        for path in [entry] if isinstance(entry, str | os.PathLike) else entry:
+            if not str(path).startswith(REMOTE_PREFIXES):
+                files.append(Path(path))
+    return files
+
+
+def check_output_folder(
+    out_dir: str | Path,
+    stage: str,
+    n_shards: int,
+    inputs: Sequence[str | Sequence[str]] | None = None,
+    prefix: str = "",
+) -> None:
+    """Refuse an output folder whose shards would end up mixed with, or overwritten by, this
+    stage's ``n_shards``: a folder readers take whole (``--shards DIR`` reads every tar in it).
+
+    Raises :class:`OutputFolderError` when the folder holds one of the stage's input files (it
+    would overwrite its input while reading it), shards another stage wrote (e.g. an import's,
+    where a caption stage was pointed), tars that capfilt did not write, or shards of this stage
+    numbered past this run's last (an earlier run over more input: they would be read with the
+    new ones). A folder holding this stage's own shards is fine: a re-run resumes, or redoes the
+    shards whose settings or input changed.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    where = out.resolve()
+    own_input = [f for f in _input_files(inputs or []) if f.resolve().parent == where]
+    if own_input:
+        raise OutputFolderError(
+            f"{out} holds this {stage} stage's input ({_names([f.name for f in own_input])}): "
+            "it would overwrite its input while reading it; write to another --out"
+        )
+    ours = re.compile(rf"{re.escape(prefix)}(\d{{8}})")
+    foreign, stale, others = [], [], {}
+    for tar in sorted(out.glob(f"{prefix}*.tar")):
+        name = tar.name.removesuffix(".tar")
+        match = ours.fullmatch(name)
+        if match is None:
+            foreign.append(tar.name)
+            continue
+        marker = read_done_marker(out, int(match.group(1)), prefix) or {}
+        if marker.get("stage", stage) != stage:
+            others.setdefault(marker["stage"], []).append(tar.name)
+        elif int(match.group(1)) >= n_shards:
+            stale.append(tar.name)
+    if others:
+        which = ", ".join(f"{len(names)} of stage '{s}'" for s, names in sorted(others.items()))
+        raise OutputFolderError(
+            f"{out} holds shards another stage wrote ({which}, e.g. "
+            f"{next(iter(others.values()))[0]}): this {stage} stage would overwrite or mix with "
+            "them; write to another --out"
+        )
+    if foreign:
+        raise OutputFolderError(
+            f"{out} holds tars capfilt did not write ({_names(foreign)}): a folder of shards is "
+            f"read whole, so this {stage} stage's would be read with them; write to another --out"
+        )
+    if stale:
+        raise OutputFolderError(
+            f"{out} holds {len(stale)} shard(s) of an earlier {stage} run past the {n_shards} this "
+            f"run writes ({_names(stale)}): they would be read with the new ones; remove them "
+            "(with their .parquet and _stats.json) or write to another --out"
+        )
 
 
 ProduceFn = Callable[[int, ShardWriter], dict[str, Any] | None]
@@ -216,9 +298,12 @@ def run_shard_stage(
     the stage adds "publishing" (waiting for the previous shard's commit), shows the shares in its
     progress and ends by saying which phase set the rate (:data:`RATE_SET_BY`, then
     ``timing_hints``).
-    Raises ``StageError`` when the input holds no sample at all or every sample was rejected.
+    Raises ``StageError`` when the input holds no sample at all or every sample was rejected,
+    :class:`OutputFolderError` (before writing anything) when ``out_dir`` holds shards that the
+    stage's would mix with (:func:`check_output_folder`).
     """
     out_dir = Path(out_dir)
+    check_output_folder(out_dir, stage, n_shards, inputs, prefix)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist = dist or current_dist_info()
     result = StageResult(out_dir)

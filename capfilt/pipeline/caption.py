@@ -20,7 +20,7 @@ from capfilt.data.loader import ShardImages, loader_hint
 from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
-from capfilt.data.stage import LOADER_START, StageResult, run_shard_stage
+from capfilt.data.stage import LOADER_START, StageResult, check_output_folder, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.workers import start_worker_server
 from capfilt.data.writer import ShardWriter
@@ -53,6 +53,7 @@ def caption_shards(
     dist = init_distributed()
     device = default_device()
     urls = expand_shards(shards)
+    check_output_folder(out_dir, "caption", len(urls), urls)  # before the model loads
     model, tokenizer, mcfg, meta, folder, captioner_id = load_identified_model(model_path, device)
     if meta.get("stage") not in ("captioner", "pretrain"):
         log.warning("model %s was made by stage '%s', not a captioner", folder, meta.get("stage"))

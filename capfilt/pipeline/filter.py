@@ -31,7 +31,7 @@ from capfilt.data.loader import ShardImages, loader_hint
 from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
-from capfilt.data.stage import LOADER_START, StageResult, run_shard_stage
+from capfilt.data.stage import LOADER_START, StageResult, check_output_folder, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.workers import start_worker_server
 from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, stats_path
@@ -238,6 +238,7 @@ def filter_shards(
     init_distributed()
     device = default_device()
     urls = expand_shards(shards)
+    check_output_folder(out_dir, "filter", len(urls), urls)  # before the model loads
     model, tokenizer, mcfg, meta, folder, filter_id = load_identified_model(model_path, device)
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(

@@ -29,7 +29,7 @@ from capfilt.data.synth.captions import describe, describe_distinct, noisy_text,
 from capfilt.data.synth.render import render_jpeg
 from capfilt.data.synth.world import Rng, sample_scene
 from capfilt.data.writer import ShardWriter, shard_name, stats_path
-from capfilt.utils.dist import current_dist_info
+from capfilt.utils.dist import barrier, current_dist_info
 from capfilt.utils.files import atomic_write_json
 from capfilt.utils.logging import get_logger
 
@@ -162,6 +162,7 @@ def write_synth(out_dir: str | Path, cfg: SynthConfig) -> dict[str, Any]:
         sizes = _shard_sizes(_split_size(cfg, split), cfg.shard_size)
         if dist.is_main:
             _remove_stale_shards(split_dir, len(sizes))
+        barrier()  # gone before any rank looks at the folder (run_shard_stage refuses stale shards)
         result = run_shard_stage(
             split_dir,
             len(sizes),
