@@ -224,6 +224,32 @@ def test_released_models_caption_and_filter_only(run_a, shards, tmp_path):
         ), tmp_path / "rel2")  # fmt: skip
 
 
+def test_a_mistyped_input_stops_the_run_before_its_first_stage(shards, tmp_path):
+    """Each input is looked for before anything is written: the corrected command then starts
+    afresh (no manifest naming the typo to be refused against)."""
+    from capfilt.data.shards import ShardSpecError
+
+    out = tmp_path / "run"
+    for option, bad in (("test", "tset"), ("human", "humna")):
+        inputs = _inputs(shards)
+        setattr(inputs, option, [str(shards / bad)])
+        with pytest.raises(ShardSpecError, match=f"--{option}: .*{bad}"):
+            run_bootstrap(load_recipe("tiny", FAST), inputs, out)
+        assert not out.exists()
+    released = BootstrapInputs(
+        web=[str(shards / "web")], captioner=str(tmp_path / "no-cap"), filter=str(tmp_path)
+    )
+    with pytest.raises(ValueError, match="--captioner: no capfilt model at .*no-cap"):
+        run_bootstrap(load_recipe("tiny", FAST), released, out)
+    assert not out.exists()
+    proc = subprocess.run(
+        _cli(*_args(shards, out)[:-2 * len(FAST)], "--test", str(shards / "tset")),
+        capture_output=True, text=True, env=ENV, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--test:" in proc.stderr and "tset" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, tmp_path):
     from capfilt.report import render_report
 

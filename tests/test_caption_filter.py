@@ -1085,6 +1085,33 @@ def test_a_shard_of_garbage_is_skipped_and_counted_by_every_stage(synth, models,
     assert json.loads((tmp_path / "re" / "summary.json").read_text())["texts"] == 2 * SHARD_SIZE
 
 
+def test_a_runs_closing_caption_evaluation_goes_on_without_pycocoevalcap(
+    models, synth, monkeypatch
+):
+    """Without the ``eval`` extra a bootstrap's evaluation keeps everything but BLEU/CIDEr/ROUGE-L
+    (and says so); ``capfilt eval caption``, which asks for the metrics, still needs them."""
+    from capfilt.eval import stage_eval
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored without pycocoevalcap")
+
+    monkeypatch.setattr(stage_eval, "caption_metrics_available", lambda: False)
+    monkeypatch.setattr(stage_eval, "score_captions", no_scoring)
+    cfg, test = load_recipe("tiny").caption, [str(synth / "test")]
+    result = stage_eval.evaluate_captioner(
+        models["captioner"], test, cfg, max_images=4, also=("greedy",), metrics_required=False
+    )
+    assert result["n_images"] > 0 and "cider" not in result and "bleu4" not in result
+    assert result["notes"] == [
+        "caption metrics need pycocoevalcap: pip install 'capfilt[eval]' "
+        "(BLEU, CIDEr-D and ROUGE-L are left out; the rest is evaluated)"
+    ]
+    assert result["truth_rate"] is not None  # the built-in benchmark's truth checks still ran
+    assert result["by_method"]["greedy"]["cider"] is None and result["examples"]
+    with pytest.raises(AssertionError, match="scored without"):
+        stage_eval.evaluate_captioner(models["captioner"], test, cfg, max_images=4)
+
+
 # ---------------------------------------------------------------- 4. resume after SIGKILL
 
 

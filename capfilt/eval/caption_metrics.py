@@ -32,6 +32,7 @@ Speed (2 CPU cores, 4,982 images x 5 references): tokenising ~2 s, BLEU+CIDEr+RO
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import shutil
@@ -58,6 +59,17 @@ _INSTALL_HINT = "caption metrics need pycocoevalcap: pip install 'capfilt[eval]'
 
 class CaptionMetricsError(RuntimeError):
     """A tokenizer or scorer could not run (and no fallback was allowed)."""
+
+
+def caption_metrics_available() -> bool:
+    """Whether pycocoevalcap (the ``eval`` extra) is installed: BLEU, CIDEr-D and ROUGE-L need it."""
+    return importlib.util.find_spec("pycocoevalcap") is not None
+
+
+CAPTION_METRICS_MISSING = (
+    f"{_INSTALL_HINT} (BLEU, CIDEr-D and ROUGE-L are left out; the rest is evaluated)"
+)
+"""What an evaluation that goes on without pycocoevalcap says, in the log and in its notes."""
 
 
 # ---------------------------------------------------------------------------------------------------

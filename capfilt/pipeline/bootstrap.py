@@ -49,6 +49,7 @@ from capfilt.config import (
     recipe_identity,
     to_dict,
 )
+from capfilt.eval.caption_metrics import CAPTION_METRICS_MISSING, caption_metrics_available
 from capfilt.utils.files import atomic_write_bytes, atomic_write_json
 from capfilt.utils.logging import get_logger
 from capfilt.utils.threads import use_threads
@@ -109,6 +110,26 @@ class BootstrapInputs:
         trains = not self.released or self.pretrain_after
         if trains and not self.human:
             raise ConfigError("--human: the human-annotated shards are needed to train")
+
+    def check_present(self) -> None:
+        """Every shard spec names shards and every released model is there (a hub id is looked
+        up when its stage runs), so that a mistyped path stops the run before its first stage
+        instead of at the stage that reads it, hours later, with the manifest already naming it."""
+        from capfilt.data.shards import ShardSpecError, expand_shards
+        from capfilt.runs.resolve import find_model
+
+        for option, specs in (("--human", self.human), ("--web", self.web), ("--test", self.test)):
+            try:
+                if specs:
+                    expand_shards(specs)
+            except ShardSpecError as err:
+                raise ShardSpecError(f"{option}: {err}") from None
+        for option, spec in (("--captioner", self.captioner), ("--filter", self.filter)):
+            try:
+                if spec is not None:
+                    find_model(spec)
+            except ConfigError as err:
+                raise ConfigError(f"{option}: {err}") from None
 
     def fingerprint(self, root: Path | None = None) -> dict[str, Any]:
         """The inputs as the manifest compares them: paths made absolute, rounds left out (a
@@ -437,7 +458,7 @@ def evaluate_run(
             with use_threads(recipe.runtime.threads):
                 # the recipe's decoder writes the data; the others are reported beside it
                 row["captioner"] = evaluate_captioner(
-                    captioner, test, recipe.caption, also=CAPTION_METHODS
+                    captioner, test, recipe.caption, also=CAPTION_METHODS, metrics_required=False
                 )
             atomic_write_json(ev / "captioner.json", row["captioner"])
         filtered = layout.filtered(r)
@@ -564,6 +585,8 @@ def run_bootstrap(
     ``round_extra`` adds per-round evaluations; ``summary_extra`` adds top-level summary keys.
     """
     inputs.validate()
+    if not pre_steps:  # a pre-step (the demo's synth) makes the inputs it names
+        inputs.check_present()
     layout = BootstrapLayout(Path(out))
     pre_steps, post_steps = list(pre_steps or []), list(post_steps or [])
     known = (
@@ -576,6 +599,8 @@ def run_bootstrap(
         _check_selection((restart_from,), "--restart-from", known)
     manifest = open_manifest(layout, recipe, inputs, restart_from)
     layout.stages.mkdir(exist_ok=True)
+    if inputs.test and not caption_metrics_available():  # said now, not after the training
+        log.warning("the closing evaluation: %s", CAPTION_METRICS_MISSING)
 
     evaluate = Step(
         "evaluate", "evaluate", 1, layout.eval(1), list(inputs.test),
