@@ -214,9 +214,12 @@ class Trainer:
 
     def _fit(self, threads: int) -> Path:
         job, cfg, data_cfg = self.job, self.cfg, self.recipe.data
-        # the shards are checked before the run folder exists, so a fixed command can be re-run
+        # the shards and the model to start from are checked before the run folder exists, so a
+        # fixed command can be re-run (a folder made with the typo would be refused as another run)
         sources = build_sources(job.shards, data_cfg.weights or None)
         check_sources(sources)
+        if job.init is not None:
+            resolve_model_dir(job.init)
         resumed = self._prepare_folder()
         log.info("%d intra-op threads, %d loader workers", threads, data_cfg.num_workers)
         global_batch = data_cfg.batch_size * self.dist.world_size
