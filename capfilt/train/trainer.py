@@ -220,9 +220,6 @@ class Trainer:
         check_sources(sources)
         if job.init is not None:
             resolve_model_dir(job.init)
-        resumed = self._prepare_folder()
-        log.info("%d intra-op threads, %d loader workers", threads, data_cfg.num_workers)
-        global_batch = data_cfg.batch_size * self.dist.world_size
         samples_per_epoch = cfg.samples_per_epoch
         if samples_per_epoch <= 0:
             from capfilt.data.shards import count_samples
@@ -233,6 +230,9 @@ class Trainer:
                     "train.samples_per_epoch: shard sizes unknown (no sizes.json); set it explicitly"
                 )
             samples_per_epoch = int(sum(known))  # type: ignore[arg-type]
+        resumed = self._prepare_folder()
+        log.info("%d intra-op threads, %d loader workers", threads, data_cfg.num_workers)
+        global_batch = data_cfg.batch_size * self.dist.world_size
         steps_per_epoch = max(1, samples_per_epoch // (global_batch * cfg.grad_accum))
         total_steps = cfg.epochs * steps_per_epoch
         ramp_steps = max(1, int(cfg.alpha_ramp_epochs * steps_per_epoch))

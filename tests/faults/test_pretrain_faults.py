@@ -42,7 +42,7 @@ def test_pretrain_on_a_source_without_usable_samples_exits_1_before_its_run_fold
     assert not (tmp_path / "run").exists()  # the fixed command is not refused as an existing run
 
 
-def test_a_finetune_from_a_mistyped_init_exits_2_before_its_run_folder(tmp_path):
+def test_a_mistyped_init_or_an_unknown_epoch_size_exits_2_before_the_run_folder(tmp_path):
     """The folder would hold the typo's config: the corrected command would be refused as
     another run ("already holds a run", then "a different stage or recipe")."""
     make_tar(tmp_path / "human" / "00000000.tar", good_members(8))
@@ -53,6 +53,13 @@ def test_a_finetune_from_a_mistyped_init_exits_2_before_its_run_folder(tmp_path)
     assert run.returncode == 2, run.stderr
     assert f"no capfilt model at {tmp_path / 'runs' / 'pre'}" in " ".join(run.stderr.split())
     assert not (tmp_path / "cap").exists()
+    # the same for an epoch size it cannot know (shards without sizes.json)
+    run = cli(
+        "pretrain", "tiny", "--shards", str(tmp_path / "human"), "--out", str(tmp_path / "pre"),
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "train.samples_per_epoch: shard sizes unknown" in run.stderr
+    assert not (tmp_path / "pre").exists()
 
 
 def test_stream_gives_up_on_a_hopeless_source_instead_of_hanging(tmp_path):
