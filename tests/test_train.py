@@ -154,6 +154,18 @@ def test_train_itm_negatives_reaches_the_sampler(synth_data, tmp_path, monkeypat
     assert modes == ["random", "random"]
 
 
+def test_a_warmup_longer_than_the_run_is_said_in_its_log(synth_data, tmp_path):
+    """A short run on few samples whose warm-up never ends trains at a fraction of its learning
+    rate: the run's log says so (and a run whose warm-up ends does not)."""
+    spe = "train.samples_per_epoch=32"  # 4 steps of 8
+    train(_job(synth_data, tmp_path / "long", spe, "train.warmup_steps=4", stop_after=1))
+    log_text = " ".join((tmp_path / "long" / "train.log").read_text().split())
+    assert "train.warmup_steps (4) is not below this run's 4 steps" in log_text
+    assert "never reaches train.lr (0.001)" in log_text
+    train(_job(synth_data, tmp_path / "short", spe, "train.warmup_steps=3", stop_after=1))
+    assert "warmup_steps" not in (tmp_path / "short" / "train.log").read_text()
+
+
 def test_a_checkpoint_restores_the_cuda_state_of_this_device_only(monkeypatch):
     from capfilt.train import checkpoint
 

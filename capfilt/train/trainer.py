@@ -236,6 +236,13 @@ class Trainer:
         steps_per_epoch = max(1, samples_per_epoch // (global_batch * cfg.grad_accum))
         total_steps = cfg.epochs * steps_per_epoch
         ramp_steps = max(1, int(cfg.alpha_ramp_epochs * steps_per_epoch))
+        if cfg.warmup_steps >= total_steps and cfg.warmup_lr < cfg.lr and self.dist.is_main:
+            section = "train" if job.stage == "pretrain" else f"finetune.{job.stage}"
+            log.warning(
+                "%s.warmup_steps (%d) is not below this run's %d steps: the learning rate "
+                "never reaches %s.lr (%g); lower warmup_steps or train for more steps",
+                section, cfg.warmup_steps, total_steps, section, cfg.lr,
+            )  # fmt: skip
 
         checkpoint = self.run.latest_checkpoint() if resumed else None
         random.seed(self.recipe.seed)
