@@ -257,6 +257,9 @@ def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, tm
     html = render_report(out)
     assert 'id="retrieval"' in html or "Baseline" in html
     assert "summary.json not found" not in html and "<img" in html
+    # the captioner's test figures are on the page; only the demo's truth rate is not
+    assert "Test captions true, nucleus" in html
+    assert "synthetic caption truth rate: `capfilt demo` computes it" in html
     if (out / "round_2").is_dir():  # after test_two_rounds
         assert 'id="rounds"' in html
     # a filter folder alone: re-decided to keep half of the run's texts (a whole-run quantile)

@@ -217,8 +217,9 @@ def _filter(data: RunData) -> str:
     return (
         '<section id="filter"><h2>2. Filter on web noise, and caption truth</h2>'
         '<p class="lead">The filter rejects a text when its ITM match probability is not above the threshold. '
-        "Precision/recall/F1 treat rejecting a noisy web text as a hit; the truth comes from the benchmark's "
-        "ground truth. The truth rate is the share of synthetic captions that are true of their image.</p>"
+        "Precision/recall/F1 treat rejecting a noisy web text as a hit. The truth rate is the share of "
+        "synthetic captions that are true of their image. Both need the truth, which the built-in "
+        "benchmark stores with its images; on other data those rows stay empty.</p>"
         f'<div class="row"><div>{table}{_notes(notes)}</div>{_sweep_chart(data, threshold)}</div></section>'
     )
 
@@ -387,8 +388,9 @@ def _examples(examples: list[Example]) -> str:
     return (
         '<section id="examples"><h2>5. Examples</h2>'
         '<p class="lead">Web images with their web text and synthetic captions, each with its ITM score, the '
-        "filter's decision and the truth: for web texts clean or the kind of noise, for synthetic captions "
-        "whether the caption is true of the image. Picked to show successes and mistakes.</p>"
+        "filter's decision and, where it is known, the truth: for web texts clean or the kind of noise, for "
+        "synthetic captions whether the caption is true of the image. Picked to show successes and "
+        "mistakes.</p>"
         f"{body}</section>"
     )
 

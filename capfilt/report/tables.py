@@ -126,7 +126,10 @@ def filter_table(summary: dict[str, Any], texts: pd.DataFrame | None) -> tuple[s
         notes.append("numbers marked * are computed from data/web_filtered (not in summary.json)")
     notes += [f"filter evaluation: {n}" for n in f.get("notes") or [] if isinstance(n, str)]
     if not section(summary, "captions"):
-        notes.append("caption evaluation missing (summary.json: captions)")
+        notes.append(
+            "synthetic caption truth rate: `capfilt demo` computes it (it needs the truth the "
+            "built-in benchmark stores with its images)"
+        )
     body = [
         f'<tr data-key="{escape(fig.key)}"><th>{escape(fig.label)}</th><td>{fig.text}{STAR if fig.derived else ""}</td></tr>'
         for fig in figures
