@@ -123,12 +123,20 @@ def test_bootstrap_runs_every_stage_and_writes_manifest_and_summary(run_a, shard
 
 def test_a_changed_recipe_is_refused_unless_restarted(run_a, shards):
     out, _ = run_a
-    with pytest.raises(BootstrapConflict, match="--restart-from pretrain-baseline"):
+    with pytest.raises(BootstrapConflict, match="--restart-from pretrain-baseline") as refused:
         run_bootstrap(load_recipe("tiny", [*FAST, "filter.threshold=0.2"]), _inputs(shards), out)
+    # it names what changed, and the recipe the run was made with
+    assert "another recipe (filter.threshold: 0.5 -> 0.2)" in str(refused.value)
+    assert f"the recipe it was made with ({out / 'recipe.yaml'})" in str(refused.value)
     from capfilt.cli.main import app
 
     result = CliRunner().invoke(app, [*_args(shards, out), "--set", "train.lr=0.5"])
-    assert result.exit_code == 2 and "another recipe" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "another recipe (train.lr: 0.001 -> 0.5)" in text
+    # the run folder's recipe.yaml resumes it (nothing to redo)
+    events = []
+    run_bootstrap(load_recipe(out / "recipe.yaml"), _inputs(shards), out, on_stage=events.append)
+    assert {e.status for e in events} == {"done-earlier"}
     result = CliRunner().invoke(app, [*_args(shards, out), "--only", "bogus"])
     assert result.exit_code == 2 and "unknown stage" in result.output
 

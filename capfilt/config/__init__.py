@@ -7,6 +7,7 @@ from pathlib import Path
 from capfilt.config.core import (
     ConfigError,
     apply_overrides,
+    changed_keys,
     config_hash,
     dump_yaml,
     explain,
@@ -116,6 +117,7 @@ __all__ = [
     "SynthConfig",
     "TrainConfig",
     "apply_overrides",
+    "changed_keys",
     "config_hash",
     "dump_yaml",
     "explain",

@@ -160,6 +160,22 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def changed_keys(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ between two nested config dicts, with (old, new)
+    values; a key only one side has gives ``None`` on the other."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{name}.")
+        elif a != b:
+            out.append((name, a, b))
+    return out
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of a config (or any JSON-able value), for done-markers."""
     blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))

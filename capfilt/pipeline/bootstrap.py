@@ -44,6 +44,7 @@ from capfilt.config import (
     CAPTION_METHODS,
     ConfigError,
     Recipe,
+    changed_keys,
     config_hash,
     dump_yaml,
     recipe_identity,
@@ -527,13 +528,14 @@ def open_manifest(
     if previous is not None and restart_from is None:
         stage = _first_affected(previous, recipe_hash, fingerprint, layout.root)
         if stage is not None:
-            what = (
-                "another recipe" if previous.get("recipe_hash") != recipe_hash else "other inputs"
-            )
+            if previous.get("recipe_hash") != recipe_hash:
+                what = f"another recipe{_recipe_changes(layout, recipe)}"
+                same = f"the recipe it was made with ({layout.root / 'recipe.yaml'}) and inputs"
+            else:
+                what, same = "other inputs", "the same recipe and inputs"
             raise BootstrapConflict(
-                f"{layout.root} holds a run made with {what}; re-run with the same "
-                f"recipe and inputs to resume, pass --restart-from {stage} to redo the affected "
-                "stages, or use a new --out"
+                f"{layout.root} holds a run made with {what}; re-run with {same} to resume, "
+                f"pass --restart-from {stage} to redo the affected stages, or use a new --out"
             )
     manifest = previous or {"format": MANIFEST_FORMAT, "stages": {}}
     manifest.update({"recipe": recipe.name, "recipe_hash": recipe_hash, "inputs": fingerprint})
@@ -542,6 +544,21 @@ def open_manifest(
     atomic_write_json(layout.root / "recipe.json", {"hash": recipe_hash, "recipe": to_dict(recipe)})
     _write_manifest(layout, manifest)
     return manifest
+
+
+def _recipe_changes(layout: BootstrapLayout, recipe: Recipe, most: int = 4) -> str:
+    """`` (train.epochs: 4 -> 10, ...)``: what differs from the recipe the run folder was made
+    with (its ``recipe.json``), or nothing when that cannot be read."""
+    try:
+        made_with = json.loads((layout.root / "recipe.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    changes = changed_keys(recipe_identity(made_with), recipe_identity(recipe))
+    if not changes:
+        return ""
+    shown = ", ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in changes[:most])
+    more = f" and {len(changes) - most} more" if len(changes) > most else ""
+    return f" ({shown}{more})"
 
 
 def _reset(layout: BootstrapLayout, manifest: dict[str, Any], step: Step) -> None:
