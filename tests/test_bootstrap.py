@@ -154,6 +154,25 @@ def test_a_changed_recipe_is_refused_unless_restarted(run_a, shards):
     run_bootstrap(load_recipe("tiny", FAST), _inputs(shards), out, restart_from="evaluate")
 
 
+def test_a_stage_says_when_its_model_was_trained_with_another_recipe(run_a, capsys):
+    """``capfilt caption --model my-run/runs/captioner`` takes the default recipe's (demo's)
+    caption settings: it says so when the model's run used another recipe."""
+    from capfilt.cli.common import warn_of_another_recipe
+    from capfilt.runs.resolve import training_recipe_name
+
+    out, _ = run_a
+    run = out / "runs" / "captioner"
+    assert training_recipe_name(run) == training_recipe_name(run / "model") == "tiny"
+    assert training_recipe_name(out / "no-such-model") is None
+    capsys.readouterr()
+    warn_of_another_recipe(run, load_recipe("demo"), "caption", "caption")
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"warning: {run} was trained with recipe 'tiny'" in said
+    assert "caption.* settings from recipe 'demo'" in said and "capfilt caption tiny ..." in said
+    warn_of_another_recipe(run, load_recipe("tiny"), "caption", "caption")
+    assert capsys.readouterr().err == ""
+
+
 def test_kill_during_caption_then_resume_gives_the_same_outputs(run_a, shards, tmp_path):
     a, _ = run_a
     b = tmp_path / "b"

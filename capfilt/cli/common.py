@@ -64,6 +64,24 @@ def print_error(message: str) -> None:
     console.print(styled("error:", "bold red", message))
 
 
+def print_warning(message: str) -> None:
+    console.print(styled("warning:", "bold yellow", message))
+
+
+def warn_of_another_recipe(model: str | Path, recipe: Recipe, command: str, section: str) -> None:
+    """Say so when ``model`` was trained with another recipe than the one whose ``section``
+    settings this ``command`` runs with (e.g. the default ``demo`` beside a ``real-cpu`` model)."""
+    from capfilt.runs.resolve import training_recipe_name
+
+    trained = training_recipe_name(model)
+    if trained is not None and trained != recipe.name:
+        print_warning(
+            f"{model} was trained with recipe '{trained}'; this run takes its {section}.* "
+            f"settings from recipe '{recipe.name}' (name the recipe to change that: "
+            f"capfilt {command} {trained} ...)"
+        )
+
+
 def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     print_error(message)
     return typer.Exit(code)

@@ -16,6 +16,7 @@ from capfilt.cli.common import (
     report_origins,
     report_stage,
     resolve,
+    warn_of_another_recipe,
 )
 from capfilt.data.workers import start_worker_server
 from capfilt.utils.threads import use_threads
@@ -50,6 +51,7 @@ def caption(
     start_worker_server(cfg.caption.num_workers)  # its imports run beside the ones below
     from capfilt.pipeline.caption import caption_shards
 
+    warn_of_another_recipe(model, cfg, "caption", "caption")
     with use_threads(cfg.runtime.threads, cfg.caption.num_workers):
         result = caption_shards(model, shards, out_dir, cfg.caption)
     report_stage(result, "caption")
@@ -92,6 +94,7 @@ def filter_(
     elif model is None:
         raise fail("give --model (to score) or --scores-from (to re-apply a threshold)", EXIT_USAGE)
     else:
+        warn_of_another_recipe(model, cfg, "filter", "filter")
         with use_threads(cfg.runtime.threads, cfg.filter.num_workers):
             result = filter_shards(model, shards, out_dir, cfg.filter)
     report_stage(result, "filter")

@@ -137,6 +137,23 @@ def _capfilt_folder(source: ModelSource) -> Path:
     return source.path
 
 
+def training_recipe_name(spec: str | Path) -> str | None:
+    """The name of the recipe the capfilt model at ``spec`` was trained with: its run folder's
+    (the folder holding it as ``model/`` or ``checkpoints/<step>``). None when unknown: no such
+    model, a transformers BLIP model, or a model folder kept apart from its run."""
+    try:
+        source = find_model(spec)
+    except ConfigError:
+        return None
+    if source.kind != "capfilt":
+        return None
+    for run in (source.path.parent, source.path.parent.parent):
+        name = RunFolder(run).recipe_name()
+        if name is not None:
+            return name
+    return None
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """The capfilt model folder at ``path``: itself, or a run folder's ``model/`` (finished run)
     or latest checkpoint."""

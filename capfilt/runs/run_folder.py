@@ -61,6 +61,15 @@ class RunFolder:
         atomic_write_bytes(self.config_path, dump_yaml(run_config).encode())
         return False
 
+    def recipe_name(self) -> str | None:
+        """The name of the recipe this run was made with (None: no run here, or unreadable)."""
+        try:
+            saved = yaml.safe_load(self.config_path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+        name = (saved.get("recipe") or {}).get("name") if isinstance(saved, dict) else None
+        return name if isinstance(name, str) else None
+
     def latest_checkpoint(self) -> Path | None:
         try:
             name = self.latest_path.read_text().strip()
