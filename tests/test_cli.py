@@ -129,6 +129,30 @@ def test_synth_is_byte_identical_by_seed_and_resumes_after_a_kill(tmp_path):
         assert not mismatch and not errors, (split, mismatch)
 
 
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    """typer turns Ctrl-C into exit 130 without a word; capfilt says what to run next."""
+    from capfilt.cli.main import _interrupted
+
+    out = tmp_path / "synth"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "capfilt", *SYNTH, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((out / "web").glob("*_stats.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().endswith("interrupted; re-run the same command to resume")
+    assert "with --resume auto" in _interrupted(["pretrain", "tiny", "--out", "x"])
+    assert "with --resume auto" in _interrupted(["-v", "finetune", "captioner", "tiny"])
+    assert "--resume auto" not in _interrupted(["pretrain", "tiny", "--resume", "auto"])
+
+
 def test_console_script_and_module_agree():
     script = Path(sys.executable).with_name("capfilt")
     if not script.exists():

@@ -74,6 +74,18 @@ def root(
     setup_logging("DEBUG" if verbose else "INFO", rank=env_dist_info().rank)
 
 
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT), as shells report a process it stopped."""
+
+
+def _interrupted(args: list[str]) -> str:
+    """What to do after Ctrl-C: the same command resumes; a training run needs --resume auto."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command in ("pretrain", "finetune") and "--resume" not in args:
+        return "interrupted; re-run the same command with --resume auto to continue from its last checkpoint"
+    return "interrupted; re-run the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps library errors to the documented exit codes (see describe_error).
 
@@ -82,11 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     CliState.verbose = False
     try:
         app(args=argv, standalone_mode=True)
-    except SystemExit:
+    except SystemExit as done:
+        if done.code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into this exit, silently
+            console.print(styled(_interrupted(sys.argv[1:] if argv is None else argv), "yellow"))
         raise
     except KeyboardInterrupt:
-        console.print(styled("interrupted; re-run the same command to resume", "yellow"))
-        sys.exit(130)
+        console.print(styled(_interrupted(sys.argv[1:] if argv is None else argv), "yellow"))
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         code, message = describe_error(err)
         if CliState.verbose:
