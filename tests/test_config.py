@@ -107,6 +107,9 @@ def test_every_field_has_a_docstring():
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without docstring: {missing}"
     assert all(doc for _, _, doc in explain(Recipe))
+    types = {key: tp for key, tp, _ in explain(Recipe)}
+    assert types["train.schedule"] == "'step' | 'cosine'"  # a choice lists its values
+    assert types["train.lr"] == "float"
 
 
 def test_from_dict_defaults_and_hash_stability():

@@ -27,6 +27,8 @@ class ConfigError(ValueError):
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) is typing.Literal:  # the choices, as the error for a wrong one lists them
+        return " | ".join(repr(choice) for choice in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
