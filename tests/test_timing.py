@@ -152,3 +152,18 @@ def test_a_short_run_whose_loader_start_took_the_most_names_the_steady_phase(tmp
     start = result.phase_seconds["loader start"]
     assert float(steady) == pytest.approx(2 / (result.seconds - start), rel=0.01)
     assert float(steady) > 1.5 * float(rate)
+
+
+def test_shares_count_the_phase_running_now():
+    """A stage prints a shard's progress while it still waits in "publishing": that wait is
+    counted up to now, not left in "rest" (which the stage's closing line then contradicted)."""
+    t = [0.0]
+    clock = PhaseClock(now=lambda: t[0])
+    with clock.phase("model"):
+        t[0] += 2.0
+    with clock.phase("publishing"):
+        t[0] += 1.0
+        assert clock.shares(4.0) == {"model": 0.5, "publishing": 0.25, "rest": 0.25}
+    t[0] += 1.0
+    assert clock.seconds == {"model": 2.0, "publishing": 1.0}
+    assert clock.shares(4.0) == {"model": 0.5, "publishing": 0.25, "rest": 0.25}

@@ -26,6 +26,9 @@ class PhaseClock:
     def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
         self.seconds: dict[str, float] = {}
         self.now = now
+        self._open: tuple[str, float] | None = None
+        """The phase running now and when it started: :meth:`shares` counts it up to now (a
+        shard's progress line is printed while its stage still waits in "publishing")."""
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
@@ -34,9 +37,11 @@ class PhaseClock:
     def phase(self, name: str) -> Iterator[None]:
         """Time the ``with`` block as ``name`` (also when it raises)."""
         started = self.now()
+        self._open = (name, started)
         try:
             yield
         finally:
+            self._open = None
             self.add(name, self.now() - started)
 
     def timed(self, name: str, items: Iterable[T], first_as: str | None = None) -> Iterator[T]:
@@ -64,7 +69,11 @@ class PhaseClock:
         """Each phase's fraction of ``total`` seconds, largest first, and last ``"rest"``: what
         no phase covers."""
         total = max(total, 1e-9)
-        ranked = sorted(self.seconds.items(), key=lambda item: -item[1])
+        seconds = dict(self.seconds)
+        if self._open is not None:
+            name, started = self._open
+            seconds[name] = seconds.get(name, 0.0) + self.now() - started
+        ranked = sorted(seconds.items(), key=lambda item: -item[1])
         out = {name: s / total for name, s in ranked}
         out["rest"] = max(0.0, 1.0 - sum(out.values()))
         return out
