@@ -348,7 +348,10 @@ def test_demo_table_and_report_show_the_same_figures(fake_run: Path):
         "53.8%",
     ]
     # without a truth (real data), the method's CIDEr
-    assert _cell(html, "filter-table", "test_cider.beam") == ["Test captions CIDEr, beam", "1.507"]
+    assert _cell(html, "filter-table", "test_cider.beam") == [
+        "Test captions CIDEr-D ×100, beam",
+        "1.5",
+    ]
     keys = ("precision", "roc_auc", "kept_fraction_web", "by_noise.none", "truth_rate")
     for key in (*keys, "test_truth.nucleus", "test_cider.beam"):
         label, value = _cell(html, "filter-table", key)

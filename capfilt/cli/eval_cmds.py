@@ -187,7 +187,8 @@ def caption(
     table = Table(
         "metric",
         "value",
-        title=f"captioner on {result.get('n_images', '?')} images ({result['method']})",
+        title=f"captioner on {result.get('n_images', '?')} images ({result['method']}; "
+        "scores ×100, as papers report them)",
     )
     for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "meteor", "truth_rate"):
         value = result.get(key)

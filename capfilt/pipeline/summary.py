@@ -220,7 +220,9 @@ def method_figures(captioner: dict[str, Any]) -> list[Figure]:
         else:
             cider = number(dig(result, "cider"))
             figures.append(
-                Figure(f"test_cider.{method}", f"Test captions CIDEr, {method}", fmt(cider, 3))
+                Figure(
+                    f"test_cider.{method}", f"Test captions CIDEr-D ×100, {method}", fmt(cider, 1)
+                )
             )
     return figures
 

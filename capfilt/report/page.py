@@ -105,7 +105,7 @@ def _rounds(data: RunData) -> str:
         for h in (
             "round",
             "CapFilt retrieval mean (%)",
-            "captioner CIDEr",
+            "captioner CIDEr-D ×100",
             "web texts kept",
             "synthetic kept",
         )
@@ -115,7 +115,7 @@ def _rounds(data: RunData) -> str:
         cells = (
             str(row.get("round", "")),
             fmt(dig(row, "capfilt", "retrieval", "r_mean"), 1),
-            fmt(dig(row, "captioner", "cider"), 3),
+            fmt(dig(row, "captioner", "cider"), 1),
             fmt_pct(dig(row, "filter", "origins", "web", "kept_fraction")),
             fmt_pct(dig(row, "filter", "origins", "synthetic", "kept_fraction")),
         )
