@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from capfilt.config import ConfigError, load_recipe
 from capfilt.data.synth import write_synth
 from capfilt.data.transforms import TrainTransform
+from capfilt.model.folder import CONFIG
 from capfilt.train.data import TrainStream, build_sources
 from capfilt.train.optim import lr_at
 from capfilt.train.trainer import TrainJob, finite_means, train
@@ -164,6 +165,23 @@ def test_a_warmup_longer_than_the_run_is_said_in_its_log(synth_data, tmp_path):
     assert "never reaches train.lr (0.001)" in log_text
     train(_job(synth_data, tmp_path / "short", spe, "train.warmup_steps=3", stop_after=1))
     assert "warmup_steps" not in (tmp_path / "short" / "train.log").read_text()
+
+
+def test_a_finetune_resumes_from_its_checkpoint_when_its_init_is_gone(synth_data, tmp_path):
+    """--init is looked for before a new run's folder exists, but a run resumed from its own
+    checkpoint never reads it: moving the pretrain away must not stop the resume."""
+    spe = "train.samples_per_epoch=16"
+    pre = train(_job(synth_data, tmp_path / "pre", spe))
+    recipe = load_recipe("tiny", ["finetune.captioner.samples_per_epoch=32", "data.batch_size=8",
+                                  "finetune.captioner.ckpt_every=2"])  # fmt: skip
+    job = dict(stage="captioner", recipe=recipe, shards=[str(synth_data / "human")],
+               out=tmp_path / "cap", init=pre.parent)  # fmt: skip
+    train(TrainJob(**job, stop_after=2))
+    (tmp_path / "pre").rename(tmp_path / "pre-moved")
+    assert (train(TrainJob(**job, resume="auto")) / CONFIG).is_file()
+    with pytest.raises(ConfigError, match="no capfilt model at"):  # a new run still checks it
+        train(TrainJob(**{**job, "out": tmp_path / "cap2"}))
+    assert not (tmp_path / "cap2").exists()
 
 
 def test_a_checkpoint_restores_the_cuda_state_of_this_device_only(monkeypatch):

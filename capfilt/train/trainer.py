@@ -218,8 +218,8 @@ class Trainer:
         # fixed command can be re-run (a folder made with the typo would be refused as another run)
         sources = build_sources(job.shards, data_cfg.weights or None)
         check_sources(sources)
-        if job.init is not None:
-            resolve_model_dir(job.init)
+        if job.init is not None and (job.resume != "auto" or self.run.latest_checkpoint() is None):
+            resolve_model_dir(job.init)  # (a run resumed from a checkpoint does not read --init)
         samples_per_epoch = cfg.samples_per_epoch
         if samples_per_epoch <= 0:
             from capfilt.data.shards import count_samples
