@@ -100,9 +100,8 @@ def describe_error(err: BaseException) -> tuple[int, str]:
 
     The one place that maps library errors to exit codes: a wrong recipe, option, path or input
     file exits 2 (usage); a folder another job holds, or whose shards a stage's would mix with,
-    exits 2; a full disk exits 1 (free space and
-    re-run: finished shards and checkpoints are kept); anything else exits 1 with its type and
-    message (``--verbose`` prints the traceback).
+    exits 2; a full disk exits 1 (free space and re-run: finished shards and checkpoints are
+    kept); anything else exits 1 with its type and message (``--verbose`` prints the traceback).
     """
     if isinstance(err, ConfigError | ShardSpecError | FolderInUseError | OutputFolderError):
         return EXIT_USAGE, str(err)
