@@ -199,3 +199,24 @@ def test_cli_import_errors_exit_2(tmp_path):
     )
     assert proc.returncode == 2 and "not found" in proc.stderr
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_a_subset_splits_one_source_in_two(tmp_path, capsys):
+    """``--subset :3`` and ``--subset 3:`` import disjoint parts of one source, in its order
+    (a folder by file name), which together are the whole; a bad or empty subset exits 2."""
+    from tests.faults._cli import image_folder, run_cli
+
+    images = image_folder(tmp_path / "images", 5)
+    keys = {}
+    for name, subset in (("web", ":3"), ("test", "3:"), ("all", None)):
+        args = ["data", "import", "folder", images, "--out", tmp_path / name]
+        result = run_cli(capsys, *args, *(["--subset", subset] if subset else []))
+        assert result.code == 0, result.output
+        keys[name] = [s.key for s in read_samples(expand_shards([str(tmp_path / name)]))]
+    assert len(keys["web"]) == 3 and len(keys["test"]) == 2
+    assert keys["web"] + keys["test"] == keys["all"]
+    for subset, said in (("5:", "selects none of the source's 5 images"), ("2", "START:END")):
+        result = run_cli(capsys, "data", "import", "folder", images, "--out", tmp_path / "x",
+                         "--subset", subset)  # fmt: skip
+        assert result.code == 2 and said in result.stderr, result.output
+    assert not (tmp_path / "x").exists()

@@ -31,6 +31,16 @@ OriginOption = Annotated[
     typer.Option(help="Caption origin recorded in the json: human (curated) or web (alt-text)."),
 ]
 ShardSizeOption = Annotated[int, typer.Option(help="Samples per shard.")]
+SubsetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--subset",
+        help="Import only the source's images START:END, in its order (COCO by image id, folders "
+        "by file name, tables by row): --subset :60 and --subset 60: split one source in two "
+        "(e.g. web and test).",
+        metavar="START:END",
+    ),
+]
 
 
 @app.command("synth")
@@ -56,14 +66,27 @@ def synth(
 
 
 def _run_import(
-    records_fn, *, source: str, out_dir: Path, origin: str, shard_size: int, settings: dict
+    records_fn,
+    *,
+    source: str,
+    out_dir: Path,
+    origin: str,
+    shard_size: int,
+    settings: dict,
+    subset: str | None,
 ) -> None:
     from capfilt.data.importers import ImportSourceError, import_records
 
     try:
         records = records_fn()
         result = import_records(
-            records, out_dir, source=source, origin=origin, shard_size=shard_size, settings=settings
+            records,
+            out_dir,
+            source=source,
+            origin=origin,
+            shard_size=shard_size,
+            settings=settings,
+            subset=subset,
         )
     except ImportSourceError as err:
         raise fail(str(err), EXIT_USAGE) from None
@@ -77,6 +100,7 @@ def import_coco(
     out_dir: OutOption,
     origin: OriginOption = "human",
     shard_size: ShardSizeOption = 1000,
+    subset: SubsetOption = None,
 ) -> None:
     """Import a COCO-format caption file and its image folder (one sample per image, all captions)."""
     from capfilt.data.importers import coco_records
@@ -87,6 +111,7 @@ def import_coco(
         out_dir=out_dir,
         origin=origin,
         shard_size=shard_size,
+        subset=subset,
         settings={"annotations": str(annotations.resolve()), "images": str(images.resolve())},
     )
 
@@ -103,6 +128,7 @@ def import_csv(
     caption_column: Annotated[str, typer.Option(help="Column with the caption.")] = "caption",
     origin: OriginOption = "web",
     shard_size: ShardSizeOption = 1000,
+    subset: SubsetOption = None,
 ) -> None:
     """Import a table of image paths and captions (rows of the same image are merged)."""
     from capfilt.data.importers import table_records
@@ -113,6 +139,7 @@ def import_csv(
         out_dir=out_dir,
         origin=origin,
         shard_size=shard_size,
+        subset=subset,
         settings={
             "table": str(table.resolve()),
             "image_root": str(image_root),
@@ -129,6 +156,7 @@ def import_folder(
     out_dir: OutOption,
     origin: OriginOption = "web",
     shard_size: ShardSizeOption = 1000,
+    subset: SubsetOption = None,
 ) -> None:
     """Import an image folder with sidecar .txt captions (one caption per line)."""
     from capfilt.data.importers import folder_records
@@ -139,6 +167,7 @@ def import_folder(
         out_dir=out_dir,
         origin=origin,
         shard_size=shard_size,
+        subset=subset,
         settings={"folder": str(folder.resolve())},
     )
 
@@ -160,6 +189,7 @@ def import_hf(
     ] = "caption",
     origin: OriginOption = "web",
     shard_size: ShardSizeOption = 1000,
+    subset: SubsetOption = None,
 ) -> None:
     """Import a Hugging Face dataset saved on disk, or parquet files with an image column."""
     from capfilt.data.importers import hf_records
@@ -170,5 +200,6 @@ def import_hf(
         out_dir=out_dir,
         origin=origin,
         shard_size=shard_size,
+        subset=subset,
         settings={"path": str(path.resolve()), "columns": [image_column, caption_column]},
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -286,6 +287,25 @@ def _parquet_images(file: Path, column: str):
     return pq.read_table(file, columns=[column]).column(column)
 
 
+def select_records(records: list[ImportRecord], subset: str) -> list[ImportRecord]:
+    """The records ``START:END`` (a Python slice of non-negative ints, either end optional) of
+    ``records``, in the source's order (COCO by image id, folders by name, tables by row)."""
+    match = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", subset)
+    if match is None:
+        raise ImportSourceError(
+            f"--subset {subset!r}: expected START:END, e.g. :50 (the first 50 images) or 50: "
+            "(the rest)"
+        )
+    start = int(match.group(1)) if match.group(1) else None
+    end = int(match.group(2)) if match.group(2) else None
+    chosen = records[start:end]
+    if not chosen:
+        raise ImportSourceError(
+            f"--subset {subset} selects none of the source's {len(records)} images"
+        )
+    return chosen
+
+
 def import_records(
     records: list[ImportRecord],
     out_dir: str | Path,
@@ -294,10 +314,15 @@ def import_records(
     origin: str = "human",
     shard_size: int = 1000,
     settings: dict[str, Any] | None = None,
+    subset: str | None = None,
 ) -> StageResult:
-    """Write ``records`` as shards of ``shard_size`` samples; resumable like every stage."""
+    """Write ``records`` (or the ``subset`` START:END of them: :func:`select_records`) as shards
+    of ``shard_size`` samples; resumable like every stage."""
     if not records:
         raise ImportSourceError(f"{source}: the source has no images")
+    if subset is not None:
+        records = select_records(records, subset)
+        settings = {**(settings or {}), "subset": subset}
     if shard_size < 1:
         raise ImportSourceError("shard size must be >= 1")
     caption_entry("", origin)  # validates origin early
