@@ -367,6 +367,9 @@ def test_demo_table_leaves_out_retrieval_when_nothing_was_evaluated():
     no_test = {k: v for k, v in SUMMARY.items() if k not in ("baseline", "capfilt")}
     titles = [table.title for table in summary_tables(no_test)]
     assert titles == ["Filter and captioner"]
+    # a run that measured nothing yet (bootstrap --only pretrain-baseline): no rows of dashes
+    (nothing,) = summary_tables({"total_seconds": 12.0})
+    assert [row for row in nothing.columns[0].cells] == ["Total time"]
     assert [t.title for t in summary_tables(SUMMARY)] == [
         "Baseline vs CapFilt",
         "Filter and captioner",

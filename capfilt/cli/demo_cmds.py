@@ -25,6 +25,7 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
     CapFilt closes (where they ran), filter and caption figures."""
     from capfilt.pipeline.summary import (
         ABLATION_COLUMNS,
+        DASH,
         ablation_rows,
         demo_figures,
         fmt_seconds,
@@ -44,7 +45,10 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
         retrieval.add_row(row.label, row.baseline, row.capfilt, row.delta)
     other = Table("figure", "value", title="Filter and captioner")
     for figure in demo_figures(summary):
-        other.add_row(figure.label, figure.text)
+        if (
+            figure.text != DASH
+        ):  # what the run did not measure (no truth, stage not run) is left out
+            other.add_row(figure.label, figure.text)
     other.add_row("Total time", fmt_seconds(summary.get("total_seconds")))
     evaluated = any(summary.get(side, {}).get("retrieval") for side in ("baseline", "capfilt"))
     if not evaluated:
