@@ -97,6 +97,18 @@ def test_truth_report_without_cosines_leaves_the_itc_head_out():
     assert report["heads"]["itm"]["confusion"]["tp"] == 1  # b (0.2) rejected
 
 
+def test_a_truth_file_wins_over_a_stored_truth_column():
+    """The built-in benchmark's filter outputs carry their own ``clean`` column: the labels
+    given are used (the merge used to lose both and fail with KeyError 'clean')."""
+    from capfilt.eval.filter_metrics import truth_report
+
+    stored = SCORES.assign(clean=[False] * len(SCORES))  # the opposite of most given labels
+    truth = pd.DataFrame({"uid": ["a", "b"], "clean": [True, False]})
+    report = truth_report(stored, truth, 0.5, 0.3)
+    assert (report["n_matched"], report["n_noisy"]) == (2, 1)
+    assert report["heads"]["itm"]["confusion"] == {"tp": 1, "fp": 0, "fn": 0, "tn": 1}
+
+
 def test_eval_filter_truth_file_matches_a_hand_computation(tmp_path: Path):
     folder = tmp_path / "filtered"
     folder.mkdir()

@@ -337,6 +337,9 @@ def truth_report(
     keys = ["uid", "text_index"] if "text_index" in truth.columns else ["uid"]
     if keys == ["uid"]:
         scores = scores[scores["origin"].astype(str) == "web"]
+    # the labels given win over a stored truth column of the same name (the built-in
+    # benchmark's filter outputs carry one)
+    scores = scores.drop(columns=[c for c in ("clean",) if c in scores.columns])
     merged = truth[[*keys, "clean"]].merge(scores, on=keys, how="left", indicator=True)
     matched = merged[merged["_merge"] == "both"].reset_index(drop=True)
     noisy = ~matched["clean"].to_numpy(dtype=bool)
