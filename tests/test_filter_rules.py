@@ -109,6 +109,26 @@ def test_a_truth_file_wins_over_a_stored_truth_column():
     assert report["heads"]["itm"]["confusion"] == {"tp": 1, "fp": 0, "fn": 0, "tn": 1}
 
 
+def test_eval_filter_judges_a_filter_output_at_the_thresholds_it_decided_with(tmp_path: Path):
+    """A re-decided or keep-fraction output records its thresholds in summary.json: eval filter
+    reports those (it said the recipe's 0.5 beside the stored 0.65 decisions), unless asked."""
+    folder = tmp_path / "filtered"
+    folder.mkdir()
+    SCORES.assign(kept=SCORES["itm_score"] > 0.65).to_parquet(folder / "00000000.parquet")
+    rule = {"rule": "itm", "keep_fraction": None, "threshold": 0.65, "itc_threshold": 0.3}
+    (folder / "summary.json").write_text(json.dumps({"rule": rule}))
+    report = tmp_path / "r.json"
+    args = ["eval", "filter", "tiny", "--scores", str(folder), "-o", str(report)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "filter at threshold 0.65 (the filter run's)" in " ".join(result.output.split())
+    got = json.loads(report.read_text())
+    assert got["threshold"] == 0.65 and got["origins"]["web"]["kept"] == 1
+    result = CliRunner().invoke(app, [*args, "--threshold", "0.5"])
+    assert "filter at threshold 0.5 (asked for)" in " ".join(result.output.split())
+    assert json.loads(report.read_text())["origins"]["web"]["kept"] == 2  # a, c re-decided
+
+
 def test_eval_filter_truth_file_matches_a_hand_computation(tmp_path: Path):
     folder = tmp_path / "filtered"
     folder.mkdir()

@@ -255,8 +255,21 @@ def filter_(
     cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
     if not scores.exists():
         raise fail(f"--scores not found: {scores}", EXIT_USAGE)
+    from capfilt.eval.filter_metrics import stored_thresholds
+
+    # a filter output is judged at the thresholds it decided with (a keep-fraction or re-decided
+    # run records its own), unless one is asked for
+    given = {item.split("=", 1)[0].strip() for item in set_ or []}
+    stored_itm, stored_itc = stored_thresholds(scores) if scores.is_dir() else (None, None)
+    redecide = threshold is not None or "filter.threshold" in given
+    itm_threshold = cfg.filter.threshold if redecide or stored_itm is None else stored_itm
+    itc_threshold = (
+        cfg.filter.itc_threshold
+        if "filter.itc_threshold" in given or stored_itc is None
+        else stored_itc
+    )
     try:
-        report = evaluate_filter(scores, cfg.filter.threshold, redecide=threshold is not None)
+        report = evaluate_filter(scores, itm_threshold, redecide=redecide)
     except (ValueError, KeyError) as err:
         raise fail(f"cannot read filter scores from {scores}: {err}", EXIT_USAGE) from None
     if truth is not None:
@@ -267,13 +280,16 @@ def filter_(
         except (OSError, ValueError) as err:
             raise fail(str(err), EXIT_USAGE) from None
         report["truth_file"] = truth_report(
-            load_score_tables(scores), labels, cfg.filter.threshold, cfg.filter.itc_threshold
+            load_score_tables(scores), labels, itm_threshold, itc_threshold
         )
         _print_truth(report["truth_file"])
 
     from capfilt.pipeline.summary import filter_figures, fmt, fmt_pct
 
-    table = Table("figure", "value", title=f"filter at threshold {cfg.filter.threshold}")
+    whose = (
+        "asked for" if redecide else "the recipe's" if stored_itm is None else "the filter run's"
+    )
+    table = Table("figure", "value", title=f"filter at threshold {itm_threshold:g} ({whose})")
     for figure in filter_figures(report):
         table.add_row(figure.label, figure.text)
     synthetic = report.get("synthetic")

@@ -26,6 +26,7 @@ and ``notes`` says why. The report holds only plain ints, floats, strings, lists
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,20 @@ def filter_report(
     report["histograms"] = hist
     report["notes"] = notes
     return report
+
+
+def stored_thresholds(folder: str | Path) -> tuple[float | None, float | None]:
+    """The (ITM, ITC cosine) thresholds a ``capfilt filter`` output decided with, from its
+    ``summary.json`` (a keep-fraction run records the thresholds its fraction gave); None for
+    one it does not record (rule ``itc`` has no ITM threshold) or a folder without one."""
+    try:
+        rule = json.loads((Path(folder) / "summary.json").read_text())["rule"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    if not isinstance(rule, dict):
+        return None, None
+    values = (rule.get("threshold"), rule.get("itc_threshold"))
+    return tuple(float(v) if isinstance(v, int | float) else None for v in values)  # type: ignore[return-value]
 
 
 def load_score_tables(path: str | Path) -> pd.DataFrame:

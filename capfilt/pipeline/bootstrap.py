@@ -384,11 +384,10 @@ def filter_metrics(filtered: Path, threshold: float) -> dict[str, Any]:
 
 def _rule_threshold(filtered: Path, recipe: Recipe) -> float:
     """The ITM threshold the filter stage decided with (a keep-fraction run records its own)."""
-    try:
-        value = json.loads((filtered / "summary.json").read_text())["rule"]["threshold"]
-    except (OSError, ValueError, KeyError, TypeError):
-        value = None
-    return float(value) if isinstance(value, int | float) else recipe.filter.threshold
+    from capfilt.eval.filter_metrics import stored_thresholds
+
+    stored, _ = stored_thresholds(filtered)
+    return stored if stored is not None else recipe.filter.threshold
 
 
 def _retrieval(model_dir: Path, test: list[str], recipe: Recipe) -> dict[str, Any]:
