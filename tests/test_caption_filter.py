@@ -980,6 +980,21 @@ def test_the_filter_queues_a_batch_before_writing_the_one_before(
     assert _files(tmp_path / "filt") == _files(outputs["filtered"])
 
 
+def test_each_stage_says_when_its_model_was_made_for_the_other(
+    models, synth, outputs, tmp_path, caplog
+):
+    """A captioner given to filter (its ITM head never fine-tuned; an imported transformers
+    captioner's was initialised at import) is named, as a filter given to caption is."""
+    caplog.set_level(logging.WARNING, logger="capfilt")
+    cfg = load_recipe("tiny", FILTER_SETS).filter
+    filter_shards(models["captioner"], [str(outputs["captioned"])], tmp_path / "f", cfg)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("made by stage 'captioner', not a filter" in m for m in said), said
+    caplog.clear()
+    filter_shards(models["filter"], [str(outputs["captioned"])], tmp_path / "f2", cfg)
+    assert not [r for r in caplog.records if "not a filter" in r.getMessage()]
+
+
 def test_a_caption_stage_waiting_on_its_loader_says_so_and_which_setting_helps(
     models, synth, outputs, tmp_path, monkeypatch, caplog
 ):

@@ -240,6 +240,12 @@ def filter_shards(
     urls = expand_shards(shards)
     check_output_folder(out_dir, "filter", len(urls), urls)  # before the model loads
     model, tokenizer, mcfg, meta, folder, filter_id = load_identified_model(model_path, device)
+    if meta.get("stage") not in ("filter", "pretrain"):  # e.g. a captioner: ITM never fine-tuned
+        log.warning(
+            "model %s was made by stage '%s', not a filter: its ITM scores are not a filter's",
+            folder,
+            meta.get("stage"),
+        )
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
         {"stage": "filter", "model": filter_id, "filter": _settings_of(cfg), "inputs": urls}
