@@ -995,6 +995,25 @@ def test_each_stage_says_when_its_model_was_made_for_the_other(
     assert not [r for r in caplog.records if "not a filter" in r.getMessage()]
 
 
+def test_scores_from_a_folder_that_does_not_hold_these_shards_scores_exits_2(
+    synth, outputs, tmp_path, capsys
+):
+    """A re-run cannot mend either, so neither is a failed shard to retry (exit 3): a folder
+    that is not a filter's output, and shards other than the ones the scores were made from."""
+    from tests.faults._cli import no_traceback, run_cli
+
+    cases = (
+        (outputs["captioned"], outputs["captioned"], "is not the output of a filter run"),
+        (outputs["filtered"], synth / "web", "do not match its captions"),
+    )
+    for i, (scores_from, shards, said) in enumerate(cases):
+        args = ["filter", "tiny", "--scores-from", scores_from, "--shards", shards]
+        result = run_cli(capsys, *args, "--out", tmp_path / str(i))
+        assert result.code == 2 and no_traceback(result), result.output
+        assert said in " ".join(result.stderr.split()) and "retry" not in result.stderr
+        assert not list((tmp_path / str(i)).glob("*.tar"))
+
+
 def test_a_caption_stage_waiting_on_its_loader_says_so_and_which_setting_helps(
     models, synth, outputs, tmp_path, monkeypatch, caplog
 ):

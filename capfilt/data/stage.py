@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from capfilt.config import ConfigError
 from capfilt.data.shards import REMOTE_PREFIXES
 from capfilt.data.writer import (
     ShardWriter,
@@ -334,8 +335,11 @@ def run_shard_stage(
 
     def failed(index: int, err: Exception) -> None:
         """One bad shard must not lose the others (exit code 3 says retry); a full or read-only
-        output folder fails every shard alike, so it stops the stage."""
+        output folder, or a ConfigError (a re-run cannot mend it), fails every shard alike, so
+        it stops the stage."""
         if isinstance(err, OSError) and err.errno in STOP_ERRNOS:
+            raise err
+        if isinstance(err, ConfigError):  # the settings or inputs, wrong for every shard alike
             raise err
         log.error("%s: shard %s failed: %s", stage, shard_name(index, prefix), err)
         log.debug("traceback of shard %s", shard_name(index, prefix), exc_info=err)

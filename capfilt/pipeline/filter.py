@@ -417,6 +417,14 @@ def rethreshold_shards(
                 f"{path} missing: --scores-from must be the output of a filter run over the same --shards"
             )
         tables[index] = path
+    import pyarrow.parquet as pq
+
+    columns = set(pq.read_schema(tables[0]).names) if tables else set()
+    if tables and not {"itm_score", "text_index"} <= columns and "uid" in columns:
+        raise ConfigError(
+            f"{scores_from} is not the output of a filter run (its parquet has no ITM scores): "
+            "--scores-from takes a capfilt filter --out folder"
+        )
     if cfg.rule != "itm":
         lacking = [str(p) for p in tables.values() if not _has_cosines(p)]
         if lacking:
