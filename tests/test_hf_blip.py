@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from capfilt.cli.main import app
-from capfilt.config import load_recipe
+from capfilt.config import ConfigError, load_recipe
 from capfilt.config.schema import CaptionConfig
 from capfilt.data.transforms import CLIP_MEAN, CLIP_STD
 from capfilt.model import build_model, load_model_folder, save_model_folder, tokenize
@@ -446,6 +446,11 @@ def test_export_of_a_pretrain_folder_needs_kind(tok_dir, tmp_path):
         convert(src, tmp_path / "hf")
     path, _, kind = convert(src, tmp_path / "hf", kind="filter")
     assert kind == "filter" and BlipForImageTextRetrieval.from_pretrained(str(path)) is not None
+    # a folder that holds anything is refused untouched (an earlier model's files would stay)
+    before = sorted(p.name for p in path.iterdir())
+    with pytest.raises(ConfigError, match="already holds .*choose a new or empty folder"):
+        convert(src, path, kind="captioner")
+    assert sorted(p.name for p in path.iterdir()) == before
     assert (
         med_to_hf(model, cfg, "captioner").config.text_config.bos_token_id == model.special["dec"]
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from capfilt.config import ConfigError
 from capfilt.model.convert.blip_pth import import_blip_state_dict, load_blip_pth
 from capfilt.model.convert.keymaps import KINDS
 from capfilt.model.convert.transformers_io import import_transformers, write_transformers_folder
@@ -40,6 +41,13 @@ def convert(
         to = "transformers" if src.kind == "capfilt" else "capfilt"
     if to not in ("capfilt", "transformers"):
         raise ValueError(f"--to: capfilt or transformers, got '{to}'")
+    held = sorted(p.name for p in Path(out).iterdir()) if Path(out).is_dir() else []
+    if held or (Path(out).exists() and not Path(out).is_dir()):
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ConfigError(
+            f"{out} already holds {shown or 'a file'}: convert writes a whole model folder "
+            "(files left from another model would stay beside it); choose a new or empty folder"
+        )
 
     if to == "transformers":
         if src.kind != "capfilt":
