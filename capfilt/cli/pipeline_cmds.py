@@ -13,6 +13,7 @@ from capfilt.cli.common import (
     RecipeArgument,
     SetOption,
     fail,
+    print_warning,
     report_origins,
     report_stage,
     resolve,
@@ -85,6 +86,15 @@ def filter_(
     cosine or both; fixed thresholds or filter.keep_fraction of the whole run); write kept
     shards, per-text scores and a summary."""
     cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
+    if threshold is not None and (cfg.filter.keep_fraction is not None or cfg.filter.rule == "itc"):
+        decides = (
+            "filter.keep_fraction sets the thresholds"
+            if cfg.filter.keep_fraction is not None
+            else "rule itc decides on the cosine (filter.itc_threshold)"
+        )
+        print_warning(f"--threshold (the ITM threshold) is not used: {decides}")
+    if scores_from is not None and model is not None:
+        print_warning("--model is not used: --scores-from re-decides the stored scores")
     if scores_from is None and model is not None:
         start_worker_server(cfg.filter.num_workers)  # its imports run beside the ones below
     from capfilt.pipeline.filter import filter_shards, rethreshold_shards

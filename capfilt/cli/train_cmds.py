@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from capfilt.cli.common import DryRunOption, RecipeArgument, SetOption, out, resolve
+from capfilt.cli.common import (
+    DryRunOption,
+    RecipeArgument,
+    SetOption,
+    out,
+    print_warning,
+    resolve,
+)
 
 ShardsOption = Annotated[
     list[str],
@@ -48,6 +55,14 @@ def _train(
     if resume not in ("auto", "never"):
         raise typer.BadParameter("must be 'auto' or 'never'", param_hint="--resume")
     cfg = resolve(recipe, set_, dry_run)
+    if stage != "pretrain":  # train.* is pretraining's: a fine-tune has a section of its own
+        unused = [item.split("=", 1)[0] for item in set_ or [] if item.startswith("train.")]
+        if unused:
+            mine = ", ".join(f"finetune.{stage}.{key.removeprefix('train.')}" for key in unused)
+            print_warning(
+                f"{', '.join(unused)}: pretraining's settings, not used by finetune {stage} "
+                f"(its own: {mine})"
+            )
     model_dir = train(
         TrainJob(stage=stage, recipe=cfg, shards=shards, out=out_dir, init=init, resume=resume)
     )

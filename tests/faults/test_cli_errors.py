@@ -147,3 +147,28 @@ def test_the_console_script_prints_no_traceback_for_a_config_error(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip() == "error: train.log_every: must be >= 1, got 0"
     assert not (tmp_path / "y").exists()
+
+
+def test_settings_a_command_does_not_use_are_named(capsys, tmp_path):
+    """An override or option that changes nothing for this command is said, not dropped
+    silently (the commands then fail on their missing inputs, after the warnings)."""
+    result = run_cli(
+        capsys, "finetune", "captioner", "tiny", "--init", tmp_path / "pre",
+        "--shards", tmp_path / "human", "--out", tmp_path / "cap", "--set", "train.epochs=3",
+    )  # fmt: skip
+    said = " ".join(result.stderr.split())
+    assert "train.epochs: pretraining's settings, not used by finetune captioner" in said
+    assert "(its own: finetune.captioner.epochs)" in said
+    result = run_cli(
+        capsys, "filter", "tiny", "--scores-from", tmp_path / "scores", "--model", tmp_path / "m",
+        "--threshold", "0.4", "--set", "filter.keep_fraction=0.3",
+        "--shards", tmp_path / "web", "--out", tmp_path / "out",
+    )  # fmt: skip
+    said = " ".join(result.stderr.split())
+    assert "--threshold (the ITM threshold) is not used: filter.keep_fraction sets" in said
+    assert "--model is not used: --scores-from re-decides the stored scores" in said
+    result = run_cli(
+        capsys, "filter", "tiny", "--model", tmp_path / "m", "--threshold", "0.4",
+        "--set", "filter.rule=itc", "--shards", tmp_path / "web", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert "rule itc decides on the cosine" in " ".join(result.stderr.split())
