@@ -1302,6 +1302,7 @@ def test_torchrun_two_ranks_give_the_single_process_output(synth, models, output
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
             assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+            assert proc.stdout.count("samples written of") == 1  # the folder's counts, once
     # caption: same inputs, so every file is the same, stats and sizes.json included
     assert _files(tmp_path / "cap") == _files(reference["captioned"])
     # filter: shards, parquet and summary identical; the stats differ only in naming their input folder

@@ -151,13 +151,18 @@ def resolve(
 
 
 def report_stage(result, what: str) -> None:
-    """Print a shard stage's counts; exit 3 (partial) when some shards failed."""
+    """Print a shard stage's counts (the whole folder's: once, by rank 0 under torchrun); exit 3
+    (partial) when some of this rank's shards failed."""
+    from capfilt.utils.dist import current_dist_info
+
     stats = result.stats
-    out.print(
-        f"{what}: {stats['count']} samples written of {stats['input_count']} read, in {result.out_dir}"
-    )
-    for reason, count in stats["skipped"].items():
-        out.print(f"  skipped {count} bad input sample(s): {reason}")
+    if current_dist_info().is_main:
+        out.print(
+            f"{what}: {stats['count']} samples written of {stats['input_count']} read, in "
+            f"{result.out_dir}"
+        )
+        for reason, count in stats["skipped"].items():
+            out.print(f"  skipped {count} bad input sample(s): {reason}")
     if result.partial:
         out.print(
             styled(

@@ -66,7 +66,10 @@ def retrieval(
     model: Annotated[
         Path,
         typer.Option(
-            "--model", "-m", help="Model folder, or a run folder (its model/ or latest checkpoint)."
+            "--model",
+            "-m",
+            help="A capfilt model folder or run folder (its model/ or latest checkpoint), or a "
+            "transformers BLIP folder or hub id (converted as the stage starts).",
         ),
     ],
     shards: Annotated[

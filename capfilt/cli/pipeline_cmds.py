@@ -30,7 +30,11 @@ OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder for 
 ModelOption = Annotated[
     Path,
     typer.Option(
-        "--model", "-m", help="Model folder, or a run folder (its model/ or latest checkpoint)."
+        "--model",
+        "-m",
+        help="A capfilt model folder or run folder (its model/ or latest checkpoint), or a "
+        "transformers BLIP folder or hub id (converted as the stage starts; "
+        "docs/blip-checkpoints.md).",
     ),
 ]
 
@@ -62,7 +66,13 @@ def filter_(
     shards: ShardsOption,
     out_dir: OutOption,
     model: Annotated[
-        Path | None, typer.Option("--model", "-m", help="Filter model folder or run folder.")
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The filter: a capfilt model folder or run folder, or a transformers BLIP "
+            "retrieval folder or hub id.",
+        ),
     ] = None,
     threshold: Annotated[
         float | None,
