@@ -277,7 +277,7 @@ def test_a_mistyped_input_stops_the_run_before_its_first_stage(shards, tmp_path)
     assert not out.exists()
 
 
-def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, tmp_path):
+def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, shards, tmp_path):
     from capfilt.report import render_report
 
     out, _ = run_a
@@ -305,6 +305,11 @@ def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, tm
     assert decided["kept"].sum() == (texts["itc_cosine"] > cut).sum() > 0
     alone = render_report(half)
     assert "holds a filter stage output" in alone and "<img" in alone and "<svg" in alone
+    # shards no caption stage wrote, and a training run (whose loss curves the page draws)
+    page = " ".join(render_report(shards / "web").split())
+    assert "holds shards (no caption or filter output)" in page
+    page = " ".join(render_report(out / "runs" / "captioner").split())
+    assert "holds a training run: retrieval results and the other stages" in page
     empty = tmp_path / "empty"
     empty.mkdir()
     page = render_report(empty)

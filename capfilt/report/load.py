@@ -1,12 +1,13 @@
 """Read what a run folder holds, tolerating every missing or broken part.
 
-Four kinds of folder are understood (:func:`folder_kind`):
+Five kinds of folder are understood (:func:`folder_kind`):
 
 - ``run``: a ``capfilt bootstrap`` or ``capfilt demo`` folder: ``summary.json``,
   ``runs/<stage>/metrics.jsonl``, ``data/web_filtered/*.parquet`` (one row per text: score and
   decision), ``data/web_captioned/`` shards, and ``round_r/`` with the same for later rounds;
 - ``filter``: one filter stage's output (its parquet, kept shards and ``summary.json``);
 - ``caption``: one caption stage's output (shards with the synthetic captions);
+- ``shards``: shards another stage wrote (an import's, the built-in benchmark's): their images;
 - ``training``: one training run folder (``metrics.jsonl``).
 
 A stage may have been skipped or still be running, so each loader returns ``None`` or an empty
@@ -23,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from capfilt.data.writer import drop_skipped_rows
+from capfilt.data.writer import STATS_SUFFIX, drop_skipped_rows, shard_name
 
 RUN_NAMES = ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt")
 """The demo's training runs, in pipeline order (other run folders found are shown after these)."""
@@ -200,7 +201,8 @@ def _has_score_tables(folder: Path) -> bool:
 
 
 def folder_kind(run_dir: Path) -> str:
-    """``run``, ``filter``, ``caption``, ``training`` or ``unknown`` (see the module doc)."""
+    """``run``, ``filter``, ``caption``, ``shards``, ``training`` or ``unknown`` (see the module
+    doc)."""
     if any((run_dir / name).exists() for name in ("manifest.json", "runs", "data", "stages")):
         return "run"
     if _has_score_tables(run_dir):
@@ -208,7 +210,11 @@ def folder_kind(run_dir: Path) -> str:
     if (run_dir / "metrics.jsonl").is_file() or (run_dir / "checkpoints").is_dir():
         return "training"
     if any(run_dir.glob("*.tar")):
-        return "caption"
+        # a caption stage's shards, or others (an import's, the built-in benchmark's): the first
+        # shard's done-marker names the stage that wrote them
+        marker = _read_json(run_dir / f"{shard_name(0)}{STATS_SUFFIX}")
+        stage = marker.get("stage") if isinstance(marker, dict) else None
+        return "caption" if stage in ("caption", None) else "shards"
     return "unknown"
 
 
@@ -230,11 +236,13 @@ def load_run(run_dir: str | Path) -> RunData:
     what = {
         "filter": "a filter stage output",
         "caption": "a caption stage output",
+        "shards": "shards (no caption or filter output)",
         "training": "a training run",
     }[kind]
+    absent = "retrieval results" if kind == "training" else "retrieval results, loss curves"
     missing.append(
-        f"{run_dir} holds {what}: retrieval results, loss curves and the other stages of a "
-        "bootstrap folder are not part of it"
+        f"{run_dir} holds {what}: {absent} and the other stages of a bootstrap folder are not "
+        "part of it"
     )
     if kind == "filter":
         data.filtered_dir = data.captioned_dir = run_dir
@@ -246,7 +254,7 @@ def load_run(run_dir: str | Path) -> RunData:
         missing.append(
             "examples show the images the filter kept (its shards hold no rejected image)"
         )
-    elif kind == "caption":
+    elif kind in ("caption", "shards"):
         data.captioned_dir = run_dir
     elif kind == "training":
         rows = []
