@@ -305,6 +305,8 @@ def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, sh
     assert decided["kept"].sum() == (texts["itc_cosine"] > cut).sum() > 0
     alone = render_report(half)
     assert "holds a filter stage output" in alone and "<img" in alone and "<svg" in alone
+    # it names the folder it read, not a bootstrap folder's data/web_filtered it does not have
+    assert "data/web_filtered" not in alone and "data/web_captioned" not in alone
     # shards no caption stage wrote, and a training run (whose loss curves the page draws)
     page = " ".join(render_report(shards / "web").split())
     assert "holds shards (no caption or filter output)" in page

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from capfilt.report.load import folder_label
 from capfilt.utils.logging import get_logger
 
 log = get_logger("report")
@@ -165,20 +166,20 @@ def categorize(entries: list[TextEntry]) -> str:
     return "other"
 
 
-def _iter_samples(folder: Path, missing: list[str]) -> Iterator[Any]:
+def _iter_samples(folder: Path, missing: list[str], label: str) -> Iterator[Any]:
     from capfilt.data.reader import SkipCounter, read_samples
     from capfilt.data.shards import ShardSpecError, expand_shards
 
     try:
         urls = expand_shards(str(folder))
     except ShardSpecError as err:
-        missing.append(f"data/web_captioned: {err}: no example images")
+        missing.append(f"{label}: {err}: no example images")
         return
     counter = SkipCounter("report")
     yield from read_samples(urls, counter)
     if counter.total:
         missing.append(
-            f"data/web_captioned: {counter.total} unreadable sample(s) skipped ({', '.join(counter.as_dict())})"
+            f"{label}: {counter.total} unreadable sample(s) skipped ({', '.join(counter.as_dict())})"
         )
 
 
@@ -192,14 +193,15 @@ def pick_examples(
     """Up to ``n`` examples from ``run_dir/data/web_captioned`` (or the shards of ``folder``),
     mixed over outcome categories."""
     folder = run_dir / "data" / "web_captioned" if folder is None else folder
+    label = folder_label(folder, run_dir)
     if not folder.is_dir():
-        missing.append("data/web_captioned/ not found: no example images")
+        missing.append(f"{label}/ not found: no example images")
         return []
     scores = _score_index(texts)
     notes_before = len(missing)
     pools: dict[str, list[Any]] = {c: [] for c in CATEGORIES}
     try:
-        for i, sample in enumerate(_iter_samples(folder, missing)):
+        for i, sample in enumerate(_iter_samples(folder, missing, label)):
             if i >= MAX_SCAN or all(len(p) >= n for p in pools.values()):
                 break
             captions = sample.captions or [{"text": sample.text, "origin": "web"}]
@@ -210,7 +212,7 @@ def pick_examples(
     except Exception as err:
         # a report must render even when a shard is damaged in an unexpected way
         log.warning("reading example shards failed: %s", err)
-        missing.append(f"data/web_captioned: reading stopped early ({type(err).__name__}: {err})")
+        missing.append(f"{label}: reading stopped early ({type(err).__name__}: {err})")
     chosen: list[Example] = []
     depth = 0
     while len(chosen) < n and any(depth < len(p) for p in pools.values()):
@@ -228,5 +230,5 @@ def pick_examples(
                 )
         depth += 1
     if not chosen and len(missing) == notes_before:
-        missing.append("data/web_captioned/ holds no readable samples: no example images")
+        missing.append(f"{label}/ holds no readable samples: no example images")
     return chosen

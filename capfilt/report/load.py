@@ -47,10 +47,32 @@ class RunData:
     texts: pd.DataFrame | None = None
     missing: list[str] = field(default_factory=list)
 
+    @property
+    def filtered_label(self) -> str:
+        return folder_label(
+            self.filtered_dir or self.run_dir / "data" / "web_filtered", self.run_dir
+        )
+
+    @property
+    def captioned_label(self) -> str:
+        return folder_label(
+            self.captioned_dir or self.run_dir / "data" / "web_captioned", self.run_dir
+        )
+
     def section(self, key: str) -> dict[str, Any]:
         """``summary[key]`` when it is a dict, else ``{}``."""
         value = self.summary.get(key)
         return value if isinstance(value, dict) else {}
+
+
+def folder_label(folder: Path, run_dir: Path) -> str:
+    """How the report names a folder it reads: its path inside the run folder
+    (``data/web_filtered``), or a stage folder's own name when the report is of it alone."""
+    try:
+        inside = folder.relative_to(run_dir).as_posix()
+    except ValueError:
+        return str(folder)
+    return inside if inside != "." else run_dir.name
 
 
 def load_summary(run_dir: Path, missing: list[str]) -> dict[str, Any]:
@@ -123,10 +145,11 @@ def load_texts(
     """All per-text rows of ``data/web_filtered/*.parquet`` (or of ``folder``; files lacking the
     needed columns skipped)."""
     folder = run_dir / "data" / "web_filtered" if folder is None else folder
+    label = folder_label(folder, run_dir)
     paths = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not paths:
         missing.append(
-            "data/web_filtered/*.parquet not found: no ITM score histograms or per-text decisions"
+            f"{label}/*.parquet not found: no ITM score histograms or per-text decisions"
         )
         return None
     tables = []
@@ -134,13 +157,11 @@ def load_texts(
         try:
             table = drop_skipped_rows(pd.read_parquet(path))
         except Exception as err:  # pyarrow raises several types for a damaged file
-            missing.append(f"data/web_filtered/{path.name} unreadable ({type(err).__name__})")
+            missing.append(f"{label}/{path.name} unreadable ({type(err).__name__})")
             continue
         lacking = [c for c in TEXT_COLUMNS if c not in table.columns]
         if lacking:
-            missing.append(
-                f"data/web_filtered/{path.name} lacks column(s) {', '.join(lacking)}: skipped"
-            )
+            missing.append(f"{label}/{path.name} lacks column(s) {', '.join(lacking)}: skipped")
             continue
         tables.append(table)
     if not tables:

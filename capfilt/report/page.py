@@ -212,7 +212,7 @@ def _sweep_chart(data: RunData, threshold: float | None) -> str:
 
 
 def _filter(data: RunData) -> str:
-    table, notes = filter_table(data.summary, data.texts)
+    table, notes = filter_table(data.summary, data.texts, data.filtered_label)
     threshold = filter_threshold(data.summary)
     return (
         '<section id="filter"><h2>2. Filter on web noise, and caption truth</h2>'
@@ -285,7 +285,7 @@ def _histograms(data: RunData) -> str:
         for origin, label in (("web", "Web texts"), ("synthetic", "Synthetic captions")):
             rows = t[t["origin"] == origin]
             if rows.empty:
-                notes.append(f"no {origin} texts in data/web_filtered")
+                notes.append(f"no {origin} texts in {data.filtered_label}")
                 continue
             stacks = [
                 (
@@ -325,7 +325,7 @@ def _histograms(data: RunData) -> str:
         hist = data.section("filter").get("histograms")
         edges_list = hist.get("bin_edges") if isinstance(hist, dict) else None
         if isinstance(edges_list, list) and len(edges_list) > 1:
-            notes.append("from summary.json (coarser bins): data/web_filtered is missing")
+            notes.append(f"from summary.json (coarser bins): {data.filtered_label} is missing")
             for origin, label in (("web", "Web texts"), ("synthetic", "Synthetic captions")):
                 h = hist.get(origin)
                 if isinstance(h, dict):
@@ -341,7 +341,9 @@ def _histograms(data: RunData) -> str:
                         )
                     )
         else:
-            notes.append("no per-text scores (data/web_filtered/*.parquet): histograms left out")
+            notes.append(
+                f"no per-text scores ({data.filtered_label}/*.parquet): histograms left out"
+            )
     body = "".join(
         f'<div class="card chart-card"><h3>{escape(title)}</h3>{svg}</div>' for title, svg in charts
     )
@@ -379,11 +381,11 @@ def _example(ex: Example) -> str:
     )
 
 
-def _examples(examples: list[Example]) -> str:
+def _examples(examples: list[Example], source: str = "data/web_captioned") -> str:
     body = (
         '<div class="examples">' + "".join(_example(e) for e in examples) + "</div>"
         if examples
-        else '<p class="note">No example images (data/web_captioned missing or empty).</p>'
+        else f'<p class="note">No example images ({escape(source)} missing or empty).</p>'
     )
     return (
         '<section id="examples"><h2>5. Examples</h2>'
@@ -411,7 +413,7 @@ def render_report(run_dir: str | Path, n_examples: int = 12) -> str:
         _filter(data),
         _losses(data),
         _histograms(data),
-        _examples(examples),
+        _examples(examples, data.captioned_label),
     ]
     header = _header(data)  # after the sections: they may add to data.missing
     return (

@@ -29,8 +29,6 @@ from capfilt.pipeline.summary import (
     section,
 )
 
-STAR = '<span class="star" title="computed from data/web_filtered">*</span>'
-
 
 def kv_table(rows: list[tuple[str, str]], css_class: str = "kv") -> str:
     body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
@@ -111,7 +109,14 @@ def report_filter_figures(summary: dict[str, Any], texts: pd.DataFrame | None) -
     return figures
 
 
-def filter_table(summary: dict[str, Any], texts: pd.DataFrame | None) -> tuple[str, list[str]]:
+def _star(source: str) -> str:
+    """The mark of a figure the report computed from the per-text tables, not the summary."""
+    return f'<span class="star" title="computed from {escape(source)}">*</span>'
+
+
+def filter_table(
+    summary: dict[str, Any], texts: pd.DataFrame | None, source: str = "data/web_filtered"
+) -> tuple[str, list[str]]:
     """Filter quality on the web noise, kept fractions, per-noise rejection and caption truth."""
     figures = report_filter_figures(summary, texts)
     computed = any(f.derived for f in figures)
@@ -120,10 +125,10 @@ def filter_table(summary: dict[str, Any], texts: pd.DataFrame | None) -> tuple[s
     if not f:
         notes.append(
             "filter evaluation missing (summary.json: filter)"
-            + ("; numbers marked * computed from data/web_filtered" if computed else "")
+            + (f"; numbers marked * computed from {source}" if computed else "")
         )
     elif computed:
-        notes.append("numbers marked * are computed from data/web_filtered (not in summary.json)")
+        notes.append(f"numbers marked * are computed from {source} (not in summary.json)")
     notes += [f"filter evaluation: {n}" for n in f.get("notes") or [] if isinstance(n, str)]
     if not section(summary, "captions"):
         notes.append(
@@ -131,7 +136,7 @@ def filter_table(summary: dict[str, Any], texts: pd.DataFrame | None) -> tuple[s
             "built-in benchmark stores with its images)"
         )
     body = [
-        f'<tr data-key="{escape(fig.key)}"><th>{escape(fig.label)}</th><td>{fig.text}{STAR if fig.derived else ""}</td></tr>'
+        f'<tr data-key="{escape(fig.key)}"><th>{escape(fig.label)}</th><td>{fig.text}{_star(source) if fig.derived else ""}</td></tr>'
         for fig in figures
     ]
     head = "<thead><tr><th>Filter and captioner</th><th>Value</th></tr></thead>"
