@@ -258,11 +258,12 @@ def filter_(
     cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
     if not scores.exists():
         raise fail(f"--scores not found: {scores}", EXIT_USAGE)
+    from capfilt.config.core import parse_override
     from capfilt.eval.filter_metrics import stored_thresholds
 
     # a filter output is judged at the thresholds it decided with (a keep-fraction or re-decided
     # run records its own), unless one is asked for
-    given = {item.split("=", 1)[0].strip() for item in set_ or []}
+    given = {".".join(parse_override(item)[0]) for item in set_ or []}
     stored_itm, stored_itc = stored_thresholds(scores) if scores.is_dir() else (None, None)
     redecide = threshold is not None or "filter.threshold" in given
     itm_threshold = cfg.filter.threshold if redecide or stored_itm is None else stored_itm

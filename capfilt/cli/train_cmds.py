@@ -15,6 +15,7 @@ from capfilt.cli.common import (
     print_warning,
     resolve,
 )
+from capfilt.config.core import parse_override
 
 ShardsOption = Annotated[
     list[str],
@@ -56,7 +57,8 @@ def _train(
         raise typer.BadParameter("must be 'auto' or 'never'", param_hint="--resume")
     cfg = resolve(recipe, set_, dry_run)
     if stage != "pretrain":  # train.* is pretraining's: a fine-tune has a section of its own
-        unused = [item.split("=", 1)[0] for item in set_ or [] if item.startswith("train.")]
+        keys = [parse_override(item)[0] for item in set_ or []]
+        unused = [".".join(path) for path in keys if len(path) > 1 and path[0] == "train"]
         if unused:
             mine = ", ".join(f"finetune.{stage}.{key.removeprefix('train.')}" for key in unused)
             print_warning(

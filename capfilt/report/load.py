@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from capfilt.data.writer import STATS_SUFFIX, drop_skipped_rows, shard_name
+from capfilt.data.writer import drop_skipped_rows, read_done_marker
 
 RUN_NAMES = ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt")
 """The demo's training runs, in pipeline order (other run folders found are shown after these)."""
@@ -233,7 +233,7 @@ def folder_kind(run_dir: Path) -> str:
     if any(run_dir.glob("*.tar")):
         # a caption stage's shards, or others (an import's, the built-in benchmark's): the first
         # shard's done-marker names the stage that wrote them
-        marker = _read_json(run_dir / f"{shard_name(0)}{STATS_SUFFIX}")
+        marker = read_done_marker(run_dir, 0)
         stage = marker.get("stage") if isinstance(marker, dict) else None
         return "caption" if stage in ("caption", None) else "shards"
     return "unknown"
