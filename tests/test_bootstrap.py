@@ -304,14 +304,16 @@ def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, sh
     decided = _texts(half)
     assert decided["kept"].sum() == (texts["itc_cosine"] > cut).sum() > 0
     alone = render_report(half)
-    assert "holds a filter stage output" in alone and "<img" in alone and "<svg" in alone
+    assert "CapFilt report: a filter stage output" in alone and "<img" in alone and "<svg" in alone
+    assert "decisions follow rule itc: a text is kept when its ITC cosine is above" in alone
     # it names the folder it read, not a bootstrap folder's data/web_filtered it does not have
     assert "data/web_filtered" not in alone and "data/web_captioned" not in alone
     # shards no caption stage wrote, and a training run (whose loss curves the page draws)
     page = " ".join(render_report(shards / "web").split())
-    assert "holds shards (no caption or filter output)" in page
+    assert "CapFilt report: shards no caption or filter stage wrote" in page
+    assert 'id="filter"' not in page and 'class="score"' not in page
     page = " ".join(render_report(out / "runs" / "captioner").split())
-    assert "holds a training run: retrieval results and the other stages" in page
+    assert "CapFilt report: a training run" in page and 'id="retrieval"' not in page
     empty = tmp_path / "empty"
     empty.mkdir()
     page = render_report(empty)

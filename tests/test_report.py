@@ -402,3 +402,54 @@ def test_charts_handle_edge_cases():
     assert "&lt;b&gt;" in histogram_chart(
         [0, 0.5, 1], [("<b>", [1, 2], "#0f0")], title="h", threshold=0.5
     )
+
+
+def test_a_stage_folder_gets_only_the_sections_it_can_fill(fake_run: Path, tmp_path: Path):
+    # a caption stage's output: its images and texts; no filter has scored them
+    captioned = tmp_path / "captioned"
+    shutil.copytree(fake_run / "data" / "web_captioned", captioned)
+    html = render_report(captioned)
+    sections = re.findall(r'<section id="(\w+)"', html)
+    assert sections == ["overview", "examples"]
+    assert "CapFilt report: a caption stage output" in html and "<h2>1. Examples</h2>" in html
+    assert 'id="retrieval-table"' not in html and 'id="filter-table"' not in html
+    assert 'class="score"' not in html and "no score" not in html and "<img" in html
+    # the truth is known, the decision is not: no example is called rejected or kept
+    categories = re.findall(r'<span class="cat">([^<]*)</span>', html)
+    assert categories and set(categories) <= {"noisy web text", "clean web text", "other"}
+    assert "noisy web text" in categories
+    images = sum(1 for _ in read_samples(expand_shards(str(captioned))))
+    assert f"<th>images</th><td>{images}</td>" in html
+
+    # a training run: its loss curves alone
+    html = render_report(fake_run / "runs" / "captioner")
+    assert re.findall(r'<section id="(\w+)"', html) == ["overview", "losses"]
+    assert "<h2>1. Training loss</h2>" in html and html.count('class="chart line-chart"') == 1
+    assert 'id="missing"' not in html
+
+    # a filter's per-text tables: decisions, histograms and examples, no retrieval or losses
+    filtered = tmp_path / "filtered"
+    shutil.copytree(fake_run / "data" / "web_filtered", filtered)
+    html = render_report(filtered)
+    assert re.findall(r'<section id="(\w+)"', html) == ["overview", "filter", "scores", "examples"]
+    assert "<h2>1. Filter on web noise, and caption truth</h2>" in html
+    assert 'id="retrieval-table"' not in html and html.count('class="chart histogram"') == 3
+
+
+def test_report_of_a_folder_of_runs_names_them_and_exits_2(fake_run: Path, tmp_path: Path):
+    from capfilt.cli.main import app
+
+    runs = tmp_path / "runs"
+    shutil.copytree(fake_run, runs / "first")
+    shutil.copytree(fake_run / "runs" / "filter", runs / "more" / "filter_training")
+    result = CliRunner().invoke(app, ["report", str(runs)])
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert f"{runs / 'first'} (a bootstrap or demo run)" in out
+    assert f"{runs / 'more' / 'filter_training'} (a training run)" in out
+    assert f"capfilt report {runs / 'first'}" in out
+    assert not (runs / "report.html").exists()
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["report", str(empty)])
+    assert result.exit_code == 2 and "holds no capfilt run" in result.output

@@ -15,8 +15,10 @@ def report(
     run_dir: Annotated[
         Path,
         typer.Argument(
-            help="A `capfilt bootstrap` or `capfilt demo` folder, or one stage's output "
-            "(a filter folder gives its histograms and examples)."
+            help="A `capfilt bootstrap` or `capfilt demo` folder; or one stage's --out (a "
+            "filter's gives its decisions, histograms and examples; a caption stage's or an "
+            "import's, its examples); or a training run folder (its loss curves). A folder "
+            "holding several of these is refused with their list."
         ),
     ],
     out: Annotated[
@@ -30,8 +32,25 @@ def report(
     """Write one HTML page (no external files) with the retrieval and filter tables, loss curves,
     ITM score histograms and example images; parts the run lacks are listed, not fatal."""
     from capfilt.report import write_report
+    from capfilt.report.load import KIND_NAMES, capfilt_folders_inside, folder_kind
 
     if not run_dir.is_dir():
         raise fail(f"run folder not found: {run_dir}", EXIT_USAGE)
+    if folder_kind(run_dir) == "unknown":
+        inside = capfilt_folders_inside(run_dir)
+        if not inside:
+            raise fail(
+                f"{run_dir} holds no capfilt run, stage output or training run (nor do the "
+                "folders in it): give a `capfilt bootstrap`/`demo` folder or one stage's --out",
+                EXIT_USAGE,
+            )
+        listed = "\n".join(f"  {path}  ({KIND_NAMES[kind]})" for path, kind in inside[:20])
+        more = f"\n  … and {len(inside) - 20} more" if len(inside) > 20 else ""
+        example = next((path for path, kind in inside if kind == "run"), inside[0][0])
+        raise fail(
+            f"{run_dir} is not itself a capfilt folder; it holds {len(inside)}:\n{listed}{more}\n"
+            f"report one of them, e.g. `capfilt report {example}`",
+            EXIT_USAGE,
+        )
     path = write_report(run_dir, out, n_examples=examples)
     stdout.print(f"report written to {path}")

@@ -36,6 +36,8 @@ CATEGORIES = (
     "noise kept",
     "clean rejected",
     "synthetic rejected",
+    "noisy web text",
+    "clean web text",
     "other",
 )
 """Outcome categories, in the order the round-robin picks from them."""
@@ -161,8 +163,8 @@ def categorize(entries: list[TextEntry]) -> str:
         }[(web.ok, web.kept)]
     if any(e.origin == "synthetic" and e.kept is False for e in entries):
         return "synthetic rejected"
-    if web is not None and web.ok is False:
-        return "noise rejected" if web.kept is not False else "noise kept"
+    if web is not None and web.ok is not None:  # no decision yet: only the truth is known
+        return "clean web text" if web.ok else "noisy web text"
     return "other"
 
 

@@ -32,6 +32,18 @@ RUN_NAMES = ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt")
 TEXT_COLUMNS = ("uid", "origin", "text", "itm_score", "kept")
 """Parquet columns the report needs from ``data/web_filtered``."""
 
+RUN_MARKERS = ("manifest.json", "recipe.json", "runs", "data", "stages")
+"""What a bootstrap or demo folder holds from its first seconds on."""
+
+KIND_NAMES = {
+    "run": "a bootstrap or demo run",
+    "filter": "a filter stage output",
+    "caption": "a caption stage output",
+    "shards": "shards no caption or filter stage wrote",
+    "training": "a training run",
+}
+"""How the report and its errors name each kind of folder :func:`folder_kind` tells apart."""
+
 MAX_METRIC_LINES = 200_000
 """Cap on metrics lines read per run: a report of a huge run should still render quickly."""
 
@@ -224,7 +236,7 @@ def _has_score_tables(folder: Path) -> bool:
 def folder_kind(run_dir: Path) -> str:
     """``run``, ``filter``, ``caption``, ``shards``, ``training`` or ``unknown`` (see the module
     doc)."""
-    if any((run_dir / name).exists() for name in ("manifest.json", "runs", "data", "stages")):
+    if any((run_dir / name).exists() for name in RUN_MARKERS):
         return "run"
     if _has_score_tables(run_dir):
         return "filter"
@@ -237,6 +249,52 @@ def folder_kind(run_dir: Path) -> str:
         stage = marker.get("stage") if isinstance(marker, dict) else None
         return "caption" if stage in ("caption", None) else "shards"
     return "unknown"
+
+
+def capfilt_folders_inside(folder: Path, depth: int = 2) -> list[tuple[Path, str]]:
+    """The folders under ``folder`` (``depth`` levels down) that the report can read, with their
+    kind, outermost first: a bootstrap folder's own stages are not listed apart from it."""
+    found: list[tuple[Path, str]] = []
+    try:
+        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return found
+    for child in children:
+        kind = folder_kind(child)
+        if kind != "unknown":
+            found.append((child, kind))
+        elif depth > 1:
+            found += capfilt_folders_inside(child, depth - 1)
+    return found
+
+
+def _stage_counts(run_dir: Path, kind: str) -> dict[str, Any]:
+    """What a stage folder holds, for the page's overview: images, and for a filter folder the
+    texts it kept per origin (from its ``summary.json``), else the captions its shards carry."""
+    counts: dict[str, Any] = {}
+    if kind == "filter":
+        stage = _read_json(run_dir / "summary.json")
+        stage = stage if isinstance(stage, dict) else {}
+        for key, label in (("images", "images scored"), ("images_kept", "images kept")):
+            if isinstance(stage.get(key), int):
+                counts[label] = stage[key]
+        origins = stage.get("origins") if isinstance(stage.get("origins"), dict) else {}
+        for origin, label in (("web", "web texts"), ("synthetic", "synthetic captions")):
+            row = origins.get(origin) if isinstance(origins.get(origin), dict) else {}
+            if isinstance(row.get("texts"), int):
+                counts[label] = row["texts"]
+            if isinstance(row.get("kept"), int):
+                counts[f"{label} kept"] = row["kept"]
+        return counts
+    markers = [_read_json(p) for p in sorted(run_dir.glob("*_stats.json"))]
+    markers = [m for m in markers if isinstance(m, dict) and isinstance(m.get("count"), int)]
+    if markers:  # one done-marker per finished shard
+        counts["shards"] = len(markers)
+        counts["images"] = sum(m["count"] for m in markers)
+    captions = [m.get("synthetic_captions") for m in markers]
+    if kind == "caption" and captions and all(isinstance(n, int) for n in captions):
+        counts["synthetic captions"] = sum(captions)
+    return counts
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -254,23 +312,13 @@ def load_run(run_dir: str | Path) -> RunData:
         data.metrics = load_metrics(run_dir, missing)
         data.texts = load_texts(run_dir, missing)
         return data
-    what = {
-        "filter": "a filter stage output",
-        "caption": "a caption stage output",
-        "shards": "shards (no caption or filter output)",
-        "training": "a training run",
-    }[kind]
-    absent = "retrieval results" if kind == "training" else "retrieval results, loss curves"
-    missing.append(
-        f"{run_dir} holds {what}: {absent} and the other stages of a bootstrap folder are not "
-        "part of it"
-    )
+    counts = _stage_counts(run_dir, kind)
     if kind == "filter":
         data.filtered_dir = data.captioned_dir = run_dir
         stage_summary = _read_json(run_dir / "summary.json")
         rule = stage_summary.get("rule") if isinstance(stage_summary, dict) else None
         if isinstance(rule, dict):
-            data.summary = {"filter": {"threshold": rule.get("threshold")}}
+            data.summary = {"filter": {"threshold": rule.get("threshold"), "rule": rule}}
         data.texts = load_texts(run_dir, missing, folder=run_dir)
         missing.append(
             "examples show the images the filter kept (its shards hold no rejected image)"
@@ -291,4 +339,6 @@ def load_run(run_dir: str | Path) -> RunData:
             if row is not None:
                 rows.append(row)
         data.metrics = {run_dir.name: rows}
+    if counts:
+        data.summary["data"] = counts
     return data

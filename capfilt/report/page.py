@@ -15,7 +15,7 @@ from capfilt.eval.filter_metrics import HIST_BINS, histogram_edges, score_histog
 from capfilt.pipeline.summary import dig, fmt, fmt_pct, number
 from capfilt.report.charts import PALETTE, Series, empty_chart, histogram_chart, line_chart
 from capfilt.report.examples import Example, pick_examples
-from capfilt.report.load import RunData, load_run
+from capfilt.report.load import KIND_NAMES, RunData, load_run
 from capfilt.report.tables import (
     ablation_table,
     filter_table,
@@ -133,9 +133,31 @@ def _notes(notes: list[str]) -> str:
     return "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
 
 
+SECTIONS = {
+    "run": ("retrieval", "filter", "losses", "scores", "examples"),
+    "filter": ("filter", "scores", "examples"),
+    "caption": ("examples",),
+    "shards": ("examples",),
+    "training": ("losses",),
+}
+"""The numbered sections each kind of folder (:func:`capfilt.report.load.folder_kind`) can fill;
+a folder of unknown kind gets a bootstrap folder's, each saying what it lacks."""
+
+STAGE_LEADS = {
+    "filter": "One filter stage's output: the ITM score and decision of every text, the images "
+    "it kept with their texts, and the texts' match with the truth where the shards carry it.",
+    "caption": "One caption stage's output: web images with their texts and the synthetic "
+    "captions the captioner wrote for them.",
+    "shards": "Shards of images and texts that no caption or filter stage wrote (an import's, "
+    "the built-in benchmark's): example images with their texts.",
+    "training": "One training run: its loss curves.",
+}
+
+
 def _header(data: RunData) -> str:
     s = data.summary
-    bits = [f"run folder <code>{escape(str(data.run_dir))}</code>"]
+    folder = "run folder" if data.kind in ("run", "unknown") else "folder"
+    bits = [f"{folder} <code>{escape(str(data.run_dir))}</code>"]
     for key in ("recipe", "seed"):
         if key in s and not isinstance(s[key], dict | list):
             bits.append(f"{key} <b>{escape(str(s[key]))}</b>")
@@ -144,15 +166,30 @@ def _header(data: RunData) -> str:
     if data.missing:
         items = "".join(f"<li>{escape(m)}</li>" for m in data.missing)
         missing = f'<div class="missing" id="missing"><h3>Missing or incomplete parts</h3><ul>{items}</ul></div>'
+    if data.kind in ("run", "unknown"):
+        title = "CapFilt run report"
+        overview = (
+            '<section id="overview"><h2>Run overview</h2>'
+            '<p class="lead">BLIP\'s CapFilt: a captioner writes synthetic captions for web images, an ITM filter '
+            "drops texts that do not match their image, and a fresh model is pretrained on the cleaned data. "
+            "The baseline is pretrained on the same data without CapFilt.</p>"
+            f'<div class="row"><div class="card"><h3>Stage timings</h3>{timings}</div>'
+            f'<div class="card"><h3>Data</h3>{counts}</div></div></section>'
+        )
+    else:
+        title = f"CapFilt report: {KIND_NAMES[data.kind]}"
+        contents = (
+            f'<div class="row"><div class="card"><h3>Contents</h3>{counts}</div></div>'
+            if isinstance(s.get("data"), dict)
+            else ""
+        )
+        overview = (
+            f'<section id="overview"><p class="lead">{escape(STAGE_LEADS[data.kind])}</p>'
+            f"{contents}</section>"
+        )
     return (
-        "<header><h1>CapFilt run report</h1>"
-        f'<p class="sub">{" · ".join(bits)}</p></header>{missing}'
-        '<section id="overview"><h2>Run overview</h2>'
-        '<p class="lead">BLIP\'s CapFilt: a captioner writes synthetic captions for web images, an ITM filter '
-        "drops texts that do not match their image, and a fresh model is pretrained on the cleaned data. "
-        "The baseline is pretrained on the same data without CapFilt.</p>"
-        f'<div class="row"><div class="card"><h3>Stage timings</h3>{timings}</div>'
-        f'<div class="card"><h3>Data</h3>{counts}</div></div></section>'
+        f"<header><h1>{escape(title)}</h1>"
+        f'<p class="sub">{" · ".join(bits)}</p></header>{missing}{overview}'
     )
 
 
@@ -169,7 +206,7 @@ def _retrieval(data: RunData) -> str:
             f"{ablations}"
         )
     return (
-        '<section id="retrieval"><h2>1. Retrieval: baseline vs CapFilt</h2>'
+        '<section id="retrieval"><h2>Retrieval: baseline vs CapFilt</h2>'
         '<p class="lead">Recall@K (%) on the held-out test set; text retrieval = image→text, image retrieval = '
         "text→image (ITC top-k reranked by ITM, as in BLIP). Δ &gt; 0 means CapFilt helped.</p>"
         f"{table}{_notes(notes)}{ablations}</section>"
@@ -214,8 +251,21 @@ def _sweep_chart(data: RunData, threshold: float | None) -> str:
 def _filter(data: RunData) -> str:
     table, notes = filter_table(data.summary, data.texts, data.filtered_label)
     threshold = filter_threshold(data.summary)
+    rule = dig(data.summary, "filter", "rule")
+    if isinstance(rule, dict) and rule.get("rule") == "itc":
+        cut = number(rule.get("itc_threshold"))
+        notes.append(
+            "this folder's decisions follow rule itc: a text is kept when its ITC cosine is above "
+            + (f"{cut:.4g}" if cut is not None else "the cut")
+            + (
+                f" (keep_fraction {rule['keep_fraction']:g})"
+                if number(rule.get("keep_fraction")) is not None
+                else ""
+            )
+            + "; the ITM scores are shown beside them"
+        )
     return (
-        '<section id="filter"><h2>2. Filter on web noise, and caption truth</h2>'
+        '<section id="filter"><h2>Filter on web noise, and caption truth</h2>'
         '<p class="lead">The filter rejects a text when its ITM match probability is not above the threshold. '
         "Precision/recall/F1 treat rejecting a noisy web text as a hit. The truth rate is the share of "
         "synthetic captions that are true of their image. Both need the truth, which the built-in "
@@ -270,7 +320,7 @@ def _losses(data: RunData) -> str:
             + "</div>"
         )
     return (
-        '<section id="losses"><h2>3. Training loss</h2>'
+        '<section id="losses"><h2>Training loss</h2>'
         '<p class="lead">Total loss and its parts (ITC, ITM, LM) per logged step for every training run.</p>'
         f"{body}</section>"
     )
@@ -348,7 +398,7 @@ def _histograms(data: RunData) -> str:
         f'<div class="card chart-card"><h3>{escape(title)}</h3>{svg}</div>' for title, svg in charts
     )
     return (
-        '<section id="scores"><h2>4. ITM score distributions</h2>'
+        '<section id="scores"><h2>ITM score distributions</h2>'
         f'<p class="lead">Filter match probability of every text ({CHART_BINS} bins on [0, 1]); '
         "the dashed line is the threshold.</p>"
         f'<div class="row">{body}</div>{_notes(notes)}</section>'
@@ -359,18 +409,20 @@ def _badge(kind: str, text: str) -> str:
     return f'<span class="badge b-{kind}">{escape(text)}</span>'
 
 
-def _example(ex: Example) -> str:
+def _example(ex: Example, scored: bool = True) -> str:
     lines = []
     for e in ex.entries:
-        decision = (
-            _badge("unknown", "no score")
-            if e.kept is None
-            else _badge("kept" if e.kept else "rejected", "kept" if e.kept else "rejected")
-        )
+        decision = score = ""
+        if scored:
+            decision = (
+                _badge("unknown", "no score")
+                if e.kept is None
+                else _badge("kept" if e.kept else "rejected", "kept" if e.kept else "rejected")
+            )
+            score = f'<span class="score">ITM {fmt(e.score, 2)}</span>'
         truth = ""
         if e.truth is not None:
             truth = _badge("true" if e.ok else "false", e.truth)
-        score = f'<span class="score">ITM {fmt(e.score, 2)}</span>'
         lines.append(
             f'<div class="text">{_badge(e.origin if e.origin in ("web", "synthetic", "human") else "human", e.origin)}'
             f'{score}{decision}{truth}<span class="t">{escape(e.text)}</span></div>'
@@ -381,20 +433,27 @@ def _example(ex: Example) -> str:
     )
 
 
-def _examples(examples: list[Example], source: str = "data/web_captioned") -> str:
+def _examples(
+    examples: list[Example], source: str = "data/web_captioned", scored: bool = True
+) -> str:
+    """The example images; ``scored`` is False for a folder no filter has scored (a caption
+    stage's or an import's), whose texts carry no score or decision to show."""
     body = (
-        '<div class="examples">' + "".join(_example(e) for e in examples) + "</div>"
+        '<div class="examples">' + "".join(_example(e, scored) for e in examples) + "</div>"
         if examples
         else f'<p class="note">No example images ({escape(source)} missing or empty).</p>'
     )
-    return (
-        '<section id="examples"><h2>5. Examples</h2>'
-        '<p class="lead">Web images with their web text and synthetic captions, each with its ITM score, the '
-        "filter's decision and, where it is known, the truth: for web texts clean or the kind of noise, for "
-        "synthetic captions whether the caption is true of the image. Picked to show successes and "
-        "mistakes.</p>"
-        f"{body}</section>"
+    lead = (
+        "Web images with their web text and synthetic captions, each with its ITM score, the "
+        "filter's decision and, where it is known, the truth: for web texts clean or the kind of "
+        "noise, for synthetic captions whether the caption is true of the image. Picked to show "
+        "successes and mistakes."
+        if scored
+        else "Images with their texts (the web text and any synthetic captions) and, where it is "
+        "known, the truth: for web texts clean or the kind of noise, for synthetic captions "
+        "whether the caption is true of the image. No filter has scored these texts."
     )
+    return f'<section id="examples"><h2>Examples</h2><p class="lead">{lead}</p>{body}</section>'
 
 
 def render_report(run_dir: str | Path, n_examples: int = 12) -> str:
@@ -407,14 +466,20 @@ def render_report(run_dir: str | Path, n_examples: int = 12) -> str:
     else:
         examples = []
     title = f"CapFilt report: {data.run_dir.resolve().name}"
-    sections = [
-        _rounds(data),
-        _retrieval(data),
-        _filter(data),
-        _losses(data),
-        _histograms(data),
-        _examples(examples, data.captioned_label),
+    build = {
+        "retrieval": lambda: _retrieval(data),
+        "filter": lambda: _filter(data),
+        "losses": lambda: _losses(data),
+        "scores": lambda: _histograms(data),
+        "examples": lambda: _examples(
+            examples, data.captioned_label, scored=data.kind not in ("caption", "shards")
+        ),
+    }
+    numbered = [
+        build[name]().replace("<h2>", f"<h2>{i}. ", 1)
+        for i, name in enumerate(SECTIONS.get(data.kind, SECTIONS["run"]), 1)
     ]
+    sections = [_rounds(data), *numbered]
     header = _header(data)  # after the sections: they may add to data.missing
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
