@@ -1035,7 +1035,7 @@ def test_a_caption_stage_waiting_on_its_loader_says_so_and_which_setting_helps(
     result = caption_shards(models["captioner"], [str(synth / "web")], tmp_path / "cap", cfg)
     assert _files(tmp_path / "cap") == _files(outputs["captioned"])
     phases = result.phase_seconds
-    assert {"loader start", "images", "model", "writing", "publishing"} <= set(phases)
+    assert {"loader start", "images", "model", "writing", "last commit"} <= set(phases)
     n_batches = result.stats["input_count"] // cfg.batch_size  # at least
     assert phases["images"] + phases["loader start"] >= 0.1 * n_batches
     line = next(r.getMessage() for r in caplog.records if "samples in" in r.getMessage())

@@ -111,7 +111,14 @@ def _timed_stage(tmp_path, caplog, image_wait, model_seconds: float):
 def test_the_stage_says_which_phase_set_its_rate(tmp_path, caplog):
     result, line = _timed_stage(tmp_path, caplog, lambda index: 0.01, model_seconds=0.25)
     phases = result.phase_seconds
-    assert set(phases) == {"loader start", "images", "model", "writing", "publishing"}
+    assert set(phases) == {
+        "loader start",
+        "images",
+        "model",
+        "writing",
+        "publishing",
+        "last commit",
+    }
     assert phases["model"] >= 0.5
     assert sum(phases.values()) <= result.seconds
     assert "main process: model" in line and line.endswith("the model set the rate")
@@ -135,7 +142,7 @@ def test_a_stage_that_times_nothing_says_nothing_of_phases(tmp_path, caplog):
     result = _stage(tmp_path, produce, None)
     line = next(r.getMessage() for r in caplog.records if "samples in" in r.getMessage())
     assert line.endswith("samples/s)") and "main process" not in line
-    assert set(result.phase_seconds) == {"publishing"}
+    assert set(result.phase_seconds) == {"publishing", "last commit"}
 
 
 def test_a_short_run_whose_loader_start_took_the_most_names_the_steady_phase(tmp_path, caplog):
@@ -152,6 +159,31 @@ def test_a_short_run_whose_loader_start_took_the_most_names_the_steady_phase(tmp
     start = result.phase_seconds["loader start"]
     assert float(steady) == pytest.approx(2 / (result.seconds - start), rel=0.01)
     assert float(steady) > 1.5 * float(rate)
+
+
+def test_a_short_run_whose_last_commit_took_the_most_does_not_blame_the_disk(
+    tmp_path, caplog, monkeypatch
+):
+    """The last shard's commit overlaps nothing: in a run of two shards it can take the most
+    time on a disk that never held the stage back; the line names the steady state's phase."""
+    from capfilt.data.writer import ShardWriter
+
+    commit = ShardWriter.commit
+
+    def slow_commit(self, *args, **kwargs):
+        time.sleep(0.5)
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "commit", slow_commit)
+    result, line = _timed_stage(tmp_path, caplog, lambda index: 0.0, model_seconds=0.2)
+    phases = result.phase_seconds
+    # shard 0's commit overlapped shard 1's model time (0.3 s left to wait), shard 1's nothing
+    assert phases["last commit"] >= 0.45 and phases["publishing"] < phases["last commit"]
+    assert "disk slow" not in line
+    assert line.endswith(
+        "the last shard's commit took the most time (a short run); before it, the model set "
+        "the rate"
+    )
 
 
 def test_shares_count_the_phase_running_now():

@@ -174,6 +174,14 @@ ProduceFn = Callable[[int, ShardWriter], dict[str, Any] | None]
 LOADER_START = "loader start"
 """The phase of a stage's first wait for its loader (processes starting, first images decoded)."""
 
+LAST_COMMIT = "last commit"
+"""The phase of a stage's wait for its last shard's commit, which nothing overlaps; in a short
+run it may be the largest, though the disk never slowed the steady state."""
+
+ONE_OFF_PHASES = (LOADER_START, LAST_COMMIT)
+"""Phases that happen once per run: a longer run spends the same time in them, so they never
+set its rate."""
+
 RATE_SET_BY = {
     "images": "the loader set the rate",
     "model": "the model set the rate",
@@ -377,7 +385,7 @@ def run_shard_stage(
                 raise
             with clock.phase("publishing"):
                 publisher.publish(index, writer, extra)
-        with clock.phase("publishing"):
+        with clock.phase(LAST_COMMIT):
             publisher.flush()
     if todo:
         result.seconds = time.perf_counter() - started
@@ -408,7 +416,7 @@ def run_shard_stage(
 
 def _timed_phases(clock: PhaseClock) -> bool:
     """Whether the stage's ``produce`` timed phases of its own (else only publishing is)."""
-    return bool(set(clock.seconds) - {"publishing"})
+    return bool(set(clock.seconds) - {"publishing", LAST_COMMIT})
 
 
 def _steady_rate(clock: PhaseClock, processed: int, seconds: float) -> str:
@@ -426,14 +434,19 @@ def _rate_set_by(clock: PhaseClock, seconds: float, hints: Mapping[str, str]) ->
     when the stage timed no phase of its own (only publishing)."""
     if not _timed_phases(clock):
         return ""
-    # the rate is set by the steady state: more loader processes do not start the loader sooner
-    steady = {name: s for name, s in clock.seconds.items() if name != LOADER_START}
+    # the rate is set by the steady state: more loader processes do not start the loader sooner,
+    # a faster disk would not shorten the run by more than the last commit
+    steady = {name: s for name, s in clock.seconds.items() if name not in ONE_OFF_PHASES}
+    if not steady:
+        return f"; main process: {clock.describe(seconds)}"
     largest = max(steady, key=steady.__getitem__)
     said = RATE_SET_BY.get(largest, f"{largest} set the rate")
     if largest in hints:
         said = f"{said}; {hints[largest]}"
     if clock.largest() == LOADER_START:
         said = f"the loader's start took the most time (a short run); after it, {said}"
+    elif clock.largest() == LAST_COMMIT:
+        said = f"the last shard's commit took the most time (a short run); before it, {said}"
     return f"; main process: {clock.describe(seconds)}: {said}"
 
 
