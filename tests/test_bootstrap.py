@@ -123,11 +123,28 @@ def test_bootstrap_runs_every_stage_and_writes_manifest_and_summary(run_a, shard
 
 def test_a_changed_recipe_is_refused_unless_restarted(run_a, shards):
     out, _ = run_a
-    with pytest.raises(BootstrapConflict, match="--restart-from pretrain-baseline") as refused:
+    # a filter setting is first read by the filter stage: the stages before it stay
+    with pytest.raises(BootstrapConflict, match="--restart-from filter ") as refused:
         run_bootstrap(load_recipe("tiny", [*FAST, "filter.threshold=0.2"]), _inputs(shards), out)
     # it names what changed, and the recipe the run was made with
     assert "another recipe (filter.threshold: 0.5 -> 0.2)" in str(refused.value)
     assert f"the recipe it was made with ({out / 'recipe.yaml'})" in str(refused.value)
+    # a restart later than the first stage a change affects would keep stages made without it
+    manifest, recipe_yaml = (out / "manifest.json").read_bytes(), (out / "recipe.yaml").read_bytes()
+    for change, later, first in (
+        ("train.lr=0.5", "evaluate", "pretrain-baseline"),
+        ("caption.prompt='a photo of '", "caption", "finetune-captioner"),
+        ("filter.threshold=0.2", "pretrain-capfilt", "filter"),
+    ):
+        with pytest.raises(BootstrapConflict, match=f"affects {first} and every stage after"):
+            recipe = load_recipe("tiny", [*FAST, change])
+            run_bootstrap(recipe, _inputs(shards), out, restart_from=later)
+    other_web = _inputs(shards)
+    other_web.web = [str(shards / "human")]
+    with pytest.raises(BootstrapConflict, match="other inputs: the change affects pretrain-base"):
+        run_bootstrap(load_recipe("tiny", FAST), other_web, out, restart_from="evaluate")
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert (out / "recipe.yaml").read_bytes() == recipe_yaml
     from capfilt.cli.main import app
 
     result = CliRunner().invoke(app, [*_args(shards, out), "--set", "train.lr=0.5"])

@@ -71,7 +71,9 @@ def bootstrap(
         str | None,
         typer.Option(
             "--restart-from",
-            help="Redo this stage and every later one (needed after a recipe or input change).",
+            help="Redo this stage and every later one (needed after a recipe or input "
+            "change: the refusal names the earliest stage the change affects; a later one is "
+            "refused too).",
         ),
     ] = None,
     set_: SetOption = None,

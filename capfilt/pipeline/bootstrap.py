@@ -490,10 +490,41 @@ def _write_manifest(layout: BootstrapLayout, manifest: dict[str, Any]) -> None:
     atomic_write_json(layout.manifest, manifest)
 
 
+RECIPE_KEY_STAGES = (
+    ("name", None),
+    ("synth.", "synth"),
+    ("caption.prompt", "finetune-captioner"),
+    ("finetune.captioner.", "finetune-captioner"),
+    ("finetune.filter.", "finetune-filter"),
+    ("caption.", "caption"),
+    ("filter.", "filter"),
+    ("eval.", "evaluate"),
+)
+"""The first stage that reads a recipe key (by prefix, first match); any other key (model, data,
+train, seed) is read from the baseline pretrain on. ``name`` labels the run and changes nothing;
+``synth.*`` is read by the demo's synth stage only; the captioner's fine-tune trains with
+``caption.prompt``."""
+
+
+def _stage_of_key(key: str, order: tuple[str, ...]) -> str | None:
+    """The first stage of ``order`` that reads recipe key ``key`` (None: no stage reads it)."""
+    for prefix, stage in RECIPE_KEY_STAGES:
+        if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
+            return stage if stage in order else None
+    return "pretrain-baseline"
+
+
 def _first_affected(
-    previous: dict[str, Any], recipe_hash: str, fingerprint: dict, root: Path
+    previous: dict[str, Any],
+    recipe_hash: str,
+    fingerprint: dict,
+    root: Path,
+    recipe_keys: list[str] | None,
+    order: tuple[str, ...] = STAGES,
 ) -> str | None:
-    """The earliest stage a change of recipe or inputs invalidates (None: nothing changed)."""
+    """The earliest stage of ``order`` that a change of recipe or inputs invalidates (None:
+    nothing changed); ``recipe_keys`` are the recipe keys that changed, None when they cannot
+    be told (then the first stage)."""
 
     def relative(value):  # manifests written before paths inside the run were relative
         if isinstance(value, list):
@@ -504,13 +535,19 @@ def _first_affected(
 
     before = {k: relative(v) for k, v in (previous.get("inputs") or {}).items()}
     changed = [k for k in fingerprint if before.get(k) != fingerprint[k]]
-    if previous.get("recipe_hash") != recipe_hash or {"human", "web"} & set(changed):
-        return "pretrain-baseline"
+    affected: set[str | None] = set()
+    if previous.get("recipe_hash") != recipe_hash:
+        if recipe_keys:
+            affected |= {_stage_of_key(key, order) for key in recipe_keys}
+        else:
+            affected.add(order[0])
+    if {"human", "web"} & set(changed):
+        affected.add("pretrain-baseline")
     if {"captioner", "filter", "pretrain_after"} & set(changed):
-        return "caption"
+        affected.add("caption")
     if "test" in changed:
-        return "evaluate"
-    return None
+        affected.add("evaluate")
+    return next((stage for stage in order if stage in affected), None)
 
 
 def open_manifest(
@@ -518,23 +555,34 @@ def open_manifest(
     recipe: Recipe,
     inputs: BootstrapInputs,
     restart_from: str | None = None,
+    order: tuple[str, ...] = STAGES,
 ) -> dict[str, Any]:
     """Create the manifest, or re-open it: a changed recipe or input is refused unless
-    ``restart_from`` is given (the caller then redoes that stage and every later one)."""
+    ``restart_from`` names the earliest stage of ``order`` it affects or one before it (the
+    caller then redoes that stage and every later one)."""
     layout.root.mkdir(parents=True, exist_ok=True)
     recipe_hash, fingerprint = config_hash(recipe_identity(recipe)), inputs.fingerprint(layout.root)
     previous = _read_manifest(layout)
-    if previous is not None and restart_from is None:
-        stage = _first_affected(previous, recipe_hash, fingerprint, layout.root)
-        if stage is not None:
-            if previous.get("recipe_hash") != recipe_hash:
-                what = f"another recipe{_recipe_changes(layout, recipe)}"
-                same = f"the recipe it was made with ({layout.root / 'recipe.yaml'}) and inputs"
-            else:
-                what, same = "other inputs", "the same recipe and inputs"
+    if previous is not None:
+        changes = _recipe_changes(layout, recipe)
+        keys = None if changes is None else [key for key, _, _ in changes]
+        stage = _first_affected(previous, recipe_hash, fingerprint, layout.root, keys, order)
+        if previous.get("recipe_hash") != recipe_hash:
+            shown = _describe_changes(changes or [])
+            what = f"another recipe ({shown})" if shown else "another recipe"
+            same = f"the recipe it was made with ({layout.root / 'recipe.yaml'}) and inputs"
+        else:
+            what, same = "other inputs", "the same recipe and inputs"
+        if stage is not None and restart_from is None:
             raise BootstrapConflict(
                 f"{layout.root} holds a run made with {what}; re-run with {same} to resume, "
                 f"pass --restart-from {stage} to redo the affected stages, or use a new --out"
+            )
+        if stage is not None and order.index(restart_from) > order.index(stage):
+            raise BootstrapConflict(
+                f"--restart-from {restart_from} would keep stages of {layout.root} made with "
+                f"{what}: the change affects {stage} and every stage after it; pass "
+                f"--restart-from {stage} (or an earlier stage), or use a new --out"
             )
     manifest = previous or {"format": MANIFEST_FORMAT, "stages": {}}
     manifest.update({"recipe": recipe.name, "recipe_hash": recipe_hash, "inputs": fingerprint})
@@ -545,19 +593,21 @@ def open_manifest(
     return manifest
 
 
-def _recipe_changes(layout: BootstrapLayout, recipe: Recipe, most: int = 4) -> str:
-    """`` (train.epochs: 4 -> 10, ...)``: what differs from the recipe the run folder was made
-    with (its ``recipe.json``), or nothing when that cannot be read."""
+def _recipe_changes(layout: BootstrapLayout, recipe: Recipe) -> list[tuple[str, Any, Any]] | None:
+    """What differs from the recipe the run folder was made with (its ``recipe.json``), as
+    (key, old, new); None when that cannot be read."""
     try:
         made_with = json.loads((layout.root / "recipe.json").read_text())["recipe"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    changes = changed_keys(recipe_identity(made_with), recipe_identity(recipe))
-    if not changes:
-        return ""
+        return changed_keys(recipe_identity(made_with), recipe_identity(recipe))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _describe_changes(changes: list[tuple[str, Any, Any]], most: int = 4) -> str:
+    """``train.epochs: 4 -> 10, ...``: the first ``most`` changes."""
     shown = ", ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in changes[:most])
     more = f" and {len(changes) - most} more" if len(changes) > most else ""
-    return f" ({shown}{more})"
+    return f"{shown}{more}"
 
 
 def _reset(layout: BootstrapLayout, manifest: dict[str, Any], step: Step) -> None:
@@ -613,7 +663,7 @@ def run_bootstrap(
     _check_selection(only, "--only", known)
     if restart_from is not None:
         _check_selection((restart_from,), "--restart-from", known)
-    manifest = open_manifest(layout, recipe, inputs, restart_from)
+    manifest = open_manifest(layout, recipe, inputs, restart_from, known)
     layout.stages.mkdir(exist_ok=True)
     if inputs.test and not caption_metrics_available():  # said now, not after the training
         log.warning("the closing evaluation: %s", CAPTION_METRICS_MISSING)
