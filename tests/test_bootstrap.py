@@ -262,6 +262,11 @@ def test_released_models_caption_and_filter_only(run_a, shards, tmp_path):
         _texts(a / "data" / "web_filtered"), _texts(tmp_path / "rel" / "data" / "web_filtered")
     )
     assert summary["filter"]["n_texts"] > 0 and summary["baseline"] == {}
+    # a model setting changes every stage this run has: the first of them is named
+    with pytest.raises(BootstrapConflict, match="pass --restart-from caption to redo"):
+        run_bootstrap(
+            load_recipe("tiny", [*FAST, "model.text_dropout=0.2"]), inputs, tmp_path / "rel"
+        )
     with pytest.raises(ValueError, match="--pretrain-after"):
         run_bootstrap(load_recipe("tiny", FAST), BootstrapInputs(
             web=inputs.web, captioner=inputs.captioner, filter=inputs.filter, rounds=2

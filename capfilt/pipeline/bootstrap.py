@@ -556,10 +556,12 @@ def open_manifest(
     inputs: BootstrapInputs,
     restart_from: str | None = None,
     order: tuple[str, ...] = STAGES,
+    planned: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Create the manifest, or re-open it: a changed recipe or input is refused unless
-    ``restart_from`` names the earliest stage of ``order`` it affects or one before it (the
-    caller then redoes that stage and every later one)."""
+    ``restart_from`` names the earliest stage it affects or one before it (the caller then
+    redoes that stage and every later one). ``order``: every stage name in pipeline order;
+    ``planned``: the stages this run has (with released models, no pretrain or fine-tune)."""
     layout.root.mkdir(parents=True, exist_ok=True)
     recipe_hash, fingerprint = config_hash(recipe_identity(recipe)), inputs.fingerprint(layout.root)
     previous = _read_manifest(layout)
@@ -567,6 +569,8 @@ def open_manifest(
         changes = _recipe_changes(layout, recipe)
         keys = None if changes is None else [key for key, _, _ in changes]
         stage = _first_affected(previous, recipe_hash, fingerprint, layout.root, keys, order)
+        if stage is not None and planned:  # the first stage this run has from that one on
+            stage = next((s for s in planned if order.index(s) >= order.index(stage)), stage)
         if previous.get("recipe_hash") != recipe_hash:
             shown = _describe_changes(changes or [])
             what = f"another recipe ({shown})" if shown else "another recipe"
@@ -663,16 +667,16 @@ def run_bootstrap(
     _check_selection(only, "--only", known)
     if restart_from is not None:
         _check_selection((restart_from,), "--restart-from", known)
-    manifest = open_manifest(layout, recipe, inputs, restart_from, known)
-    layout.stages.mkdir(exist_ok=True)
-    if inputs.test and not caption_metrics_available():  # said now, not after the training
-        log.warning("the closing evaluation: %s", CAPTION_METRICS_MISSING)
-
     evaluate = Step(
         "evaluate", "evaluate", 1, layout.eval(1), list(inputs.test),
         lambda: evaluate_run(recipe, inputs, layout, round_extra),
     )  # fmt: skip
     steps = [*pre_steps, *plan_steps(recipe, inputs, layout), *post_steps, evaluate]
+    planned = tuple(dict.fromkeys(step.stage for step in steps))
+    manifest = open_manifest(layout, recipe, inputs, restart_from, known, planned)
+    layout.stages.mkdir(exist_ok=True)
+    if inputs.test and not caption_metrics_available():  # said now, not after the training
+        log.warning("the closing evaluation: %s", CAPTION_METRICS_MISSING)
     if restart_from is not None:
         first = next((i for i, s in enumerate(steps) if s.stage == restart_from), None)
         if first is None:
