@@ -90,6 +90,27 @@ def test_bad_keys_and_types_name_the_key(override, needle):
         load_recipe("tiny", [override])
 
 
+def test_a_mapping_entry_an_empty_section_and_none(tmp_path):
+    default = load_recipe("demo").synth.noise_mix
+    assert set(default) == {"swap", "attribute", "generic"}
+    # one entry of a mapping changes, the others keep the default's weight
+    mix = load_recipe("demo", ["synth.noise_mix.swap=0.9"]).synth.noise_mix
+    assert mix == {**default, "swap": 0.9}
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("extends: demo\nsynth:\n  noise_mix: {generic: 0}\ntrain:\n")
+    mine = load_recipe(recipe)
+    assert mine.synth.noise_mix == {**default, "generic": 0.0}
+    # `train:` left empty keeps the base's training section, not the defaults
+    assert mine.train == load_recipe("demo").train != load_recipe(None).train
+    # None spelled as Python does, for an optional setting
+    assert load_recipe("demo", ["filter.keep_fraction=None"]).filter.keep_fraction is None
+    assert load_recipe("demo", ["filter.keep_fraction=0.5", "filter.keep_fraction=none"]) == (
+        load_recipe("demo")
+    )
+    with pytest.raises(ConfigError, match="filter.threshold: expected a number, got 'None'"):
+        load_recipe("demo", ["filter.threshold=None"])  # not optional
+
+
 def test_unknown_recipe_and_malformed_override():
     with pytest.raises(ConfigError, match="recipe not found"):
         load_recipe("no-such-recipe")

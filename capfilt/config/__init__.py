@@ -64,6 +64,8 @@ def _merge(base: dict, over: dict) -> dict:
     """``base`` with ``over`` laid on top, section by section (lists and values replace)."""
     out = dict(base)
     for key, value in over.items():
+        if value is None and isinstance(out.get(key), dict):  # a section left empty (`train:`)
+            continue
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:

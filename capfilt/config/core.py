@@ -49,6 +49,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
+        if type(None) in args and isinstance(value, str) and value.lower() in ("none", "null"):
+            return None  # `--set filter.keep_fraction=None`: YAML reads only null or ~ as None
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in get_args(tp):
@@ -74,6 +76,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # a section left empty in YAML (`train:`): its defaults
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(
                 f"{key}: expected a mapping for section {_type_name(tp)}, got {value!r}"
@@ -129,7 +133,13 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for f in dataclasses.fields(cls):
         if f.name in data:
             where = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], where)
+            value = data[f.name]
+            if isinstance(value, dict) and get_origin(hints[f.name]) is dict:
+                # a mapping field's entries: those given replace the default's, the others stay
+                # (`--set synth.noise_mix.swap=0.9` changes one weight, not the whole mix)
+                default = f.default_factory() if callable(f.default_factory) else {}
+                value = {**default, **value}
+            kwargs[f.name] = _coerce(value, hints[f.name], where)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):

@@ -46,7 +46,9 @@ class SynthConfig:
     noise_mix: dict[str, float] = field(
         default_factory=lambda: {"swap": 0.4, "attribute": 0.4, "generic": 0.2}
     )
-    """Relative weights of the noise kinds among noisy web texts (swap, attribute, generic)."""
+    """Relative weights of the noise kinds among noisy web texts (swap, attribute, generic).
+    The kinds a recipe or ``--set synth.noise_mix.KIND=W`` names change; the others keep their
+    weight (0 leaves a kind out)."""
     web_terse_rate: float = 0.0
     """Fraction of the ``web/`` texts that are terse: naming only each object's colour and shape
     ("a red circle and a blue square": no size, place or relation), as web alt-text often says
