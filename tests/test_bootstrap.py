@@ -162,6 +162,24 @@ def test_a_changed_recipe_is_refused_unless_restarted(run_a, shards):
     other.test = [str(shards / "human")]
     with pytest.raises(BootstrapConflict, match="--restart-from evaluate"):
         run_bootstrap(load_recipe("tiny", FAST), other, out)
+
+    # stopped as the restarted stage begins: the old figures are gone, the report says so
+    class Stop(Exception):
+        pass
+
+    def stop(event):
+        if event.status == "start":
+            raise Stop
+
+    assert (out / "summary.json").is_file()
+    with pytest.raises(Stop):
+        run_bootstrap(load_recipe("tiny", FAST), other, out, restart_from="evaluate", on_stage=stop)
+    assert not (out / "summary.json").exists()
+    from capfilt.report import render_report
+
+    page = " ".join(render_report(out).split())
+    assert "manifest.json: not finished: evaluate (running or stopped)" in page
+    assert "summary.json not found" in page
     events = []
     summary = run_bootstrap(
         load_recipe("tiny", FAST), other, out, restart_from="evaluate", on_stage=events.append

@@ -449,6 +449,14 @@ def test_report_of_a_folder_of_runs_names_them_and_exits_2(fake_run: Path, tmp_p
     assert f"{runs / 'more' / 'filter_training'} (a training run)" in out
     assert f"capfilt report {runs / 'first'}" in out
     assert not (runs / "report.html").exists()
+    # a user's own layout: a training run under runs/ and a filter's output beside it
+    proj = tmp_path / "proj"
+    shutil.copytree(fake_run / "runs" / "filter", proj / "runs" / "pre")
+    shutil.copytree(fake_run / "data" / "web_filtered", proj / "web_filtered")
+    result = CliRunner().invoke(app, ["report", str(proj)])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{proj / 'runs' / 'pre'} (a training run)" in out
+    assert f"{proj / 'web_filtered'} (a filter stage output)" in out
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     result = CliRunner().invoke(app, ["report", str(empty)])

@@ -683,6 +683,8 @@ def run_bootstrap(
             raise ConfigError(f"--restart-from {restart_from}: this run has no such stage")
         for step in steps[first:]:
             _reset(layout, manifest, step)
+        # the figures of the stages being redone: a report must not show them as the run's
+        layout.summary.unlink(missing_ok=True)
         _write_manifest(layout, manifest)
 
     def emit(event: StageEvent) -> None:

@@ -32,8 +32,9 @@ RUN_NAMES = ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt")
 TEXT_COLUMNS = ("uid", "origin", "text", "itm_score", "kept")
 """Parquet columns the report needs from ``data/web_filtered``."""
 
-RUN_MARKERS = ("manifest.json", "recipe.json", "runs", "data", "stages")
-"""What a bootstrap or demo folder holds from its first seconds on."""
+RUN_MARKERS = ("manifest.json", "recipe.json", "stages")
+"""What a bootstrap or demo folder holds from its first seconds on (a folder that merely has a
+``runs/`` or ``data/`` is a user's own layout, e.g. ``runs/pre`` beside ``web_captioned/``)."""
 
 KIND_NAMES = {
     "run": "a bootstrap or demo run",
@@ -236,7 +237,10 @@ def _has_score_tables(folder: Path) -> bool:
 def folder_kind(run_dir: Path) -> str:
     """``run``, ``filter``, ``caption``, ``shards``, ``training`` or ``unknown`` (see the module
     doc)."""
-    if any((run_dir / name).exists() for name in RUN_MARKERS):
+    if any((run_dir / name).exists() for name in RUN_MARKERS) or (
+        (run_dir / "summary.json").is_file()
+        and any((run_dir / name).is_dir() for name in ("runs", "data"))
+    ):
         return "run"
     if _has_score_tables(run_dir):
         return "filter"
@@ -297,6 +301,22 @@ def _stage_counts(run_dir: Path, kind: str) -> dict[str, Any]:
     return counts
 
 
+def _unfinished_stages(run_dir: Path, missing: list[str]) -> None:
+    """Note the stages ``manifest.json`` records as begun and not done (running, stopped by a
+    kill, or partial): the page's figures do not include them yet."""
+    manifest = _read_json(run_dir / "manifest.json")
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    if not isinstance(stages, dict):
+        return
+    unfinished = [
+        f"{key} ({'running or stopped' if rec.get('status') == 'running' else rec.get('status')})"
+        for key, rec in stages.items()
+        if isinstance(rec, dict) and rec.get("status") != "done"
+    ]
+    if unfinished:
+        missing.append(f"manifest.json: not finished: {', '.join(unfinished)}")
+
+
 def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     missing: list[str] = []
@@ -307,6 +327,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if kind in ("run", "unknown"):
         data.filtered_dir = run_dir / "data" / "web_filtered"
         data.captioned_dir = run_dir / "data" / "web_captioned"
+        _unfinished_stages(run_dir, missing)
         data.summary = load_summary(run_dir, missing)
         fill_from_folder(run_dir, data.summary)
         data.metrics = load_metrics(run_dir, missing)
