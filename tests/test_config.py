@@ -111,6 +111,27 @@ def test_a_mapping_entry_an_empty_section_and_none(tmp_path):
         load_recipe("demo", ["filter.threshold=None"])  # not optional
 
 
+def test_a_training_runs_config_yaml_is_the_recipe_it_ran(tmp_path):
+    from capfilt.config.core import dump_yaml, to_dict
+
+    recipe = load_recipe("tiny", ["train.lr=0.25"])
+    run_config = {"stage": "pretrain", "shards": ["x"], "recipe": to_dict(recipe)}
+    (tmp_path / "config.yaml").write_text(dump_yaml(run_config))
+    assert load_recipe(tmp_path / "config.yaml") == recipe
+
+
+def test_config_explain_lists_extends_and_refuses_an_unknown_section():
+    from typer.testing import CliRunner
+
+    from capfilt.cli.main import app
+
+    result = CliRunner().invoke(app, ["config", "explain", "extends"])
+    assert result.exit_code == 0 and "mine.yaml" in result.output and "extends" in result.output
+    result = CliRunner().invoke(app, ["config", "explain", "nosuch"])
+    assert result.exit_code == 2 and "no recipe key starts with 'nosuch'" in result.output
+    assert "sections: caption, data, eval, extends" in " ".join(result.output.split())
+
+
 def test_unknown_recipe_and_malformed_override():
     with pytest.raises(ConfigError, match="recipe not found"):
         load_recipe("no-such-recipe")

@@ -200,8 +200,14 @@ def test_recipe_extends_a_chain_and_refuses_unknown_bases(tmp_path: Path):
         load_recipe(tmp_path / "u.yaml")
     (tmp_path / "l1.yaml").write_text("extends: l2.yaml\n")
     (tmp_path / "l2.yaml").write_text("extends: l1.yaml\n")
-    with pytest.raises(ConfigError, match="loop"):
+    with pytest.raises(ConfigError, match=r"^l1.yaml: extends: l2.yaml: extends: recipes extend"):
         load_recipe(tmp_path / "l1.yaml")
+    # a bare name finds the YAML file beside the recipe before a shipped recipe of that name
+    (tmp_path / "tiny.yaml").write_text("extends: demo\nname: local\n")
+    (tmp_path / "named.yaml").write_text("extends: base\nname: named\n")
+    (tmp_path / "shadow.yaml").write_text("extends: tiny\n")
+    assert load_recipe(tmp_path / "named.yaml").filter.threshold == 0.2
+    assert load_recipe(tmp_path / "shadow.yaml").name == "local"
     real = load_recipe("real-cpu")
     assert real.model.max_text_len == 35 and real.model.image_size <= 224
     assert real.model.weight_init == "fan_in"  # from demo

@@ -79,15 +79,19 @@ def load_recipe_data(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     path = resolve_recipe_path(recipe).resolve()
     if path in _seen:
         chain = " -> ".join(p.name for p in (*_seen, path))
-        raise ConfigError(f"extends: recipes extend each other in a loop ({chain})")
+        raise ConfigError(f"recipes extend each other in a loop ({chain})")
     data = load_yaml(path)
+    if isinstance(data.get("recipe"), dict) and "stage" in data:
+        data = dict(data["recipe"])  # a training run folder's config.yaml: the recipe it ran
     base = data.pop(EXTENDS_KEY, None)
     if base is None:
         return data
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{path.name}: extends: expected a recipe name or path, got {base!r}")
-    relative = path.parent / base
-    base_ref = relative if relative.is_file() else base
+    relative = next(
+        (p for p in (path.parent / base, path.parent / f"{base}.yaml") if p.is_file()), None
+    )  # `extends: mine` finds mine.yaml beside this recipe before a shipped recipe of that name
+    base_ref = relative if relative is not None else base
     try:
         base_data = load_recipe_data(base_ref, (*_seen, path))
     except ConfigError as err:
