@@ -387,6 +387,15 @@ def test_cli_writes_report(fake_run: Path, tmp_path: Path):
     assert out.is_file() and out.read_text().count("<img ") == 3
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert result.exit_code == 2
+    # --out names a folder: report.html inside it; none asked for, the page says so
+    result = CliRunner().invoke(
+        app, ["report", str(fake_run), "--out", str(out.parent), "--examples", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    page = (out.parent / "report.html").read_text()
+    assert "<img " not in page and "No example images: --examples 0." in page
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 2 and "is a file" in result.output
 
 
 def test_charts_handle_edge_cases():
@@ -416,16 +425,23 @@ def test_a_stage_folder_gets_only_the_sections_it_can_fill(fake_run: Path, tmp_p
     assert 'class="score"' not in html and "no score" not in html and "<img" in html
     # the truth is known, the decision is not: no example is called rejected or kept
     categories = re.findall(r'<span class="cat">([^<]*)</span>', html)
-    assert categories and set(categories) <= {"noisy web text", "clean web text", "other"}
+    assert categories and set(categories) <= {"noisy web text", "clean web text"}
     assert "noisy web text" in categories
     images = sum(1 for _ in read_samples(expand_shards(str(captioned))))
     assert f"<th>images</th><td>{images}</td>" in html
 
-    # a training run: its loss curves alone
-    html = render_report(fake_run / "runs" / "captioner")
+    # a training run: its loss curves alone, and how far it got
+    training = tmp_path / "captioner"
+    shutil.copytree(fake_run / "runs" / "captioner", training)
+    html = render_report(training)
     assert re.findall(r'<section id="(\w+)"', html) == ["overview", "losses"]
     assert "<h2>1. Training loss</h2>" in html and html.count('class="chart line-chart"') == 1
-    assert 'id="missing"' not in html
+    assert "<th>last logged step</th><td>300</td>" in html
+    assert "model/ not found: the run has not finished, or was stopped (last logged step 300)" in (
+        " ".join(html.split())
+    )
+    (training / "model").mkdir()
+    assert 'id="missing"' not in render_report(training)
 
     # a filter's per-text tables: decisions, histograms and examples, no retrieval or losses
     filtered = tmp_path / "filtered"

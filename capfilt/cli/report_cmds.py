@@ -23,7 +23,12 @@ def report(
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="HTML file to write (default: RUN_DIR/report.html)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="HTML file to write, or a folder to write report.html into (default: "
+            "RUN_DIR/report.html).",
+        ),
     ] = None,
     examples: Annotated[
         int, typer.Option("--examples", min=0, help="Example images to show.")
@@ -34,8 +39,12 @@ def report(
     from capfilt.report import write_report
     from capfilt.report.load import KIND_NAMES, capfilt_folders_inside, folder_kind
 
+    if run_dir.is_file():
+        raise fail(f"{run_dir} is a file: give the folder a run or stage wrote", EXIT_USAGE)
     if not run_dir.is_dir():
         raise fail(f"run folder not found: {run_dir}", EXIT_USAGE)
+    if out is not None and out.is_dir():  # a folder to write the page into
+        out = out / "report.html"
     if folder_kind(run_dir) == "unknown":
         inside = capfilt_folders_inside(run_dir)
         if not inside:

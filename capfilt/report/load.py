@@ -301,6 +301,44 @@ def _stage_counts(run_dir: Path, kind: str) -> dict[str, Any]:
     return counts
 
 
+def _training_facts(
+    run_dir: Path, rows: list[dict[str, Any]], missing: list[str]
+) -> dict[str, Any]:
+    """A training run's stage, recipe, data, last logged step and loss (for the page's
+    overview); notes a run without its ``model/`` as unfinished."""
+    facts: dict[str, Any] = {}
+    try:
+        import yaml
+
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except Exception:  # absent or damaged: the page shows what the metrics say
+        config = None
+    if isinstance(config, dict):
+        recipe = config.get("recipe") if isinstance(config.get("recipe"), dict) else {}
+        for label, value in (
+            ("stage", config.get("stage")),
+            ("recipe", recipe.get("name")),
+            ("initialised from", config.get("init")),
+        ):
+            if isinstance(value, str):
+                facts[label] = value
+        shards = config.get("shards")
+        if isinstance(shards, list) and all(isinstance(s, str) for s in shards):
+            facts["shards"] = ", ".join(shards)
+    if rows:
+        last = rows[-1]
+        facts["last logged step"] = int(last["step"])
+        if isinstance(last.get("loss"), int | float):
+            facts["loss at that step"] = round(float(last["loss"]), 4)
+    if not (run_dir / "model").is_dir():
+        step = f" (last logged step {int(rows[-1]['step'])})" if rows else ""
+        missing.append(
+            f"model/ not found: the run has not finished, or was stopped{step}; "
+            "`capfilt pretrain`/`finetune` with the same --out resumes it"
+        )
+    return facts
+
+
 def _unfinished_stages(run_dir: Path, missing: list[str]) -> None:
     """Note the stages ``manifest.json`` records as begun and not done (running, stopped by a
     kill, or partial): the page's figures do not include them yet."""
@@ -360,6 +398,7 @@ def load_run(run_dir: str | Path) -> RunData:
             if row is not None:
                 rows.append(row)
         data.metrics = {run_dir.name: rows}
+        counts = _training_facts(run_dir, rows, missing)
     if counts:
         data.summary["data"] = counts
     return data

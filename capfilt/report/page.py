@@ -79,7 +79,7 @@ svg.chart rect.empty { fill:#fafafa; stroke:#ccc; stroke-dasharray:4 3; }
 .chart-card { padding:10px 12px 6px; }
 .examples { display:grid; grid-template-columns:repeat(auto-fill, minmax(540px, 1fr)); gap:14px; }
 .example { display:flex; gap:14px; }
-.example img { width:128px; height:128px; image-rendering:pixelated; border-radius:4px; border:1px solid var(--line); flex:none; }
+.example img { width:128px; height:128px; object-fit:contain; background:#f3f4f6; image-rendering:pixelated; border-radius:4px; border:1px solid var(--line); flex:none; }
 .example .texts { flex:1; min-width:0; }
 .example .key { font:11px ui-monospace, "DejaVu Sans Mono", monospace; color:var(--muted); }
 .example .cat { float:right; font-size:11px; color:var(--muted); }
@@ -319,9 +319,10 @@ def _losses(data: RunData) -> str:
             + "".join(_loss_chart(n, rows) for n, rows in data.metrics.items())
             + "</div>"
         )
+    every = "" if data.kind == "training" else " for every training run"
     return (
         '<section id="losses"><h2>Training loss</h2>'
-        '<p class="lead">Total loss and its parts (ITC, ITM, LM) per logged step for every training run.</p>'
+        f'<p class="lead">Total loss and its parts (ITC, ITM, LM) per logged step{every}.</p>'
         f"{body}</section>"
     )
 
@@ -427,31 +428,37 @@ def _example(ex: Example, scored: bool = True) -> str:
             f'<div class="text">{_badge(e.origin if e.origin in ("web", "synthetic", "human") else "human", e.origin)}'
             f'{score}{decision}{truth}<span class="t">{escape(e.text)}</span></div>'
         )
+    # "other": neither a decision nor the truth is known, so there is no outcome to name
+    category = "" if ex.category == "other" else f'<span class="cat">{escape(ex.category)}</span>'
     return (
         f'<div class="card example"><img src="{ex.image_uri}" alt="{escape(ex.key)}" width="128" height="128">'
-        f'<div class="texts"><span class="cat">{escape(ex.category)}</span><div class="key">{escape(ex.key)}</div>{"".join(lines)}</div></div>'
+        f'<div class="texts">{category}<div class="key">{escape(ex.key)}</div>{"".join(lines)}</div></div>'
     )
 
 
 def _examples(
-    examples: list[Example], source: str = "data/web_captioned", scored: bool = True
+    examples: list[Example],
+    source: str = "data/web_captioned",
+    scored: bool = True,
+    n_asked: int = 12,
 ) -> str:
     """The example images; ``scored`` is False for a folder no filter has scored (a caption
     stage's or an import's), whose texts carry no score or decision to show."""
-    body = (
-        '<div class="examples">' + "".join(_example(e, scored) for e in examples) + "</div>"
-        if examples
-        else f'<p class="note">No example images ({escape(source)} missing or empty).</p>'
-    )
+    if examples:
+        body = '<div class="examples">' + "".join(_example(e, scored) for e in examples) + "</div>"
+    elif n_asked:
+        body = f'<p class="note">No example images ({escape(source)} missing or empty).</p>'
+    else:
+        body = '<p class="note">No example images: --examples 0.</p>'
     lead = (
         "Web images with their web text and synthetic captions, each with its ITM score, the "
         "filter's decision and, where it is known, the truth: for web texts clean or the kind of "
         "noise, for synthetic captions whether the caption is true of the image. Picked to show "
         "successes and mistakes."
         if scored
-        else "Images with their texts (the web text and any synthetic captions) and, where it is "
-        "known, the truth: for web texts clean or the kind of noise, for synthetic captions "
-        "whether the caption is true of the image. No filter has scored these texts."
+        else "Images with their texts and, where the shards carry it, the truth: for web texts "
+        "clean or the kind of noise, for synthetic captions whether the caption is true of the "
+        "image. No filter has scored these texts."
     )
     return f'<section id="examples"><h2>Examples</h2><p class="lead">{lead}</p>{body}</section>'
 
@@ -472,7 +479,10 @@ def render_report(run_dir: str | Path, n_examples: int = 12) -> str:
         "losses": lambda: _losses(data),
         "scores": lambda: _histograms(data),
         "examples": lambda: _examples(
-            examples, data.captioned_label, scored=data.kind not in ("caption", "shards")
+            examples,
+            data.captioned_label,
+            scored=data.kind not in ("caption", "shards"),
+            n_asked=n_examples,
         ),
     }
     numbered = [
