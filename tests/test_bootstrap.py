@@ -264,6 +264,20 @@ def test_two_rounds(run_a, shards):
     assert len(_texts(round_2 / "data" / "web_filtered")) == len(
         _texts(out / "data" / "web_filtered")
     )
+    # the report's tables are the last round's: its scores, examples and loss curves with them
+    from capfilt.report.load import load_run
+
+    data = load_run(out)
+    assert data.filtered_label == "round_2/data/web_filtered"
+    assert data.captioned_label == "round_2/data/web_captioned"
+    round_texts = _texts(round_2 / "data" / "web_filtered")
+    assert data.texts[["uid", "text", "itm_score"]].equals(
+        round_texts[["uid", "text", "itm_score"]].reset_index(drop=True)
+    )
+    assert {"captioner (round 2)", "pretrain_capfilt (round 2)", "pretrain_baseline"} <= set(
+        data.metrics
+    )
+    assert data.summary["data"]["round_2/web_captioned images"] == 16
 
 
 def test_released_models_caption_and_filter_only(run_a, shards, tmp_path):

@@ -215,12 +215,32 @@ def fill_from_folder(run_dir: Path, summary: dict[str, Any]) -> None:
             summary["timings"] = timings
     if not isinstance(summary.get("data"), dict) and (run_dir / "data").is_dir():
         counts = {}
-        for folder in sorted(p for p in (run_dir / "data").iterdir() if p.is_dir()):
-            sizes = _read_json(folder / "sizes.json")
-            if isinstance(sizes, dict) and all(isinstance(v, int) for v in sizes.values()):
-                counts[f"{folder.name} images"] = sum(sizes.values())
+        for root in (run_dir, *round_dirs(run_dir)):
+            where = "" if root == run_dir else f"{root.name}/"
+            data_dir = root / "data"
+            for folder in (
+                sorted(p for p in data_dir.iterdir() if p.is_dir()) if data_dir.is_dir() else []
+            ):
+                sizes = _read_json(folder / "sizes.json")
+                if isinstance(sizes, dict) and all(isinstance(v, int) for v in sizes.values()):
+                    counts[f"{where}{folder.name} images"] = sum(sizes.values())
         if counts:
             summary["data"] = counts
+
+
+def round_dirs(run_dir: Path) -> list[Path]:
+    """The folders of a bootstrap run's rounds after the first (``round_2/``, ...), in order."""
+    found = [p for p in run_dir.glob("round_*") if p.is_dir() and p.name[6:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[6:]))
+
+
+def last_round_dir(run_dir: Path) -> Path:
+    """Where the last round that wrote its filter's output keeps its data (the run folder
+    itself for round 1)."""
+    for folder in reversed(round_dirs(run_dir)):
+        if (folder / "data" / "web_filtered").is_dir():
+            return folder
+    return run_dir
 
 
 def _has_score_tables(folder: Path) -> bool:
@@ -363,13 +383,18 @@ def load_run(run_dir: str | Path) -> RunData:
     if kind == "unknown":  # list every part a bootstrap folder would have
         missing.append(f"{run_dir} holds no capfilt run, stage output or training run")
     if kind in ("run", "unknown"):
-        data.filtered_dir = run_dir / "data" / "web_filtered"
-        data.captioned_dir = run_dir / "data" / "web_captioned"
+        # the page's tables show the last round: its texts, scores and examples with them
+        last = last_round_dir(run_dir)
+        data.filtered_dir = last / "data" / "web_filtered"
+        data.captioned_dir = last / "data" / "web_captioned"
         _unfinished_stages(run_dir, missing)
         data.summary = load_summary(run_dir, missing)
         fill_from_folder(run_dir, data.summary)
         data.metrics = load_metrics(run_dir, missing)
-        data.texts = load_texts(run_dir, missing)
+        for later in round_dirs(run_dir):
+            for name, rows in load_metrics(later, []).items():
+                data.metrics[f"{name} ({later.name.replace('_', ' ')})"] = rows
+        data.texts = load_texts(run_dir, missing, folder=data.filtered_dir)
         return data
     counts = _stage_counts(run_dir, kind)
     if kind == "filter":
