@@ -294,6 +294,13 @@ def test_released_models_caption_and_filter_only(run_a, shards, tmp_path):
         _texts(a / "data" / "web_filtered"), _texts(tmp_path / "rel" / "data" / "web_filtered")
     )
     assert summary["filter"]["n_texts"] > 0 and summary["baseline"] == {}
+    # its report: the stages it ran, not the pretrains and fine-tunes it never had
+    from capfilt.report import render_report
+
+    page = " ".join(render_report(tmp_path / "rel").split())
+    assert "with released models" in page and "no model is pretrained or fine-tuned" in page
+    assert "metrics.jsonl not found" not in page and 'id="retrieval"' not in page
+    assert 'id="losses"' not in page and "<h2>1. Filter on web noise" in page
     # a model setting changes every stage this run has: the first of them is named
     with pytest.raises(BootstrapConflict, match="pass --restart-from caption to redo"):
         run_bootstrap(

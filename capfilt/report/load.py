@@ -53,6 +53,9 @@ MAX_METRIC_LINES = 200_000
 class RunData:
     run_dir: Path
     kind: str = "run"
+    released: bool = False
+    """A bootstrap run of released models (``--captioner``/``--filter``): no baseline, no
+    fine-tunes; a pretrain only with ``--pretrain-after``."""
     filtered_dir: Path | None = None
     captioned_dir: Path | None = None
     summary: dict[str, Any] = field(default_factory=dict)
@@ -113,8 +116,11 @@ def _clean_row(row: Any) -> dict[str, Any] | None:
     return row
 
 
-def load_metrics(run_dir: Path, missing: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Per run name, the metrics rows with a numeric ``step`` (broken lines are skipped)."""
+def load_metrics(
+    run_dir: Path, missing: list[str], expected: tuple[str, ...] = RUN_NAMES
+) -> dict[str, list[dict[str, Any]]]:
+    """Per run name, the metrics rows with a numeric ``step`` (broken lines are skipped); the
+    ``expected`` runs that are absent are noted."""
     runs_dir = run_dir / "runs"
     found = (
         sorted(p.name for p in runs_dir.iterdir() if (p / "metrics.jsonl").is_file())
@@ -123,7 +129,7 @@ def load_metrics(run_dir: Path, missing: list[str]) -> dict[str, list[dict[str, 
     )
     names = [n for n in RUN_NAMES if n in found] + [n for n in found if n not in RUN_NAMES]
     out: dict[str, list[dict[str, Any]]] = {}
-    for name in RUN_NAMES:
+    for name in expected:
         if name not in found:
             missing.append(f"runs/{name}/metrics.jsonl not found: no loss curve for {name}")
     for name in names:
@@ -359,11 +365,10 @@ def _training_facts(
     return facts
 
 
-def _unfinished_stages(run_dir: Path, missing: list[str]) -> None:
-    """Note the stages ``manifest.json`` records as begun and not done (running, stopped by a
-    kill, or partial): the page's figures do not include them yet."""
-    manifest = _read_json(run_dir / "manifest.json")
-    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+def _unfinished_stages(manifest: dict[str, Any], missing: list[str]) -> None:
+    """Note the stages a run's ``manifest.json`` records as begun and not done (running,
+    stopped by a kill, or partial): the page's figures do not include them yet."""
+    stages = manifest.get("stages")
     if not isinstance(stages, dict):
         return
     unfinished = [
@@ -387,10 +392,17 @@ def load_run(run_dir: str | Path) -> RunData:
         last = last_round_dir(run_dir)
         data.filtered_dir = last / "data" / "web_filtered"
         data.captioned_dir = last / "data" / "web_captioned"
-        _unfinished_stages(run_dir, missing)
+        manifest = _read_json(run_dir / "manifest.json")
+        manifest = manifest if isinstance(manifest, dict) else {}
+        _unfinished_stages(manifest, missing)
+        inputs = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
+        data.released = bool(inputs.get("captioner") and inputs.get("filter"))
+        expected = RUN_NAMES
+        if data.released:
+            expected = ("pretrain_capfilt",) if inputs.get("pretrain_after") else ()
         data.summary = load_summary(run_dir, missing)
         fill_from_folder(run_dir, data.summary)
-        data.metrics = load_metrics(run_dir, missing)
+        data.metrics = load_metrics(run_dir, missing, expected)
         for later in round_dirs(run_dir):
             for name, rows in load_metrics(later, []).items():
                 data.metrics[f"{name} ({later.name.replace('_', ' ')})"] = rows

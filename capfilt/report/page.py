@@ -168,11 +168,27 @@ def _header(data: RunData) -> str:
         missing = f'<div class="missing" id="missing"><h3>Missing or incomplete parts</h3><ul>{items}</ul></div>'
     if data.kind in ("run", "unknown"):
         title = "CapFilt run report"
+        if not data.released:
+            lead = (
+                "BLIP's CapFilt: a captioner writes synthetic captions for web images, an ITM "
+                "filter drops texts that do not match their image, and a fresh model is "
+                "pretrained on the cleaned data. The baseline is pretrained on the same data "
+                "without CapFilt."
+            )
+        else:
+            pretrained = "pretrain_capfilt" in data.metrics or dig(data.summary, "capfilt")
+            lead = (
+                "BLIP's CapFilt with released models: their captioner writes synthetic captions "
+                "for the web images, their ITM filter drops texts that do not match their image"
+                + (
+                    ", and a fresh model is pretrained on the cleaned data."
+                    if pretrained
+                    else "; no model is pretrained or fine-tuned here."
+                )
+            )
         overview = (
             '<section id="overview"><h2>Run overview</h2>'
-            '<p class="lead">BLIP\'s CapFilt: a captioner writes synthetic captions for web images, an ITM filter '
-            "drops texts that do not match their image, and a fresh model is pretrained on the cleaned data. "
-            "The baseline is pretrained on the same data without CapFilt.</p>"
+            f'<p class="lead">{escape(lead)}</p>'
             f'<div class="row"><div class="card"><h3>Stage timings</h3>{timings}</div>'
             f'<div class="card"><h3>Data</h3>{counts}</div></div></section>'
         )
@@ -485,10 +501,12 @@ def render_report(run_dir: str | Path, n_examples: int = 12) -> str:
             n_asked=n_examples,
         ),
     }
-    numbered = [
-        build[name]().replace("<h2>", f"<h2>{i}. ", 1)
-        for i, name in enumerate(SECTIONS.get(data.kind, SECTIONS["run"]), 1)
-    ]
+    names = SECTIONS.get(data.kind, SECTIONS["run"])
+    if data.released and not dig(data.summary, "capfilt", "retrieval"):
+        names = tuple(n for n in names if n != "retrieval")  # no model was pretrained to test
+    if data.released and not data.metrics:
+        names = tuple(n for n in names if n != "losses")
+    numbered = [build[name]().replace("<h2>", f"<h2>{i}. ", 1) for i, name in enumerate(names, 1)]
     sections = [_rounds(data), *numbered]
     header = _header(data)  # after the sections: they may add to data.missing
     return (
