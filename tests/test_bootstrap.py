@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,32 @@ def test_bootstrap_runs_every_stage_and_writes_manifest_and_summary(run_a, shard
     assert {e.status for e in events} == {"done-earlier"}
 
 
+def test_a_project_moved_whole_resumes_and_moved_data_is_named(run_a, shards, tmp_path):
+    """A folder holding the run folder and its data, moved or copied whole, resumes: the
+    inputs are where they were relative to the run folder."""
+    out, _ = run_a
+    common = Path(os.path.commonpath([out, shards]))
+    moved_out, moved_shards = (
+        tmp_path / out.relative_to(common),
+        tmp_path / shards.relative_to(common),
+    )
+    shutil.copytree(out, moved_out)
+    shutil.copytree(shards, moved_shards)
+    events = []
+    run_bootstrap(
+        load_recipe("tiny", FAST), _inputs(moved_shards), moved_out, on_stage=events.append
+    )
+    assert events and {e.status for e in events} == {"done-earlier"}
+    # the data alone moved: the refusal says which input changed, from where to where
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(shards, elsewhere)
+    with pytest.raises(BootstrapConflict) as refused:
+        run_bootstrap(load_recipe("tiny", FAST), _inputs(elsewhere), moved_out)
+    said = str(refused.value)
+    assert f"--web: {moved_shards / 'web'} -> {elsewhere / 'web'}" in said
+    assert "--restart-from pretrain-baseline" in said
+
+
 def test_a_changed_recipe_is_refused_unless_restarted(run_a, shards):
     out, _ = run_a
     # a filter setting is first read by the filter stage: the stages before it stay
@@ -141,7 +168,10 @@ def test_a_changed_recipe_is_refused_unless_restarted(run_a, shards):
             run_bootstrap(recipe, _inputs(shards), out, restart_from=later)
     other_web = _inputs(shards)
     other_web.web = [str(shards / "human")]
-    with pytest.raises(BootstrapConflict, match="other inputs: the change affects pretrain-base"):
+    with pytest.raises(
+        BootstrapConflict,
+        match=r"other inputs \(--web: .*/web -> .*/human\): the change affects pretrain-base",
+    ):
         run_bootstrap(load_recipe("tiny", FAST), other_web, out, restart_from="evaluate")
     assert (out / "manifest.json").read_bytes() == manifest
     assert (out / "recipe.yaml").read_bytes() == recipe_yaml

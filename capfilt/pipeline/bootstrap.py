@@ -514,17 +514,23 @@ def _stage_of_key(key: str, order: tuple[str, ...]) -> str | None:
     return "pretrain-baseline"
 
 
-def _first_affected(
-    previous: dict[str, Any],
-    recipe_hash: str,
-    fingerprint: dict,
-    root: Path,
-    recipe_keys: list[str] | None,
-    order: tuple[str, ...] = STAGES,
-) -> str | None:
-    """The earliest stage of ``order`` that a change of recipe or inputs invalidates (None:
-    nothing changed); ``recipe_keys`` are the recipe keys that changed, None when they cannot
-    be told (then the first stage)."""
+def inputs_beside(fingerprint: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The inputs' paths relative to the run folder (``../my-data/web``): what stays the same
+    when a project folder holding the run folder and its data is moved or copied whole."""
+
+    def beside(value):
+        if isinstance(value, list):
+            return [beside(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            return os.path.relpath(value, os.path.abspath(root))
+        return value
+
+    return {key: beside(value) for key, value in fingerprint.items()}
+
+
+def _changed_inputs(previous: dict[str, Any], fingerprint: dict, root: Path) -> list[str]:
+    """The inputs (``human``, ``web``, ...) that differ from the manifest's, both by path and
+    by their place relative to the run folder."""
 
     def relative(value):  # manifests written before paths inside the run were relative
         if isinstance(value, list):
@@ -534,7 +540,26 @@ def _first_affected(
         )
 
     before = {k: relative(v) for k, v in (previous.get("inputs") or {}).items()}
-    changed = [k for k in fingerprint if before.get(k) != fingerprint[k]]
+    before_beside = previous.get("inputs_beside") or {}
+    now_beside = inputs_beside(fingerprint, root)
+    absent = object()
+    return [
+        key
+        for key in fingerprint
+        if before.get(key) != fingerprint[key] and before_beside.get(key, absent) != now_beside[key]
+    ]
+
+
+def _first_affected(
+    previous: dict[str, Any],
+    recipe_hash: str,
+    changed: list[str],
+    recipe_keys: list[str] | None,
+    order: tuple[str, ...] = STAGES,
+) -> str | None:
+    """The earliest stage of ``order`` that a change of recipe or of the ``changed`` inputs
+    invalidates (None: nothing changed); ``recipe_keys`` are the recipe keys that changed, None
+    when they cannot be told (then the first stage)."""
     affected: set[str | None] = set()
     if previous.get("recipe_hash") != recipe_hash:
         if recipe_keys:
@@ -568,7 +593,8 @@ def open_manifest(
     if previous is not None:
         changes = _recipe_changes(layout, recipe)
         keys = None if changes is None else [key for key, _, _ in changes]
-        stage = _first_affected(previous, recipe_hash, fingerprint, layout.root, keys, order)
+        inputs_changed = _changed_inputs(previous, fingerprint, layout.root)
+        stage = _first_affected(previous, recipe_hash, inputs_changed, keys, order)
         if stage is not None and planned:  # the first stage this run has from that one on
             stage = next((s for s in planned if order.index(s) >= order.index(stage)), stage)
         if previous.get("recipe_hash") != recipe_hash:
@@ -576,7 +602,14 @@ def open_manifest(
             what = f"another recipe ({shown})" if shown else "another recipe"
             same = f"the recipe it was made with ({layout.root / 'recipe.yaml'}) and inputs"
         else:
-            what, same = "other inputs", "the same recipe and inputs"
+            old_inputs = previous.get("inputs") or {}
+            shown = "; ".join(
+                f"--{key.replace('_', '-')}: {_shown(old_inputs.get(key))} -> "
+                f"{_shown(fingerprint[key])}"
+                for key in inputs_changed
+            )
+            what = f"other inputs ({shown})" if shown else "other inputs"
+            same = "the same recipe and inputs"
         if stage is not None and restart_from is None:
             raise BootstrapConflict(
                 f"{layout.root} holds a run made with {what}; re-run with {same} to resume, "
@@ -589,12 +622,28 @@ def open_manifest(
                 f"--restart-from {stage} (or an earlier stage), or use a new --out"
             )
     manifest = previous or {"format": MANIFEST_FORMAT, "stages": {}}
-    manifest.update({"recipe": recipe.name, "recipe_hash": recipe_hash, "inputs": fingerprint})
+    manifest.update(
+        {
+            "recipe": recipe.name,
+            "recipe_hash": recipe_hash,
+            "inputs": fingerprint,
+            "inputs_beside": inputs_beside(fingerprint, layout.root),
+        }
+    )
     manifest.setdefault("stages", {})
     atomic_write_bytes(layout.root / "recipe.yaml", dump_yaml(recipe).encode())
     atomic_write_json(layout.root / "recipe.json", {"hash": recipe_hash, "recipe": to_dict(recipe)})
     _write_manifest(layout, manifest)
     return manifest
+
+
+def _shown(value: Any) -> str:
+    """An input as the refusal names it: a list of specs joined, none as "none"."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "none"
+    return "none" if value is None else str(value)
 
 
 def _recipe_changes(layout: BootstrapLayout, recipe: Recipe) -> list[tuple[str, Any, Any]] | None:
