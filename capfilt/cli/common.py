@@ -14,6 +14,7 @@ from rich.syntax import Syntax
 from rich.text import Text
 
 from capfilt.config import ConfigError, Recipe, dump_yaml, load_recipe, shipped_recipe_names
+from capfilt.config.core import parse_override
 from capfilt.data.shards import ShardSpecError
 from capfilt.data.stage import OutputFolderError, StageError
 from capfilt.utils.lock import FolderInUseError
@@ -127,12 +128,18 @@ def describe_error(err: BaseException) -> tuple[int, str]:
 
 
 def resolve(
-    recipe: str, overrides: list[str] | None, dry_run: bool = False, shortcuts: dict | None = None
+    recipe: str,
+    overrides: list[str] | None,
+    dry_run: bool = False,
+    shortcuts: dict | None = None,
+    reads: tuple[str, ...] | None = None,
 ) -> Recipe:
     """Load the recipe with overrides; config errors exit 2; ``--dry-run`` prints it and exits 0.
 
     ``shortcuts`` maps recipe keys to the values of dedicated options (``--threshold`` for
     ``filter.threshold``); those given (not None) apply after the ``--set`` overrides.
+    ``reads``: the recipe sections the command uses (``runtime`` always); an override of
+    another section is named as having no effect.
     """
     overrides = list(overrides or []) + [
         f"{key}={value}" for key, value in (shortcuts or {}).items() if value is not None
@@ -141,6 +148,15 @@ def resolve(
         cfg = load_recipe(recipe, overrides)
     except ConfigError as err:
         raise fail(str(err), EXIT_USAGE) from None
+    if reads is not None:
+        keys = [".".join(parse_override(item)[0]) for item in overrides]
+        unread = [k for k in keys if "." in k and k.split(".")[0] not in (*reads, "runtime")]
+        if unread:
+            sections = ", ".join(f"{section}.*" for section in (*reads, "runtime"))
+            print_warning(
+                f"{', '.join(unread)}: not used by this command, which reads {sections}; "
+                "the setting has no effect here"
+            )
     if dry_run:
         if out.is_terminal:
             out.print(Syntax(dump_yaml(cfg), "yaml"))

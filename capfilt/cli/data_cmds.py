@@ -57,7 +57,7 @@ def synth(
     """
     from capfilt.data.synth import write_synth
 
-    cfg = resolve(recipe, set_, dry_run)
+    cfg = resolve(recipe, set_, dry_run, reads=("synth",))
     summary = write_synth(out_dir, cfg.synth)
     for split, info in summary["splits"].items():
         out.print(f"{split:>6}: {info['count']} images in {out_dir / split}")

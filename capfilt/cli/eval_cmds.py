@@ -107,7 +107,7 @@ def retrieval(
     from capfilt.config import ConfigError
     from capfilt.data.workers import start_worker_server
 
-    cfg = resolve(recipe, set_, dry_run, shortcuts={"eval.k": k})
+    cfg = resolve(recipe, set_, dry_run, shortcuts={"eval.k": k}, reads=("eval", "data"))
     if cfg.eval.k < 0:
         raise fail(f"--k: must be >= 0, got {cfg.eval.k}", EXIT_USAGE)
     start_worker_server(cfg.eval.num_workers)  # its imports run beside the ones below
@@ -178,7 +178,7 @@ def caption(
     from capfilt.data.shards import ShardSpecError
     from capfilt.eval.stage_eval import evaluate_captioner
 
-    cfg = resolve(recipe, set_, dry_run)
+    cfg = resolve(recipe, set_, dry_run, reads=("caption",))
     metrics = ("bleu", "cider", "rouge", "meteor") if meteor else ("bleu", "cider", "rouge")
     try:
         with use_threads(cfg.runtime.threads):
@@ -255,7 +255,9 @@ def filter_(
 
     from capfilt.eval.stage_eval import evaluate_filter
 
-    cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
+    cfg = resolve(
+        recipe, set_, dry_run, shortcuts={"filter.threshold": threshold}, reads=("filter",)
+    )
     if not scores.exists():
         raise fail(f"--scores not found: {scores}", EXIT_USAGE)
     from capfilt.config.core import parse_override

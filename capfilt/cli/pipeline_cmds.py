@@ -52,7 +52,7 @@ def caption(
     Output shards keep every input field and add the captions to the json with origin
     'synthetic'. Resumable; under torchrun the shards are split over the ranks.
     """
-    cfg = resolve(recipe, set_, dry_run)
+    cfg = resolve(recipe, set_, dry_run, reads=("caption",))
     start_worker_server(cfg.caption.num_workers)  # its imports run beside the ones below
     from capfilt.pipeline.caption import caption_shards
 
@@ -95,7 +95,9 @@ def filter_(
     """Keep the web and synthetic texts the filter accepts (filter.rule: ITM probability, ITC
     cosine or both; fixed thresholds or filter.keep_fraction of the whole run); write kept
     shards, per-text scores and a summary."""
-    cfg = resolve(recipe, set_, dry_run, shortcuts={"filter.threshold": threshold})
+    cfg = resolve(
+        recipe, set_, dry_run, shortcuts={"filter.threshold": threshold}, reads=("filter",)
+    )
     if threshold is not None and (cfg.filter.keep_fraction is not None or cfg.filter.rule == "itc"):
         decides = (
             "filter.keep_fraction sets the thresholds"

@@ -172,3 +172,18 @@ def test_settings_a_command_does_not_use_are_named(capsys, tmp_path):
         "--set", "filter.rule=itc", "--shards", tmp_path / "web", "--out", tmp_path / "out",
     )  # fmt: skip
     assert "rule itc decides on the cosine" in " ".join(result.stderr.split())
+    # a section the command never reads: the override has no effect, and is said to have none
+    result = run_cli(
+        capsys, "caption", "tiny", "--model", tmp_path / "m", "--set", "train.lr=1e-4",
+        "--set", "caption.top_p=0.8", "--shards", tmp_path / "web", "--out", tmp_path / "out",
+    )  # fmt: skip
+    said = " ".join(result.stderr.split())
+    assert "train.lr: not used by this command, which reads caption.*, runtime.*" in said
+    assert "caption.top_p" not in said
+    result = run_cli(
+        capsys, "eval", "retrieval", "tiny", "--model", tmp_path / "m", "--set", "data.max_words=9",
+        "--set", "filter.threshold=0.1", "--shards", tmp_path / "test",
+    )  # fmt: skip
+    said = " ".join(result.stderr.split())
+    assert "filter.threshold: not used by this command, which reads eval.*, data.*" in said
+    assert "data.max_words" not in said
