@@ -17,6 +17,7 @@ from capfilt.cli.common import (
     out,
     print_stage_event,
     resolve,
+    stage_names,
 )
 from capfilt.cli.demo_cmds import summary_tables
 
@@ -62,10 +63,12 @@ def bootstrap(
         ),
     ] = False,
     skip: Annotated[
-        list[str] | None, typer.Option("--skip", help="Stage to leave out (repeatable).")
+        list[str] | None,
+        typer.Option("--skip", help="Stage to leave out (repeatable, or comma-separated)."),
     ] = None,
     only: Annotated[
-        list[str] | None, typer.Option("--only", help="Run only this stage (repeatable).")
+        list[str] | None,
+        typer.Option("--only", help="Run only this stage (repeatable, or comma-separated)."),
     ] = None,
     restart_from: Annotated[
         str | None,
@@ -104,8 +107,8 @@ def bootstrap(
             cfg,
             inputs,
             out_dir,
-            skip=tuple(skip or ()),
-            only=tuple(only or ()),
+            skip=stage_names(skip),
+            only=stage_names(only),
             restart_from=restart_from,
             on_stage=print_stage_event,
         )

@@ -127,6 +127,11 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     ) + " (capfilt --verbose ... prints the traceback)"
 
 
+def stage_names(values: list[str] | None) -> tuple[str, ...]:
+    """``--skip``/``--only`` values, repeated or comma-separated (``--skip caption,filter``)."""
+    return tuple(name.strip() for v in values or () for name in v.split(",") if name.strip())
+
+
 def resolve(
     recipe: str,
     overrides: list[str] | None,

@@ -17,6 +17,7 @@ from capfilt.cli.common import (
     out,
     print_stage_event,
     resolve,
+    stage_names,
 )
 
 
@@ -75,7 +76,8 @@ def demo(
     ] = Path("demo-out"),
     recipe: RecipeArgument = "demo",
     skip: Annotated[
-        list[str] | None, typer.Option("--skip", help="Stage to leave out (repeatable).")
+        list[str] | None,
+        typer.Option("--skip", help="Stage to leave out (repeatable, or comma-separated)."),
     ] = None,
     ablations: Annotated[
         bool,
@@ -106,7 +108,8 @@ def demo(
     """
     from capfilt.pipeline.demo import STAGES, run_demo
 
-    unknown = sorted(set(skip or []) - set(STAGES))
+    skip = list(stage_names(skip))
+    unknown = sorted(set(skip) - set(STAGES))
     if unknown:
         raise fail(
             f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}", EXIT_USAGE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -27,8 +28,17 @@ ShardsOption = Annotated[
 OutOption = Annotated[
     Path, typer.Option("--out", "-o", help="Run folder (config, metrics, checkpoints, model/).")
 ]
+
+
+class Resume(str, Enum):
+    """--resume's choices (an Enum: the help lists them, a typo exits 2 naming them)."""
+
+    auto = "auto"
+    never = "never"
+
+
 ResumeOption = Annotated[
-    str,
+    Resume,
     typer.Option(
         "--resume",
         help="'auto': continue the run in --out from its latest checkpoint; 'never': refuse an existing run.",
@@ -53,8 +63,7 @@ def _train(
 ) -> None:
     from capfilt.train.trainer import TrainJob, train
 
-    if resume not in ("auto", "never"):
-        raise typer.BadParameter("must be 'auto' or 'never'", param_hint="--resume")
+    resume = Resume(resume).value
     cfg = resolve(recipe, set_, dry_run)
     if stage != "pretrain":  # train.* is pretraining's: a fine-tune has a section of its own
         keys = [parse_override(item)[0] for item in set_ or []]
@@ -75,7 +84,7 @@ def pretrain(
     shards: ShardsOption,
     out_dir: OutOption,
     recipe: RecipeArgument = "demo",
-    resume: ResumeOption = "never",
+    resume: ResumeOption = Resume.never,
     set_: SetOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
@@ -103,7 +112,7 @@ def _finetune_command(stage: str):
         shards: ShardsOption,
         out_dir: OutOption,
         recipe: RecipeArgument = "demo",
-        resume: ResumeOption = "never",
+        resume: ResumeOption = Resume.never,
         set_: SetOption = None,
         dry_run: DryRunOption = False,
     ) -> None:

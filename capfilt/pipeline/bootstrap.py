@@ -703,9 +703,6 @@ def run_bootstrap(
     the loop and before the evaluation (the ablations, :mod:`capfilt.pipeline.ablations`);
     ``round_extra`` adds per-round evaluations; ``summary_extra`` adds top-level summary keys.
     """
-    inputs.validate()
-    if not pre_steps:  # a pre-step (the demo's synth) makes the inputs it names
-        inputs.check_present()
     layout = BootstrapLayout(Path(out))
     pre_steps, post_steps = list(pre_steps or []), list(post_steps or [])
     known = (
@@ -716,6 +713,9 @@ def run_bootstrap(
     _check_selection(only, "--only", known)
     if restart_from is not None:
         _check_selection((restart_from,), "--restart-from", known)
+    inputs.validate()
+    if not pre_steps:  # a pre-step (the demo's synth) makes the inputs it names
+        inputs.check_present()
     evaluate = Step(
         "evaluate", "evaluate", 1, layout.eval(1), list(inputs.test),
         lambda: evaluate_run(recipe, inputs, layout, round_extra),

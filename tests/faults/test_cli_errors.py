@@ -187,3 +187,17 @@ def test_settings_a_command_does_not_use_are_named(capsys, tmp_path):
     said = " ".join(result.stderr.split())
     assert "filter.threshold: not used by this command, which reads eval.*, data.*" in said
     assert "data.max_words" not in said
+
+
+def test_stage_lists_may_be_comma_separated_and_resume_names_its_choices(capsys, tmp_path):
+    result = run_cli(capsys, "demo", "--skip", "synth,bogus", "--out", tmp_path / "d")
+    assert result.code == 2 and "unknown stage(s) bogus;" in result.stderr
+    result = run_cli(
+        capsys, "bootstrap", "tiny", "--human", tmp_path / "h", "--web", tmp_path / "w",
+        "--out", tmp_path / "b", "--only", "caption, nope",
+    )  # fmt: skip
+    assert result.code == 2 and "--only: unknown stage(s) nope;" in result.stderr
+    result = run_cli(capsys, "pretrain", "tiny", "--out", tmp_path / "p", "--resume", "bogus")
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.code == 2 and "'bogus' is not one of 'auto', 'never'" in said
+    assert not (tmp_path / "d").exists() and not (tmp_path / "b").exists()
