@@ -320,7 +320,7 @@ def test_missing_parts_render_with_notes(fake_run: Path, tmp_path: Path):
     # parquet present but the summary lacks the filter: numbers come from the parquet, marked
     shutil.copytree(fake_run / "data" / "web_filtered", part / "data" / "web_filtered")
     html = render_report(part)
-    assert "computed from data/web_filtered" in html
+    assert "computed by the report from the per-text scores in data/web_filtered" in html
     texts = pd.concat(
         [pd.read_parquet(p) for p in sorted((part / "data" / "web_filtered").glob("*.parquet"))]
     )

@@ -125,10 +125,16 @@ def filter_table(
     if not f:
         notes.append(
             "filter evaluation missing (summary.json: filter)"
-            + (f"; numbers marked * computed from {source}" if computed else "")
+            + (
+                f"; numbers marked * are computed by the report from the per-text scores in {source}"
+                if computed
+                else ""
+            )
         )
     elif computed:
-        notes.append(f"numbers marked * are computed from {source} (not in summary.json)")
+        notes.append(
+            f"numbers marked * are computed by the report from the per-text scores in {source}"
+        )
     notes += [f"filter evaluation: {n}" for n in f.get("notes") or [] if isinstance(n, str)]
     if not section(summary, "captions"):
         notes.append(
