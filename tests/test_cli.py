@@ -89,6 +89,20 @@ def test_usage_and_config_errors_exit_2(args, tmp_path):
     assert "error" in (proc.stderr + proc.stdout).lower()
 
 
+def test_verbose_is_taken_after_the_command_too(tmp_path):
+    from capfilt.cli.main import verbose_first
+
+    assert verbose_first(["report", "x", "-v"]) == ["-v", "report", "x"]
+    assert verbose_first(["-v", "report", "x"]) == ["-v", "report", "x"]
+    assert verbose_first(["data", "import", "--verbose", "--", "-v"]) == [
+        "--verbose", "data", "import", "--", "-v",
+    ]  # fmt: skip
+    # a mistyped recipe key: the one-line error, then (verbose) the traceback
+    proc = capfilt("config", "show", "tiny", "--set", "train.lrr=1", "-v", cwd=tmp_path)
+    assert proc.returncode == 2 and "No such option" not in proc.stderr
+    assert "unknown config key 'train.lrr'" in proc.stderr
+
+
 def test_bad_key_is_named(tmp_path):
     proc = capfilt("data", "synth", "tiny", "--out", str(tmp_path), "--set", "synth.n_wbe=3")
     assert proc.returncode == 2 and "synth.n_wbe" in proc.stderr

@@ -86,14 +86,30 @@ def _interrupted(args: list[str]) -> str:
     return "interrupted; re-run the same command to resume"
 
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def verbose_first(args: list[str]) -> list[str]:
+    """``-v``/``--verbose`` moved to the front: it is the app's option, which click takes only
+    before the command, and users add it at the end of a failed command (``-v`` is no command's
+    own option; nothing after a ``--`` is moved)."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if a in VERBOSE_FLAGS]
+    if not flags or all(a in VERBOSE_FLAGS for a in args[: len(flags)]):
+        return args
+    rest = [a for a in args[:end] if a not in VERBOSE_FLAGS]
+    return [flags[0], *rest, *args[end:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps library errors to the documented exit codes (see describe_error).
 
     A user error prints one line, never a traceback; ``--verbose`` adds the traceback.
     """
     CliState.verbose = False
+    args = verbose_first(sys.argv[1:] if argv is None else list(argv))
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=args, standalone_mode=True)
     except SystemExit as done:
         if done.code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into this exit, silently
             console.print(styled(_interrupted(sys.argv[1:] if argv is None else argv), "yellow"))
