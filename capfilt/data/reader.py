@@ -304,6 +304,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled, "L").convert("RGB")
 
 
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK")
+"""Pillow image modes ``Image.reduce`` takes (it refuses palette, 1-bit and 16-bit images)."""
+
+
 def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
     """Decode image bytes (first frame of an animation) to RGB; raises ``SampleError``.
 
@@ -335,6 +339,8 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
         if factor > 1:
             factor = max(1, min(image.size) // (2 * min_side))
             if factor > 1:
+                if image.mode not in REDUCIBLE_MODES:  # palette, 1-bit, 16-bit: RGB first
+                    image = _to_rgb(image)
                 image = image.reduce(factor)
         return _to_rgb(image)
     except Exception as err:

@@ -108,6 +108,25 @@ def test_large_photo_is_shrunk_per_sample_to_what_the_model_needs():
     assert np.abs(np.asarray(small, dtype=int).mean(axis=(0, 1)) - (200, 30, 30)).max() < 4
 
 
+def test_large_palette_1bit_and_16bit_images_are_shrunk_too():
+    """``Image.reduce`` refuses these modes: a stage dropped every large GIF as undecodable."""
+    rgb = Image.new("RGB", (1024, 768), (0, 160, 40))
+    images = {
+        "palette GIF": (rgb.convert("P"), "GIF"),
+        "palette PNG": (rgb.convert("P"), "PNG"),
+        "1-bit PNG": (rgb.convert("1"), "PNG"),
+        "16-bit PNG": (Image.fromarray(np.full((768, 1024), 40000, dtype=np.uint16)), "PNG"),
+    }
+    for name, (image, fmt) in images.items():
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        small = decode_image(buf.getvalue(), min_side=128)
+        full = decode_image(buf.getvalue())
+        assert small.mode == "RGB" and 256 <= min(small.size) < 512, name
+        mean = np.asarray(full, dtype=float).mean(axis=(0, 1))
+        assert np.abs(np.asarray(small, dtype=float).mean(axis=(0, 1)) - mean).max() < 2, name
+
+
 def test_16bit_png_is_scaled_not_clipped_to_white():
     grey16 = np.full((8, 8), 128 * 257, dtype=np.uint16)  # mid grey in 16 bits
     buf = io.BytesIO()
