@@ -129,6 +129,15 @@ def test_eval_filter_judges_a_filter_output_at_the_thresholds_it_decided_with(tm
     assert json.loads(report.read_text())["origins"]["web"]["kept"] == 2  # a, c re-decided
 
 
+def test_a_truth_file_keeps_uids_that_look_like_numbers(tmp_path: Path):
+    """img2dataset's keys are zero-padded numbers: read as integers, none would match."""
+    from capfilt.eval.filter_metrics import load_truth
+
+    truth = tmp_path / "truth.csv"
+    truth.write_text("uid,clean\n000000042,1\n0007,0\nNA,1\n")
+    assert load_truth(truth)["uid"].tolist() == ["000000042", "0007", "NA"]
+
+
 def test_eval_filter_truth_file_matches_a_hand_computation(tmp_path: Path):
     folder = tmp_path / "filtered"
     folder.mkdir()

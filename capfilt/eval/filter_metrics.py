@@ -315,7 +315,12 @@ def load_truth(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"truth file not found: {path}")
-    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    # uids are names, not numbers: img2dataset's "000000042" must not become 42
+    table = (
+        pd.read_parquet(path)
+        if path.suffix == ".parquet"
+        else pd.read_csv(path, dtype={"uid": str}, keep_default_na=False)
+    )
     for col in ("uid", "clean"):
         if col not in table.columns:
             raise ValueError(
