@@ -430,6 +430,15 @@ def test_a_stage_folder_gets_only_the_sections_it_can_fill(fake_run: Path, tmp_p
     images = sum(1 for _ in read_samples(expand_shards(str(captioned))))
     assert f"<th>images</th><td>{images}</td>" in html
 
+    # another tool's tars (img2dataset's: 5-digit names, a _stats.json naming no stage)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copy(next(captioned.glob("*.tar")), foreign / "00000.tar")
+    (foreign / "00000_stats.json").write_text(json.dumps({"count": 999, "successes": 9}))
+    html = render_report(foreign)
+    assert "CapFilt report: shards no caption or filter stage wrote" in html
+    assert "<img" in html and "999" not in html
+
     # a training run: its loss curves alone, and how far it got
     training = tmp_path / "captioner"
     shutil.copytree(fake_run / "runs" / "captioner", training)

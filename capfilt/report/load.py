@@ -273,11 +273,11 @@ def folder_kind(run_dir: Path) -> str:
     if (run_dir / "metrics.jsonl").is_file() or (run_dir / "checkpoints").is_dir():
         return "training"
     if any(run_dir.glob("*.tar")):
-        # a caption stage's shards, or others (an import's, the built-in benchmark's): the first
-        # shard's done-marker names the stage that wrote them
+        # a caption stage's shards, or others (an import's, the built-in benchmark's, another
+        # tool's): the first shard's done-marker names the stage that wrote them
         marker = read_done_marker(run_dir, 0)
         stage = marker.get("stage") if isinstance(marker, dict) else None
-        return "caption" if stage in ("caption", None) else "shards"
+        return "caption" if stage == "caption" else "shards"
     return "unknown"
 
 
@@ -317,7 +317,11 @@ def _stage_counts(run_dir: Path, kind: str) -> dict[str, Any]:
                 counts[f"{label} kept"] = row["kept"]
         return counts
     markers = [_read_json(p) for p in sorted(run_dir.glob("*_stats.json"))]
-    markers = [m for m in markers if isinstance(m, dict) and isinstance(m.get("count"), int)]
+    markers = [  # capfilt's done-markers name their stage (img2dataset's _stats.json do not)
+        m
+        for m in markers
+        if isinstance(m, dict) and isinstance(m.get("count"), int) and "stage" in m
+    ]
     if markers:  # one done-marker per finished shard
         counts["shards"] = len(markers)
         counts["images"] = sum(m["count"] for m in markers)
