@@ -164,6 +164,37 @@ def member_key(name: str) -> tuple[str, str, str | None]:
     return key, ext, None
 
 
+def _members_by_key(stream: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str]:
+    """Every member header of a seekable tar, each sample's members brought together in the
+    order their keys first appear (``tar cf s.tar images/`` writes a folder's files in directory
+    order, a sample's image and caption apart); and the damage that stopped the header scan
+    ("" when none). A member whose key already has a member of its extension starts another
+    sample of that key, counted as ``duplicate_key`` where it stood."""
+    infos: list[tarfile.TarInfo] = []
+    damage = ""
+    try:
+        for info in stream:
+            infos.append(info)
+    except TAR_ERRORS as err:
+        damage = str(err) or type(err).__name__
+    slots: dict[tuple, list[tarfile.TarInfo]] = {}
+    extensions: dict[str, list[set[str]]] = {}
+    for index, info in enumerate(infos):
+        base = info.name.replace("\\", "/").rsplit("/", 1)[-1]
+        if not info.isreg() or "." not in base or base.startswith("."):
+            slots[("", index)] = [info]  # not a sample member: kept where it was
+            continue
+        key, ext, _ = member_key(info.name)
+        groups = extensions.setdefault(key, [])
+        ext = ext.lower()
+        n = next((i for i, exts in enumerate(groups) if ext not in exts), len(groups))
+        if n == len(groups):
+            groups.append(set())
+        groups[n].add(ext)
+        slots.setdefault((key, n), []).append(info)
+    return [info for group in slots.values() for info in group], damage
+
+
 def iter_tar_samples(
     url: str,
     counter: SkipCounter | None = None,
@@ -193,17 +224,23 @@ def iter_tar_samples(
     seen: set[str] = set()
     n_members = 0
     position = -1
-    damage = ""
-    # a local tar is opened seekable ("r:*"), so that skipped members are seeked over; a stream
-    # ("r|*": pipes, URLs) reads through them
+    damage = scan_damage = ""
+    warned_ungrouped = False
+    # a local tar is opened seekable ("r:*"): its members are grouped by key whatever their
+    # order, and skipped members are seeked over; a stream ("r|*": pipes, URLs) reads through
     path = source or url
-    mode = "r|*" if read is None or path.startswith(REMOTE_PREFIXES) else "r:*"
+    seekable = not path.startswith(REMOTE_PREFIXES)
     try:
         with (
             open_shard(path) as fh,
-            tarfile.open(fileobj=fh, mode=mode, tarinfo=_EndTrackingTarInfo) as stream,
+            tarfile.open(
+                fileobj=fh, mode="r:*" if seekable else "r|*", tarinfo=_EndTrackingTarInfo
+            ) as stream,
         ):
-            for info in stream:
+            members: Iterable[tarfile.TarInfo] = stream
+            if seekable:
+                members, scan_damage = _members_by_key(stream)
+            for info in members:
                 n_members += 1
                 if not info.isreg():
                     continue
@@ -225,6 +262,14 @@ def iter_tar_samples(
                         current["__skip__"] = problem
                     elif key in seen:
                         current["__skip__"] = "duplicate_key"
+                        if not seekable and not warned_ungrouped:
+                            warned_ungrouped = True
+                            log.warning(
+                                "%s: sample %s met again further on: a tar read as a stream "
+                                "must hold each sample's members together (tar --sort=name)",
+                                url,
+                                key,
+                            )
                     seen.add(key)
                 if data is not None:
                     current[ext.lower()] = data
@@ -233,7 +278,9 @@ def iter_tar_samples(
                 damage = f"archive ends without an end-of-archive block ({end or 'no header'})"
     except TAR_ERRORS as err:
         damage = str(err) or type(err).__name__
-    damage = source_damage or damage  # where the stream broke, not where its copy ends
+    # where the stream broke, not where its copy ends; where the header scan broke, not where
+    # reading the members it found then stopped
+    damage = source_damage or scan_damage or damage
     if damage:
         reason = "truncated_tar" if n_members else "unreadable_shard"
         counter.shard_event(reason, url, damage)

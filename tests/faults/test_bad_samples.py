@@ -155,3 +155,32 @@ def test_gif_bmp_tiff_are_read_with_their_bytes_kept(tmp_path):
             member = tar.extractfile(f"{sample.key}.{sample.image_ext}")
             assert sample.image_bytes == member.read()
     assert all(s.image.getpixel((8, 8))[1] > 150 for s in samples)
+
+
+def test_a_tar_in_directory_order_gives_every_sample_with_its_caption(tmp_path, caplog):
+    """``tar cf s.tar images/`` writes a folder's files in directory order: a sample's image and
+    caption apart. A local tar is read grouped by key; a stream (which cannot seek back) keeps
+    the first of each key and says the tar is not grouped."""
+    members = {}
+    for i in range(6):
+        members[f"images/img{i}.jpg"] = jpeg((40 * i, 90, 40))
+        members[f"images/img{i}.txt"] = f"caption {i}".encode()
+    # every image first, in no particular order, then every caption
+    scrambled = [f"images/img{i}.jpg" for i in (5, 3, 1, 4, 0, 2)]
+    scrambled += [f"images/img{i}.txt" for i in range(6)]
+    unsorted = make_tar(tmp_path / "unsorted.tar", [(n, members[n]) for n in scrambled])
+    ordered = make_tar(tmp_path / "sorted.tar", [(n, members[n]) for n in sorted(members)])
+
+    def read(url):
+        counter = SkipCounter()
+        got = {s.key: (s.text, s.image_bytes) for s in read_samples([url], counter)}
+        return got, counter.as_dict()
+
+    got, skipped = read(str(unsorted))
+    expected, _ = read(str(ordered))
+    assert skipped == {} and len(got) == 6 and got == expected
+    assert got["images_img3"][0] == "caption 3"
+    # read as a stream: what cannot be grouped is counted and the tar named
+    got, skipped = read(f"pipe:cat {unsorted}")
+    assert len(got) < 6 and skipped.get("duplicate_key")
+    assert "must hold each sample's members together" in caplog.text
