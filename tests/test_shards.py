@@ -410,3 +410,30 @@ def test_clean_caption_follows_blip():
     assert clean_caption("A Dog (brown) runs:  on the   GRASS!!") == "a dog brown runs on the grass"
     assert clean_caption("one two three four", max_words=2) == "one two"
     assert clean_caption('"Hi"; ~#*.') == "hi"
+
+
+def test_shards_without_sizes_json_are_counted_from_their_headers(tmp_path, monkeypatch):
+    """Another tool's shards (img2dataset's, a hand-made tar) have no sizes.json: training
+    weighs its sources by samples, not by shard count, and knows its epoch size."""
+    from capfilt.data import sample_counts
+    from capfilt.data.sample_counts import sample_count
+    from capfilt.train.data import build_sources
+    from tests.faults.conftest import good_members, make_tar
+
+    foreign = tmp_path / "foreign"
+    for i, n in enumerate((5, 7, 3)):  # 15 samples in 3 tars, each member pair a sample
+        make_tar(foreign / f"{i:05d}.tar", good_members(n, prefix=f"s{i}_"))
+    count = sample_count(expand_shards(str(foreign)))
+    assert count.samples == 15 and "counted in 3 tar(s)" in count.how
+    # many tars: a few are read, the rest estimated from their mean
+    monkeypatch.setattr(sample_counts, "SCAN_SHARDS", 2)
+    count = sample_count(expand_shards(str(foreign)))
+    assert count.samples == (5 + 7) // 2 * 3 and "estimated from 2 of them" in count.how
+    monkeypatch.undo()
+    # capfilt's own shards: sizes.json, nothing read
+    own = tmp_path / "own"
+    make_tar(own / "00000000.tar", good_members(2))
+    (own / "sizes.json").write_text('{"00000000.tar": 40}')
+    sources = build_sources([str(foreign), str(own)])
+    assert [(s.weight, s.samples) for s in sources] == [(15.0, 15), (40.0, 40)]
+    assert sample_count([f"pipe:cat {foreign / '00000.tar'}"]).samples is None

@@ -29,10 +29,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from capfilt.data.reader import SampleError, SkipCounter, decode_sample, iter_tar_samples
+from capfilt.data.sample_counts import sample_count
 from capfilt.data.shards import count_samples, expand_shards
 from capfilt.data.stage import StageError
 from capfilt.data.text import clean_caption
 from capfilt.data.transforms import TrainTransform
+from capfilt.utils.logging import get_logger
+
+log = get_logger("train")
 
 
 @dataclass
@@ -42,6 +46,9 @@ class Source:
     name: str
     urls: list[str]
     weight: float
+    samples: int | None = None
+    """Its sample count (:func:`capfilt.data.sample_counts.sample_count`), None when unknown or
+    not counted (weights given)."""
 
 
 def image_id(key: str) -> int:
@@ -66,8 +73,11 @@ def build_sources(specs: list[str], weights: list[float] | None = None) -> list[
             source.weight = float(weight)
     else:
         for source in sources:
-            n = count_samples(source.urls)
-            source.weight = float(n if n is not None else len(source.urls))
+            count = sample_count(source.urls)
+            source.samples = count.samples
+            source.weight = float(count.samples if count.samples is not None else len(source.urls))
+            if count.how:
+                log.info("%s: %s samples (%s)", source.name, count.samples or "?", count.how)
     if sum(s.weight for s in sources) <= 0:
         raise ValueError("source weights must not all be zero")
     return sources

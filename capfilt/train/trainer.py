@@ -222,14 +222,19 @@ class Trainer:
             resolve_model_dir(job.init)  # (a run resumed from a checkpoint does not read --init)
         samples_per_epoch = cfg.samples_per_epoch
         if samples_per_epoch <= 0:
-            from capfilt.data.shards import count_samples
+            from capfilt.data.sample_counts import sample_count
 
-            known = [count_samples(s.urls) for s in sources]
-            if any(k is None for k in known):
+            counts = [
+                s.samples if s.samples is not None else sample_count(s.urls).samples
+                for s in sources
+            ]
+            if any(n is None for n in counts):
+                key = "train" if job.stage == "pretrain" else f"finetune.{job.stage}"
                 raise ConfigError(
-                    "train.samples_per_epoch: shard sizes unknown (no sizes.json); set it explicitly"
+                    f"{key}.samples_per_epoch: the size of a remote source is unknown (no "
+                    "sizes.json beside its shards); set it explicitly"
                 )
-            samples_per_epoch = int(sum(known))  # type: ignore[arg-type]
+            samples_per_epoch = int(sum(counts))  # type: ignore[arg-type]
         resumed = self._prepare_folder()
         log.info("%d intra-op threads, %d loader workers", threads, data_cfg.num_workers)
         global_batch = data_cfg.batch_size * self.dist.world_size
