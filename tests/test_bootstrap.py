@@ -219,6 +219,40 @@ def test_a_changed_recipe_is_refused_unless_restarted(run_a, shards):
     run_bootstrap(load_recipe("tiny", FAST), _inputs(shards), out, restart_from="evaluate")
 
 
+def test_a_change_to_stages_not_yet_finished_needs_no_restart(shards, tmp_path):
+    """A stage failed on its settings (or was stopped) before finishing: the corrected
+    command runs; a change that touches a finished stage is still refused."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_captioner(event):
+        if event.key == "finetune-captioner" and event.status == "start":
+            raise Stop
+
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        run_bootstrap(load_recipe("tiny", FAST), _inputs(shards), out, on_stage=stop_at_captioner)
+    with pytest.raises(BootstrapConflict, match="--restart-from pretrain-baseline"):
+        run_bootstrap(load_recipe("tiny", [*FAST, "train.lr=0.5"]), _inputs(shards), out)
+    events = []
+    changed = load_recipe("tiny", [*FAST, "finetune.captioner.lr=0.002"])
+    with pytest.raises(Stop):
+        run_bootstrap(
+            changed,
+            _inputs(shards),
+            out,
+            on_stage=lambda e: (events.append(e), stop_at_captioner(e)),
+        )
+    assert [(e.key, e.status) for e in events] == [
+        ("pretrain-baseline", "done-earlier"),
+        ("finetune-captioner", "start"),
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "recipe.yaml").read_text().count("lr: 0.002") == 1
+    assert manifest["stages"]["pretrain-baseline"]["status"] == "done"
+
+
 def test_a_stage_says_when_its_model_was_trained_with_another_recipe(run_a, capsys):
     """``capfilt caption --model my-run/runs/captioner`` takes the default recipe's (demo's)
     caption settings: it says so when the model's run used another recipe."""

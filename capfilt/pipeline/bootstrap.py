@@ -597,6 +597,10 @@ def open_manifest(
         stage = _first_affected(previous, recipe_hash, inputs_changed, keys, order)
         if stage is not None and planned:  # the first stage this run has from that one on
             stage = next((s for s in planned if order.index(s) >= order.index(stage)), stage)
+        if stage is not None and not _finished_from(previous, stage, order):
+            # nothing made with the old settings is kept (the stage that failed on them, e.g.
+            # an unknown epoch size, left no finished output): the corrected command just runs
+            stage = None
         if previous.get("recipe_hash") != recipe_hash:
             shown = _describe_changes(changes or [])
             what = f"another recipe ({shown})" if shown else "another recipe"
@@ -644,6 +648,20 @@ def _shown(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) or "none"
     return "none" if value is None else str(value)
+
+
+def _finished_from(previous: dict[str, Any], stage: str, order: tuple[str, ...]) -> list[str]:
+    """The stages from ``stage`` on (in ``order``) that the manifest records as finished (done
+    or partial): what a change from ``stage`` on would leave made with the old settings."""
+    records = previous.get("stages") if isinstance(previous.get("stages"), dict) else {}
+    return [
+        key
+        for key, record in records.items()
+        if isinstance(record, dict)
+        and record.get("status") in ("done", "partial")
+        and record.get("stage") in order
+        and order.index(record["stage"]) >= order.index(stage)
+    ]
 
 
 def _recipe_changes(layout: BootstrapLayout, recipe: Recipe) -> list[tuple[str, Any, Any]] | None:
