@@ -312,6 +312,20 @@ def _text_of(raw: dict[str, Any]) -> str:
     return text if text.strip() else ""
 
 
+JSON_TEXT_KEYS = ("caption", "text")
+"""json fields read as the web text of a sample that has no ``txt`` (img2dataset writes its
+caption to both; other tools to the json alone)."""
+
+
+def _json_text(meta: dict[str, Any]) -> str:
+    """The first non-blank string among the json's :data:`JSON_TEXT_KEYS` ("" when none)."""
+    for key in JSON_TEXT_KEYS:
+        value = meta.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return ""
+
+
 def _captions_of(meta: dict[str, Any], text: str) -> list[dict[str, Any]]:
     """The json's caption entries (blank ones dropped), else the txt as one web caption.
 
@@ -320,10 +334,14 @@ def _captions_of(meta: dict[str, Any], text: str) -> list[dict[str, Any]]:
     captions = meta.get("captions")
     if captions is None:
         return [{"text": text, "origin": "web"}] if text else []
+    if isinstance(captions, list):  # plain strings (other tools' lists): web texts
+        captions = [{"text": c, "origin": "web"} if isinstance(c, str) else c for c in captions]
     if not isinstance(captions, list) or not all(
         isinstance(c, dict) and isinstance(c.get("text"), str) for c in captions
     ):
-        raise SampleError("bad_caption", "json captions must be objects with a string 'text'")
+        raise SampleError(
+            "bad_caption", "json captions must be strings or objects with a string 'text'"
+        )
     captions = [c for c in captions if c["text"].strip()]
     if not captions:
         return [{"text": text, "origin": "web"}] if text else []
@@ -407,12 +425,16 @@ def decode_sample(
     if ext is None:
         raise SampleError("missing_image")
     image = decode_image(raw[ext], min_side)
-    text = _text_of(raw)
+    text = _text_of(raw) or _json_text(meta)
     captions = _captions_of(meta, text)
     if not text and captions:
         text = captions[0]["text"]
     if require_caption and not text:
-        raise SampleError("missing_caption")
+        raise SampleError(
+            "missing_caption",
+            "no txt member, json 'captions', 'caption' or 'text' (json keys: "
+            f"{', '.join(sorted(meta)) or 'no json'})",
+        )
     extra = {
         k: v for k, v in raw.items() if not k.startswith("__") and k not in (ext, "txt", "json")
     }

@@ -184,3 +184,27 @@ def test_a_tar_in_directory_order_gives_every_sample_with_its_caption(tmp_path, 
     got, skipped = read(f"pipe:cat {unsorted}")
     assert len(got) < 6 and skipped.get("duplicate_key")
     assert "must hold each sample's members together" in caplog.text
+
+
+def test_captions_other_tools_write_to_the_json_are_read(tmp_path):
+    """A json ``caption``/``text`` without a txt, and ``captions`` as plain strings, are the
+    sample's web texts; a json with neither is skipped, its keys named."""
+    shard = make_tar(
+        tmp_path / "s.tar",
+        [
+            ("a.jpg", jpeg()),
+            ("a.json", json.dumps({"caption": "a red square", "url": "http://x"}).encode()),
+            ("b.jpg", jpeg()),
+            ("b.json", json.dumps({"captions": ["one", "two", " "]}).encode()),
+            ("c.jpg", jpeg()),
+            ("c.json", json.dumps({"alt": "a photo", "status": "success"}).encode()),
+        ],
+    )
+    counter = SkipCounter()
+    samples = {s.key: s for s in read_samples([str(shard)], counter)}
+    assert samples["a"].text == "a red square"
+    assert samples["a"].captions == [{"text": "a red square", "origin": "web"}]
+    assert samples["b"].text == "one"
+    assert [c["text"] for c in samples["b"].captions] == ["one", "two"]
+    assert counter.as_dict() == {"missing_caption": 1} and "c" not in samples
+    assert "json keys: alt, status" in counter.records[0].detail
