@@ -423,7 +423,12 @@ def decode_sample(
     meta = _meta_of(raw)
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
-        raise SampleError("missing_image")
+        found = sorted(k for k in raw if not k.startswith("__"))
+        raise SampleError(
+            "missing_image",
+            f"members {', '.join(f'{key}.{e}' for e in found) or 'none'}; images are "
+            f"{', '.join(IMAGE_EXTS)} (a key ends at the file name's first dot)",
+        )
     image = decode_image(raw[ext], min_side)
     text = _text_of(raw) or _json_text(meta)
     captions = _captions_of(meta, text)

@@ -208,3 +208,17 @@ def test_captions_other_tools_write_to_the_json_are_read(tmp_path):
     assert [c["text"] for c in samples["b"].captions] == ["one", "two"]
     assert counter.as_dict() == {"missing_caption": 1} and "c" not in samples
     assert "json keys: alt, status" in counter.records[0].detail
+
+
+def test_a_missing_image_names_the_members_it_found(tmp_path):
+    """A phone's ``IMG_2023.05.04.jpg``: webdataset's key ends at the first dot, so the image's
+    extension is ``05.04.jpg``; the skip says what it found."""
+    shard = make_tar(
+        tmp_path / "s.tar", [("IMG_2023.05.04.jpg", jpeg()), ("IMG_2023.05.04.txt", b"a cat")]
+    )
+    counter = SkipCounter()
+    assert list(read_samples([str(shard)], counter)) == []
+    (record,) = counter.records
+    assert record.reason == "missing_image"
+    assert "members IMG_2023.05.04.jpg, IMG_2023.05.04.txt" in record.detail
+    assert "first dot" in record.detail
