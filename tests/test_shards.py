@@ -197,6 +197,17 @@ def test_shard_specs(tmp_path):
     with pytest.raises(ShardSpecError, match="pipe:aws s3 cp s3://b/x.tar -"):
         expand_shards("s3://b/x.tar")
     assert expand_shards("pipe:cat {a,b}.tar") == ["pipe:cat a.tar", "pipe:cat b.tar"]
+    # `**` spans folders; a folder's compressed tars are shards too
+    nested = tmp_path / "nested"
+    (nested / "b" / "c").mkdir(parents=True)
+    (nested / "a").mkdir()
+    for where in (nested / "a" / "0.tar", nested / "b" / "c" / "0.tar", nested / "d.tar.gz"):
+        where.write_bytes(b"")
+    assert expand_shards(str(nested / "**" / "*.tar")) == [
+        str(nested / "a" / "0.tar"),
+        str(nested / "b" / "c" / "0.tar"),
+    ]
+    assert expand_shards(str(nested)) == [str(nested / "d.tar.gz")]
 
 
 def test_stage_resumes_and_writes_sizes(tmp_path):

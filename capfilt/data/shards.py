@@ -1,7 +1,8 @@
 """Shard specifications → lists of shard URLs.
 
 A spec is a brace pattern (``data/web/{00000000..00000041}.tar``), a folder (its ``*.tar``
-files, sorted), a single ``.tar`` path, a glob, or a remote/pipe URL that webdataset opens.
+files, and ``*.tar.gz``/``*.tgz``, sorted), a single ``.tar`` path, a glob (``**`` spanning
+folders), or a remote/pipe URL that webdataset opens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+"""The files a folder spec reads (a compressed tar is read as it is, more slowly)."""
 
 
 class ShardSpecError(ValueError):
@@ -32,14 +37,14 @@ def expand_shard_spec(spec: str) -> list[str]:
         return list(braceexpand(spec))
     path = Path(spec)
     if path.is_dir():
-        shards = sorted(str(p) for p in path.glob("*.tar"))
+        shards = sorted(str(p) for p in path.iterdir() if p.name.endswith(SHARD_SUFFIXES))
         if not shards:
             raise ShardSpecError(f"folder {spec} has no .tar shards")
         return shards
     out: list[str] = []
     for item in braceexpand(spec):
         if any(ch in item for ch in "*?["):
-            matches = sorted(glob.glob(item))
+            matches = sorted(glob.glob(item, recursive=True))  # `**` spans folders
             if not matches:
                 raise ShardSpecError(f"no shard matches {item}")
             out.extend(matches)
