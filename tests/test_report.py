@@ -486,3 +486,17 @@ def test_report_of_a_folder_of_runs_names_them_and_exits_2(fake_run: Path, tmp_p
     (empty / "sub").mkdir(parents=True)
     result = CliRunner().invoke(app, ["report", str(empty)])
     assert result.exit_code == 2 and "holds no capfilt run" in result.output
+
+
+def test_a_runs_overview_counts_the_input_its_stages_skipped(tmp_path):
+    run = tmp_path / "run"
+    captioned = run / "data" / "web_captioned"
+    captioned.mkdir(parents=True)
+    (run / "manifest.json").write_text("{}")
+    (captioned / "sizes.json").write_text(json.dumps({"00000000.tar": 3, "00000001.tar": 4}))
+    for index, skipped in enumerate(({"undecodable_image": 2}, {"undecodable_image": 1})):
+        marker = {"stage": "caption", "count": 3 + index, "skipped": skipped}
+        (captioned / f"{index:08d}_stats.json").write_text(json.dumps(marker))
+    html = render_report(run)
+    assert "<th>web_captioned images</th><td>7</td>" in html
+    assert "<th>web_captioned: input skipped, undecodable_image</th><td>3</td>" in html

@@ -230,8 +230,23 @@ def fill_from_folder(run_dir: Path, summary: dict[str, Any]) -> None:
                 sizes = _read_json(folder / "sizes.json")
                 if isinstance(sizes, dict) and all(isinstance(v, int) for v in sizes.values()):
                     counts[f"{where}{folder.name} images"] = sum(sizes.values())
+                for reason, n in sorted(_skipped_inputs(folder).items()):
+                    counts[f"{where}{folder.name}: input skipped, {reason}"] = n
         if counts:
             summary["data"] = counts
+
+
+def _skipped_inputs(folder: Path) -> dict[str, int]:
+    """Input samples a stage skipped as bad, per reason, from its shards' done-markers."""
+    total: dict[str, int] = {}
+    for path in sorted(folder.glob("*_stats.json")):
+        marker = _read_json(path)
+        skipped = marker.get("skipped") if isinstance(marker, dict) else None
+        if isinstance(skipped, dict):
+            for reason, n in skipped.items():
+                if isinstance(n, int) and n > 0:
+                    total[str(reason)] = total.get(str(reason), 0) + n
+    return total
 
 
 def round_dirs(run_dir: Path) -> list[Path]:
