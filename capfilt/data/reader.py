@@ -226,6 +226,7 @@ def iter_tar_samples(
     position = -1
     damage = scan_damage = ""
     warned_ungrouped = False
+    exts: set[str] = set()  # the extensions of the sample being gathered
     # a local tar is opened seekable ("r:*"): its members are grouped by key whatever their
     # order, and skipped members are seeked over; a stream ("r|*": pipes, URLs) reads through
     path = source or url
@@ -248,7 +249,13 @@ def iter_tar_samples(
                 if "." not in base or base.startswith("."):
                     continue
                 key, ext, problem = member_key(info.name)
-                starts = current is None or current["__key__"] != key
+                # a member whose key and extension the sample already has (``a/b.jpg`` then
+                # ``a_b.jpg``: one key once folders are joined) starts another sample of that
+                # key, a duplicate, rather than replacing the first one's file
+                starts = current is None or current["__key__"] != key or ext.lower() in exts
+                if starts:
+                    exts = set()
+                exts.add(ext.lower())
                 wanted = read is None or read(position + 1 if starts else position)
                 # read before the sample before is handed out: damage here keeps it the last one
                 data = stream.extractfile(info).read() if wanted else None

@@ -222,3 +222,27 @@ def test_a_missing_image_names_the_members_it_found(tmp_path):
     assert record.reason == "missing_image"
     assert "members IMG_2023.05.04.jpg, IMG_2023.05.04.txt" in record.detail
     assert "first dot" in record.detail
+
+
+def test_keys_that_meet_once_folders_are_joined_are_duplicates_not_merged(tmp_path):
+    """``a/b.jpg`` and ``a_b.jpg`` share key ``a_b``: the first sample is kept whole, the second
+    counted as a duplicate (its files replaced the first one's)."""
+    shard = make_tar(
+        tmp_path / "s.tar",
+        [
+            ("a/b.jpg", jpeg((200, 0, 0))),
+            ("a/b.txt", b"the first"),
+            ("a_b.jpg", jpeg((0, 0, 200))),
+            ("a_b.txt", b"the second"),
+            *good_members(1),
+        ],
+    )
+    counter = SkipCounter()
+    samples = list(read_samples([str(shard)], counter))
+    assert [(s.key, s.text) for s in samples] == [("a_b", "the first"), ("g0", "a red square")]
+    assert counter.as_dict() == {"duplicate_key": 1}
+    # loader workers that read only some samples agree on where each sample starts
+    from capfilt.data.reader import iter_tar_samples
+
+    keys = [r["__key__"] for r in iter_tar_samples(str(shard), read=lambda p: p == 1)]
+    assert keys == ["a_b", "a_b", "g0"]
