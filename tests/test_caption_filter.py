@@ -768,6 +768,15 @@ def test_repetition_penalty_divides_positive_multiplies_negative():
 # ---------------------------------------------------------------- 3. the stages on the built-in benchmark
 
 
+def test_captioning_a_captioners_own_output_says_so(models, outputs, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="capfilt")
+    first = str(outputs["captioned"] / "00000000.tar")
+    cfg = load_recipe("tiny", CAPTION_SETS).caption
+    caption_shards(models["captioner"], [first], tmp_path / "again", cfg)
+    assert "was captioned by this captioner" in caplog.text
+    assert "second synthetic caption" in caplog.text
+
+
 def test_caption_passes_every_field_through_and_adds_synthetic(synth, models, outputs):
     inputs, captioned = _folder_samples(synth / "web"), _folder_samples(outputs["captioned"])
     assert list(captioned) == list(inputs) and len(inputs) == 128

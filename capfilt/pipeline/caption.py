@@ -12,6 +12,7 @@ the same whatever the world size, batch size or shard split.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from capfilt.config import CaptionConfig, config_hash, to_dict
 from capfilt.data.loader import ShardImages, loader_hint
 from capfilt.data.reader import Sample, SkipCounter
 from capfilt.data.sample import output_sample
-from capfilt.data.shards import expand_shards, shard_sizes
+from capfilt.data.shards import REMOTE_PREFIXES, expand_shards, shard_sizes
 from capfilt.data.stage import LOADER_START, StageResult, check_output_folder, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.workers import start_worker_server
@@ -61,6 +62,7 @@ def caption_shards(
     chash = config_hash(
         {"stage": "caption", "model": captioner_id, "caption": _settings_of(cfg), "inputs": urls}
     )
+    _warn_if_captioned_by(urls, captioner_id)
 
     shard_images = ShardImages(
         urls,
@@ -111,6 +113,26 @@ def caption_shards(
             clock=clock,
             timing_hints={"images": loader_hint("caption", cfg.num_workers)},
         )
+
+
+def _warn_if_captioned_by(urls: list[str], captioner_id: str) -> None:
+    """Say so when the input is this captioner's own output (its done-markers name it): its
+    samples would get a second synthetic caption from the same model."""
+    for url in urls[:1]:
+        if url.startswith(REMOTE_PREFIXES):
+            continue
+        marker_path = Path(url).with_name(f"{Path(url).name.removesuffix('.tar')}_stats.json")
+        try:
+            marker = json.loads(marker_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(marker, dict) and marker.get("captioner") == captioner_id:
+            log.warning(
+                "%s was captioned by this captioner (%s) already: each sample gets a second "
+                "synthetic caption from it; caption the original shards to replace them",
+                Path(url).parent,
+                captioner_id,
+            )
 
 
 def _write_batch(
