@@ -164,6 +164,13 @@ def member_key(name: str) -> tuple[str, str, str | None]:
     return key, ext, None
 
 
+def is_sample_member(info: tarfile.TarInfo) -> bool:
+    """Whether a tar member is part of a sample: a regular file whose name has an extension and
+    does not start with a dot (folders, links and ``.hidden`` files are not)."""
+    base = info.name.replace("\\", "/").rsplit("/", 1)[-1]
+    return info.isreg() and "." in base and not base.startswith(".")
+
+
 def _members_by_key(stream: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str]:
     """Every member header of a seekable tar, each sample's members brought together in the
     order their keys first appear (``tar cf s.tar images/`` writes a folder's files in directory
@@ -180,9 +187,8 @@ def _members_by_key(stream: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str
     slots: dict[tuple, list[tarfile.TarInfo]] = {}
     extensions: dict[str, list[set[str]]] = {}
     for index, info in enumerate(infos):
-        base = info.name.replace("\\", "/").rsplit("/", 1)[-1]
-        if not info.isreg() or "." not in base or base.startswith("."):
-            slots[("", index)] = [info]  # not a sample member: kept where it was
+        if not is_sample_member(info):
+            slots[("", index)] = [info]  # kept where it was
             continue
         key, ext, _ = member_key(info.name)
         groups = extensions.setdefault(key, [])
@@ -243,10 +249,7 @@ def iter_tar_samples(
                 members, scan_damage = _members_by_key(stream)
             for info in members:
                 n_members += 1
-                if not info.isreg():
-                    continue
-                base = info.name.replace("\\", "/").rsplit("/", 1)[-1]
-                if "." not in base or base.startswith("."):
+                if not is_sample_member(info):
                     continue
                 key, ext, problem = member_key(info.name)
                 # a member whose key and extension the sample already has (``a/b.jpg`` then

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tarfile
 from dataclasses import dataclass
 
-from capfilt.data.reader import TAR_ERRORS, member_key, open_shard
+from capfilt.data.reader import TAR_ERRORS, is_sample_member, member_key, open_shard
 from capfilt.data.shards import REMOTE_PREFIXES, shard_sizes
 
 SCAN_SHARDS = 16
@@ -34,8 +34,7 @@ def tar_sample_count(url: str) -> int:
     try:
         with open_shard(url) as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
             for info in tar:
-                base = info.name.replace("\\", "/").rsplit("/", 1)[-1]
-                if info.isreg() and "." in base and not base.startswith("."):
+                if is_sample_member(info):
                     keys.add(member_key(info.name)[0])
     except TAR_ERRORS:
         pass

@@ -650,18 +650,17 @@ def _shown(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def _finished_from(previous: dict[str, Any], stage: str, order: tuple[str, ...]) -> list[str]:
-    """The stages from ``stage`` on (in ``order``) that the manifest records as finished (done
-    or partial): what a change from ``stage`` on would leave made with the old settings."""
+def _finished_from(previous: dict[str, Any], stage: str, order: tuple[str, ...]) -> bool:
+    """Whether the manifest records a stage from ``stage`` on (in ``order``) as finished (done
+    or partial): output a change from ``stage`` on would leave made with the old settings."""
     records = previous.get("stages") if isinstance(previous.get("stages"), dict) else {}
-    return [
-        key
-        for key, record in records.items()
-        if isinstance(record, dict)
+    return any(
+        isinstance(record, dict)
         and record.get("status") in ("done", "partial")
         and record.get("stage") in order
         and order.index(record["stage"]) >= order.index(stage)
-    ]
+        for record in records.values()
+    )
 
 
 def _recipe_changes(layout: BootstrapLayout, recipe: Recipe) -> list[tuple[str, Any, Any]] | None:

@@ -24,7 +24,7 @@ from capfilt.data.shards import REMOTE_PREFIXES, expand_shards, shard_sizes
 from capfilt.data.stage import LOADER_START, StageResult, check_output_folder, run_shard_stage
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.workers import start_worker_server
-from capfilt.data.writer import ShardWriter
+from capfilt.data.writer import STATS_SUFFIX, ShardWriter
 from capfilt.model.decoding import row_seeds
 from capfilt.model.generate import generate_captions
 from capfilt.runs.resolve import load_identified_model
@@ -121,7 +121,7 @@ def _warn_if_captioned_by(urls: list[str], captioner_id: str) -> None:
     for url in urls[:1]:
         if url.startswith(REMOTE_PREFIXES):
             continue
-        marker_path = Path(url).with_name(f"{Path(url).name.removesuffix('.tar')}_stats.json")
+        marker_path = Path(url).with_name(Path(url).name.removesuffix(".tar") + STATS_SUFFIX)
         try:
             marker = json.loads(marker_path.read_text())
         except (OSError, ValueError):

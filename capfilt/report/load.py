@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from capfilt.data.writer import drop_skipped_rows, read_done_marker
+from capfilt.data.writer import STATS_SUFFIX, drop_skipped_rows, read_done_marker
 
 RUN_NAMES = ("pretrain_baseline", "captioner", "filter", "pretrain_capfilt")
 """The demo's training runs, in pipeline order (other run folders found are shown after these)."""
@@ -239,7 +239,7 @@ def fill_from_folder(run_dir: Path, summary: dict[str, Any]) -> None:
 def _skipped_inputs(folder: Path) -> dict[str, int]:
     """Input samples a stage skipped as bad, per reason, from its shards' done-markers."""
     total: dict[str, int] = {}
-    for path in sorted(folder.glob("*_stats.json")):
+    for path in sorted(folder.glob(f"*{STATS_SUFFIX}")):
         marker = _read_json(path)
         skipped = marker.get("skipped") if isinstance(marker, dict) else None
         if isinstance(skipped, dict):
@@ -331,7 +331,7 @@ def _stage_counts(run_dir: Path, kind: str) -> dict[str, Any]:
             if isinstance(row.get("kept"), int):
                 counts[f"{label} kept"] = row["kept"]
         return counts
-    markers = [_read_json(p) for p in sorted(run_dir.glob("*_stats.json"))]
+    markers = [_read_json(p) for p in sorted(run_dir.glob(f"*{STATS_SUFFIX}"))]
     markers = [  # capfilt's done-markers name their stage (img2dataset's _stats.json do not)
         m
         for m in markers
