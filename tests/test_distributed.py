@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from tests.conftest import subprocess_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_step.py"
+STAGE_SCRIPT = Path(__file__).parent / "scripts" / "stage_ranks.py"
 
 
 def _run(args: list[str], tmp_path: Path) -> None:
@@ -89,3 +91,17 @@ def test_the_backend_follows_the_collectives_device(monkeypatch):
     assert backend_for("cpu") == "gloo"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert backend_for() == "gloo"
+
+
+def test_a_stage_waits_for_every_rank_before_its_sizes_json(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = subprocess_env(CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [*cmd, str(STAGE_SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # shards 1 and 3 are the slow rank's: counted in the stage's totals and its sizes.json
+    assert "samples 10" in proc.stdout
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {f"{i:08d}.tar": i + 1 for i in range(4)}
