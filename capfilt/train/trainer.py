@@ -43,7 +43,7 @@ from capfilt.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_s
 from capfilt.train.data import Source, TrainStream, build_sources, check_sources, make_loader
 from capfilt.train.optim import build_optimizer, lr_at, set_lr
 from capfilt.utils.device import autocast, default_device, to_device
-from capfilt.utils.dist import DistInfo, barrier, init_distributed
+from capfilt.utils.dist import DistInfo, barrier, init_distributed, mean_over_ranks
 from capfilt.utils.files import atomic_write_json
 from capfilt.utils.logging import get_logger, setup_logging
 from capfilt.utils.progress import ProgressReporter
@@ -126,7 +126,7 @@ def wrap_for_training(
             # would copy every tensor argument to the GPU, the image ids that are checked on the
             # host included (two host syncs per micro-step then)
             device_ids=None,
-            broadcast_buffers=False,
+            **_no_buffer_sync(DistributedDataParallel),
             # a fine-tune leaves out the same parameters at every step, but static_graph=True,
             # DDP's way to learn them once, is not an option: under no_sync() (train.grad_accum)
             # its first backward fails an internal assert (torch 2.14, pytorch/pytorch#187732)
@@ -136,6 +136,16 @@ def wrap_for_training(
         # compile outside DDP so that its optimiser splits graphs at bucket boundaries
         module = torch.compile(module)
     return module
+
+
+def _no_buffer_sync(ddp_class) -> dict[str, bool]:
+    """DDP's option to leave buffers unsynchronised at each forward: ``forward_sync_buffers``
+    since torch 2.13, which warns (on every rank) at the older ``broadcast_buffers``."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(ddp_class).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def sync_unless_last(module: nn.Module, micro: int, grad_accum: int):
@@ -489,10 +499,16 @@ class Trainer:
 
 
 def finite_means(window: dict[str, torch.Tensor], n: int) -> dict[str, float]:
-    """The means over ``n`` steps of the summed step values in ``window`` (one host sync for all);
-    ``FloatingPointError`` when one is not finite (training diverged in these steps)."""
+    """The means over ``n`` steps of the summed step values in ``window`` (one host sync for all),
+    averaged over the ranks under torchrun (each rank's losses are its share of the global batch,
+    and every rank must agree whether training diverged); ``FloatingPointError`` when one is not
+    finite (training diverged in these steps)."""
     keys = list(window)
-    values = torch.stack([window[k].float() for k in keys]).cpu().tolist() if keys else []
+    values = (
+        mean_over_ranks(torch.stack([window[k].float() for k in keys])).cpu().tolist()
+        if keys
+        else []
+    )
     means = {k: v / n for k, v in zip(keys, values)}
     if not all(math.isfinite(v) for v in means.values()):
         raise FloatingPointError(

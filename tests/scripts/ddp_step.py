@@ -18,13 +18,14 @@ import torch
 from capfilt.config import load_recipe
 from capfilt.model import build_model, tokenize, train_wordpiece_tokenizer
 from capfilt.train.optim import build_optimizer
-from capfilt.train.trainer import STAGE_LOSSES, sync_unless_last, wrap_for_training
+from capfilt.train.trainer import STAGE_LOSSES, finite_means, sync_unless_last, wrap_for_training
 from capfilt.utils.dist import destroy_distributed, init_distributed
 
 GLOBAL_BATCH = 8
 WORDS = "red green blue big small circle square triangle left right top bottom a the of".split()
 CASES = [("pretrain", 1), ("pretrain", 2), ("captioner", 2), ("filter", 1)]
 """(stage, micro-batches per optimiser step)."""
+LOSS_KEYS = ("loss_itc", "loss_itm", "loss_lm")
 
 
 def run_case(stage: str, grad_accum: int, info, cfg, tokenizer, images, ids, mask) -> dict:
@@ -36,7 +37,7 @@ def run_case(stage: str, grad_accum: int, info, cfg, tokenizer, images, ids, mas
     optimizer = build_optimizer(model, load_recipe("tiny").train)
     micro_global = GLOBAL_BATCH // grad_accum
     b = micro_global // info.world_size
-    parts = torch.zeros(3)
+    window: dict[str, torch.Tensor] = {}
     for micro in range(grad_accum):
         lo = micro * micro_global + info.rank * b
         with sync_unless_last(module, micro, grad_accum):
@@ -50,13 +51,11 @@ def run_case(stage: str, grad_accum: int, info, cfg, tokenizer, images, ids, mas
                 generator=torch.Generator().manual_seed(123 + micro),
             )
             (out["loss"] / grad_accum).backward()
-        parts += torch.stack([out["loss_itc"], out["loss_itm"], out["loss_lm"]]).detach()
-    parts /= grad_accum
-    if info.distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(parts)
-        parts /= info.world_size
+        for key in LOSS_KEYS:
+            window[key] = window.get(key, 0) + out[key].detach()
+    # the trainer's logged means: over the micro-batches and, under torchrun, over the ranks
+    means = finite_means(window, grad_accum)
+    parts = torch.tensor([means[key] for key in LOSS_KEYS])
     grads = {
         n: (p.grad.clone() if p.grad is not None else None)
         for n, p in model.named_parameters()
