@@ -27,6 +27,7 @@ import torch
 from capfilt.config import CaptionConfig, ConfigError, load_recipe
 from capfilt.data.importers import ImportRecord, import_records
 from capfilt.data.reader import read_samples
+from capfilt.data.shards import count_samples, expand_shards
 from capfilt.data.synth import write_synth
 from capfilt.data.writer import STATS_SUFFIX, parquet_path, stats_path, tar_path
 from capfilt.eval.filter_metrics import roc_auc
@@ -1326,6 +1327,32 @@ def test_torchrun_two_ranks_give_the_single_process_output(synth, models, output
         else:
             assert got[name] == ref[name], name
     assert set(_folder_samples(tmp_path / "filt")) == set(_folder_samples(reference["filtered"]))
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def test_torchrun_eval_caption_splits_the_images_and_the_job_speaks_once(synth, models, tmp_path):
+    env = _env()
+    env["CUDA_VISIBLE_DEVICES"] = ""  # both sides on the CPU: gloo, the same arithmetic
+
+    def run(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
+        cmd = [*launcher, "-m", "capfilt", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    evaluate = ["eval", "caption", "tiny", "--model", str(models["captioner"])]
+    evaluate += ["--shards", str(synth / "web"), "--set", "caption.batch_size=8"]
+    one = run([sys.executable], *evaluate, "--out", str(tmp_path / "one.json"))
+    two = run(TORCHRUN, *evaluate, "--out", str(tmp_path / "two.json"))
+    assert one.returncode == 0 and two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    # the 8 shards split over the ranks, gathered in shard order: the same captions and figures
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a == b and a["n_images"] == count_samples(expand_shards(str(synth / "web")))
+    assert two.stdout.count("captioner on") == 1 and two.stdout.count("wrote") == 1
+    # a usage error every rank meets alike is said once (exit 2 of each rank; torchrun says 1)
+    bad = run(TORCHRUN, *evaluate[:5], "--shards", str(tmp_path / "nope"))
+    assert bad.returncode != 0
+    assert bad.stderr.count("shard not found") == 1, bad.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- 6. the filter learns something

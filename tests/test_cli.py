@@ -175,3 +175,27 @@ def test_console_script_and_module_agree():
         [str(script), "--version"], capture_output=True, text=True, check=True
     ).stdout
     assert a == capfilt("--version", check=True).stdout
+
+
+def test_a_rank_other_than_zero_says_only_its_own_errors(capsys):
+    import torch.distributed  # noqa: F401  (as under torchrun: the collectives' errors exist)
+
+    from capfilt.cli import common
+
+    common.quiet_unless_main(1)
+    try:
+        common.out.print("table of results")
+        common.print_warning("--threshold is not used")
+        common.print_error("shard not found: data/nope", common.EXIT_USAGE)
+        common.print_error("shard source x gives no samples to reader 1 of 2")
+    finally:
+        common.quiet_unless_main(0)
+    captured = capsys.readouterr()
+    # results, the command's warnings and usage errors are the job's: rank 0 says them
+    assert captured.out == ""
+    assert captured.err == "error [rank 1]: shard source x gives no samples to reader 1 of 2\n"
+    # rank 0, whose collective fails because that rank stopped, says why instead of gloo's text
+    gloo = RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    code, message = common.describe_error(gloo)
+    assert code == common.EXIT_FAILURE and message.startswith("another process of this torchrun")
+    assert common.describe_error(RuntimeError("boom"))[1].startswith("RuntimeError: boom")

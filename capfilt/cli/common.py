@@ -33,6 +33,16 @@ class CliState:
     """Options of the root command that error reporting needs."""
 
     verbose: bool = False
+    rank: int = 0
+    """This process's rank under torchrun (0 otherwise)."""
+
+
+def quiet_unless_main(rank: int) -> None:
+    """Under torchrun every rank runs the command: results and the command's own warnings are
+    the job's, printed by rank 0; another rank prints only errors of its own (see
+    :func:`print_error`). Library log lines say their rank themselves."""
+    CliState.rank = rank
+    out.quiet = rank > 0
 
 
 def styled(label: str, style: str, message: str = "") -> Text:
@@ -61,11 +71,21 @@ RecipeArgument = Annotated[
 ]
 
 
-def print_error(message: str) -> None:
+def print_error(message: str, code: int = EXIT_FAILURE) -> None:
+    """``error: message``; from a rank other than 0, named by rank, and left out for a usage
+    error (exit 2): those come from checks of the command line and inputs that every rank makes
+    alike, so rank 0 says it once."""
+    if CliState.rank > 0:
+        if code == EXIT_USAGE:
+            return
+        console.print(styled(f"error [rank {CliState.rank}]:", "bold red", message))
+        return
     console.print(styled("error:", "bold red", message))
 
 
 def print_warning(message: str) -> None:
+    if CliState.rank > 0:  # the command's own warnings: every rank would print the same
+        return
     console.print(styled("warning:", "bold yellow", message))
 
 
@@ -84,7 +104,7 @@ def warn_of_another_recipe(model: str | Path, recipe: Recipe, command: str, sect
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
-    print_error(message)
+    print_error(message, code)
     return typer.Exit(code)
 
 
@@ -108,6 +128,11 @@ def describe_error(err: BaseException) -> tuple[int, str]:
         return EXIT_USAGE, str(err)
     if isinstance(err, StageError):
         return EXIT_FAILURE, str(err)
+    if _peer_gone(err):
+        return EXIT_FAILURE, (
+            "another process of this torchrun job stopped (its error is above, or in its log); "
+            "this one stopped with it"
+        )
     if isinstance(err, pickle.UnpicklingError):
         return EXIT_USAGE, f"not a readable checkpoint: {err}"
     if isinstance(err, OSError) and err.errno is not None:
@@ -125,6 +150,23 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     return EXIT_FAILURE, (
         f"{name}: {text}" if text else name
     ) + " (capfilt --verbose ... prints the traceback)"
+
+
+PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "NCCL communicator was aborted",
+)
+"""What gloo's and NCCL's collectives say when a process they wait on has died."""
+
+
+def _peer_gone(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank of the job stopped."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return False
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in PEER_GONE)
 
 
 def stage_names(values: list[str] | None) -> tuple[str, ...]:

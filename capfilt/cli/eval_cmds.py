@@ -177,6 +177,7 @@ def caption(
     from capfilt.config import ConfigError
     from capfilt.data.shards import ShardSpecError
     from capfilt.eval.stage_eval import evaluate_captioner
+    from capfilt.utils.dist import current_dist_info
 
     cfg = resolve(recipe, set_, dry_run, reads=("caption",))
     metrics = ("bleu", "cider", "rouge", "meteor") if meteor else ("bleu", "cider", "rouge")
@@ -187,6 +188,8 @@ def caption(
         raise fail(str(err), EXIT_USAGE) from None
     except ValueError as err:
         raise fail(str(err), EXIT_FAILURE) from None
+    if not current_dist_info().is_main:  # under torchrun: the gathered result, printed once
+        return
     table = Table(
         "metric",
         "value",
@@ -258,10 +261,14 @@ def filter_(
     cfg = resolve(
         recipe, set_, dry_run, shortcuts={"filter.threshold": threshold}, reads=("filter",)
     )
+    from capfilt.utils.dist import env_dist_info
+
+    if not env_dist_info().is_main:  # under torchrun: no model, nothing to split; printed once
+        return
     if not scores.exists():
         raise fail(f"--scores not found: {scores}", EXIT_USAGE)
     from capfilt.config.core import parse_override
-    from capfilt.eval.filter_metrics import stored_thresholds
+    from capfilt.eval.filter_metrics import NO_TRUTH_COLUMNS, stored_thresholds
 
     # a filter output is judged at the thresholds it decided with (a keep-fraction or re-decided
     # run records its own), unless one is asked for
@@ -306,5 +313,7 @@ def filter_(
         table.add_row("F1 rejecting false synthetic captions", fmt(synthetic.get("f1")))
     out.print(table)
     for note in report.get("notes") or []:
+        if truth is not None and note.startswith(NO_TRUTH_COLUMNS):
+            continue  # the truth file's figures are the table above
         out.print(f"note: {note}")
     _write(out_path, report)

@@ -19,7 +19,14 @@ from capfilt.cli import (
     report_cmds,
     train_cmds,
 )
-from capfilt.cli.common import CliState, console, describe_error, print_error, styled
+from capfilt.cli.common import (
+    CliState,
+    console,
+    describe_error,
+    print_error,
+    quiet_unless_main,
+    styled,
+)
 from capfilt.utils.logging import setup_logging
 
 app = typer.Typer(
@@ -71,7 +78,9 @@ def root(
     from capfilt.utils.dist import env_dist_info
 
     CliState.verbose = verbose
-    setup_logging("DEBUG" if verbose else "INFO", rank=env_dist_info().rank)
+    rank = env_dist_info().rank
+    quiet_unless_main(rank)
+    setup_logging("DEBUG" if verbose else "INFO", rank=rank)
 
 
 EXIT_INTERRUPTED = 130
@@ -107,21 +116,23 @@ def main(argv: list[str] | None = None) -> None:
     A user error prints one line, never a traceback; ``--verbose`` adds the traceback.
     """
     CliState.verbose = False
+    quiet_unless_main(0)  # root() sets this process's rank
     args = verbose_first(sys.argv[1:] if argv is None else list(argv))
     try:
         app(args=args, standalone_mode=True)
     except SystemExit as done:
-        if done.code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into this exit, silently
+        if done.code == EXIT_INTERRUPTED and CliState.rank == 0:  # typer's exit for Ctrl-C
             console.print(styled(_interrupted(sys.argv[1:] if argv is None else argv), "yellow"))
         raise
     except KeyboardInterrupt:
-        console.print(styled(_interrupted(sys.argv[1:] if argv is None else argv), "yellow"))
+        if CliState.rank == 0:  # under torchrun every rank gets the Ctrl-C
+            console.print(styled(_interrupted(sys.argv[1:] if argv is None else argv), "yellow"))
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         code, message = describe_error(err)
         if CliState.verbose:
             console.print_exception()
-        print_error(message)
+        print_error(message, code)
         sys.exit(code)
 
 

@@ -103,6 +103,10 @@ def _kept_fraction(kept: np.ndarray) -> float | None:
     return float(kept.mean()) if kept.size else None
 
 
+NO_TRUTH_COLUMNS = "no truth columns ('clean' or 'noise')"
+"""How a score table without labels is noted (``eval filter --truth`` brings its own)."""
+
+
 def _truth(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str | None]:
     """(known, noisy, why): web rows whose truth is known, which of all rows are noisy (False where
     unknown), and why nothing is known (None when something is)."""
@@ -118,7 +122,7 @@ def _truth(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str | None]:
         return (
             known,
             known,
-            "no truth columns ('clean' or 'noise'): precision, recall, F1 and AUC left out",
+            f"{NO_TRUTH_COLUMNS}: precision, recall, F1 and AUC left out",
         )
     known = known & (df["origin"] == "web").to_numpy()  # the truth is about web texts only
     if not known.any():

@@ -7,6 +7,7 @@ capfilt eval filter --scores data/web_filtered
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from capfilt.model.decoding import row_seeds
 from capfilt.model.generate import generate_captions
 from capfilt.runs.resolve import load_stage_model
 from capfilt.utils.device import autocast, default_device
+from capfilt.utils.dist import all_gather_objects, init_distributed
 from capfilt.utils.iters import batched
 
 
@@ -61,31 +63,58 @@ def evaluate_captioner(
     """
     from capfilt.data.synth import check_caption
 
+    dist = init_distributed()
     device = default_device()
     model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
     transform = eval_transform_for(meta, mcfg)
     settings = {cfg.method: cfg}
     settings.update({m: replace(cfg, method=m) for m in also if m != cfg.method})
-    predictions: dict[str, dict[str, str]] = {m: {} for m in settings}
-    references: dict[str, list[str]] = {}
-    verdicts: dict[str, list[bool]] = {m: [] for m in settings}
     counter = SkipCounter("eval-caption")
-    samples = read_samples(expand_shards(shards), counter)
+    urls = expand_shards(shards)
+    # under torchrun each rank captions its share of the shards (row seeds come from the sample
+    # keys, so a caption does not depend on which rank or batch made it); a cap on the images
+    # counts from the first shard, so then rank 0 takes them all
+    split = dist.distributed and max_images is None
+    mine = list(range(dist.rank, len(urls), dist.world_size)) if split else list(range(len(urls)))
+    if not split and not dist.is_main:
+        mine = []
+    shard_of = {urls[i]: i for i in mine}
+    rows: list[tuple[int, str, list[str], dict[str, str], dict[str, bool | None]]] = []
+    """(shard index, key, references, caption per method, true of its scene per method)."""
+    samples = read_samples([urls[i] for i in mine], counter)
     for index, batch in enumerate(batched(samples, cfg.batch_size)):
         if max_images is not None and index * cfg.batch_size >= max_images:
             break
         images = torch.stack([transform(s.image) for s in batch]).to(device)
         seeds = row_seeds(cfg.seed, [s.key for s in batch])
-        for sample in batch:
-            references[sample.key] = [c["text"] for c in sample.captions]
+        made: list[dict[str, str]] = [{} for _ in batch]
         for method, method_cfg in settings.items():
             with autocast(device):
                 captions = generate_captions(model, tokenizer, images, method_cfg, 1, seeds)
-            for sample, (caption,) in zip(batch, captions):
-                predictions[method][sample.key] = caption
-                scene = _scene_of(sample.meta)
-                if scene is not None:
-                    verdicts[method].append(bool(check_caption(caption, scene)["true"]))
+            for row, (caption,) in zip(made, captions):
+                row[method] = caption
+        for sample, by_method in zip(batch, made):
+            scene = _scene_of(sample.meta)
+            verdicts = {
+                m: None if scene is None else bool(check_caption(c, scene)["true"])
+                for m, c in by_method.items()
+            }
+            refs = [c["text"] for c in sample.captions]
+            rows.append((shard_of[sample.url], sample.key, refs, by_method, verdicts))
+    skipped = counter.as_dict()
+    if split:  # every rank's rows in shard order: the order one process reads them in
+        shares = all_gather_objects((rows, skipped))
+        rows = sorted((r for share, _ in shares for r in share), key=lambda r: r[0])
+        skipped = dict(sorted(sum((Counter(s) for _, s in shares), Counter()).items()))
+    predictions: dict[str, dict[str, str]] = {m: {} for m in settings}
+    references: dict[str, list[str]] = {}
+    found: dict[str, list[bool]] = {m: [] for m in settings}
+    for _, key, refs, by_method, verdicts in rows:
+        references[key] = refs
+        for method, caption in by_method.items():
+            predictions[method][key] = caption
+            if verdicts[method] is not None:
+                found[method].append(verdicts[method])
     if not references:
         raise ValueError("no test images with captions found in the given shards")
     results = {}
@@ -97,11 +126,11 @@ def evaluate_captioner(
             n = len(predictions[method])
             result = {"n_images": n, "notes": [CAPTION_METRICS_MISSING]}
         result["method"] = method
-        found = verdicts[method]
-        result["truth_rate"] = sum(found) / len(found) if found else None
+        true = found[method]
+        result["truth_rate"] = sum(true) / len(true) if true else None
         results[method] = result
     result = results[cfg.method]
-    result["skipped"] = counter.as_dict()
+    result["skipped"] = skipped
     result["examples"] = [
         {"uid": k, "caption": v, "references": references[k][:2]}
         for k, v in list(predictions[cfg.method].items())[:10]

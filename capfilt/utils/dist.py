@@ -102,6 +102,28 @@ def rank_and_world() -> tuple[int, int]:
     return info.rank, info.world_size
 
 
+def all_gather_objects(obj):
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def mean_over_ranks(tensor):
+    """``tensor``'s mean over the ranks (a new tensor; ``tensor`` itself without a process group)."""
+    if not is_distributed():
+        return tensor
+    import torch.distributed as dist
+
+    total = tensor.clone()
+    dist.all_reduce(total)  # SUM: gloo has no AVG
+    return total / dist.get_world_size()
+
+
 def barrier() -> None:
     if is_distributed():
         import torch.distributed as dist
