@@ -325,21 +325,22 @@ def run_shard_stage(
     ) in mine:  # temporaries of a killed run (only this rank's: others may be writing theirs)
         for tmp in out_dir.glob(f".{shard_name(index, prefix)}[._]*.tmp*"):
             tmp.unlink(missing_ok=True)
-    hashes = {
-        i: _shard_hash(config_hash, input_identity(inputs[i]) if inputs is not None else None)
-        for i in mine
-    }
+
+    def hash_of(i: int) -> str:
+        return _shard_hash(config_hash, input_identity(inputs[i]) if inputs is not None else None)
+
+    hashes = {i: hash_of(i) for i in mine}
     todo = [i for i in mine if not is_shard_done(out_dir, i, hashes[i], prefix)]
     result.skipped_existing = [i for i in mine if i not in todo]
     if plan is not None:
         plan(todo)
-    if result.skipped_existing:
-        log.info(
-            "%s: %d of %d shards already done, resuming",
-            stage,
-            len(result.skipped_existing),
-            len(mine),
+    done = len(result.skipped_existing)
+    if dist.distributed and dist.is_main:  # the folder's count (the log line is rank 0's)
+        done = sum(
+            is_shard_done(out_dir, i, hashes.get(i) or hash_of(i), prefix) for i in range(n_shards)
         )
+    if done:
+        log.info("%s: %d of %d shards already done, resuming", stage, done, n_shards)
     total = sum(samples_per_shard[i] for i in todo) if samples_per_shard else None
     clock = clock if clock is not None else PhaseClock()
     started, processed = time.perf_counter(), 0
