@@ -591,3 +591,47 @@ def test_text_stack_equals_transformers_blip_text_with_padding_and_shared_image_
         assert first.shape[1] == 1 and (first - states[:, :1]).abs().max() < 1e-6
         shared = model.itm_logits(None, ids, mask, model.image_cross_kv(img), index)
         assert (shared - model.itm_logits(img[index], ids, mask)).abs().max() < 1e-5
+
+
+def test_a_stage_refuses_a_head_its_checkpoint_never_held(hf_models, tmp_path):
+    """A transformers captioner holds no ITM head and a retrieval model no LM head: the import
+    fills them from a seed, and filtering or captioning with them would be noise."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from capfilt.model.convert.transformers_io import import_transformers
+    from capfilt.pipeline.caption import caption_shards
+    from capfilt.pipeline.filter import filter_shards
+    from capfilt.runs.resolve import STAGE_HEADS, check_heads_trained
+
+    for kind, held, lacking in (
+        ("captioner", ("lm",), ("itm", "itc")),
+        ("filter", ("itm", "itc"), ("lm",)),
+    ):
+        _, folder = hf_models[kind]
+        meta = import_transformers(folder)[3]
+        check_heads_trained(meta, folder, held, "this use")
+        for head in lacking:
+            with pytest.raises(ConfigError, match=STAGE_HEADS[head][1]):
+                check_heads_trained(meta, folder, (head,), "this use")
+    shard = tmp_path / "web.tar"
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(image, "JPEG")
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("a.jpg", image.getvalue()), ("a.txt", b"a red square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(
+        ConfigError, match="the ITM head of this captioner was not in the checkpoint"
+    ):
+        filter_shards(
+            hf_models["captioner"][1], [str(shard)], tmp_path / "f", load_recipe("tiny").filter
+        )
+    with pytest.raises(ConfigError, match="captioning needs a captioner"):
+        caption_shards(
+            hf_models["filter"][1], [str(shard)], tmp_path / "c", load_recipe("tiny").caption
+        )
+    assert not any((tmp_path / "f").glob("*.tar")) and not any((tmp_path / "c").glob("*.tar"))

@@ -655,7 +655,7 @@ def evaluate_retrieval(
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     if isinstance(model, str | Path):
-        from capfilt.runs.resolve import load_stage_model
+        from capfilt.runs.resolve import check_heads_trained, load_stage_model
         from capfilt.utils.device import default_device
         from capfilt.utils.dist import init_distributed
 
@@ -663,7 +663,8 @@ def evaluate_retrieval(
             start_worker_server(num_workers)  # its imports overlap the model's loading
         init_distributed(str(device) if device is not None else None)
         device = torch.device(device) if device is not None else default_device()
-        model, tokenizer, _, meta, _ = load_stage_model(model, device)
+        model, tokenizer, _, meta, folder = load_stage_model(model, device)
+        check_heads_trained(meta, folder, ("itc", "itm") if k else ("itc",), "retrieval")
     elif tokenizer is None:
         raise ValueError("evaluate_retrieval: pass the tokenizer with a model object")
     device = torch.device(device) if device is not None else next(model.parameters()).device

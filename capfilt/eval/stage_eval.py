@@ -28,7 +28,7 @@ from capfilt.eval.caption_metrics import (
 from capfilt.eval.filter_metrics import filter_report, load_score_tables
 from capfilt.model.decoding import row_seeds
 from capfilt.model.generate import generate_captions
-from capfilt.runs.resolve import load_stage_model
+from capfilt.runs.resolve import check_heads_trained, load_stage_model
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import all_gather_objects, init_distributed
 from capfilt.utils.iters import batched
@@ -66,6 +66,7 @@ def evaluate_captioner(
     dist = init_distributed()
     device = default_device()
     model, tokenizer, mcfg, meta, folder = load_stage_model(model_path, device)
+    check_heads_trained(meta, folder, ("lm",), "captioning")
     transform = eval_transform_for(meta, mcfg)
     settings = {cfg.method: cfg}
     settings.update({m: replace(cfg, method=m) for m in also if m != cfg.method})

@@ -229,3 +229,39 @@ def model_fingerprint(folder: Path) -> str:
             while chunk := fh.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()[:12]
+
+
+RETRIEVAL_MODEL = "a retrieval (ITM) model, e.g. Salesforce/blip-itm-base-coco"
+STAGE_HEADS = {
+    "itm": ("itm_head", "the ITM head", RETRIEVAL_MODEL),
+    "itc": ("vision_proj", "the ITC projections", RETRIEVAL_MODEL),
+    "lm": (
+        "text_decoder.cls",
+        "the LM head",
+        "a captioner, e.g. Salesforce/blip-image-captioning-base",
+    ),
+}
+"""The heads a use of the model reads: (parameter prefix, its name, a checkpoint that holds it)."""
+
+
+def check_heads_trained(meta: dict, folder: str | Path, heads: tuple[str, ...], use: str) -> None:
+    """ConfigError when a head that ``use`` needs (:data:`STAGE_HEADS` keys) was not in the
+    checkpoint the model was imported from: a transformers captioner holds no ITM head and a
+    retrieval model no LM head, so the import fills them with a fresh initialisation, and scores
+    or captions from them would be noise that looks like output (``extra.imported.initialised``)."""
+    imported = (meta.get("extra") or {}).get("imported") or {}
+    fresh = imported.get("initialised") or []
+    missing = [
+        STAGE_HEADS[key]
+        for key in heads
+        if any(p == STAGE_HEADS[key][0] or p.startswith(STAGE_HEADS[key][0] + ".") for p in fresh)
+    ]
+    if not missing:
+        return
+    names = " and ".join(name for _, name, _ in missing)
+    were = "was" if len(missing) == 1 else "were"
+    raise ConfigError(
+        f"{folder}: {names} of this {meta.get('stage', 'model')} {were} not in the checkpoint it was "
+        f"imported from ({imported.get('source') or folder}): they hold a fresh initialisation, "
+        f"so {use} would be noise; {use} needs {missing[0][2]}"
+    )
