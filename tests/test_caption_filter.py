@@ -1156,6 +1156,28 @@ def test_a_runs_closing_caption_evaluation_goes_on_without_pycocoevalcap(
         stage_eval.evaluate_captioner(models["captioner"], test, cfg, max_images=4)
 
 
+def test_evaluations_leave_a_captioners_own_captions_out_of_the_references(models, outputs):
+    """On shards a caption stage wrote, its captions are no references (they would score the
+    captioner against itself) and no retrieval texts."""
+    from capfilt.eval import stage_eval
+    from capfilt.eval.retrieval import evaluate_retrieval
+
+    shards = [str(outputs["captioned"])]
+    samples = list(read_samples(expand_shards(shards[0])))
+    given = {s.key: [c["text"] for c in s.captions if c["origin"] != "synthetic"] for s in samples}
+    n_given = sum(len(texts) for texts in given.values())
+    assert n_given < sum(len(s.captions) for s in samples)  # the stage added its own
+    cfg = load_recipe("tiny", CAPTION_SETS).caption
+    result = stage_eval.evaluate_captioner(
+        models["captioner"], shards, cfg, max_images=8, metrics_required=False
+    )
+    assert result["examples"] and all(
+        e["references"] == given[e["uid"]][:2] for e in result["examples"]
+    )
+    retrieval = evaluate_retrieval(models["filter"], shards, k=0, batch_size=16)
+    assert (retrieval["n_images"], retrieval["n_texts"]) == (len(samples), n_given)
+
+
 # ---------------------------------------------------------------- 4. resume after SIGKILL
 
 

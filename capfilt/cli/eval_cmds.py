@@ -157,7 +157,8 @@ def caption(
     shards: Annotated[
         list[str],
         typer.Option(
-            "--shards", help="Test shards whose json captions are the references (repeatable)."
+            "--shards",
+            help="Test shards whose json captions are the references (synthetic ones left out; repeatable).",
         ),
     ],
     out_path: Annotated[

@@ -31,6 +31,12 @@ def caption_entry(text: str, origin: str, **fields: Any) -> dict[str, Any]:
     return {"text": text, "origin": origin, **fields}
 
 
+def reference_texts(captions: list[dict[str, Any]]) -> list[str]:
+    """The texts an evaluation scores against: every caption but the synthetic ones (on shards a
+    caption stage wrote, its captioner's own output would count as a reference)."""
+    return [c["text"] for c in captions if c.get("origin") != "synthetic"]
+
+
 def build_sample(
     key: str,
     image: bytes,

@@ -3,7 +3,7 @@
     metrics = evaluate_retrieval("runs/pretrain", ["data/test"], k=256)
 
 1. :func:`compute_features`: ITC features of every test image and every one of its captions
-   (all entries of the sample's ``captions``, cleaned like training captions), plus the ViT tokens
+   (the sample's ``captions`` but synthetic ones, cleaned like training captions), plus the ViT tokens
    of each image (kept on the CPU) and the token ids of each text, for the ITM re-rank.
 2. :func:`retrieval_scores`: S = image_feat @ text_feat.T (cosine). For each image the top-k texts
    by S are scored by the ITM encoder and get ``itm_logit[1] + S`` (the raw match logit, no
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from capfilt.config import RERANK_SCORES
 from capfilt.data.loader import ShardImages
 from capfilt.data.reader import Sample, SkipCounter
+from capfilt.data.sample import reference_texts
 from capfilt.data.shards import expand_shards
 from capfilt.data.text import clean_caption
 from capfilt.data.transforms import eval_transform_for
@@ -175,8 +176,8 @@ def compute_features(
 ) -> RetrievalFeatures:
     """ITC features of every image of ``data`` (shard specs or decoded samples) and of every caption.
 
-    Each image's texts are all entries of its ``captions`` (COCO-style test sets carry ~5), cleaned
-    with :func:`clean_caption` as in training. ``cache_dtype`` of the kept ViT tokens: default
+    Each image's texts are the entries of its ``captions`` (COCO-style test sets carry ~5) but
+    synthetic ones (:func:`reference_texts`), cleaned with :func:`clean_caption` as in training. ``cache_dtype`` of the kept ViT tokens: default
     float16 on a GPU (its forward runs in bf16 anyway; halves host memory), float32 on the CPU.
     ``meta``: the model folder's meta, whose saved preprocessing the images get.
     ``num_workers``: DataLoader processes decoding shard images (0 = in this process).
@@ -195,7 +196,7 @@ def compute_features(
     txt2img: list[int] = []
     image_feats, image_embeds, text_feats, text_ids, text_masks = [], [], [], [], []
     pending_images: list[torch.Tensor] = []
-    n_text_done = 0
+    n_text_done = synthetic = 0
 
     def flush_images() -> None:
         images = to_device(torch.stack(pending_images), device)  # shard images: already there
@@ -223,10 +224,14 @@ def compute_features(
         for sample, image in _iter_images(
             data, counter, transform, batch_size, num_workers, device
         ):
+            captions = reference_texts(sample.captions) if sample.captions else [sample.text]
+            if not captions:
+                counter.skip("only_synthetic_captions", sample.url, key=sample.key)
+                continue
+            synthetic += len(sample.captions) - len(captions)
             index = len(image_keys)
             image_keys.append(sample.key)
             pending_images.append(image)
-            captions = [c["text"] for c in sample.captions] or [sample.text]
             for caption in captions:
                 texts.append(clean_caption(caption, max_words))
                 txt2img.append(index)
@@ -242,6 +247,8 @@ def compute_features(
             flush_texts(len(texts))
     model.train(was_training)
 
+    if synthetic:
+        log.warning("retrieval: %d synthetic caption(s) left out of the texts", synthetic)
     if counter.total:
         log.warning("retrieval: skipped %d bad sample(s): %s", counter.total, counter.as_dict())
     if not image_keys:

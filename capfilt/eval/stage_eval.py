@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 
 from capfilt.config import CaptionConfig
-from capfilt.data.reader import SkipCounter, read_samples
+from capfilt.data.reader import Sample, SkipCounter, read_samples
+from capfilt.data.sample import reference_texts
 from capfilt.data.shards import expand_shards
 from capfilt.data.transforms import eval_transform_for
 from capfilt.eval.caption_metrics import (
@@ -32,6 +33,9 @@ from capfilt.runs.resolve import check_heads_trained, load_stage_model
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import all_gather_objects, init_distributed
 from capfilt.utils.iters import batched
+from capfilt.utils.logging import get_logger
+
+log = get_logger("eval")
 
 
 def _scene_of(meta: dict[str, Any]) -> dict | None:
@@ -82,31 +86,45 @@ def evaluate_captioner(
     shard_of = {urls[i]: i for i in mine}
     rows: list[tuple[int, str, list[str], dict[str, str], dict[str, bool | None]]] = []
     """(shard index, key, references, caption per method, true of its scene per method)."""
-    samples = read_samples([urls[i] for i in mine], counter)
+    synthetic = 0
+
+    def with_references(samples: Iterable[Sample]) -> Iterator[tuple[Sample, list[str]]]:
+        nonlocal synthetic
+        for sample in samples:
+            refs = reference_texts(sample.captions)
+            synthetic += len(sample.captions) - len(refs)
+            if refs:
+                yield sample, refs
+            else:  # captioned where nothing else described it: nothing to score against
+                counter.skip("only_synthetic_captions", sample.url, key=sample.key)
+
+    samples = with_references(read_samples([urls[i] for i in mine], counter))
     for index, batch in enumerate(batched(samples, cfg.batch_size)):
         if max_images is not None and index * cfg.batch_size >= max_images:
             break
-        images = torch.stack([transform(s.image) for s in batch]).to(device)
-        seeds = row_seeds(cfg.seed, [s.key for s in batch])
+        images = torch.stack([transform(s.image) for s, _ in batch]).to(device)
+        seeds = row_seeds(cfg.seed, [s.key for s, _ in batch])
         made: list[dict[str, str]] = [{} for _ in batch]
         for method, method_cfg in settings.items():
             with autocast(device):
                 captions = generate_captions(model, tokenizer, images, method_cfg, 1, seeds)
             for row, (caption,) in zip(made, captions):
                 row[method] = caption
-        for sample, by_method in zip(batch, made):
+        for (sample, refs), by_method in zip(batch, made):
             scene = _scene_of(sample.meta)
             verdicts = {
                 m: None if scene is None else bool(check_caption(c, scene)["true"])
                 for m, c in by_method.items()
             }
-            refs = [c["text"] for c in sample.captions]
             rows.append((shard_of[sample.url], sample.key, refs, by_method, verdicts))
     skipped = counter.as_dict()
     if split:  # every rank's rows in shard order: the order one process reads them in
-        shares = all_gather_objects((rows, skipped))
-        rows = sorted((r for share, _ in shares for r in share), key=lambda r: r[0])
-        skipped = dict(sorted(sum((Counter(s) for _, s in shares), Counter()).items()))
+        shares = all_gather_objects((rows, skipped, synthetic))
+        rows = sorted((r for share, _, _ in shares for r in share), key=lambda r: r[0])
+        skipped = dict(sorted(sum((Counter(s) for _, s, _ in shares), Counter()).items()))
+        synthetic = sum(n for _, _, n in shares)
+    if synthetic and dist.is_main:
+        log.warning("eval caption: %d synthetic caption(s) left out of the references", synthetic)
     predictions: dict[str, dict[str, str]] = {m: {} for m in settings}
     references: dict[str, list[str]] = {}
     found: dict[str, list[bool]] = {m: [] for m in settings}
