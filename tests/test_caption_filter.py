@@ -29,6 +29,7 @@ from capfilt.data.importers import ImportRecord, import_records
 from capfilt.data.reader import read_samples
 from capfilt.data.shards import count_samples, expand_shards
 from capfilt.data.synth import write_synth
+from capfilt.data.text import clean_caption
 from capfilt.data.writer import STATS_SUFFIX, parquet_path, stats_path, tar_path
 from capfilt.eval.filter_metrics import roc_auc
 from capfilt.model import (
@@ -858,7 +859,8 @@ def test_filter_scores_match_the_model_one_pair_at_a_time(models, outputs):
         for sample in samples:
             embeds = model.encode_image(transform(sample.image).unsqueeze(0))
             for index, caption in enumerate(sample.captions):
-                ids, mask = tokenize(tokenizer, [caption["text"]], cfg.max_text_len)
+                text = clean_caption(caption["text"])  # as training saw its captions
+                ids, mask = tokenize(tokenizer, [text], cfg.max_text_len)
                 score = float(model.itm_logits(embeds, ids, mask).softmax(-1)[0, 1])
                 cosine = float(
                     (model.image_features(embeds) * model.encode_text_features(ids, mask)).sum()
@@ -866,6 +868,30 @@ def test_filter_scores_match_the_model_one_pair_at_a_time(models, outputs):
                 row = table.loc[(sample.key, index)]
                 assert row["itm_score"] == pytest.approx(score, abs=tol)
                 assert row["itc_cosine"] == pytest.approx(cosine, abs=tol)
+
+
+def test_the_filter_scores_a_text_as_training_saw_it_and_keeps_it_as_given(models, tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.new("RGB", (40, 40), "red").save(image, "JPEG")
+    texts = ['A RED: Square!! "(big)"', "a red square big", "a red square"]
+    captions = json.dumps({"captions": [{"text": t, "origin": "web"} for t in texts]})
+    with tarfile.open(tmp_path / "in.tar", "w") as tar:
+        for name, data in (("a.jpg", image.getvalue()), ("a.json", captions.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    filter_shards(
+        models["filter"], [str(tmp_path / "in.tar")], tmp_path / "out", load_recipe("tiny").filter
+    )
+    table = _parquet(tmp_path / "out").sort_values("text_index")
+    assert list(table["text"]) == texts
+    first, cleaned, other = table["itm_score"]
+    assert first == cleaned and other != cleaned  # the same words, whatever their case and marks
 
 
 def test_kept_shards_read_back_with_exactly_the_kept_texts(outputs, models):

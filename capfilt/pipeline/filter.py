@@ -32,6 +32,7 @@ from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.sample import output_sample
 from capfilt.data.shards import expand_shards, shard_sizes
 from capfilt.data.stage import LOADER_START, StageResult, check_output_folder, run_shard_stage
+from capfilt.data.text import clean_caption
 from capfilt.data.transforms import eval_transform_for
 from capfilt.data.workers import start_worker_server
 from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, stats_path
@@ -286,7 +287,9 @@ def filter_shards(
                         tokenizer,
                         images,
                         image_index,
-                        [c["text"] for _, c in pairs],
+                        # as training and retrieval see texts (docs/architecture.md §5); the
+                        # output keeps each text as it was given
+                        [clean_caption(c["text"]) for _, c in pairs],
                         mcfg.max_text_len,
                         with_cosine=cfg.computes_cosine,
                         chunk_rows=cfg.batch_size,
