@@ -182,7 +182,8 @@ def score_pairs(
 def _settings_of(cfg) -> dict[str, Any]:
     """The settings that change the output (not ``num_workers``): what the config hash covers."""
     settings = {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
-    return {**settings, "itc_cosine": cfg.computes_cosine}
+    # texts: how they are scored; shards scored before texts were cleaned are scored again
+    return {**settings, "itc_cosine": cfg.computes_cosine, "texts": "clean_caption"}
 
 
 def _truth_columns(sample: Sample, entry: dict[str, Any]) -> dict[str, Any]:
