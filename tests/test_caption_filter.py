@@ -1155,6 +1155,29 @@ def test_a_shard_of_garbage_is_skipped_and_counted_by_every_stage(synth, models,
     assert json.loads((tmp_path / "re" / "summary.json").read_text())["texts"] == 2 * SHARD_SIZE
 
 
+def test_eval_caption_sees_the_pixels_the_caption_stage_sees(models, coco_mini, tmp_path):
+    """COCO photos are many times the tiny model's input, so the stage decodes them at a reduced
+    scale first; eval caption must too, or the same model captions the same photo differently."""
+    from capfilt.data.importers import coco_records
+    from capfilt.eval import stage_eval
+
+    records = coco_records(
+        coco_mini / "annotations" / "captions_val2017.json", coco_mini / "val2017"
+    )
+    import_records(records[:10], tmp_path / "photos", source="coco", shard_size=10)
+    cfg = load_recipe("tiny", CAPTION_SETS).caption
+    caption_shards(models["captioner"], [str(tmp_path / "photos")], tmp_path / "captioned", cfg)
+    made = {
+        s.key: next(c["text"] for c in s.captions if c["origin"] == "synthetic")
+        for s in read_samples(expand_shards(str(tmp_path / "captioned")))
+    }
+    result = stage_eval.evaluate_captioner(
+        models["captioner"], [str(tmp_path / "photos")], cfg, metrics_required=False
+    )
+    assert len(result["examples"]) == 10
+    assert {e["uid"]: e["caption"] for e in result["examples"]} == made
+
+
 def test_a_runs_closing_caption_evaluation_goes_on_without_pycocoevalcap(
     models, synth, monkeypatch
 ):

@@ -155,7 +155,12 @@ def _iter_images(
         return
     specs = [str(data)] if isinstance(data, str | Path) else [str(x) for x in data]
     urls = expand_shards(specs)
-    with ShardImages(urls, transform, batch_size, num_workers, device) as shard_images:
+    # decoded as the caption and filter stages decode (a large JPEG at a reduced scale first):
+    # the model sees the same pixels here as there
+    min_side = transform.image_size
+    with ShardImages(
+        urls, transform, batch_size, num_workers, device, min_side=min_side
+    ) as shard_images:
         for index in range(len(urls)):
             for samples, images in shard_images.batches(index, counter):
                 yield from zip(samples, images)
@@ -177,8 +182,8 @@ def compute_features(
     """ITC features of every image of ``data`` (shard specs or decoded samples) and of every caption.
 
     Each image's texts are the entries of its ``captions`` (COCO-style test sets carry ~5) but
-    synthetic ones (:func:`reference_texts`), cleaned with :func:`clean_caption` as in training. ``cache_dtype`` of the kept ViT tokens: default
-    float16 on a GPU (its forward runs in bf16 anyway; halves host memory), float32 on the CPU.
+    synthetic ones (:func:`reference_texts`), cleaned with :func:`clean_caption` as in training.
+    ``cache_dtype`` of the kept ViT tokens: default float16 on a GPU (its forward runs in bf16 anyway; halves host memory), float32 on the CPU.
     ``meta``: the model folder's meta, whose saved preprocessing the images get.
     ``num_workers``: DataLoader processes decoding shard images (0 = in this process).
     """

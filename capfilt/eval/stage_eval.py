@@ -98,7 +98,9 @@ def evaluate_captioner(
             else:  # captioned where nothing else described it: nothing to score against
                 counter.skip("only_synthetic_captions", sample.url, key=sample.key)
 
-    samples = with_references(read_samples([urls[i] for i in mine], counter))
+    # decoded as the caption stage decodes: the same pixels, so the same captions
+    mine_urls = [urls[i] for i in mine]
+    samples = with_references(read_samples(mine_urls, counter, min_side=transform.image_size))
     for index, batch in enumerate(batched(samples, cfg.batch_size)):
         if max_images is not None and index * cfg.batch_size >= max_images:
             break
