@@ -398,6 +398,20 @@ def test_resume_accepts_another_thread_count_but_not_another_recipe(tmp_path):
         RunFolder(tmp_path / "run").prepare({"stage": "pretrain", "recipe": other_lr}, "auto")
 
 
+def test_resume_refuses_another_number_of_processes(tmp_path):
+    """2 ranks of batch b train with global batch 2b: a 1-process resume would halve it mid-run."""
+    from capfilt.config import ConfigError, load_recipe, to_dict
+    from capfilt.runs.run_folder import RunFolder
+
+    run = {"stage": "pretrain", "recipe": to_dict(load_recipe("tiny")), "world_size": 2}
+    RunFolder(tmp_path / "run").prepare(run, "never")
+    assert RunFolder(tmp_path / "run").prepare(run, "auto")
+    with pytest.raises(
+        ConfigError, match=r"trained by 2 process\(es\), this one has 1: resume it with 2"
+    ):
+        RunFolder(tmp_path / "run").prepare({**run, "world_size": 1}, "auto")
+
+
 @pytest.mark.parametrize(
     ("command", "target"),
     [

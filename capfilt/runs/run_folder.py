@@ -55,6 +55,15 @@ class RunFolder:
                 raise ConfigError(
                     f"{self.path} holds a run with a different stage or recipe; use a new --out to start another run"
                 )
+            was, now = saved.get("world_size"), run_config.get("world_size")
+            if was is not None and now is not None and was != now:
+                # the global batch is data.batch_size per process: another count would change it,
+                # the schedule's steps and the order the data is read in, half-way through
+                raise ConfigError(
+                    f"{self.path} holds a run trained by {was} process(es), this one has {now}: "
+                    f"resume it with {was} (torchrun --nproc_per_node {was}, or {was} ranks over "
+                    "several nodes), or start another run with a new --out"
+                )
             return True
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
