@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -106,6 +108,35 @@ def test_fewer_shards_than_readers_each_reader_gets_its_positions_whole(synth_da
     for split in range(n_splits):
         got = list(stream._split_samples(list(urls), split, n_splits, random.Random(0)))
         assert got == whole[split::n_splits]
+
+
+def test_a_source_of_fewer_samples_than_readers_gives_every_reader_one(synth_data, tmp_path):
+    # e.g. a 1-sample tar beside a large source under 2 ranks: the second reader repeats one
+    # instead of failing the run part-way (it passed the up-front check of the source)
+    import random
+    import shutil
+
+    from capfilt.data.reader import iter_tar_samples
+    from capfilt.data.shards import expand_shards
+
+    first = expand_shards([str(synth_data / "human")])[0]
+    whole = list(iter_tar_samples(first))
+    with tarfile.open(tmp_path / "one.tar", "w") as tar:
+        for name, data in whole[0].items():
+            if not name.startswith("__"):
+                info = tarfile.TarInfo(f"{whole[0]['__key__']}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shutil.copy(tmp_path / "one.tar", tmp_path / "two.tar")
+    tarfile.open(tmp_path / "empty.tar", "w").close()
+    one, two, empty = (str(tmp_path / f"{n}.tar") for n in ("one", "two", "empty"))
+    stream = _stream(synth_data)
+    # 1 shard for 2 readers; 2 shards of 1 sample for 3; a reader whose own shard is empty
+    for urls, n_splits in (([one], 2), ([one, two], 3), ([one, empty], 2)):
+        for split in range(n_splits):
+            got = list(stream._split_samples(urls, split, n_splits, random.Random(0)))
+            assert [s["__key__"] for s in got] == [whole[0]["__key__"]], (urls, split)
+    assert not list(stream._split_samples([empty], 1, 2, random.Random(0)))
 
 
 def test_stream_uses_every_caption_of_an_image(synth_data):

@@ -13,7 +13,9 @@ Bad samples are counted and replaced by another sample of the same batch, so bat
 equal across ranks (all-gathers need that); each batch carries the skip counts met while making
 it (``"skips"``), so the trainer can save them even when workers decode. A source whose every
 sample is bad fails before training (:func:`check_sources`), and the stream gives up on a source
-that yields nothing usable for two whole passes instead of looping for ever.
+that yields nothing usable for two whole passes instead of looping for ever. A source with fewer
+samples than there are readers (ranks × loader workers) gives each reader without one of its
+own a repeat of one of them.
 """
 
 from __future__ import annotations
@@ -159,13 +161,16 @@ class TrainStream(IterableDataset):
         self, urls: list[str], split: int, n_splits: int, pass_rng: random.Random
     ) -> Iterator[dict]:
         """One pass over this split's share of ``urls`` (already in this epoch's order)."""
+        got = 0
         if len(urls) >= n_splits:
             mine = urls[
                 split::n_splits
             ]  # fixed for the epoch: ranks never read each other's shards
             pass_rng.shuffle(mine)
             for url in mine:
-                yield from iter_tar_samples(url, self.skips)
+                for sample in iter_tar_samples(url, self.skips):
+                    got += 1
+                    yield sample
         else:  # fewer shards than readers: every reader walks all, keeping its own sample positions
             index = 0
             for url in urls:
@@ -173,8 +178,29 @@ class TrainStream(IterableDataset):
                 mine = lambda p, first=first: (first + p) % n_splits == split  # noqa: E731
                 for sample in iter_tar_samples(url, self.skips, read=mine):
                     if index % n_splits == split:
+                        got += 1
                         yield sample
                     index += 1
+        if not got:
+            # a source of fewer samples than readers (or whose samples all sit in other readers'
+            # shards): this reader repeats one of them rather than leaving the run without it
+            yield from self._one_sample_for(urls, split)
+
+    def _one_sample_for(self, urls: list[str], split: int) -> Iterator[dict]:
+        """Sample ``split % n`` of the ``n`` in ``urls`` (none when there are none)."""
+        counts = [sum(1 for _ in iter_tar_samples(u, read=lambda p: False)) for u in urls]
+        if not sum(counts):
+            return
+        want = split % sum(counts)
+        for url, count in zip(urls, counts):
+            if want < count:
+                for position, sample in enumerate(
+                    iter_tar_samples(url, self.skips, read=lambda p, want=want: p == want)
+                ):
+                    if position == want:
+                        yield sample
+                        return
+            want -= count
 
     def _raw_stream(self, si: int, split: int, n_splits: int) -> Iterator[dict]:
         """Endless raw samples of source ``si`` for one split, reshuffled each pass."""
