@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import warnings
 from collections import Counter
@@ -383,6 +384,15 @@ REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK")
 """Pillow image modes ``Image.reduce`` takes (it refuses palette, 1-bit and 16-bit images)."""
 
 
+_OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _decode_error(err: Exception) -> str:
+    """Pillow's error without the in-memory file's address (``<_io.BytesIO object at 0x7f…>``),
+    which differs at every run: the skip details in stats and parquet stay reproducible."""
+    return f"{type(err).__name__}: {_OBJECT_REPR.sub('', str(err))}"
+
+
 def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
     """Decode image bytes (first frame of an animation) to RGB; raises ``SampleError``.
 
@@ -400,7 +410,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise SampleError("image_too_large", str(err)) from None
     except Exception as err:  # PIL raises many types for broken files
-        raise SampleError("undecodable_image", f"{type(err).__name__}: {err}") from None
+        raise SampleError("undecodable_image", _decode_error(err)) from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise SampleError(
@@ -419,7 +429,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
                 image = image.reduce(factor)
         return _to_rgb(image)
     except Exception as err:
-        raise SampleError("undecodable_image", f"{type(err).__name__}: {err}") from None
+        raise SampleError("undecodable_image", _decode_error(err)) from None
 
 
 def decode_sample(
