@@ -313,14 +313,15 @@ def _meta_of(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _text_of(raw: dict[str, Any]) -> str:
-    """The sample's txt ("" when missing or blank)."""
+    """The sample's txt, stripped ("" when missing or blank): a hand-made tar's ``echo ... > k.txt``
+    ends in a newline that would otherwise go into every caption, score and parquet row."""
     if "txt" not in raw:
         return ""
     try:
         text = raw["txt"].decode("utf-8")
     except UnicodeDecodeError:
         raise SampleError("non_utf8_text") from None
-    return text if text.strip() else ""
+    return text.strip()
 
 
 JSON_TEXT_KEYS = ("caption", "text")
