@@ -148,6 +148,7 @@ def test_filter_itm_itc_match_transformers(hf_models, images):
     assert (
         cfg.image_size == 32 and cfg.embed_dim == 16 and model.special["enc"] == len(tokenizer) - 1
     )
+    assert cfg.max_text_len == 35 and float(model.temp.detach()) == pytest.approx(0.07)  # BLIP's
     texts = TEXTS[:3]
     itm, cosine = score_pairs(
         model, tokenizer, images, torch.arange(3), texts, cfg.max_text_len
@@ -174,7 +175,7 @@ def test_filter_itm_itc_match_transformers(hf_models, images):
 def test_captioner_logits_and_greedy_match_transformers(hf_models, images):
     hf, folder = hf_models["captioner"]
     model, tokenizer, cfg, meta, _ = load_stage_model(folder, torch.device("cpu"))
-    assert meta["stage"] == "captioner"
+    assert meta["stage"] == "captioner" and cfg.max_text_len == 40  # BLIP's, with the prompt
     ids, mask = _ids(tokenizer, TEXTS, model.special["dec"])
     with torch.no_grad():
         embeds = model.encode_image(images[[0, 1, 2, 0]])
@@ -323,6 +324,39 @@ def test_round_trip_capfilt_transformers_capfilt(tok_dir, tmp_path):
         dec_sa = "text_decoder.bert.encoder.layer.1.attention.self.query.weight"
         assert torch.equal(b[enc_sa], b[dec_sa])
         assert torch.equal(b[dec_sa], a[dec_sa] if kind == "captioner" else a[enc_sa])
+
+
+def test_an_export_keeps_the_capfilt_settings_that_change_scores(tok_dir, tmp_path, images):
+    """transformers' BlipConfig has no max_text_len, ITC temperature, queue, momentum or dropout:
+    the export keeps them in its config.json, so a round trip, or the export used as --model,
+    gives the model's own config, temperature and scores (texts longer than its 24 tokens too)."""
+    from capfilt.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tok_dir))
+    settings = dict(max_text_len=24, queue_size=8, momentum=0.9, text_dropout=0.0, vocab_size=400)
+    model = build_tiny_model(tokenizer, seed=9, **settings)
+    _randomise(model, seed=10)
+    with torch.no_grad():
+        model.temp.fill_(0.0807)  # trained away from the initial 0.07
+    src = save_model_folder(tmp_path / "native", model, tokenizer, model.cfg, stage="filter")
+    hf_dir, _, _ = convert(src, tmp_path / "hf")
+    back, _, _ = convert(hf_dir, tmp_path / "back")
+    _, _, cfg_back, meta_back = load_model_folder(back)
+    assert cfg_back == model.cfg
+    assert "temp" not in meta_back["extra"]["imported"]["initialised"]
+
+    long_text = " ".join(WORDS[3:] * 2)  # well over 24 tokens
+    texts = [TEXTS[0], long_text, long_text]
+    assert tokenize(tokenizer, [long_text], 512)[0].shape[1] > 24
+    scores = []
+    for folder in (src, hf_dir, back):
+        staged, tok, cfg, _, _ = load_stage_model(folder, torch.device("cpu"))
+        assert cfg == model.cfg and float(staged.temp.detach()) == pytest.approx(0.0807, abs=1e-7)
+        scores.append(score_pairs(staged, tok, images, torch.arange(3), texts, cfg.max_text_len))
+    ref_itm, ref_cos = scores[0].wait()
+    for pending in scores[1:]:
+        itm, cos = pending.wait()
+        assert torch.allclose(itm, ref_itm, atol=1e-6) and torch.allclose(cos, ref_cos, atol=1e-6)
 
 
 def _blip_vit_name(hf_key: str) -> str:

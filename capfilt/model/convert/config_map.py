@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from capfilt.config import from_dict, to_dict
 from capfilt.config.schema import ModelConfig
 from capfilt.model.convert.keymaps import ARCHITECTURES, KINDS
 from capfilt.model.med import MAX_POSITIONS, MED, vision_layer_norm_eps
 
 TEXT_LEN = {"captioner": 40, "filter": 35, "pretrain": 35}
 """``max_text_len`` given to imported models (BLIP: 35 tokens for ITM, 40 for captioning)."""
+EXPORT_KEY = "capfilt"
+"""Key of an exported transformers ``config.json`` that keeps what ``BlipConfig`` has no field
+for: the model's capfilt ``model_config`` (``max_text_len``, the ITC queue and momentum, dropout,
+...) and its trained ITC ``temp``. transformers keeps unknown config keys through save and load,
+so an import of the export gets the model back as it was, with the same scores."""
 
 
 def _square(value, what: str) -> int:
@@ -18,9 +24,14 @@ def _square(value, what: str) -> int:
     return int(value)
 
 
-def model_config_from_hf(config, kind: str) -> tuple[ModelConfig, float]:
-    """(ModelConfig, vision LayerNorm eps) of a transformers ``BlipConfig``; refuses what capfilt
-    cannot run identically (non-GELU activations, a text position table other than 512, ...)."""
+def model_config_from_hf(config, kind: str) -> tuple[ModelConfig, float, float | None]:
+    """(ModelConfig, vision LayerNorm eps, trained ITC temperature or None) of a transformers
+    ``BlipConfig``; refuses what capfilt cannot run identically (non-GELU activations, a text
+    position table other than 512, ...).
+
+    The one place that decides an import's capfilt settings: a capfilt export's own
+    (:data:`EXPORT_KEY`), BLIP's for a checkpoint from elsewhere (``max_text_len`` 35 or 40, the
+    temperature a new model starts with)."""
     vc, tc = config.vision_config, config.text_config
     problems = []
     if vc.hidden_act != "gelu" or tc.hidden_act != "gelu":
@@ -39,7 +50,7 @@ def model_config_from_hf(config, kind: str) -> tuple[ModelConfig, float]:
         problems.append("text_config.is_decoder is false: the text stack has no cross-attention")
     if problems:
         raise ValueError("transformers BLIP config not supported: " + "; ".join(problems))
-    cfg = ModelConfig(
+    shape = dict(  # what the weights are shaped by: the transformers config decides
         image_size=_square(vc.image_size, "image_size"),
         patch_size=_square(vc.patch_size, "patch_size"),
         vision_width=vc.hidden_size,
@@ -49,12 +60,16 @@ def model_config_from_hf(config, kind: str) -> tuple[ModelConfig, float]:
         text_layers=tc.num_hidden_layers,
         text_heads=tc.num_attention_heads,
         text_intermediate=tc.intermediate_size,
-        vocab_size=tc.vocab_size,
-        max_text_len=TEXT_LEN[kind],
         embed_dim=config.image_text_hidden_size,
     )
+    saved = getattr(config, EXPORT_KEY, None) or {}
+    if saved.get("model_config"):  # exported by capfilt: its settings beyond the weights' shapes
+        cfg = from_dict(ModelConfig, {**saved["model_config"], **shape})
+    else:
+        cfg = ModelConfig(**shape, vocab_size=tc.vocab_size, max_text_len=TEXT_LEN[kind])
     cfg.validate()
-    return cfg, float(vc.layer_norm_eps)
+    temp = saved.get("temp")
+    return cfg, float(vc.layer_norm_eps), None if temp is None else float(temp)
 
 
 def hf_config_from_model(model: MED, cfg: ModelConfig, kind: str, eps: float | None = None):
@@ -114,6 +129,9 @@ def hf_config_from_model(model: MED, cfg: ModelConfig, kind: str, eps: float | N
         vision_config=vision,
         image_text_hidden_size=cfg.embed_dim,
         architectures=[ARCHITECTURES[kind]],
+        # transformers' BLIP has no place for these, and the text length and temperature change
+        # scores: an import reads them back (model_config_from_hf)
+        **{EXPORT_KEY: {"model_config": to_dict(cfg), "temp": float(model.temp.detach())}},
     )
 
 

@@ -32,7 +32,7 @@ def med_from_hf_model(
     folder's (``stage``, ``preprocess``, ``extra.imported``, ``extra.vision_layer_norm_eps``).
     """
     kind = kind_of_hf_config(hf_model.config, kind)
-    cfg, eps = model_config_from_hf(hf_model.config, kind)
+    cfg, eps, temp = model_config_from_hf(hf_model.config, kind)
     tc = hf_model.config.text_config
     ids = special_ids(tokenizer)
     expected = {"dec": tc.bos_token_id, "pad": tc.pad_token_id, "sep": tc.sep_token_id}
@@ -52,6 +52,8 @@ def med_from_hf_model(
             values[target] = tensor
     if unknown:
         raise ValueError(f"transformers weights with no place in capfilt's MED: {unknown[:8]}")
+    if temp is not None:  # a capfilt export's trained temperature, kept in its config
+        values["temp"] = torch.tensor(temp)
     imported = {
         "format": "transformers",
         "architecture": ARCHITECTURES[kind],
