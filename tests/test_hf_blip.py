@@ -359,6 +359,31 @@ def test_an_export_keeps_the_capfilt_settings_that_change_scores(tok_dir, tmp_pa
         assert torch.allclose(itm, ref_itm, atol=1e-6) and torch.allclose(cos, ref_cos, atol=1e-6)
 
 
+def test_an_import_takes_the_checkpoints_image_processor_statistics(hf_models, tok_dir, tmp_path):
+    """The processor's mean/std (not CLIP's) are what the checkpoint's images are normalised
+    with; one capfilt's transform cannot follow is refused, not silently replaced."""
+    import shutil
+
+    from transformers import BlipImageProcessor
+
+    _, folder = hf_models["filter"]
+    src = shutil.copytree(folder, tmp_path / "hf")
+    processor = BlipImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3
+    )
+    BlipProcessor(processor, BertTokenizerFast.from_pretrained(str(tok_dir))).save_pretrained(src)
+    expected = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    out, _, _ = convert(src, tmp_path / "capfilt")
+    assert json.loads((out / META).read_text())["preprocess"] == expected
+    *_, meta, _ = load_stage_model(src, torch.device("cpu"))  # the folder as --model
+    assert meta["preprocess"] == expected
+
+    bilinear = shutil.copytree(folder, tmp_path / "bilinear")
+    BlipImageProcessor(size={"height": 32, "width": 32}, resample=2).save_pretrained(bilinear)
+    with pytest.raises(ValueError, match="image processor .*resample 2"):
+        convert(bilinear, tmp_path / "refused")
+
+
 def _blip_vit_name(hf_key: str) -> str:
     """transformers' vision names written out the way BLIP's own vit.py names them."""
     name = hf_key[len("vision_model.") :]

@@ -41,9 +41,10 @@ Mapping onto capfilt's :class:`~capfilt.model.med.MED`:
   and stops at ``sep_token_id``, as capfilt does. ``BlipForImageTextRetrieval`` passes the ids as
   given ([CLS] first) to the ITM head, while BLIP trained and evaluated ITM with ``[ENC]`` first;
   capfilt always puts ``[ENC]`` first (feed transformers ``ids[:, 0] = [ENC]`` for equal scores).
-- **Preprocessing.** Images: bicubic resize to ``image_size`` and CLIP mean/std (as
-  ``BlipImageProcessor``), recorded in the imported folder's ``preprocess``; an export writes the
-  model's saved statistics into its ``BlipImageProcessor``. Caption prompt: ``"a picture of "``
+- **Preprocessing.** Images: bicubic resize to ``image_size`` and the mean/std of the
+  checkpoint's ``BlipImageProcessor`` (CLIP's, its defaults, when the folder has none), recorded
+  in the imported folder's ``preprocess``; an export writes the model's saved statistics into its
+  ``BlipImageProcessor``. Caption prompt: ``"a picture of "``
   (capfilt's caption default, BLIP's).
 
 Original BLIP ``.pth`` files already use capfilt's names (``visual_encoder.*`` in timm layout,

@@ -154,7 +154,8 @@ def imported_meta(
     kind: str, cfg: ModelConfig, tokenizer, model: MED, eps: float, imported: dict
 ) -> dict[str, Any]:
     """The meta of an imported model, laid out like a model folder's (``stage``, ``preprocess``:
-    BLIP's CLIP statistics, ``extra.imported``, ``extra.vision_layer_norm_eps``)."""
+    BLIP's CLIP statistics, which a transformers import replaces with its processor's,
+    ``extra.imported``, ``extra.vision_layer_norm_eps``)."""
     return {
         "format_version": FORMAT_VERSION,
         "stage": kind,

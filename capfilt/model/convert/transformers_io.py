@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from capfilt.config.schema import ModelConfig
-from capfilt.data.transforms import CLIP_MEAN, CLIP_STD
+from capfilt.data.transforms import CLIP_MEAN, CLIP_STD, preprocess_spec
 from capfilt.model.convert.config_map import (
     hf_config_from_model,
     kind_of_hf_config,
@@ -20,6 +20,9 @@ from capfilt.model.convert.fill import INIT_SEED, fill_imported, new_med
 from capfilt.model.convert.keymaps import ARCHITECTURES, KINDS, hf_key_to_med
 from capfilt.model.med import MED
 from capfilt.model.tokenizer import load_tokenizer, special_ids
+
+BICUBIC = 3
+"""PIL's number of the bicubic filter (transformers' ``resample``): capfilt's resize."""
 
 
 # ---------------------------------------------------------------------------------- import
@@ -108,6 +111,35 @@ def load_hf_blip(folder: str | Path, kind: str | None = None, tokenizer: str | N
     return hf_model.eval(), tok, kind
 
 
+def hf_preprocess(folder: str | Path, image_size: int) -> dict[str, Any]:
+    """The preprocessing of a transformers checkpoint's ``BlipImageProcessor`` as a model folder
+    records it (:func:`~capfilt.data.transforms.preprocess_spec`); CLIP's statistics, BLIP's and
+    ``BlipImageProcessor``'s defaults, when the folder has no processor file. Refuses a processor
+    that capfilt's transform (bicubic resize to ``image_size``, /255, mean/std) cannot follow."""
+    from transformers import BlipImageProcessor
+
+    try:
+        proc = BlipImageProcessor.from_pretrained(str(folder))
+    except OSError:  # neither preprocessor_config.json nor processor_config.json
+        return preprocess_spec(image_size)
+    problems = []
+    size = (proc.size["height"], proc.size["width"])
+    if proc.do_resize and size != (image_size, image_size):
+        problems.append(f"resize to {size[0]}x{size[1]} (the model's image_size: {image_size})")
+    if proc.do_resize and int(proc.resample) != BICUBIC:
+        problems.append(f"resample {proc.resample} (capfilt: bicubic, {BICUBIC})")
+    if not proc.do_rescale or abs(proc.rescale_factor - 1 / 255) > 1e-12:
+        problems.append("pixel values not rescaled by 1/255")
+    if problems:
+        raise ValueError(
+            f"{folder}: its image processor prepares images in a way capfilt does not: "
+            + "; ".join(problems)
+        )
+    if not proc.do_normalize:  # the pixels as they are: the identity normalisation
+        return preprocess_spec(image_size, [0.0] * 3, [1.0] * 3)
+    return preprocess_spec(image_size, proc.image_mean, proc.image_std)
+
+
 def import_transformers(
     folder: str | Path,
     kind: str | None = None,
@@ -115,9 +147,11 @@ def import_transformers(
     source: str | None = None,
 ):
     """(MED, tokenizer, ModelConfig, meta) from a local transformers BLIP folder; ``source`` (the
-    folder, or the hub id it was fetched for) is recorded in the meta."""
+    folder, or the hub id it was fetched for) is recorded in the meta, and the preprocessing of
+    the folder's image processor (:func:`hf_preprocess`) in its ``preprocess``."""
     hf_model, tok, kind = load_hf_blip(folder, kind, tokenizer)
     model, cfg, meta = med_from_hf_model(hf_model, tok, kind, source=str(source or folder))
+    meta["preprocess"] = hf_preprocess(folder, cfg.image_size)
     return model, tok, cfg, meta
 
 
