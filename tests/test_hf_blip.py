@@ -525,6 +525,50 @@ def test_export_of_a_pretrain_folder_needs_kind(tok_dir, tmp_path):
         med_to_hf(build_model(stem_cfg, tokenizer), stem_cfg, "filter")
 
 
+def test_convert_errors_name_the_model_and_the_option(hf_models, tok_dir, tmp_path, capsys):
+    """A transformers model of another type, a BLIP class capfilt does not import, and a --kind
+    value that is not one are each named as such (exit 2), not as 'no capfilt model'."""
+    import shutil
+
+    from transformers import BertConfig
+
+    from capfilt.cli.main import main
+    from capfilt.model.tokenizer import load_tokenizer
+
+    def refused(*args):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            main(["convert", *map(str, args)])
+        output = capsys.readouterr()
+        assert done.value.code == 2, output
+        return " ".join((output.out + output.err).split())
+
+    BertConfig(hidden_size=32, num_hidden_layers=1).save_pretrained(tmp_path / "bert")
+    assert "a transformers model of type 'bert', not BLIP" in refused(
+        tmp_path / "bert", tmp_path / "o"
+    )
+
+    _, folder = hf_models["filter"]
+    for name, archs in (("blipmodel", ["BlipModel"]), ("unnamed", None)):
+        shutil.copytree(folder, tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config["architectures"] = archs
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    for kind in ([], ["--kind", "filter"]):  # --kind cannot make a BlipModel a filter
+        text = refused(tmp_path / "blipmodel", tmp_path / "o", *kind)
+        assert "a BlipModel: capfilt imports only BlipForConditionalGeneration" in text
+        assert "pass" not in text
+    assert "pass --kind captioner or --kind filter" in refused(tmp_path / "unnamed", tmp_path / "o")
+    _, _, kind = convert(tmp_path / "unnamed", tmp_path / "unnamed_filter", kind="filter")
+    assert kind == "filter"
+
+    tokenizer = load_tokenizer(str(tok_dir))
+    model = build_tiny_model(tokenizer, seed=None, vision_depth=1, text_layers=1, queue_size=8)
+    pre = save_model_folder(tmp_path / "pre", model, tokenizer, model.cfg, stage="pretrain")
+    text = refused(pre, tmp_path / "o", "--kind", "captioners")
+    assert "--kind 'captioners': choose captioner or filter" in text
+
+
 def test_full_blip_pth_imports_as_pretrain(tok_dir, tmp_path):
     from capfilt.model.tokenizer import load_tokenizer
 

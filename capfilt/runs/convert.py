@@ -41,6 +41,11 @@ def convert(
         to = "transformers" if src.kind == "capfilt" else "capfilt"
     if to not in ("capfilt", "transformers"):
         raise ValueError(f"--to: capfilt or transformers, got '{to}'")
+    # only BLIP's .pth holds a whole pretrained model; a transformers checkpoint is one of the two
+    kinds = (*KINDS, "pretrain") if src.kind == "file" else KINDS
+    if kind is not None and kind not in kinds:
+        valid = ", ".join(kinds[:-1]) + f" or {kinds[-1]}"
+        raise ConfigError(f"--kind '{kind}': choose {valid}")
     held = sorted(p.name for p in Path(out).iterdir()) if Path(out).is_dir() else []
     if held or (Path(out).exists() and not Path(out).is_dir()):
         shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")

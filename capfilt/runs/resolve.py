@@ -53,16 +53,20 @@ class ModelSource:
     spec: str
 
 
+def transformers_model_type(path: str | Path) -> str | None:
+    """The ``model_type`` of a folder's transformers ``config.json`` (None: no such file, or not a
+    transformers config)."""
+    try:
+        config = json.loads((Path(path) / HF_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 def is_transformers_blip_folder(path: str | Path) -> bool:
     """A folder with a transformers ``config.json`` of ``model_type`` blip (and not a capfilt folder)."""
     path = Path(path)
-    config = path / HF_CONFIG
-    if not config.is_file() or (path / CONFIG).is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "blip"
-    except (OSError, ValueError):
-        return False
+    return not (path / CONFIG).is_file() and transformers_model_type(path) == "blip"
 
 
 def is_hub_id(spec: str) -> bool:
@@ -99,7 +103,13 @@ def find_model(spec: str | Path) -> ModelSource:
         return ModelSource("file", path, text)
     elif is_hub_id(text):
         return ModelSource("hub", path, text)
-    if path.exists():
+    other = transformers_model_type(path) if path.is_dir() else None
+    if other is not None:  # told apart from an empty folder: the wrong model, not no model
+        hint = (
+            f"a transformers model of type '{other}', not BLIP: capfilt takes BLIP captioners "
+            "and filters (BlipForConditionalGeneration, BlipForImageTextRetrieval)"
+        )
+    elif path.exists():
         hint = "expected a model folder, or a run folder with model/ or checkpoints/"
     else:
         hint = "no such file or folder, and not a hub id (owner/name)"

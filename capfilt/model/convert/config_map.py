@@ -139,17 +139,22 @@ def kind_of_hf_config(config, kind: str | None) -> str:
     """``kind`` checked against the config's ``architectures``, or read from them."""
     archs = list(getattr(config, "architectures", None) or [])
     found = [k for k, a in ARCHITECTURES.items() if a in archs]
+    supported = "BlipForConditionalGeneration (captioner) and BlipForImageTextRetrieval (filter)"
+    if archs and not found:  # another class's weights (BlipModel, ...): no kind loads them
+        raise ValueError(
+            f"the checkpoint is a {', '.join(archs)}: capfilt imports only {supported}"
+        )
     if kind is not None:
         if kind not in KINDS:
             raise ValueError(
-                f"kind: choose captioner or filter for a transformers checkpoint, got '{kind}'"
+                f"--kind: choose captioner or filter for a transformers checkpoint, got '{kind}'"
             )
         if found and found[0] != kind:
             raise ValueError(f"the checkpoint is a {archs[0]} ({found[0]}), not a {kind}")
         return kind
     if not found:
         raise ValueError(
-            f"architectures {archs or 'not set'}: capfilt imports BlipForConditionalGeneration (captioner) and "
-            "BlipForImageTextRetrieval (filter); pass kind to choose"
+            f"the checkpoint's config names no architectures: capfilt imports {supported}; "
+            "pass --kind captioner or --kind filter to capfilt convert to say which it holds"
         )
     return found[0]
