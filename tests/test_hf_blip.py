@@ -172,6 +172,32 @@ def test_filter_itm_itc_match_transformers(hf_models, images):
     assert itm.std() > 1e-3  # the tiny model is not constant
 
 
+def test_the_documented_itm_input_gives_capfilts_scores_with_transformers_alone(hf_models, images):
+    """docs/blip-checkpoints.md, "ITM input": with the checkpoint's own tokenizer, which has no
+    [ENC] (its id would be [UNK]'s), input_ids[:, 0] = len(tokenizer) gives capfilt's scores."""
+    hf, folder = hf_models["filter"]
+    hub_tokenizer = BertTokenizerFast.from_pretrained(str(folder))
+    assert hub_tokenizer.convert_tokens_to_ids("[ENC]") == hub_tokenizer.unk_token_id
+    model, tokenizer, cfg, _, _ = load_stage_model(folder, torch.device("cpu"))
+    assert model.special["enc"] == len(hub_tokenizer)
+    texts = TEXTS[:3]
+    itm, _ = score_pairs(model, tokenizer, images, torch.arange(3), texts, cfg.max_text_len).wait()
+    batch = hub_tokenizer(texts, padding=True, return_tensors="pt")
+    probs = {}
+    for first in ("[ENC]", len(hub_tokenizer)):  # the doc's earlier advice, its advice now
+        ids = batch["input_ids"].clone()
+        ids[:, 0] = hub_tokenizer.convert_tokens_to_ids(first) if first == "[ENC]" else first
+        with torch.no_grad():
+            probs[first] = hf(
+                input_ids=ids,
+                pixel_values=images,
+                attention_mask=batch["attention_mask"],
+                use_itm_head=True,
+            ).itm_score.softmax(-1)[:, 1]
+    assert (itm - probs[len(hub_tokenizer)]).abs().max() < 1e-4
+    assert (itm - probs["[ENC]"]).abs().max() > 1e-3  # [UNK] first: other scores
+
+
 def test_captioner_logits_and_greedy_match_transformers(hf_models, images):
     hf, folder = hf_models["captioner"]
     model, tokenizer, cfg, meta, _ = load_stage_model(folder, torch.device("cpu"))

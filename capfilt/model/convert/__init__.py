@@ -40,7 +40,9 @@ Mapping onto capfilt's :class:`~capfilt.model.med.MED`:
   (30523). transformers' ``BlipForConditionalGeneration.generate`` puts ``bos_token_id`` first
   and stops at ``sep_token_id``, as capfilt does. ``BlipForImageTextRetrieval`` passes the ids as
   given ([CLS] first) to the ITM head, while BLIP trained and evaluated ITM with ``[ENC]`` first;
-  capfilt always puts ``[ENC]`` first (feed transformers ``ids[:, 0] = [ENC]`` for equal scores).
+  capfilt always puts ``[ENC]`` first. The hub's tokenizers lack ``[ENC]``; capfilt adds it after
+  ``[DEC]``, so feed transformers ``ids[:, 0] = len(tokenizer)`` (the hub tokenizer's length) for
+  equal scores.
 - **Preprocessing.** Images: bicubic resize to ``image_size`` and the mean/std of the
   checkpoint's ``BlipImageProcessor`` (CLIP's, its defaults, when the folder has none), recorded
   in the imported folder's ``preprocess``; an export writes the model's saved statistics into its
