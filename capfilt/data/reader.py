@@ -313,15 +313,14 @@ def _meta_of(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _text_of(raw: dict[str, Any]) -> str:
-    """The sample's txt, stripped ("" when missing or blank): a hand-made tar's ``echo ... > k.txt``
-    ends in a newline that would otherwise go into every caption, score and parquet row."""
+    """The sample's txt ("" when missing or blank)."""
     if "txt" not in raw:
         return ""
     try:
         text = raw["txt"].decode("utf-8")
     except UnicodeDecodeError:
         raise SampleError("non_utf8_text") from None
-    return text.strip()
+    return text if text.strip() else ""
 
 
 JSON_TEXT_KEYS = ("caption", "text")
@@ -339,13 +338,16 @@ def _json_text(meta: dict[str, Any]) -> str:
 
 
 def _captions_of(meta: dict[str, Any], text: str) -> list[dict[str, Any]]:
-    """The json's caption entries (blank ones dropped), else the txt as one web caption.
+    """The json's caption entries (blank ones dropped), else the txt as one web caption, stripped
+    (a hand-made tar's ``echo ... > k.txt`` ends in a newline that would otherwise go into the
+    caption, its scores' rows and every shard made from it).
 
     A ``captions`` field that is not a list of objects with a string ``text`` is ``bad_caption``
     (a number where the text should be would otherwise reach the tokenizer)."""
     captions = meta.get("captions")
+    from_txt = [{"text": text.strip(), "origin": "web"}] if text else []
     if captions is None:
-        return [{"text": text, "origin": "web"}] if text else []
+        return from_txt
     if isinstance(captions, list):  # plain strings (other tools' lists): web texts
         captions = [{"text": c, "origin": "web"} if isinstance(c, str) else c for c in captions]
     if not isinstance(captions, list) or not all(
@@ -355,9 +357,7 @@ def _captions_of(meta: dict[str, Any], text: str) -> list[dict[str, Any]]:
             "bad_caption", "json captions must be strings or objects with a string 'text'"
         )
     captions = [c for c in captions if c["text"].strip()]
-    if not captions:
-        return [{"text": text, "origin": "web"}] if text else []
-    return captions
+    return captions or from_txt
 
 
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")

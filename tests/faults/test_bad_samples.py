@@ -173,13 +173,14 @@ def test_a_tar_in_directory_order_gives_every_sample_with_its_caption(tmp_path, 
 
     def read(url):
         counter = SkipCounter()
-        got = {s.key: (s.text, s.image_bytes) for s in read_samples([url], counter)}
+        got = {s.key: (s.captions, s.image_bytes) for s in read_samples([url], counter)}
         return got, counter.as_dict()
 
     got, skipped = read(str(unsorted))
     expected, _ = read(str(ordered))
     assert skipped == {} and len(got) == 6 and got == expected
-    assert got["images_img3"][0] == "caption 3"  # the newline is no part of the caption
+    # the newline is no part of the caption
+    assert got["images_img3"][0] == [{"text": "caption 3", "origin": "web"}]
     # read as a stream: what cannot be grouped is counted and the tar named
     got, skipped = read(f"pipe:cat {unsorted}")
     assert len(got) < 6 and skipped.get("duplicate_key")
