@@ -1419,6 +1419,7 @@ def test_torchrun_eval_caption_splits_the_images_and_the_job_speaks_once(synth, 
     # the 8 shards split over the ranks, gathered in shard order: the same captions and figures
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert a == b and a["n_images"] == count_samples(expand_shards(str(synth / "web")))
+    assert (a["model"], a["shards"]) == (str(models["captioner"]), [str(synth / "web")])
     assert two.stdout.count("captioner on") == 1 and two.stdout.count("wrote") == 1
     # a usage error every rank meets alike is said once (exit 2 of each rank; torchrun says 1)
     bad = run(TORCHRUN, *evaluate[:5], "--shards", str(tmp_path / "nope"))

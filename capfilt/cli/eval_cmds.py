@@ -152,7 +152,13 @@ def _write(out_path: Path | None, result: dict) -> None:
 @app.command("caption")
 def caption(
     model: Annotated[
-        Path, typer.Option("--model", "-m", help="Captioner model folder or run folder.")
+        Path,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The captioner: a capfilt model folder or run folder, or a transformers BLIP "
+            "captioner folder or hub id (converted as the evaluation starts).",
+        ),
     ],
     shards: Annotated[
         list[str],
@@ -202,7 +208,7 @@ def caption(
         if value is not None:
             table.add_row(key, f"{100 * value:.1f}%" if key == "truth_rate" else f"{value:.2f}")
     out.print(table)
-    _write(out_path, result)
+    _write(out_path, {**result, "model": str(model), "shards": list(shards)})
 
 
 def _print_truth(result: dict) -> None:
