@@ -650,20 +650,31 @@ def test_a_missing_local_path_is_never_a_hub_id(tmp_path, monkeypatch, spec):
 
 
 def test_an_owner_name_spec_with_nothing_local_is_a_hub_id(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     from capfilt.config import ConfigError
-    from capfilt.model.convert import transformers_io
 
     asked = []
 
-    def offline(repo_id):
+    def offline(repo_id, **kwargs):
         asked.append(repo_id)
-        raise ValueError(f"'{repo_id}': not a local path, and not reachable as a hub id (offline)")
+        raise LocalEntryNotFoundError(
+            "An error happened while trying to locate the files on the Hub and we cannot find "
+            "the appropriate snapshot folder for the specified revision on the local disk. "
+            "Please check your internet connection and try again."
+        )
 
-    monkeypatch.setattr(transformers_io, "fetch_hub_checkpoint", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="not reachable as a hub id"):
-        load_stage_model("Salesforce/blip-itm-base-coco", torch.device("cpu"))
-    assert asked == ["Salesforce/blip-itm-base-coco"]
+    # a spec that may as well be a mistyped path: said so, without the hub client's paragraph
+    with pytest.raises(ConfigError) as caught:
+        load_stage_model("run/captioner", torch.device("cpu"))
+    assert str(caught.value) == (
+        "'run/captioner': no such local folder, and the hub could not be reached to look for it "
+        "(offline?), nor is it in the local hub cache"
+    )
+    assert asked == ["run/captioner"]
 
 
 def test_text_stack_equals_transformers_blip_text_with_padding_and_shared_image_kv():

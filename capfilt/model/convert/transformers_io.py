@@ -76,10 +76,27 @@ def fetch_hub_checkpoint(repo_id: str) -> Path:
         if not any(path.glob("*.safetensors")):
             path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.bin"]))
     except Exception as exc:  # offline, unknown id, gated
-        raise ValueError(
-            f"'{repo_id}': not a local path, and not reachable as a hub id ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise ValueError(f"'{repo_id}': no such local folder, and {_hub_failure(exc)}") from exc
     return path
+
+
+_HUB_FAILURES = {
+    "RepositoryNotFoundError": "no hub repository of that id (or a private one: log in first)",
+    "GatedRepoError": "its hub repository is gated: accept its terms on the hub and log in",
+    "LocalEntryNotFoundError": "the hub could not be reached to look for it (offline?), nor is "
+    "it in the local hub cache",
+    "OfflineModeIsEnabled": "HF_HUB_OFFLINE is set, and it is not in the local hub cache",
+}
+"""What a failed hub fetch means, by huggingface_hub's error class, for a spec that may as well
+be a mistyped local path (``run/captioner`` where ``runs/`` was meant)."""
+
+
+def _hub_failure(exc: Exception) -> str:
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _HUB_FAILURES:
+            return _HUB_FAILURES[cls.__name__]
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"the hub did not give it ({type(exc).__name__}{': ' + first if first else ''})"
 
 
 def load_hf_blip(folder: str | Path, kind: str | None = None, tokenizer: str | None = None):
