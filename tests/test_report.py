@@ -486,6 +486,16 @@ def test_report_of_a_folder_of_runs_names_them_and_exits_2(fake_run: Path, tmp_p
     (empty / "sub").mkdir(parents=True)
     result = CliRunner().invoke(app, ["report", str(empty)])
     assert result.exit_code == 2 and "holds no capfilt run" in result.output
+    # a training run's model/: its weights, not its figures; the run is named
+    from capfilt.model.folder import CONFIG
+
+    model = proj / "runs" / "pre" / "model"
+    model.mkdir()
+    (model / CONFIG).write_text("{}")
+    result = CliRunner().invoke(app, ["report", str(model)])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{model} is a capfilt model folder" in out
+    assert f"`capfilt report {proj / 'runs' / 'pre'}`" in out
 
 
 def test_a_runs_overview_counts_the_input_its_stages_skipped(tmp_path):

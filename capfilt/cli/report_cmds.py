@@ -46,6 +46,7 @@ def report(
     if out is not None and out.is_dir():  # a folder to write the page into
         out = out / "report.html"
     if folder_kind(run_dir) == "unknown":
+        _refuse_a_model_folder(run_dir)
         inside = capfilt_folders_inside(run_dir)
         if not inside:
             raise fail(
@@ -63,3 +64,27 @@ def report(
         )
     path = write_report(run_dir, out, n_examples=examples)
     stdout.print(f"report written to {path}")
+
+
+def _refuse_a_model_folder(folder: Path) -> None:
+    """A model folder holds weights, not a run's figures: say so, naming the training run it
+    came from when it sits in one (``runs/captioner/model``)."""
+    from capfilt.model.folder import CONFIG
+    from capfilt.report.load import folder_kind
+    from capfilt.runs.resolve import is_transformers_blip_folder
+
+    if (folder / CONFIG).is_file():
+        what = "a capfilt model folder"
+    elif is_transformers_blip_folder(folder):
+        what = "a transformers BLIP model folder"
+    else:
+        return
+    run = next(
+        (p for p in (folder.parent, folder.parent.parent) if folder_kind(p) != "unknown"), None
+    )
+    where = (
+        f"report the training run that made it: `capfilt report {run}`"
+        if run is not None
+        else "report the training run that made it, or the --out of a stage that used it"
+    )
+    raise fail(f"{folder} is {what}: it holds weights, not a run's figures; {where}", EXIT_USAGE)
