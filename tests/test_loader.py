@@ -71,6 +71,18 @@ def test_workers_give_the_in_process_batches_of_every_shard(urls, workers):
     assert_same(read(urls, workers), expected, range(4))
 
 
+def test_a_bad_sample_is_said_once(urls, tmp_path, caplog):
+    """The loader's reading side counts quietly; the stage's counter, which the skip reaches
+    through it, says it (each bad sample and damaged tar was logged twice)."""
+    truncated = tmp_path / "cut.tar"
+    truncated.write_bytes(Path(urls[3]).read_bytes()[:3000])
+    with caplog.at_level("WARNING"):
+        read([urls[0], str(truncated)], 0)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("undecodable_image" in m for m in said) == 1, said
+    assert sum("truncated_tar" in m for m in said) == 1, said
+
+
 def test_a_shard_left_halfway_is_skipped_and_the_next_ones_are_whole(urls):
     expected = read(urls, 0)
     got = read(urls, 3, stop_after={0: 1, 2: 0})

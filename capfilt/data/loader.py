@@ -67,7 +67,9 @@ class _ShardItems(IterableDataset):
         size = self.chunk_size
         for n, index in enumerate(self.indices):
             url = self.urls[index]
-            counter = SkipCounter("reader")
+            counter = SkipCounter(
+                "reader", quiet=True
+            )  # re-recorded, and said, by the main process
             try:
                 source, source_damage = None, None
                 if copies is not None and url.startswith(REMOTE_PREFIXES):

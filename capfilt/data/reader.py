@@ -72,7 +72,9 @@ class SkipCounter:
     not samples, so they never enter a stage's sample counts.
     """
 
-    def __init__(self, name: str = "reader", keep_records: bool = True):
+    def __init__(self, name: str = "reader", keep_records: bool = True, quiet: bool = False):
+        self.quiet = quiet
+        """Count without logging (a rank reading what rank 0 reads and reports too)."""
         self.counts: Counter[str] = Counter()
         self.shard_events: Counter[str] = Counter()
         self.records: list[Skipped] = []
@@ -84,6 +86,8 @@ class SkipCounter:
         self.counts[reason] += 1
         if self.keep_records:
             self.records.append(Skipped(key, reason, detail, where))
+        if self.quiet:
+            return
         self._log.warning(
             "skipping %s%s%s",
             reason,
@@ -94,6 +98,8 @@ class SkipCounter:
     def shard_event(self, reason: str, url: str, detail: str = "") -> None:
         """A tar that is damaged as a whole; always logged, naming the file."""
         self.shard_events[reason] += 1
+        if self.quiet:
+            return
         self._logger.warning("%s: %s%s", reason, url, f" ({detail})" if detail else "")
 
     def as_dict(self) -> dict[str, int]:

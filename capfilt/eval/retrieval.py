@@ -194,7 +194,9 @@ def compute_features(
     model.eval()  # dropout off: retrieval scores must be deterministic
     transform = eval_transform_for(meta, model.cfg)
     max_len = model.cfg.max_text_len
-    counter = SkipCounter("eval.retrieval")
+    # every rank reads every image (the features are all-ranks'): rank 0 says what it skipped
+    main = current_dist_info().is_main
+    counter = SkipCounter("eval.retrieval", quiet=not main)
 
     image_keys: list[str] = []
     texts: list[str] = []
@@ -224,7 +226,7 @@ def compute_features(
         n_text_done = end
 
     with ProgressReporter(
-        "retrieval features", unit="images", enabled=show_progress and current_dist_info().is_main
+        "retrieval features", unit="images", enabled=show_progress and main
     ) as progress:
         for sample, image in _iter_images(
             data, counter, transform, batch_size, num_workers, device
@@ -252,9 +254,9 @@ def compute_features(
             flush_texts(len(texts))
     model.train(was_training)
 
-    if synthetic:
+    if synthetic and main:
         log.warning("retrieval: %d synthetic caption(s) left out of the texts", synthetic)
-    if counter.total:
+    if counter.total and main:
         log.warning("retrieval: skipped %d bad sample(s): %s", counter.total, counter.as_dict())
     if not image_keys:
         raise ValueError("no readable image-text samples in the retrieval data")
