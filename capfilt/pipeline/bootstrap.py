@@ -288,9 +288,11 @@ def repretrain_sources(human: list[str], filtered: Path) -> list[str]:
     """Human shards + the filter's kept shards (or another derived web set); human alone when
     it holds nothing (a source without samples cannot feed the training stream)."""
     from capfilt.data.shards import count_samples, expand_shards
+    from capfilt.utils.dist import env_dist_info
 
     if not any(Path(filtered).glob("*.tar")) or count_samples(expand_shards([str(filtered)])) == 0:
-        log.warning("no web sample left in %s: pretraining on the human shards only", filtered)
+        if env_dist_info().is_main:  # every rank decides alike (under torchrun)
+            log.warning("no web sample left in %s: pretraining on the human shards only", filtered)
         return list(human)
     return [*human, str(filtered)]
 
