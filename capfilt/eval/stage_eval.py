@@ -78,11 +78,9 @@ def evaluate_captioner(
     urls = expand_shards(shards)
     # under torchrun each rank captions its share of the shards (row seeds come from the sample
     # keys, so a caption does not depend on which rank or batch made it); a cap on the images
-    # counts from the first shard, so then rank 0 takes them all
+    # counts from the first shard, so then every rank captions those
     split = dist.distributed and max_images is None
     mine = list(range(dist.rank, len(urls), dist.world_size)) if split else list(range(len(urls)))
-    if not split and not dist.is_main:
-        mine = []
     shard_of = {urls[i]: i for i in mine}
     rows: list[tuple[int, str, list[str], dict[str, str], dict[str, bool | None]]] = []
     """(shard index, key, references, caption per method, true of its scene per method)."""
