@@ -269,9 +269,9 @@ def check_heads_trained(meta: dict, folder: str | Path, heads: tuple[str, ...], 
     if not missing:
         return
     names = " and ".join(name for _, name, _ in missing)
-    were = "was" if len(missing) == 1 else "were"
+    were, hold = ("was", "it holds") if len(missing) == 1 else ("were", "they hold")
     raise ConfigError(
         f"{folder}: {names} of this {meta.get('stage', 'model')} {were} not in the checkpoint it was "
-        f"imported from ({imported.get('source') or folder}): they hold a fresh initialisation, "
+        f"imported from ({imported.get('source') or folder}): {hold} a fresh initialisation, "
         f"so {use} would be noise; {use} needs {missing[0][2]}"
     )

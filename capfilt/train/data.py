@@ -188,7 +188,8 @@ class TrainStream(IterableDataset):
 
     def _one_sample_for(self, urls: list[str], split: int) -> Iterator[dict]:
         """Sample ``split % n`` of the ``n`` in ``urls`` (none when there are none)."""
-        counts = [sum(1 for _ in iter_tar_samples(u, read=lambda p: False)) for u in urls]
+        quiet = SkipCounter(quiet=True)  # the pass before this one said what was wrong
+        counts = [sum(1 for _ in iter_tar_samples(u, quiet, read=lambda p: False)) for u in urls]
         if not sum(counts):
             return
         want = split % sum(counts)
