@@ -3,8 +3,8 @@
     metrics = evaluate_retrieval("runs/pretrain", ["data/test"], k=256)
 
 1. :func:`compute_features`: ITC features of every test image and every one of its captions
-   (the sample's ``captions`` but synthetic ones, cleaned like training captions), plus the ViT tokens
-   of each image (kept on the CPU) and the token ids of each text, for the ITM re-rank.
+   (the sample's ``captions`` but synthetic ones, cleaned like training captions), plus the ViT
+   tokens of each image (kept on the CPU) and the token ids of each text, for the ITM re-rank.
 2. :func:`retrieval_scores`: S = image_feat @ text_feat.T (cosine). For each image the top-k texts
    by S are scored by the ITM encoder and get ``itm_logit[1] + S`` (the raw match logit, no
    softmax; BLIP's score, ``rerank_score="blip"``), ``itm_logit[1] − itm_logit[0] + S / temp``
@@ -183,7 +183,8 @@ def compute_features(
 
     Each image's texts are the entries of its ``captions`` (COCO-style test sets carry ~5) but
     synthetic ones (:func:`reference_texts`), cleaned with :func:`clean_caption` as in training.
-    ``cache_dtype`` of the kept ViT tokens: default float16 on a GPU (its forward runs in bf16 anyway; halves host memory), float32 on the CPU.
+    ``cache_dtype`` of the kept ViT tokens: default float16 on a GPU (its forward runs in bf16
+    anyway; halves host memory), float32 on the CPU.
     ``meta``: the model folder's meta, whose saved preprocessing the images get.
     ``num_workers``: DataLoader processes decoding shard images (0 = in this process).
     """
