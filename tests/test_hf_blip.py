@@ -298,11 +298,13 @@ def _hf_state(model):
 
 
 @pytest.mark.parametrize("kind", ["captioner", "filter"])
-def test_round_trip_transformers_capfilt_transformers(hf_models, tmp_path, kind):
+def test_round_trip_transformers_capfilt_transformers(hf_models, tmp_path, kind, monkeypatch):
     hf, folder = hf_models[kind]
-    capfilt_dir, fmt, what = convert(folder, tmp_path / "capfilt")
+    monkeypatch.chdir(folder.parent)  # given as a relative path, recorded as an absolute one
+    capfilt_dir, fmt, what = convert(folder.name, tmp_path / "capfilt")
     assert (fmt, what) == ("capfilt", kind)
     meta = json.loads((capfilt_dir / META).read_text())
+    assert meta["extra"]["imported"]["source"] == str(folder.resolve())
     assert meta["stage"] == kind and meta["extra"]["vision_layer_norm_eps"] == 1e-5
     assert meta["preprocess"] == {"image_size": 32, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
     back, fmt, _ = convert(capfilt_dir, tmp_path / "hf")

@@ -74,12 +74,12 @@ def convert(
         sd = load_blip_pth(src.path)
         tok = load_tokenizer(tokenizer or "bert-base-uncased")
         model, cfg, meta = import_blip_state_dict(
-            sd, tok, kind, model_config, momentum, source=str(source)
+            sd, tok, kind, model_config, momentum, source=src.origin
         )
         keep_momentum = momentum and meta["extra"]["imported"].get("momentum") == "loaded"
     else:
         folder = transformers_folder(src)
-        model, tok, cfg, meta = import_transformers(folder, kind, tokenizer, source=str(source))
+        model, tok, cfg, meta = import_transformers(folder, kind, tokenizer, source=src.origin)
         keep_momentum = False
     save_model_folder(
         out,

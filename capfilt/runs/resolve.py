@@ -52,6 +52,12 @@ class ModelSource:
     path: Path
     spec: str
 
+    @property
+    def origin(self) -> str:
+        """What an imported model records as its source: the absolute path of a local one (a
+        relative path means nothing once the folder is used elsewhere), a hub id as given."""
+        return self.spec if self.kind == "hub" else str(self.path.resolve())
+
 
 def transformers_model_type(path: str | Path) -> str | None:
     """The ``model_type`` of a folder's transformers ``config.json`` (None: no such file, or not a
@@ -182,7 +188,7 @@ def _load_stage_folder(source: ModelSource, folder: Path, device: torch.device):
     if source.kind in ("transformers", "hub"):
         try:
             model, tokenizer, cfg, meta = transformers_io.import_transformers(
-                folder, source=source.spec
+                folder, source=source.origin
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
