@@ -105,3 +105,56 @@ def test_a_stage_waits_for_every_rank_before_its_sizes_json(tmp_path):
     assert "samples 10" in proc.stdout
     sizes = json.loads((out / "sizes.json").read_text())
     assert sizes == {f"{i:08d}.tar": i + 1 for i in range(4)}
+
+
+def test_a_folder_in_use_stops_every_rank_of_an_import_at_once(tmp_path):
+    """An import joins no process group for a model: the folder lock must, or rank 0 alone
+    learns that another job holds the folder and the others wait in the group's set-up (under
+    torchrun until it kills them; across nodes, until the rendezvous times out)."""
+    import socket
+
+    from PIL import Image
+
+    from capfilt.utils.lock import folder_lock
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(images / f"{i}.jpg")
+        (images / f"{i}.txt").write_text(f"caption {i}\n")
+    out = tmp_path / "out"
+    with socket.socket() as sock:  # a free port for the ranks' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [
+        sys.executable,
+        "-m",
+        "capfilt",
+        "data",
+        "import",
+        "folder",
+        str(images),
+        "--out",
+        str(out),
+    ]
+    world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    with folder_lock(out):  # another job's
+        # the ranks started as torchrun starts them, so that each one's own exit is seen
+        ranks = [
+            subprocess.Popen(
+                cmd,
+                env=subprocess_env(CUDA_VISIBLE_DEVICES="", RANK=r, LOCAL_RANK=r, **world),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in ("0", "1")
+        ]
+        try:
+            outputs = [rank.communicate(timeout=60) for rank in ranks]
+        finally:
+            for rank in ranks:
+                rank.kill()
+    assert [rank.returncode for rank in ranks] == [2, 2]
+    said = "".join(err for _, err in outputs)
+    assert said.count("is in use by another capfilt process") == 1, said[-3000:]

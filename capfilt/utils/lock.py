@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from capfilt.utils.dist import DistInfo, current_dist_info, is_distributed
+from capfilt.utils.dist import DistInfo, init_distributed, is_distributed
 
 LOCK_NAME = ".capfilt.lock"
 
@@ -101,7 +101,9 @@ def folder_lock(folder: str | Path, dist: DistInfo | None = None) -> Iterator[No
     Raises ``FolderInUseError`` on every rank when another job holds it.
     """
     folder = Path(folder)
-    dist = dist or current_dist_info()
+    # the ranks join their process group here if nothing did before (an import, a re-threshold):
+    # rank 0's answer must reach them, or a folder in use fails rank 0 alone
+    dist = dist or init_distributed()
     fh, holder = None, None
     made_folder = not folder.exists()
     if fcntl is not None and dist.is_main:
