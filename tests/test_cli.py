@@ -188,12 +188,17 @@ def test_a_rank_other_than_zero_says_only_its_own_errors(capsys):
         common.print_warning("--threshold is not used")
         common.print_error("shard not found: data/nope", common.EXIT_USAGE)
         common.print_error("shard source x gives no samples to reader 1 of 2")
+        common.print_error("scores of shard 3 do not match", common.EXIT_USAGE, rank_local=True)
     finally:
         common.quiet_unless_main(0)
     captured = capsys.readouterr()
-    # results, the command's warnings and usage errors are the job's: rank 0 says them
+    # results, the command's warnings and usage errors are the job's: rank 0 says them; a usage
+    # error of this rank's own shard only this rank can say
     assert captured.out == ""
-    assert captured.err == "error [rank 1]: shard source x gives no samples to reader 1 of 2\n"
+    assert captured.err == (
+        "error [rank 1]: shard source x gives no samples to reader 1 of 2\n"
+        "error [rank 1]: scores of shard 3 do not match\n"
+    )
     # rank 0, whose collective fails because that rank stopped, says why instead of gloo's text
     gloo = RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
     code, message = common.describe_error(gloo)

@@ -210,6 +210,19 @@ def test_shard_specs(tmp_path):
     assert expand_shards(str(nested)) == [str(nested / "d.tar.gz")]
 
 
+def test_a_usage_error_met_in_a_shard_is_marked_as_this_ranks_own(tmp_path):
+    """Under torchrun only the rank that produced the shard knows of it: the command line must
+    not take it for a check every rank made alike (and leave it to rank 0 to say)."""
+    from capfilt.config import ConfigError
+
+    def produce(index, writer):
+        raise ConfigError(f"scores of shard {index} do not match its captions")
+
+    with pytest.raises(ConfigError) as caught:
+        run_shard_stage(tmp_path, 2, produce, stage="t", config_hash="h")
+    assert caught.value.rank_local
+
+
 def test_stage_resumes_and_writes_sizes(tmp_path):
     calls = []
 

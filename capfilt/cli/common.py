@@ -71,12 +71,13 @@ RecipeArgument = Annotated[
 ]
 
 
-def print_error(message: str, code: int = EXIT_FAILURE) -> None:
+def print_error(message: str, code: int = EXIT_FAILURE, rank_local: bool = False) -> None:
     """``error: message``; from a rank other than 0, named by rank, and left out for a usage
-    error (exit 2): those come from checks of the command line and inputs that every rank makes
-    alike, so rank 0 says it once."""
+    error (exit 2) that is not ``rank_local``: those come from checks of the command line and
+    inputs that every rank makes alike, so rank 0 says it once. A rank's own shard can also fail
+    with one (a bad setting met in its data, a read-only folder on its node): ``rank_local``."""
     if CliState.rank > 0:
-        if code == EXIT_USAGE:
+        if code == EXIT_USAGE and not rank_local:
             return
         console.print(styled(f"error [rank {CliState.rank}]:", "bold red", message))
         return

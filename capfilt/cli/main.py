@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         code, message = describe_error(err)
         if CliState.verbose:
             console.print_exception()
-        print_error(message, code)
+        print_error(message, code, rank_local=getattr(err, "rank_local", False))
         sys.exit(code)
 
 

@@ -33,7 +33,7 @@ from capfilt.data.writer import (
     shard_name,
     write_sizes,
 )
-from capfilt.utils.dist import DistInfo, barrier, init_distributed
+from capfilt.utils.dist import DistInfo, all_gather_objects, barrier, init_distributed
 from capfilt.utils.lock import locks_out_dir
 from capfilt.utils.logging import get_logger
 from capfilt.utils.progress import ProgressReporter
@@ -326,19 +326,16 @@ def run_shard_stage(
         for tmp in out_dir.glob(f".{shard_name(index, prefix)}[._]*.tmp*"):
             tmp.unlink(missing_ok=True)
 
-    def hash_of(i: int) -> str:
-        return _shard_hash(config_hash, input_identity(inputs[i]) if inputs is not None else None)
-
-    hashes = {i: hash_of(i) for i in mine}
+    hashes = {
+        i: _shard_hash(config_hash, input_identity(inputs[i]) if inputs is not None else None)
+        for i in mine
+    }
     todo = [i for i in mine if not is_shard_done(out_dir, i, hashes[i], prefix)]
     result.skipped_existing = [i for i in mine if i not in todo]
     if plan is not None:
         plan(todo)
-    done = len(result.skipped_existing)
-    if dist.distributed and dist.is_main:  # the folder's count (the log line is rank 0's)
-        done = sum(
-            is_shard_done(out_dir, i, hashes.get(i) or hash_of(i), prefix) for i in range(n_shards)
-        )
+    # the folder's count, summed before any rank writes (the log line is rank 0's)
+    done = sum(all_gather_objects(len(result.skipped_existing)))
     if done:
         log.info("%s: %d of %d shards already done, resuming", stage, done, n_shards)
     total = sum(samples_per_shard[i] for i in todo) if samples_per_shard else None
@@ -350,8 +347,10 @@ def run_shard_stage(
         output folder, or a ConfigError (a re-run cannot mend it), fails every shard alike, so
         it stops the stage."""
         if isinstance(err, OSError) and err.errno in STOP_ERRNOS:
+            err.rank_local = True  # type: ignore[attr-defined]  # this rank's shard met it
             raise err
         if isinstance(err, ConfigError):  # the settings or inputs, wrong for every shard alike
+            err.rank_local = True  # type: ignore[attr-defined]
             raise err
         log.error("%s: shard %s failed: %s", stage, shard_name(index, prefix), err)
         log.debug("traceback of shard %s", shard_name(index, prefix), exc_info=err)
