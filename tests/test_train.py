@@ -137,6 +137,10 @@ def test_a_source_of_fewer_samples_than_readers_gives_every_reader_one(synth_dat
             got = list(stream._split_samples(urls, split, n_splits, random.Random(0)))
             assert [s["__key__"] for s in got] == [whole[0]["__key__"]], (urls, split)
     assert not list(stream._split_samples([empty], 1, 2, random.Random(0)))
+    # a large source whose second shard is empty: reader 1 takes every other sample of the first,
+    # not one sample over and over
+    got = list(stream._split_samples([first, empty], 1, 2, random.Random(0)))
+    assert [s["__key__"] for s in got] == [s["__key__"] for s in whole[1::2]]
 
 
 def test_stream_uses_every_caption_of_an_image(synth_data):

@@ -15,7 +15,8 @@ it (``"skips"``), so the trainer can save them even when workers decode. A sourc
 sample is bad fails before training (:func:`check_sources`), and the stream gives up on a source
 that yields nothing usable for two whole passes instead of looping for ever. A source with fewer
 samples than there are readers (ranks × loader workers) gives each reader without one of its
-own a repeat of one of them.
+own a repeat of one of them; a reader whose own shards are empty takes its positions across the
+source's other shards.
 """
 
 from __future__ import annotations
@@ -171,7 +172,9 @@ class TrainStream(IterableDataset):
                 for sample in iter_tar_samples(url, self.skips):
                     got += 1
                     yield sample
-        else:  # fewer shards than readers: every reader walks all, keeping its own sample positions
+        if not got:
+            # fewer shards than readers, or this reader's own shards are empty (a filter's shard
+            # that kept nothing): it walks them all, keeping its own sample positions
             index = 0
             for url in urls:
                 first = index  # a local tar's other samples are seeked over, not read
@@ -182,8 +185,8 @@ class TrainStream(IterableDataset):
                         yield sample
                     index += 1
         if not got:
-            # a source of fewer samples than readers (or whose samples all sit in other readers'
-            # shards): this reader repeats one of them rather than leaving the run without it
+            # a source of fewer samples than readers: this reader repeats one of them rather than
+            # leaving the run without it
             yield from self._one_sample_for(urls, split)
 
     def _one_sample_for(self, urls: list[str], split: int) -> Iterator[dict]:
