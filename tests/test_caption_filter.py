@@ -892,6 +892,10 @@ def test_the_filter_scores_a_text_as_training_saw_it_and_keeps_it_as_given(model
     assert list(table["text"]) == texts
     first, cleaned, other = table["itm_score"]
     assert first == cleaned and other != cleaned  # the same words, whatever their case and marks
+    # the recipe's data.max_words, as training cut its captions: 3 words leave the same text
+    recipe = load_recipe("tiny", ["data.max_words=3"])
+    filter_shards(models["filter"], [str(tmp_path / "in.tar")], tmp_path / "out3", recipe.filter, 3)
+    assert len(set(_parquet(tmp_path / "out3")["itm_score"])) == 1
 
 
 def test_kept_shards_read_back_with_exactly_the_kept_texts(outputs, models):
@@ -1419,7 +1423,10 @@ def test_torchrun_eval_caption_splits_the_images_and_the_job_speaks_once(synth, 
     # the 8 shards split over the ranks, gathered in shard order: the same captions and figures
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert a == b and a["n_images"] == count_samples(expand_shards(str(synth / "web")))
-    assert (a["model"], a["shards"]) == (str(models["captioner"]), [str(synth / "web")])
+    assert (a["model"], a["shards"]) == (
+        str(models["captioner"]),
+        expand_shards(str(synth / "web")),
+    )
     assert two.stdout.count("captioner on") == 1 and two.stdout.count("wrote") == 1
     # a usage error every rank meets alike is said once (exit 2 of each rank; torchrun says 1)
     bad = run(TORCHRUN, *evaluate[:5], "--shards", str(tmp_path / "nope"))

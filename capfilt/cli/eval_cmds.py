@@ -182,7 +182,7 @@ def caption(
     from rich.table import Table
 
     from capfilt.config import ConfigError
-    from capfilt.data.shards import ShardSpecError
+    from capfilt.data.shards import ShardSpecError, expand_shards
     from capfilt.eval.stage_eval import evaluate_captioner
     from capfilt.utils.dist import current_dist_info
 
@@ -208,7 +208,7 @@ def caption(
         if value is not None:
             table.add_row(key, f"{100 * value:.1f}%" if key == "truth_rate" else f"{value:.2f}")
     out.print(table)
-    _write(out_path, {**result, "model": str(model), "shards": list(shards)})
+    _write(out_path, {**result, "model": str(model), "shards": expand_shards(shards)})
 
 
 def _print_truth(result: dict) -> None:

@@ -96,7 +96,7 @@ def filter_(
     cosine or both; fixed thresholds or filter.keep_fraction of the whole run); write kept
     shards, per-text scores and a summary."""
     cfg = resolve(
-        recipe, set_, dry_run, shortcuts={"filter.threshold": threshold}, reads=("filter",)
+        recipe, set_, dry_run, shortcuts={"filter.threshold": threshold}, reads=("filter", "data")
     )
     if threshold is not None and (cfg.filter.keep_fraction is not None or cfg.filter.rule == "itc"):
         decides = (
@@ -118,6 +118,6 @@ def filter_(
     else:
         warn_of_another_recipe(model, cfg, "filter", "filter")
         with use_threads(cfg.runtime.threads, cfg.filter.num_workers):
-            result = filter_shards(model, shards, out_dir, cfg.filter)
+            result = filter_shards(model, shards, out_dir, cfg.filter, cfg.data.max_words)
     report_stage(result, "filter")
     report_origins(out_dir / "summary.json")

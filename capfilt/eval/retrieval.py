@@ -258,7 +258,7 @@ def compute_features(
     if synthetic and main:
         log.warning("retrieval: %d synthetic caption(s) left out of the texts", synthetic)
     if counter.total and main:
-        log.warning("retrieval: skipped %d bad sample(s): %s", counter.total, counter.as_dict())
+        log.warning("retrieval: skipped %d sample(s): %s", counter.total, counter.as_dict())
     if not image_keys:
         raise ValueError("no readable image-text samples in the retrieval data")
 

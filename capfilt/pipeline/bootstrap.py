@@ -348,7 +348,9 @@ def plan_steps(recipe: Recipe, inputs: BootstrapInputs, layout: BootstrapLayout)
             from capfilt.pipeline.filter import filter_shards
 
             with use_threads(recipe.runtime.threads, recipe.filter.num_workers):
-                return _shard_stage(filter_shards(model, [str(src)], out, recipe.filter))
+                return _shard_stage(
+                    filter_shards(model, [str(src)], out, recipe.filter, recipe.data.max_words)
+                )
 
         steps.append(
             Step(step_key("caption", r), "caption", r, captioned, [captioner, *web], do_caption,

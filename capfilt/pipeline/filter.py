@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from capfilt.config import ConfigError, FilterConfig, config_hash, to_dict
+from capfilt.config.schema import DataConfig
 from capfilt.data.loader import ShardImages, loader_hint
 from capfilt.data.reader import Sample, SkipCounter, read_samples
 from capfilt.data.sample import output_sample
@@ -182,8 +183,7 @@ def score_pairs(
 def _settings_of(cfg) -> dict[str, Any]:
     """The settings that change the output (not ``num_workers``): what the config hash covers."""
     settings = {k: v for k, v in to_dict(cfg).items() if k != "num_workers"}
-    # texts: how they are scored; shards scored before texts were cleaned are scored again
-    return {**settings, "itc_cosine": cfg.computes_cosine, "texts": "clean_caption"}
+    return {**settings, "itc_cosine": cfg.computes_cosine}
 
 
 def _truth_columns(sample: Sample, entry: dict[str, Any]) -> dict[str, Any]:
@@ -223,15 +223,22 @@ def rule_info(cfg: FilterConfig, rule: KeepRule) -> dict[str, Any]:
 
 
 def filter_shards(
-    model_path: str | Path, shards: list[str], out_dir: str | Path, cfg: FilterConfig
+    model_path: str | Path,
+    shards: list[str],
+    out_dir: str | Path,
+    cfg: FilterConfig,
+    max_words: int = DataConfig.max_words,
 ) -> StageResult:
     """Score and filter every text of ``shards`` into ``out_dir``; resumable and rank-split.
 
+    Each text is scored as training saw its captions: :func:`clean_caption` with the recipe's
+    ``data.max_words`` (``max_words``); the output keeps it as given.
     With ``cfg.keep_fraction`` the shards are scored into ``out_dir/scores`` first, then the
     whole run's quantiles decide (:func:`rethreshold_shards`)."""
     if cfg.keep_fraction is not None:
         scored_dir = Path(out_dir) / SCORES_DIR
-        scored = filter_shards(model_path, shards, scored_dir, replace(cfg, keep_fraction=None))
+        unfixed = replace(cfg, keep_fraction=None)
+        scored = filter_shards(model_path, shards, scored_dir, unfixed, max_words)
         barrier()  # every rank's scores are needed for the quantile
         if scored.partial:
             return scored
@@ -253,7 +260,14 @@ def filter_shards(
         )
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
-        {"stage": "filter", "model": filter_id, "filter": _settings_of(cfg), "inputs": urls}
+        {
+            "stage": "filter",
+            "model": filter_id,
+            "filter": _settings_of(cfg),
+            # how texts are scored (shards scored from raw texts, before, are scored again)
+            "texts": {"clean_caption": max_words},
+            "inputs": urls,
+        }
     )
     rule = fixed_rule(cfg)
     info = {"model": filter_id, **rule_info(cfg, rule)}
@@ -290,7 +304,7 @@ def filter_shards(
                         image_index,
                         # as training and retrieval see texts (docs/architecture.md §5); the
                         # output keeps each text as it was given
-                        [clean_caption(c["text"]) for _, c in pairs],
+                        [clean_caption(c["text"], max_words) for _, c in pairs],
                         mcfg.max_text_len,
                         with_cosine=cfg.computes_cosine,
                         chunk_rows=cfg.batch_size,
