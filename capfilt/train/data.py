@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,36 +175,25 @@ class TrainStream(IterableDataset):
         if not got:
             # fewer shards than readers, or this reader's own shards are empty (a filter's shard
             # that kept nothing): it walks them all, keeping its own sample positions
-            index = 0
-            for url in urls:
-                first = index  # a local tar's other samples are seeked over, not read
-                mine = lambda p, first=first: (first + p) % n_splits == split  # noqa: E731
-                for sample in iter_tar_samples(url, self.skips, read=mine):
-                    if index % n_splits == split:
-                        got += 1
-                        yield sample
-                    index += 1
-        if not got:
-            # a source of fewer samples than readers: this reader repeats one of them rather than
-            # leaving the run without it
-            yield from self._one_sample_for(urls, split)
+            total = yield from self._at_positions(urls, lambda p: p % n_splits == split)
+            if 0 < total <= split:
+                # a source of fewer samples than readers: this reader repeats one of them rather
+                # than leaving the run without it
+                yield from self._at_positions(urls, lambda p: p == split % total)
 
-    def _one_sample_for(self, urls: list[str], split: int) -> Iterator[dict]:
-        """Sample ``split % n`` of the ``n`` in ``urls`` (none when there are none)."""
-        quiet = SkipCounter(quiet=True)  # the pass before this one said what was wrong
-        counts = [sum(1 for _ in iter_tar_samples(u, quiet, read=lambda p: False)) for u in urls]
-        if not sum(counts):
-            return
-        want = split % sum(counts)
-        for url, count in zip(urls, counts):
-            if want < count:
-                for position, sample in enumerate(
-                    iter_tar_samples(url, self.skips, read=lambda p, want=want: p == want)
-                ):
-                    if position == want:
-                        yield sample
-                        return
-            want -= count
+    def _at_positions(
+        self, urls: list[str], keep: Callable[[int], bool]
+    ) -> Generator[dict, None, int]:
+        """The samples of ``urls`` at the positions (counted across them) that ``keep`` picks, the
+        others seeked over, not read, in a local tar; returns how many positions there are."""
+        index = 0
+        for url in urls:
+            first = index
+            for sample in iter_tar_samples(url, self.skips, read=lambda p, f=first: keep(f + p)):
+                if keep(index):
+                    yield sample
+                index += 1
+        return index
 
     def _raw_stream(self, si: int, split: int, n_splits: int) -> Iterator[dict]:
         """Endless raw samples of source ``si`` for one split, reshuffled each pass."""
