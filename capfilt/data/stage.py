@@ -33,7 +33,7 @@ from capfilt.data.writer import (
     shard_name,
     write_sizes,
 )
-from capfilt.utils.dist import DistInfo, all_gather_objects, barrier, init_distributed
+from capfilt.utils.dist import DistInfo, all_gather_objects, barrier, current_dist_info
 from capfilt.utils.lock import locks_out_dir
 from capfilt.utils.logging import get_logger
 from capfilt.utils.progress import ProgressReporter
@@ -314,10 +314,9 @@ def run_shard_stage(
     out_dir = Path(out_dir)
     check_output_folder(out_dir, stage, n_shards, inputs, prefix)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # every stage joins the process group itself (an import or a re-threshold loads no model
-    # that would): without it barrier() is a no-op and rank 0 would write sizes.json while
-    # other ranks are still writing their shards
-    dist = dist or init_distributed()
+    # the folder lock (locks_out_dir) has joined the ranks' process group, also for a stage that
+    # loads no model (an import, a re-threshold): the closing barrier waits for every rank
+    dist = dist or current_dist_info()
     result = StageResult(out_dir)
     mine = list(range(dist.rank, n_shards, dist.world_size))
     for (

@@ -3,8 +3,8 @@
     torchrun --nproc_per_node 2 tests/scripts/stage_ranks.py OUT_DIR
 
 Nothing here joins a process group before the stage (as an import or a re-threshold, which load
-no model): the stage must do it, or its closing barrier waits for no one and rank 0 writes
-``sizes.json`` while rank 1 is still writing its shards.
+no model): the stage (its folder lock) must do it, or its closing barrier waits for no one and
+rank 0 writes ``sizes.json`` while rank 1 is still writing its shards.
 """
 
 from __future__ import annotations
