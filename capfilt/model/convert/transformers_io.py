@@ -21,9 +21,6 @@ from capfilt.model.convert.keymaps import ARCHITECTURES, KINDS, hf_key_to_med
 from capfilt.model.med import MED
 from capfilt.model.tokenizer import load_tokenizer, special_ids
 
-BICUBIC = 3
-"""PIL's number of the bicubic filter (transformers' ``resample``): capfilt's resize."""
-
 
 # ---------------------------------------------------------------------------------- import
 def med_from_hf_model(
@@ -133,6 +130,7 @@ def hf_preprocess(folder: str | Path, image_size: int) -> dict[str, Any]:
     records it (:func:`~capfilt.data.transforms.preprocess_spec`); CLIP's statistics, BLIP's and
     ``BlipImageProcessor``'s defaults, when the folder has no processor file. Refuses a processor
     that capfilt's transform (bicubic resize to ``image_size``, /255, mean/std) cannot follow."""
+    from PIL import Image
     from transformers import BlipImageProcessor
 
     try:
@@ -143,8 +141,9 @@ def hf_preprocess(folder: str | Path, image_size: int) -> dict[str, Any]:
     size = (proc.size["height"], proc.size["width"])
     if proc.do_resize and size != (image_size, image_size):
         problems.append(f"resize to {size[0]}x{size[1]} (the model's image_size: {image_size})")
-    if proc.do_resize and int(proc.resample) != BICUBIC:
-        problems.append(f"resample {proc.resample} (capfilt: bicubic, {BICUBIC})")
+    bicubic = int(Image.Resampling.BICUBIC)  # transformers' ``resample`` is Pillow's number
+    if proc.do_resize and int(proc.resample) != bicubic:
+        problems.append(f"resample {proc.resample} (capfilt: bicubic, {bicubic})")
     if not proc.do_rescale or abs(proc.rescale_factor - 1 / 255) > 1e-12:
         problems.append("pixel values not rescaled by 1/255")
     if problems:
