@@ -232,11 +232,12 @@ def compute_features(
         for sample, image in _iter_images(
             data, counter, transform, batch_size, num_workers, device
         ):
-            captions = reference_texts(sample.captions) if sample.captions else [sample.text]
+            refs = reference_texts(sample.captions)
+            synthetic += len(sample.captions) - len(refs)
+            captions = refs if sample.captions else [sample.text]
             if not captions:
                 counter.skip("only_synthetic_captions", sample.url, key=sample.key)
                 continue
-            synthetic += len(sample.captions) - len(captions)
             index = len(image_keys)
             image_keys.append(sample.key)
             pending_images.append(image)
