@@ -158,3 +158,30 @@ def test_from_dict_defaults_and_hash_stability():
     a = from_dict(Recipe, {})
     b = from_dict(Recipe, {"train": {}})
     assert a == b and config_hash(a) == config_hash(b)
+
+
+def test_a_key_given_twice_is_refused_not_silently_dropped(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("extends: tiny\ntrain:\n  epochs: 3\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(
+        ConfigError, match=r"mine.yaml: key 'train' is given twice \(lines 2 and 4\)"
+    ):
+        load_recipe(recipe)
+    recipe.write_text("extends: tiny\ntrain:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' is given twice \(lines 3 and 4\)"):
+        load_recipe(recipe)
+    # a YAML merge key is not a duplicate: the section's own value overrides the anchor's
+    recipe.write_text("extends: tiny\ntrain:\n  <<: {lr: 0.1, epochs: 3}\n  lr: 0.2\n")
+    assert (load_recipe(recipe).train.lr, load_recipe(recipe).train.epochs) == (0.2, 3)
+
+
+def test_a_typo_in_a_base_recipe_names_the_file_that_holds_it(tmp_path):
+    (tmp_path / "base.yaml").write_text("extends: tiny\ntrain:\n  epoch: 3\n")
+    (tmp_path / "child.yaml").write_text("extends: base\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(
+        ConfigError, match=r"^child.yaml: extends: base.yaml: unknown config key 'train.epoch'"
+    ):
+        load_recipe(tmp_path / "child.yaml")
+    # a typo in a --set override is not in any file
+    with pytest.raises(ConfigError, match=r"^unknown config key 'train.epoch'"):
+        load_recipe("tiny", ["train.epoch=3"])

@@ -15,6 +15,7 @@ from capfilt.config.core import (
     from_dict,
     load_yaml,
     to_dict,
+    unknown_key_error,
 )
 from capfilt.config.schema import (
     CAPTION_METHODS,
@@ -84,6 +85,9 @@ def load_recipe_data(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if isinstance(data.get("recipe"), dict) and "stage" in data:
         data = dict(data["recipe"])  # a training run folder's config.yaml: the recipe it ran
     base = data.pop(EXTENDS_KEY, None)
+    unknown = unknown_key_error(Recipe, data)
+    if unknown is not None:  # named here, where the file that holds the typo is known
+        raise ConfigError(f"{path.name}: {unknown}")
     if base is None:
         return data
     if not isinstance(base, str) or not base:

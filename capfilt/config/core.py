@@ -116,18 +116,32 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def unknown_key_error(cls: type, data: dict[str, Any], prefix: str = "") -> ConfigError | None:
+    """The error for the first key of ``data``, or of a section within it, that ``cls`` lacks
+    (None if every key is known); types are not checked."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            return ConfigError(f"unknown config key '{where}' (known keys here: {known})")
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
+            unknown = unknown_key_error(hints[key], value, where)
+            if unknown is not None:
+                return unknown
+    return None
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ``ConfigError``."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"unknown config key '{where}' (known keys here: {known})")
+    unknown = unknown_key_error(cls, data, prefix)
+    if unknown is not None:
+        raise unknown
     hints = _hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -224,12 +238,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last
+    one, so a second ``train:`` section would silently drop every field of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise _DuplicateKey(
+                    f"key {key!r} is given twice (lines {first_line[key]} and {line}); YAML "
+                    "would keep only the last, so merge them into one"
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"recipe {path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
     if data is None:
