@@ -387,6 +387,29 @@ def test_an_export_keeps_the_capfilt_settings_that_change_scores(tok_dir, tmp_pa
         assert torch.allclose(itm, ref_itm, atol=1e-6) and torch.allclose(cos, ref_cos, atol=1e-6)
 
 
+def test_a_mean_pooled_captioner_exports_and_captions_alike(tok_dir, tmp_path, images):
+    """Pooling only shapes ITC, which BlipForConditionalGeneration lacks: a captioner of the
+    demo/real-cpu recipes (image_pool, text_pool: mean) exports, and its export captions as it
+    does; the same model as a filter is refused before any folder is made."""
+    from capfilt.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tok_dir))
+    model = build_tiny_model(tokenizer, seed=3, image_pool="mean", text_pool="mean")
+    _randomise(model, seed=4)
+    src = save_model_folder(tmp_path / "cap", model, tokenizer, model.cfg, stage="captioner")
+    with pytest.raises(ValueError, match="image_pool 'mean'"):
+        write_transformers_folder(model, tokenizer, model.cfg, tmp_path / "as_filter", "filter")
+    assert not (tmp_path / "as_filter").exists()
+    hf_dir, _, kind = convert(src, tmp_path / "hf")
+    assert kind == "captioner"
+    settings = CaptionConfig(method="greedy", min_length=2, max_length=8, repetition_penalty=1.0)
+    captions = []
+    for folder in (src, hf_dir):
+        staged, tok, _, _, _ = load_stage_model(folder, torch.device("cpu"))
+        captions.append([c[0] for c in generate_captions(staged, tok, images, settings)])
+    assert captions[0] == captions[1] and len(set(captions[0])) > 1
+
+
 def test_an_import_takes_the_checkpoints_image_processor_statistics(hf_models, tok_dir, tmp_path):
     """The processor's mean/std (not CLIP's) are what the checkpoint's images are normalised
     with; one capfilt's transform cannot follow is refused, not silently replaced."""

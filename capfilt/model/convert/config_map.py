@@ -76,12 +76,13 @@ def hf_config_from_model(model: MED, cfg: ModelConfig, kind: str, eps: float | N
     """The transformers ``BlipConfig`` of a MED exported as ``kind``."""
     from transformers import BlipConfig
 
-    if cfg.image_pool != "cls":
+    # BlipForConditionalGeneration has no ITC part: how ITC pools its features only matters to a filter
+    if kind == "filter" and cfg.image_pool != "cls":
         raise ValueError(
             f"model.image_pool '{cfg.image_pool}': transformers' BLIP takes the ITC image feature from the [CLS] "
             "token, so this model's ITC scores would change on export; export a model trained with image_pool: cls"
         )
-    if cfg.text_pool != "cls":
+    if kind == "filter" and cfg.text_pool != "cls":
         raise ValueError(
             f"model.text_pool '{cfg.text_pool}': transformers' BLIP takes the ITC text feature from the [CLS] "
             "token, so this model's ITC scores would change on export; export a model trained with text_pool: cls"

@@ -215,9 +215,9 @@ def write_transformers_folder(
 
     mean = list((preprocess or {}).get("mean") or CLIP_MEAN)
     std = list((preprocess or {}).get("std") or CLIP_STD)
+    hf_model = med_to_hf(model, cfg, kind, eps)  # first: a model it refuses leaves no folder
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    hf_model = med_to_hf(model, cfg, kind, eps)
     hf_model.save_pretrained(str(out))
     image_processor = BlipImageProcessor(
         size={"height": cfg.image_size, "width": cfg.image_size},
