@@ -510,3 +510,17 @@ def test_a_runs_overview_counts_the_input_its_stages_skipped(tmp_path):
     html = render_report(run)
     assert "<th>web_captioned images</th><td>7</td>" in html
     assert "<th>web_captioned: input skipped, undecodable_image</th><td>3</td>" in html
+
+
+def test_a_released_models_run_has_no_baseline_by_design_not_missing(tmp_path):
+    """Released models re-pretrained (--pretrain-after) and tested: CapFilt's retrieval shows;
+    the absent baseline is explained, not listed as a part that went missing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    inputs = {"captioner": "cap", "filter": "filt", "pretrain_after": True}
+    (run / "manifest.json").write_text(json.dumps({"inputs": inputs}))
+    (run / "summary.json").write_text(json.dumps({"capfilt": {"retrieval": CAPFILT}}))
+    html = " ".join(render_report(run).split())
+    assert _cell(html, "retrieval-table", "tr_r1")[1:3] == ["—", f"{CAPFILT['tr_r1']:.1f}"]
+    assert "baseline retrieval results missing" not in html
+    assert "no baseline: the captioner and filter were released models" in html

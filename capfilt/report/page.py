@@ -210,7 +210,7 @@ def _header(data: RunData) -> str:
 
 
 def _retrieval(data: RunData) -> str:
-    table, notes = retrieval_table(data.summary)
+    table, notes = retrieval_table(data.summary, data.released)
     ablations = ablation_table(data.summary)
     if ablations:
         ablations = (

@@ -35,10 +35,16 @@ def kv_table(rows: list[tuple[str, str]], css_class: str = "kv") -> str:
     return f'<table class="{css_class}"><tbody>{body}</tbody></table>'
 
 
-def retrieval_table(summary: dict[str, Any]) -> tuple[str, list[str]]:
-    """Baseline vs CapFilt retrieval recall (percent) with the difference; returns (html, notes)."""
+def retrieval_table(summary: dict[str, Any], released: bool = False) -> tuple[str, list[str]]:
+    """Baseline vs CapFilt retrieval recall (percent) with the difference; returns (html, notes).
+    ``released``: a run of released models, which has no baseline by design."""
     notes = []
-    if not isinstance(dig(summary, "baseline", "retrieval"), dict):
+    if released:
+        notes.append(
+            "no baseline: the captioner and filter were released models, so no model was "
+            "pretrained on the uncleaned data"
+        )
+    elif not isinstance(dig(summary, "baseline", "retrieval"), dict):
         notes.append("baseline retrieval results missing (summary.json: baseline.retrieval)")
     if not isinstance(dig(summary, "capfilt", "retrieval"), dict):
         notes.append("CapFilt retrieval results missing (summary.json: capfilt.retrieval)")
