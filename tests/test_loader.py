@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capfilt.data.loader import ShardImages
+from capfilt.data.loader import ShardImages, ShardReadError
 from capfilt.data.reader import SkipCounter, iter_tar_samples
 from capfilt.data.transforms import EvalTransform
 from tests.conftest import subprocess_env
@@ -191,13 +191,12 @@ def test_a_remote_shard_that_breaks_off_reads_the_same_with_workers(urls, tmp_pa
         assert got[0] == expected[0] and got[2] == expected[2] and got[3] == expected[3]
         assert expected[3] == {"truncated_tar" if cut else "unreadable_shard": 1}
         assert expected[0] == whole[: len(expected[0])] and (expected[0] != []) == (cut > 0)
-    # a command that fails: webdataset raises on the read that sees its exit status, so how many
-    # bytes come before depends on timing even in one process; either way a prefix of the
-    # shard's samples and the failure counted once, not a crash
+    # a command that fails: a failed transfer, not damage in the tar: the shard fails (a re-run
+    # fetches it again), one process or several
     remote = [_piped(urls[3], tmp_path / "log", head_bytes=size // 2, status=3)]
     for workers in (0, 3):
-        keys, _, _, events = _read_all(remote, workers)[0]
-        assert keys == whole[: len(keys)] and sum(events.values()) == 1
+        with pytest.raises(ShardReadError, match=r"its transfer failed: .*exit 3"):
+            _read_all(remote, workers)
 
 
 def test_remote_shards_benchmark_counts_one_fetch_per_shard():
@@ -219,18 +218,19 @@ def test_remote_shards_benchmark_counts_one_fetch_per_shard():
     assert "fetched 1.00x the shards' bytes" in lines["one shared copy"]
 
 
-def test_a_shard_copy_tells_stream_damage_from_a_local_write_failure(urls, tmp_path):
+def test_a_shard_copy_fails_on_a_failed_transfer_or_a_local_write_failure(urls, tmp_path):
     from capfilt.data.shard_copies import ShardCopies, ShardCopyError
 
     copies = ShardCopies(tmp_path)
     log = tmp_path / "opened.log"
     copies.prefetch(0, _piped(urls[0], log))
-    path, damage = copies.local(0, _piped(urls[0], log))  # waits for the prefetch, no 2nd fetch
-    assert Path(path).read_bytes() == Path(urls[0]).read_bytes() and damage is None
+    path = copies.local(0, _piped(urls[0], log))  # waits for the prefetch, no 2nd fetch
+    assert Path(path).read_bytes() == Path(urls[0]).read_bytes()
     assert log.read_text().split() == [urls[0]]
-    # the stream fails: its error is the shard's damage, read like a stream reader would
-    path, damage = copies.local(1, "pipe:exit 3")
-    assert Path(path).read_bytes() == b"" and "exit 3" in damage
+    # the stream's command fails: the shard fails (no partial copy), as a stream reader's would
+    with pytest.raises(ShardCopyError, match=r"pipe:exit 3: its transfer failed: .*exit 3"):
+        copies.local(1, "pipe:exit 3")
+    assert not (tmp_path / "00000001.tar").exists()
     # the copy cannot be written (here: its file name is taken by a folder): the shard fails
     (tmp_path / "00000002.part").mkdir()
     with pytest.raises(ShardCopyError, match=r"could not write its local copy.*\$TMPDIR"):

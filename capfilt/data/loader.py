@@ -71,16 +71,14 @@ class _ShardItems(IterableDataset):
                 "reader", quiet=True
             )  # re-recorded, and said, by the main process
             try:
-                source, source_damage = None, None
+                source = None
                 if copies is not None and url.startswith(REMOTE_PREFIXES):
-                    source, source_damage = copies.local(index, url)
+                    source = copies.local(index, url)
                     later = self.indices[n + 1 :]
                     if later and self.urls[later[0]].startswith(REMOTE_PREFIXES):
                         copies.prefetch(later[0], self.urls[later[0]])
                 mine = (lambda p: (p // size) % workers == worker) if workers > 1 else None
-                samples = iter_tar_samples(
-                    url, counter, read=mine, source=source, source_damage=source_damage
-                )
+                samples = iter_tar_samples(url, counter, read=mine, source=source)
                 chunk: _Chunk | None = None
                 for position, raw in enumerate(samples):
                     number = position // size

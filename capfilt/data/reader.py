@@ -133,6 +133,40 @@ class Sample:
     extra: dict[str, bytes] = field(default_factory=dict)
 
 
+class ShardFetchError(RuntimeError):
+    """A remote shard's transfer failed (its ``pipe:`` command or the HTTP fetch exited with an
+    error, a 404, a dropped connection): unlike damage in a tar, a later run may get it whole, so
+    the stage fails the shard (no output, a re-run retries it) instead of keeping what came."""
+
+
+class _WatchedStream:
+    """A remote stream that remembers its transfer's error, so that a reader can tell a broken
+    fetch from a damaged tar. Closing keeps the error instead of raising it: a reader that stops
+    early (it has what it needs) makes curl exit 23 and a pipe 141, which is no failure."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def read(self, *args):
+        try:
+            return self.stream.read(*args)
+        except Exception as err:
+            self.error = self.error or err
+            raise
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except Exception as err:  # noqa: BLE001 - judged by the reader: see iter_tar_samples
+            self.error = self.error or err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def open_shard(url: str):
     """A binary file object of a local tar or a stream webdataset opens (``pipe:``, a URL)."""
     if url.startswith(REMOTE_PREFIXES):
@@ -213,7 +247,7 @@ def iter_tar_samples(
     counter: SkipCounter | None = None,
     read: Callable[[int], bool] | None = None,
     source: str | None = None,
-    source_damage: str | None = None,
+    fetch_errors_fail: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__``, ext → bytes) of one tar, grouped by key.
 
@@ -222,8 +256,12 @@ def iter_tar_samples(
     tar (loader workers that share a shard each read their own samples only: W workers reading
     a whole shard each cost W times its bytes, the bottleneck on a network or sandboxed disk).
     A stream (``pipe:``, a URL) cannot seek: loader workers read a local copy of it instead,
-    ``source`` (:mod:`capfilt.data.shard_copies`), ``url`` still naming the samples and records;
-    ``source_damage``: the error that cut the copy short, reported as the shard's damage.
+    ``source`` (:mod:`capfilt.data.shard_copies`), ``url`` still naming the samples and records.
+
+    A stream whose transfer fails (the ``pipe:`` command or curl exits with an error) raises
+    :class:`ShardFetchError` after the samples that came before, since a re-run may get the
+    shard whole; ``fetch_errors_fail=False`` (training, which goes on with its other shards)
+    counts it as the shard's damage instead, naming the transfer's error.
 
     Files without an extension or starting with a dot are not sample members. A sample the
     reader must reject carries ``__skip__`` (reason) for :func:`decode_sample`: an unsafe member
@@ -244,9 +282,10 @@ def iter_tar_samples(
     # order, and skipped members are seeked over; a stream ("r|*": pipes, URLs) reads through
     path = source or url
     seekable = not path.startswith(REMOTE_PREFIXES)
+    watched = None
     try:
         with (
-            open_shard(path) as fh,
+            open_shard(path) if seekable else (watched := _WatchedStream(open_shard(path))) as fh,
             tarfile.open(
                 fileobj=fh, mode="r:*" if seekable else "r|*", tarinfo=_EndTrackingTarInfo
             ) as stream,
@@ -295,9 +334,13 @@ def iter_tar_samples(
                 damage = f"archive ends without an end-of-archive block ({end or 'no header'})"
     except TAR_ERRORS as err:
         damage = str(err) or type(err).__name__
-    # where the stream broke, not where its copy ends; where the header scan broke, not where
-    # reading the members it found then stopped
-    damage = source_damage or scan_damage or damage
+    if watched is not None and watched.error is not None and damage:
+        # the tar ended early because its transfer failed: not the tar's damage (a transfer
+        # error after a whole tar, e.g. a reader that stopped at its end-of-archive, is none)
+        if fetch_errors_fail:
+            raise ShardFetchError(f"{url}: its transfer failed: {watched.error}") from None
+        damage = str(watched.error) or type(watched.error).__name__
+    damage = scan_damage or damage  # where the header scan broke, not where reading then stopped
     if damage:
         reason = "truncated_tar" if n_members else "unreadable_shard"
         counter.shard_event(reason, url, damage)
@@ -507,7 +550,8 @@ def read_caption_texts(urls: Iterable[str], counter: SkipCounter | None = None) 
     and counted as there; an undecodable image does not matter here."""
     counter = counter if counter is not None else SkipCounter(keep_records=False)
     for url in urls:
-        for raw in iter_tar_samples(url, counter):
+        # for a training run's tokenizer: training goes on without a shard it cannot fetch
+        for raw in iter_tar_samples(url, counter, fetch_errors_fail=False):
             key = raw.get("__key__", "")
             try:
                 if "__skip__" in raw:

@@ -9,18 +9,15 @@ copy and read it seekably, and while they work on it the next shard is fetched i
 The main process deletes a copy once every worker has finished its shard, and the folder when
 the loader closes, so about two shards are on disk at a time.
 
-A fetch that breaks off keeps the bytes that came and its error, which the readers report as the
-shard's damage: they see what one process streaming the shard would have seen (the samples
-before the break; the shard counted ``truncated_tar``, or ``unreadable_shard`` if nothing came),
-so the output does not depend on the worker count (but for a ``pipe:`` command that fails:
-webdataset checks its exit status between reads, so how much comes before the error can vary
-from one run to the next, one process or several). An error a stream reader would not survive
-either (:data:`~capfilt.data.reader.TAR_ERRORS` lists those it does), or a copy that cannot be
-written (a full ``$TMPDIR``), fails the shard: no partial output, a re-run retries it.
+A copy holds bytes only; damage in the tar is found by the readers of the copy, as one process
+streaming the shard would find it. A fetch that breaks off (a 404, a dropped connection, a
+``pipe:`` command that exits with an error), or a copy that cannot be written (a full
+``$TMPDIR``), fails the shard as a stream reader does (:class:`~capfilt.data.reader.ShardFetchError`):
+no output, a re-run retries it. So the output does not depend on the worker count.
 
 Workers coordinate through files only (they are separate processes): ``N.claim`` is created
-exclusively by the one worker that fetches shard N, ``N.ready`` appears when ``N.tar`` (and
-``N.damage`` or ``N.error``) are complete.
+exclusively by the one worker that fetches shard N, ``N.ready`` appears when ``N.tar`` or
+``N.error`` is complete.
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from capfilt.data.reader import TAR_ERRORS, open_shard
+from capfilt.data.reader import open_shard
 
 POLL_SECONDS = 0.05
 """How often a worker waiting for another's copy looks for it."""
@@ -39,8 +36,7 @@ CHUNK_BYTES = 1 << 20
 
 
 class ShardCopyError(RuntimeError):
-    """A remote shard's fetch failed in a way a streaming reader would not survive either, or its
-    local copy could not be written."""
+    """A remote shard's transfer failed, or its local copy could not be written."""
 
 
 class ShardCopies:
@@ -62,7 +58,7 @@ class ShardCopies:
 
     def _fetch(self, index: int, url: str) -> None:
         part = self._path(index, "part")
-        damage, write_error = "", None
+        fetch_error = write_error = None
         try:
             with open(part, "wb") as copy:
                 try:
@@ -73,13 +69,10 @@ class ShardCopies:
                             except OSError as err:
                                 write_error = err
                                 break
-                except TAR_ERRORS as err:  # the stream's own damage, as a reader would meet it
-                    damage = str(err) or type(err).__name__
+                except Exception as err:  # noqa: BLE001 - the transfer's, whatever its kind
+                    fetch_error = err  # (a write error, met first, is the one reported)
         except OSError as err:  # opening or flushing the copy
             write_error = write_error or err
-        except Exception as err:  # noqa: BLE001 - handed to every reader of this shard
-            self._fail(index, f"{url}: {type(err).__name__}: {err}")
-            return
         if write_error is not None:  # this disk's trouble: fail the shard, no partial output
             self._fail(
                 index,
@@ -87,9 +80,10 @@ class ShardCopies:
                 "copies of remote shards read by several loader workers go under $TMPDIR",
             )
             return
+        if fetch_error is not None:
+            self._fail(index, f"{url}: its transfer failed: {fetch_error}")
+            return
         os.replace(part, self._path(index, "tar"))
-        if damage:
-            self._path(index, "damage").write_text(damage)
         self._path(index, "ready").touch()
 
     def _fail(self, index: int, message: str) -> None:
@@ -106,9 +100,9 @@ class ShardCopies:
         if self._claim(index):
             threading.Thread(target=self._fetch, args=(index, url), daemon=True).start()
 
-    def local(self, index: int, url: str) -> tuple[str, str | None]:
-        """(path of the local copy of shard ``index`` from ``url``, the damage its fetch met or
-        None), fetching it here if no worker has started to. Raises :class:`ShardCopyError`."""
+    def local(self, index: int, url: str) -> str:
+        """The path of the local copy of shard ``index`` from ``url``, fetching it here if no
+        worker has started to. Raises :class:`ShardCopyError`."""
         if self._claim(index):
             self._fetch(index, url)
         while not self._path(index, "ready").exists():
@@ -118,8 +112,7 @@ class ShardCopies:
             raise ShardCopyError(error.read_text() or f"{url}: its local copy failed")
         if not self._path(index, "tar").exists():
             raise ShardCopyError(f"{url}: its local copy in {self.folder} is missing")
-        damage = self._path(index, "damage")
-        return str(self._path(index, "tar")), damage.read_text() if damage.exists() else None
+        return str(self._path(index, "tar"))
 
     def remove(self, index: int) -> None:
         """Delete shard ``index``'s copy (every worker is done with it); its markers stay, so no

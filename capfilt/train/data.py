@@ -102,7 +102,9 @@ def check_sources(sources: list[Source]) -> None:
     for source in sources:
         counter = SkipCounter("train-data", keep_records=False)
         if any(
-            _usable(raw, counter) for url in source.urls for raw in iter_tar_samples(url, counter)
+            _usable(raw, counter)
+            for url in source.urls
+            for raw in iter_tar_samples(url, counter, fetch_errors_fail=False)
         ):
             continue
         found = {**counter.counts, **counter.shard_events}
@@ -169,7 +171,7 @@ class TrainStream(IterableDataset):
             ]  # fixed for the epoch: ranks never read each other's shards
             pass_rng.shuffle(mine)
             for url in mine:
-                for sample in iter_tar_samples(url, self.skips):
+                for sample in iter_tar_samples(url, self.skips, fetch_errors_fail=False):
                     got += 1
                     yield sample
         if not got:
@@ -189,7 +191,9 @@ class TrainStream(IterableDataset):
         index = 0
         for url in urls:
             first = index
-            for sample in iter_tar_samples(url, self.skips, read=lambda p, f=first: keep(f + p)):
+            for sample in iter_tar_samples(
+                url, self.skips, read=lambda p, f=first: keep(f + p), fetch_errors_fail=False
+            ):
                 if keep(index):
                     yield sample
                 index += 1

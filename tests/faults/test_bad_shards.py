@@ -87,3 +87,44 @@ def test_replaced_input_reruns_its_shard(tiny_models, tmp_path):
     assert third.done == [0]
     keys = [s.key for s in read_samples(expand_shards(str(tmp_path / "out")))]
     assert keys == ["new0", "new1", "new2"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failed_transfer_fails_its_shard_and_a_rerun_fetches_it_again(
+    tiny_models, tmp_path, workers, caplog
+):
+    """A remote shard whose fetch breaks off (here a pipe that exits 7 halfway, as curl does on a
+    dropped connection) is not the tar's damage: no output and no done-marker for it (the stage
+    is partial, exit 3), so the run once the source is back makes it whole. A tar that came
+    whole but is itself cut (the command exits 0) stays damage, kept as a local tar's is."""
+    full = make_tar(tmp_path / "in" / "00000000.tar", good_members(6))
+    half = full.stat().st_size // 2
+    flag = tmp_path / "broken"
+    flag.touch()
+    # fails while the flag exists; then streams the whole tar
+    fetch = f"pipe:if [ -e {flag} ]; then head -c {half} {full}; exit 7; else cat {full}; fi"
+    good = make_tar(tmp_path / "in" / "00000001.tar", good_members(2, prefix="h"))
+    recipe = load_recipe("tiny", ["caption.batch_size=4", f"caption.num_workers={workers}"])
+
+    def run():
+        return caption_shards(
+            tiny_models["captioner"], [fetch, str(good)], tmp_path / "out", recipe.caption
+        )
+
+    with caplog.at_level(logging.ERROR):
+        first = run()
+    assert first.partial and list(first.failed) == [0] and first.done == [1]
+    assert "its transfer failed" in first.failed[0] and "exit 7" in first.failed[0]
+    assert not list((tmp_path / "out").glob("00000000*"))
+    flag.unlink()  # the source is back
+    second = run()
+    assert second.done == [0] and second.skipped_existing == [1] and not second.failed
+    keys = [s.key for s in read_samples([str(tmp_path / "out" / "00000000.tar")])]
+    assert keys == [f"g{i}" for i in range(6)]
+    # whole transfer, cut tar: the tar's damage, kept with the samples before it
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(full.read_bytes()[:half])
+    third = caption_shards(
+        tiny_models["captioner"], [f"pipe:cat {cut}"], tmp_path / "out2", recipe.caption
+    )
+    assert not third.failed and third.stats["shard_errors"] == {"truncated_tar": 1}

@@ -96,3 +96,38 @@ def test_skip_counts_are_saved_in_the_run_folder(tmp_path):
     train(TrainJob("pretrain", recipe, [str(tmp_path / "data")], tmp_path / "run"))
     skipped = json.loads((tmp_path / "run" / SKIPPED_FILE).read_text())
     assert skipped.get("undecodable_image", 0) >= 1 and set(skipped) == {"undecodable_image"}
+
+
+def test_training_reads_a_remote_source_it_stops_early_without_false_damage(
+    tmp_path, caplog, monkeypatch
+):
+    """Training stops reading a stream before its end (the source check takes one sample), so
+    curl exits 23 and a pipe 141: no failure, no ``truncated_tar`` and no generator noise. A
+    transfer that does fail mid-shard is counted with its cause, and training goes on."""
+    import gc
+    import logging
+    import os
+    import sys
+
+    from capfilt.data.reader import SkipCounter, iter_tar_samples
+    from capfilt.train.data import check_sources
+
+    # members past the pipe's buffer, so the command is still writing when the reader stops
+    members = good_members(4) + [(f"pad{i}.bin", os.urandom(1 << 16)) for i in range(8)]
+    tar = make_tar(tmp_path / "big.tar", members)
+    early = f"pipe:cat {tar} || exit 23"  # curl's exit status when its output is closed
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with caplog.at_level(logging.WARNING):
+        check_sources(build_sources([early], [1.0]))
+        gc.collect()
+    assert not [r for r in caplog.records if "truncated_tar" in r.message], caplog.text
+    assert not unraisable, [u.exc_value for u in unraisable]
+    # a shard whose transfer breaks off: its samples before the break, counted with the cause
+    whole = [s["__key__"] for s in iter_tar_samples(str(tar))]
+    broken = f"pipe:head -c {tar.stat().st_size // 2} {tar}; exit 7"
+    counter = SkipCounter()
+    with caplog.at_level(logging.WARNING):
+        keys = [s["__key__"] for s in iter_tar_samples(broken, counter, fetch_errors_fail=False)]
+    assert keys and keys == whole[: len(keys)] and len(keys) < len(whole)
+    assert sum(counter.shard_events.values()) == 1 and "exit 7" in caplog.text
