@@ -3,8 +3,9 @@
 capfilt's own shards have a ``sizes.json`` beside them. Shards another tool wrote (img2dataset,
 a hand-made ``tar cf``) have none: their samples are counted from the tar headers (distinct
 sample keys, no member read), in up to :data:`SCAN_SHARDS` of them spread over the list, the
-others estimated from their mean. A remote shard (``pipe:``, a URL) without a size leaves the
-count unknown.
+others estimated from their mean. An http(s) shard's size comes from the ``sizes.json`` in its
+remote folder, as a local one's; a remote shard without a size (a ``pipe:`` command, a server
+folder without ``sizes.json``) leaves the count unknown, as reading it would mean downloading it.
 """
 
 from __future__ import annotations

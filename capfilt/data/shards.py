@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import glob
 import json
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
 from braceexpand import braceexpand
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+
+SIZES_TIMEOUT_S = 10.0
+"""How long the ``sizes.json`` beside http(s) shards may take (a slow or silent server leaves the
+sizes unknown rather than holding a stage up)."""
 
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -69,21 +75,47 @@ def expand_shards(specs: str | Iterable[str]) -> list[str]:
 
 
 def shard_sizes(urls: list[str]) -> list[int | None]:
-    """Sample counts from the ``sizes.json`` beside each shard (None where unknown)."""
-    cache: dict[Path, dict] = {}
+    """Sample counts from the ``sizes.json`` beside each shard (None where unknown): a local
+    folder's file, or the one in the same remote folder of an http(s) shard, so a source counts
+    the same whether it is read from disk or from a server. A ``pipe:`` command (or gs://,
+    hf://) has no folder to look in: its sizes stay unknown."""
+    cache: dict[str, dict] = {}
     sizes: list[int | None] = []
     for url in urls:
-        if url.startswith(REMOTE_PREFIXES):
+        folder, name = _sizes_place(url)
+        if folder is None:
             sizes.append(None)
             continue
-        folder = Path(url).parent
         if folder not in cache:
-            try:
-                cache[folder] = json.loads((folder / "sizes.json").read_text())
-            except (OSError, ValueError):
-                cache[folder] = {}
-        sizes.append(cache[folder].get(Path(url).name))
+            cache[folder] = _read_sizes(folder)
+        size = cache[folder].get(name)
+        sizes.append(size if isinstance(size, int) else None)
     return sizes
+
+
+def _sizes_place(url: str) -> tuple[str | None, str]:
+    """(the folder whose ``sizes.json`` lists ``url``, the name it is listed under); no folder for
+    a remote kind other than http(s)."""
+    if url.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(url)
+        folder, _, name = parts.path.rpartition("/")
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, folder + "/", "", "")), name
+    if url.startswith(REMOTE_PREFIXES):
+        return None, ""
+    return str(Path(url).parent), Path(url).name
+
+
+def _read_sizes(folder: str) -> dict:
+    """A folder's ``sizes.json`` (``{}`` when it has none, or it is unreadable)."""
+    try:
+        if folder.startswith(("http://", "https://")):
+            with urllib.request.urlopen(folder + "sizes.json", timeout=SIZES_TIMEOUT_S) as resp:
+                found = json.loads(resp.read())
+        else:
+            found = json.loads((Path(folder) / "sizes.json").read_text())
+    except (OSError, ValueError):  # URLError, HTTPError and timeouts are OSErrors
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def count_samples(urls: list[str]) -> int | None:
