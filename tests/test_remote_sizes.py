@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,3 +79,15 @@ def test_remote_and_local_copies_of_the_same_shards_train_alike(served):
     assert [s.weight for s in remote] == [s.weight for s in local] == [12.0, 40.0]
     assert _keys(remote) == _keys(local)
 
+
+def test_sources_of_unknown_size_mix_every_source_by_shard_count(tmp_path, caplog):
+    """A pipe: source has no sizes.json to read: the sources are not weighed samples against
+    shards (3 shards would count as 3 samples beside 40), and the log says how they mix."""
+    _shards(tmp_path / "human", [5, 4, 3], "h")
+    _shards(tmp_path / "web", [20, 20], "w")
+    human = f"pipe:cat {tmp_path}/human/{{00000000..00000002}}.tar"
+    with caplog.at_level(logging.WARNING, logger="capfilt"):
+        sources = build_sources([human, str(tmp_path / "web")])
+    assert [s.weight for s in sources] == [3.0, 2.0]
+    said = " ".join(caplog.text.split())
+    assert f"the size of {human} is unknown" in said and "mixed by shard count" in said

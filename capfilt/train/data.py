@@ -75,15 +75,35 @@ def build_sources(specs: list[str], weights: list[float] | None = None) -> list[
                 raise ValueError("source weights must be >= 0")
             source.weight = float(weight)
     else:
-        for source in sources:
-            count = sample_count(source.urls)
-            source.samples = count.samples
-            source.weight = float(count.samples if count.samples is not None else len(source.urls))
-            if count.how:
-                log.info("%s: %s samples (%s)", source.name, count.samples or "?", count.how)
+        _weigh_by_size(sources)
     if sum(s.weight for s in sources) <= 0:
         raise ValueError("source weights must not all be zero")
     return sources
+
+
+def _weigh_by_size(sources: list[Source]) -> None:
+    """Weights from the sources' sample counts. When one of several is of unknown size (a remote
+    shard without a ``sizes.json``), every source is weighed by its shard count instead, never
+    samples against shards (a 3-shard source would then count as 3 samples), and the log says so."""
+    for source in sources:
+        count = sample_count(source.urls)
+        source.samples = count.samples
+        source.weight = float(count.samples or 0)
+        if count.how:
+            log.info("%s: %s samples (%s)", source.name, count.samples or "?", count.how)
+    unknown = [s.name for s in sources if s.samples is None]
+    if not unknown:
+        return
+    for source in sources:
+        source.weight = float(len(source.urls))
+    if len(sources) > 1:
+        log.warning(
+            "the size of %s is unknown (no sizes.json beside its shards): the %d sources are mixed "
+            "by shard count, not by samples (%s); put a sizes.json beside those shards or set "
+            "data.weights",
+            ", ".join(unknown), len(sources),
+            ", ".join(f"{s.name}: {len(s.urls)}" for s in sources),
+        )  # fmt: skip
 
 
 def _counts(counts: dict[str, int]) -> str:
