@@ -91,3 +91,44 @@ def test_sources_of_unknown_size_mix_every_source_by_shard_count(tmp_path, caplo
     assert [s.weight for s in sources] == [3.0, 2.0]
     said = " ".join(caplog.text.split())
     assert f"the size of {human} is unknown" in said and "mixed by shard count" in said
+
+
+def test_bootstrap_names_every_epoch_size_it_needs_before_its_first_stage(tmp_path, served):
+    """A remote --human of unknown size: one message with all three settings, not three failed
+    runs that each reveal the next; shards served with their sizes.json need none."""
+    from capfilt.config import ConfigError, load_recipe
+    from capfilt.pipeline.bootstrap import (
+        BootstrapInputs,
+        BootstrapLayout,
+        plan_steps,
+        run_bootstrap,
+    )
+    from capfilt.pipeline.epoch_sizes import check_epoch_sizes
+
+    root, base = served
+    _shards(root / "human", [5, 4, 3], "h")
+    _shards(tmp_path / "web", [20, 20], "w")
+    human = f"pipe:cat {root}/human/{{00000000..00000002}}.tar"
+    inputs = BootstrapInputs(human=[human], web=[str(tmp_path / "web")])
+    with pytest.raises(ConfigError) as err:
+        run_bootstrap(load_recipe("tiny"), inputs, tmp_path / "boot")
+    said = str(err.value)
+    assert f"the size of {human} is unknown" in said
+    assert "train.samples_per_epoch (for pretrain-baseline, pretrain-capfilt)" in said
+    assert "finetune.captioner.samples_per_epoch (for finetune-captioner)" in said
+    assert "finetune.filter.samples_per_epoch (for finetune-filter)" in said
+    assert not (tmp_path / "boot").exists()  # refused before any stage (or manifest)
+    # what is set already, or stages that do not train, are not asked for
+    recipe = load_recipe("tiny", ["train.samples_per_epoch=64"])
+    with pytest.raises(ConfigError) as err:
+        run_bootstrap(recipe, inputs, tmp_path / "boot", skip=("finetune-filter",))
+    assert "train.samples_per_epoch" not in str(err.value)
+    assert "finetune.captioner" in str(err.value) and "finetune.filter" not in str(err.value)
+    steps = plan_steps(load_recipe("tiny"), inputs, BootstrapLayout(tmp_path / "boot"))
+    check_epoch_sizes(load_recipe("tiny"), [s for s in steps if s.stage == "caption"])
+    # served over http with the sizes.json beside the shards: every size is known
+    inputs.human = [f"{base}/human/{{00000000..00000002}}.tar"]
+    check_epoch_sizes(
+        load_recipe("tiny"),
+        plan_steps(load_recipe("tiny"), inputs, BootstrapLayout(tmp_path / "boot")),
+    )

@@ -51,6 +51,7 @@ from capfilt.config import (
     to_dict,
 )
 from capfilt.eval.caption_metrics import CAPTION_METRICS_MISSING, caption_metrics_available
+from capfilt.pipeline.epoch_sizes import check_epoch_sizes
 from capfilt.utils.files import atomic_write_bytes, atomic_write_json
 from capfilt.utils.logging import get_logger
 from capfilt.utils.threads import use_threads
@@ -742,6 +743,10 @@ def run_bootstrap(
         lambda: evaluate_run(recipe, inputs, layout, round_extra),
     )  # fmt: skip
     steps = [*pre_steps, *plan_steps(recipe, inputs, layout), *post_steps, evaluate]
+    # every epoch size a remote source leaves unknown, asked for at once, not one run per stage
+    check_epoch_sizes(
+        recipe, [s for s in steps if s.stage not in skip and (not only or s.stage in only)]
+    )
     planned = tuple(dict.fromkeys(step.stage for step in steps))
     manifest = open_manifest(layout, recipe, inputs, restart_from, known, planned)
     layout.stages.mkdir(exist_ok=True)
