@@ -376,6 +376,43 @@ def test_released_models_caption_and_filter_only(run_a, shards, tmp_path):
         ), tmp_path / "rel2")  # fmt: skip
 
 
+def test_released_models_another_filter_keeps_the_captions(run_a, shards, tmp_path):
+    """Captions do not depend on the filter: another --filter redoes the filter and what follows
+    it, and --pretrain-after added to a finished run only adds the re-pretrain."""
+    a, _ = run_a
+    out = tmp_path / "rel"
+    inputs = BootstrapInputs(
+        web=[str(shards / "web")],
+        captioner=str(a / "runs" / "captioner"),
+        filter=str(a / "runs" / "filter"),
+    )
+    run_bootstrap(load_recipe("tiny", FAST), inputs, out)
+    captioned = sorted((out / "data" / "web_captioned").glob("*.tar"))
+    made = [p.stat().st_mtime_ns for p in captioned]
+    inputs.filter = str(a / "runs" / "pretrain_baseline")
+    with pytest.raises(BootstrapConflict, match="pass --restart-from filter to redo"):
+        run_bootstrap(load_recipe("tiny", FAST), inputs, out)
+    events = []
+    run_bootstrap(
+        load_recipe("tiny", FAST), inputs, out, restart_from="filter", on_stage=events.append
+    )
+    assert [(e.key, e.status) for e in events if e.status != "start"] == [
+        ("caption", "done-earlier"), ("filter", "done"), ("evaluate", "done"),
+    ]  # fmt: skip
+    assert [p.stat().st_mtime_ns for p in captioned] == made
+    events = []
+    inputs.human, inputs.pretrain_after = [str(shards / "human")], True
+    run_bootstrap(load_recipe("tiny", FAST), inputs, out, on_stage=events.append)
+    assert [(e.key, e.status) for e in events if e.status != "start"] == [
+        ("caption", "done-earlier"), ("filter", "done-earlier"), ("pretrain-capfilt", "done"),
+        ("evaluate", "done"),
+    ]  # fmt: skip
+    # another captioner: the captions are redone
+    inputs.captioner = str(a / "runs" / "pretrain_baseline")
+    with pytest.raises(BootstrapConflict, match="pass --restart-from caption to redo"):
+        run_bootstrap(load_recipe("tiny", FAST), inputs, out)
+
+
 def test_a_mistyped_input_stops_the_run_before_its_first_stage(shards, tmp_path):
     """Each input is looked for before anything is written: the corrected command then starts
     afresh (no manifest naming the typo to be refused against)."""

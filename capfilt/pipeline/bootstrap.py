@@ -555,28 +555,48 @@ def _changed_inputs(previous: dict[str, Any], fingerprint: dict, root: Path) -> 
     ]
 
 
+INPUT_READERS = {
+    "human": ("pretrain-baseline", "finetune-captioner", "finetune-filter", "pretrain-capfilt"),
+    "web": ("pretrain-baseline", "caption"),
+    "captioner": ("caption",),
+    "filter": ("filter",),
+    "pretrain_after": ("pretrain-capfilt",),
+    "test": ("evaluate",),
+}
+"""The first stages that read each input (its fingerprint's key; a later reader, such as the
+demo's ablations, is redone with them). A run with released models has no
+baseline or fine-tune: there ``human`` is read by the re-pretrain alone, so a changed filter or
+an added ``--pretrain-after`` redoes the filter or the re-pretrain, never the captions."""
+
+
 def _first_affected(
     previous: dict[str, Any],
     recipe_hash: str,
     changed: list[str],
     recipe_keys: list[str] | None,
     order: tuple[str, ...] = STAGES,
+    planned: tuple[str, ...] | None = None,
 ) -> str | None:
     """The earliest stage of ``order`` that a change of recipe or of the ``changed`` inputs
     invalidates (None: nothing changed); ``recipe_keys`` are the recipe keys that changed, None
-    when they cannot be told (then the first stage)."""
+    when they cannot be told (then the first stage). ``planned``: the stages this run has; a
+    recipe change counts from the first of them at or after the stage that first reads the key,
+    an input change from the first planned stage that reads it (none: nothing this run makes)."""
     affected: set[str | None] = set()
     if previous.get("recipe_hash") != recipe_hash:
         if recipe_keys:
             affected |= {_stage_of_key(key, order) for key in recipe_keys}
         else:
             affected.add(order[0])
-    if {"human", "web"} & set(changed):
-        affected.add("pretrain-baseline")
-    if {"captioner", "filter", "pretrain_after"} & set(changed):
-        affected.add("caption")
-    if "test" in changed:
-        affected.add("evaluate")
+    if planned:  # the first stage this run has from each one on
+        affected = {
+            next((s for s in planned if order.index(s) >= order.index(stage)), stage)
+            for stage in affected
+            if stage is not None
+        }
+    for key in changed:
+        readers = INPUT_READERS.get(key, order[:1])
+        affected |= {s for s in readers if s in order and (not planned or s in planned)}
     return next((stage for stage in order if stage in affected), None)
 
 
@@ -599,9 +619,7 @@ def open_manifest(
         changes = _recipe_changes(layout, recipe)
         keys = None if changes is None else [key for key, _, _ in changes]
         inputs_changed = _changed_inputs(previous, fingerprint, layout.root)
-        stage = _first_affected(previous, recipe_hash, inputs_changed, keys, order)
-        if stage is not None and planned:  # the first stage this run has from that one on
-            stage = next((s for s in planned if order.index(s) >= order.index(stage)), stage)
+        stage = _first_affected(previous, recipe_hash, inputs_changed, keys, order, planned)
         if stage is not None and not _finished_from(previous, stage, order):
             # nothing made with the old settings is kept (the stage that failed on them, e.g.
             # an unknown epoch size, left no finished output): the corrected command just runs
@@ -657,13 +675,15 @@ def _shown(value: Any) -> str:
 
 def _finished_from(previous: dict[str, Any], stage: str, order: tuple[str, ...]) -> bool:
     """Whether the manifest records a stage from ``stage`` on (in ``order``) as finished (done
-    or partial): output a change from ``stage`` on would leave made with the old settings."""
+    or partial): output a change from ``stage`` on would leave made with the old settings. The
+    evaluation counts only for a change to it: any stage that runs before it has it redone."""
     records = previous.get("stages") if isinstance(previous.get("stages"), dict) else {}
     return any(
         isinstance(record, dict)
         and record.get("status") in ("done", "partial")
         and record.get("stage") in order
         and order.index(record["stage"]) >= order.index(stage)
+        and (record["stage"] != "evaluate" or stage == "evaluate")
         for record in records.values()
     )
 
