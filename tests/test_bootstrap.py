@@ -413,6 +413,30 @@ def test_released_models_another_filter_keeps_the_captions(run_a, shards, tmp_pa
         run_bootstrap(load_recipe("tiny", FAST), inputs, out)
 
 
+def test_a_model_fine_tuned_for_the_other_half_is_warned_of_before_and_after(
+    run_a, shards, tmp_path
+):
+    """A filter given as --captioner runs (its LM head is the pretrain's, not noise), but the
+    warning is printed apart from the log, before the first stage and again at the end."""
+    a, _ = run_a
+    out = tmp_path / "rel"
+    args = ["bootstrap", "tiny", "--out", str(out), "--web", str(shards / "web")]
+    args += ["--captioner", str(a / "runs" / "filter"), "--filter", str(a / "runs" / "filter")]
+    for item in FAST:
+        args += ["--set", item]
+    proc = subprocess.run(
+        _cli(*args, "--only", "caption"), capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stderr.split())
+    warning = (
+        f"warning: --captioner {a / 'runs' / 'filter'} was made by stage 'filter', not a captioner"
+    )
+    assert said.count(warning) == 2, said
+    assert "the LM head was not fine-tuned for captioning; give a captioner (a capfilt" in said
+    assert said.index(warning) < said.index("bootstrap: caption ...")
+
+
 def test_a_mistyped_input_stops_the_run_before_its_first_stage(shards, tmp_path):
     """Each input is looked for before anything is written: the corrected command then starts
     afresh (no manifest naming the typo to be refused against)."""

@@ -800,3 +800,54 @@ def test_a_stage_refuses_a_head_its_checkpoint_never_held(hf_models, tmp_path):
             hf_models["filter"][1], [str(shard)], tmp_path / "c", load_recipe("tiny").caption
         )
     assert not any((tmp_path / "f").glob("*.tar")) and not any((tmp_path / "c").glob("*.tar"))
+
+
+def test_bootstrap_judges_its_released_models_before_its_first_stage(
+    hf_models, tmp_path, monkeypatch
+):
+    """A transformers captioner given as --filter, or a mistyped hub id, stops bootstrap before
+    it captions (and before it makes its run folder); the heads its import would lack are told
+    from the checkpoint's config alone, as the import finds them."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from capfilt.model.convert.transformers_io import import_transformers
+    from capfilt.pipeline.bootstrap import BootstrapInputs, run_bootstrap
+    from capfilt.runs.resolve import STAGE_HEADS, check_heads_trained, peek_stage_model
+
+    def refuses(meta, folder, head) -> bool:
+        try:
+            check_heads_trained(meta, folder, (head,), "this use")
+        except ConfigError:
+            return True
+        return False
+
+    for kind in ("captioner", "filter"):
+        _, folder = hf_models[kind]
+        peeked, imported = peek_stage_model(folder)[0], import_transformers(folder)[3]
+        assert peeked["stage"] == imported["stage"] == kind
+        for head in STAGE_HEADS:
+            assert refuses(peeked, folder, head) == refuses(imported, folder, head), (kind, head)
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the appropriate snapshot folder")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "00000000.tar").write_bytes(b"")  # never read: the run stops before its first stage
+    recipe = load_recipe("tiny")
+    captioner = str(hf_models["captioner"][1])
+    for filter_model, said in (
+        (captioner, r"--filter: .*the ITM head of this captioner was not in the checkpoint"),
+        (
+            "Salesforce/blip-itm-base-cocoo",
+            "--filter: 'Salesforce/blip-itm-base-cocoo': no such local folder, and the hub "
+            "could not be reached",
+        ),
+    ):
+        inputs = BootstrapInputs(web=[str(web)], captioner=captioner, filter=filter_model)
+        with pytest.raises(ConfigError, match=said):
+            run_bootstrap(recipe, inputs, tmp_path / "run")
+        assert not (tmp_path / "run").exists()

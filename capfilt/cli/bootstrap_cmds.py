@@ -16,6 +16,7 @@ from capfilt.cli.common import (
     fail,
     out,
     print_stage_event,
+    print_warning,
     resolve,
     stage_names,
 )
@@ -102,6 +103,12 @@ def bootstrap(
         pretrain_after=pretrain_after,
         rounds=rounds,
     )
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:  # said before the first stage and again after the tables
+        warnings.append(message)
+        print_warning(message)
+
     try:
         summary = run_bootstrap(
             cfg,
@@ -111,6 +118,7 @@ def bootstrap(
             only=stage_names(only),
             restart_from=restart_from,
             on_stage=print_stage_event,
+            on_warning=warn,
         )
     except ConfigError as err:
         raise fail(str(err), EXIT_USAGE) from None
@@ -121,5 +129,7 @@ def bootstrap(
     out.print(f"manifest: {out_dir / 'manifest.json'}")
     out.print(f"summary:  {out_dir / 'summary.json'}")
     out.print(f"report:   capfilt report {out_dir}")
+    for message in warnings:
+        print_warning(message)
     if summary.get("partial"):
         raise typer.Exit(EXIT_PARTIAL)

@@ -114,11 +114,10 @@ class BootstrapInputs:
             raise ConfigError("--human: the human-annotated shards are needed to train")
 
     def check_present(self) -> None:
-        """Every shard spec names shards and every released model is there (a hub id is looked
-        up when its stage runs), so that a mistyped path stops the run before its first stage
-        instead of at the stage that reads it, hours later, with the manifest already naming it."""
+        """Every shard spec names shards, so that a mistyped path stops the run before its first
+        stage instead of at the stage that reads it, hours later, with the manifest already
+        naming it."""
         from capfilt.data.shards import ShardSpecError, expand_shards
-        from capfilt.runs.resolve import find_model
 
         for option, specs in (("--human", self.human), ("--web", self.web), ("--test", self.test)):
             try:
@@ -126,12 +125,31 @@ class BootstrapInputs:
                     expand_shards(specs)
             except ShardSpecError as err:
                 raise ShardSpecError(f"{option}: {err}") from None
-        for option, spec in (("--captioner", self.captioner), ("--filter", self.filter)):
+
+    def check_models(self, filter_heads: tuple[str, ...]) -> list[str]:
+        """Each released model resolved (a hub id fetched) and judged as its stage will judge
+        it, from its meta or config, before the first stage: a missing one or one without the
+        heads its stage reads (a captioner as ``--filter``) is a ConfigError now, not after the
+        captioning. Returns warnings: a model fine-tuned for the other half
+        (:func:`~capfilt.runs.resolve.made_for`)."""
+        from capfilt.runs.resolve import check_heads_trained, made_for, peek_stage_model
+
+        warnings = []
+        for option, spec, heads, use in (
+            ("--captioner", self.captioner, ("lm",), "captioning"),
+            ("--filter", self.filter, filter_heads, "filtering"),
+        ):
+            if spec is None:
+                continue
             try:
-                if spec is not None:
-                    find_model(spec)
+                meta, folder = peek_stage_model(spec)
+                check_heads_trained(meta, folder, heads, use)
             except ConfigError as err:
                 raise ConfigError(f"{option}: {err}") from None
+            unfit = made_for(meta, use)
+            if unfit is not None:
+                warnings.append(f"{option} {spec} was {unfit}")
+        return warnings
 
     def fingerprint(self, root: Path | None = None) -> dict[str, Any]:
         """The inputs as the manifest compares them: paths made absolute, rounds left out (a
@@ -738,8 +756,12 @@ def run_bootstrap(
     post_steps: list[Step] | None = None,
     round_extra: RoundExtra | None = None,
     summary_extra: dict[str, Any] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every step; returns the summary written to ``OUT/summary.json``.
+
+    ``on_warning`` is told what the checks before the first stage find doubtful (logged when
+    None), so that a command can show it apart from the stages' log lines.
 
     ``pre_steps`` run first under the same manifest (the demo's synth), ``post_steps`` after
     the loop and before the evaluation (the ablations, :mod:`capfilt.pipeline.ablations`);
@@ -758,6 +780,9 @@ def run_bootstrap(
     inputs.validate()
     if not pre_steps:  # a pre-step (the demo's synth) makes the inputs it names
         inputs.check_present()
+    filter_heads = ("itm", "itc") if recipe.filter.computes_cosine else ("itm",)
+    for warning in inputs.check_models(filter_heads):
+        (on_warning or log.warning)(warning)
     evaluate = Step(
         "evaluate", "evaluate", 1, layout.eval(1), list(inputs.test),
         lambda: evaluate_run(recipe, inputs, layout, round_extra),

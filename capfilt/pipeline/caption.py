@@ -27,7 +27,7 @@ from capfilt.data.workers import start_worker_server
 from capfilt.data.writer import STATS_SUFFIX, ShardWriter
 from capfilt.model.decoding import row_seeds
 from capfilt.model.generate import generate_captions
-from capfilt.runs.resolve import check_heads_trained, load_identified_model
+from capfilt.runs.resolve import check_heads_trained, load_identified_model, made_for
 from capfilt.utils.device import autocast, default_device
 from capfilt.utils.dist import init_distributed
 from capfilt.utils.logging import get_logger
@@ -57,8 +57,9 @@ def caption_shards(
     check_output_folder(out_dir, "caption", len(urls), urls)  # before the model loads
     model, tokenizer, mcfg, meta, folder, captioner_id = load_identified_model(model_path, device)
     check_heads_trained(meta, folder, ("lm",), "captioning")
-    if meta.get("stage") not in ("captioner", "pretrain"):
-        log.warning("model %s was made by stage '%s', not a captioner", folder, meta.get("stage"))
+    unfit = made_for(meta, "captioning")
+    if unfit is not None:
+        log.warning("model %s was %s", folder, unfit)
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
         {"stage": "caption", "model": captioner_id, "caption": _settings_of(cfg), "inputs": urls}

@@ -39,7 +39,7 @@ from capfilt.data.workers import start_worker_server
 from capfilt.data.writer import ShardWriter, drop_skipped_rows, parquet_path, stats_path
 from capfilt.eval.filter_metrics import HIST_BINS, score_histogram
 from capfilt.model import length_chunks, tokenize
-from capfilt.runs.resolve import check_heads_trained, load_identified_model
+from capfilt.runs.resolve import check_heads_trained, load_identified_model, made_for
 from capfilt.utils.device import autocast, default_device, to_device
 from capfilt.utils.dist import barrier, current_dist_info, init_distributed
 from capfilt.utils.files import atomic_write_json
@@ -252,12 +252,9 @@ def filter_shards(
     check_heads_trained(
         meta, folder, ("itm", "itc") if cfg.computes_cosine else ("itm",), "filtering"
     )
-    if meta.get("stage") not in ("filter", "pretrain"):  # e.g. a captioner: ITM never fine-tuned
-        log.warning(
-            "model %s was made by stage '%s', not a filter: its ITM scores are not a filter's",
-            folder,
-            meta.get("stage"),
-        )
+    unfit = made_for(meta, "filtering")  # e.g. a captioner: ITM never fine-tuned
+    if unfit is not None:
+        log.warning("model %s was %s", folder, unfit)
     transform = eval_transform_for(meta, mcfg)
     chash = config_hash(
         {

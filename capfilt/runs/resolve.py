@@ -23,13 +23,15 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
 
 from capfilt.config import ConfigError
-from capfilt.model import load_model_folder
+from capfilt.model import load_model_folder, read_meta
 from capfilt.model.convert import transformers_io
+from capfilt.model.convert.config_map import kind_of_hf_config
 from capfilt.model.folder import CONFIG, META, WEIGHTS
 from capfilt.runs.run_folder import RunFolder
 
@@ -280,4 +282,51 @@ def check_heads_trained(meta: dict, folder: str | Path, heads: tuple[str, ...], 
         f"{folder}: {names} of this {meta.get('stage', 'model')} {were} not in the checkpoint it was "
         f"imported from ({imported.get('source') or folder}): {hold} a fresh initialisation, "
         f"so {use} would be noise; {use} needs {missing[0][2]}"
+    )
+
+
+IMPORT_LACKS = {"captioner": ("itm", "itc"), "filter": ("lm",)}
+"""The :data:`STAGE_HEADS` a transformers BLIP checkpoint of each kind does not hold, which its
+import initialises afresh (``keymaps.hf_key_to_med``: a captioner brings the decoder, a
+filter the encoder and its heads)."""
+
+
+def peek_stage_model(spec: str | Path) -> tuple[dict, Path]:
+    """(meta, folder) that a stage would load ``spec`` with, read without its weights: a capfilt
+    folder's meta; for a transformers folder or a hub id (fetched here, as the stage would) the
+    kind its ``config.json`` names and the heads its import would initialise, as the import's
+    meta records them (``extra.imported.initialised``), so that :func:`check_heads_trained`
+    and :func:`made_for` judge it before any stage runs."""
+    source = find_model(spec)
+    folder = _stage_folder(source)
+    try:
+        if source.kind == "capfilt":
+            return read_meta(folder), folder
+        config = json.loads((folder / HF_CONFIG).read_text())
+        kind = kind_of_hf_config(SimpleNamespace(architectures=config.get("architectures")), None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{spec}: {exc}") from None
+    fresh = [STAGE_HEADS[head][0] for head in IMPORT_LACKS[kind]]
+    imported = {"source": source.origin, "initialised": fresh}
+    return {"stage": kind, "extra": {"imported": imported}}, folder
+
+
+STAGE_MAKERS = {"captioning": ("captioner", "lm"), "filtering": ("filter", "itm")}
+"""What each use takes: the stage whose models are made for it (a pretrain serves too), and the
+head (:data:`STAGE_HEADS`) that stage fine-tunes."""
+
+
+def made_for(meta: dict, use: str) -> str | None:
+    """Why the model of ``meta`` is a poor one for ``use`` (``captioning``/``filtering``), or None.
+    A model fine-tuned for the other half has that head as the pretrain left it (BLIP fine-tunes
+    the captioner with LM alone and the filter with ITC + ITM): it runs, so it is not refused,
+    but its output is not a fine-tuned model's."""
+    wanted, head = STAGE_MAKERS[use]
+    stage = meta.get("stage")
+    if stage in (wanted, "pretrain"):
+        return None
+    _, name, example = STAGE_HEADS[head]
+    return (
+        f"made by stage '{stage}', not a {wanted}: {name} was not fine-tuned for {use}; "
+        f"give a {wanted} (a capfilt finetune {wanted} run, or {example})"
     )
