@@ -99,8 +99,12 @@ def test_bootstrap_runs_every_stage_and_writes_manifest_and_summary(run_a, shard
     ]  # fmt: skip
     assert sorted(stages) == sorted(order)
     assert all(rec["status"] == "done" for rec in stages.values())
-    assert stages["caption"]["output"] == str(out / "data" / "web_captioned")
-    assert stages["pretrain-capfilt"]["inputs"][-1] == str(out / "data" / "web_filtered")
+    # paths inside the run folder relative to it, others absolute: true wherever it is moved
+    assert stages["caption"]["output"] == os.path.join("data", "web_captioned")
+    assert stages["pretrain-capfilt"]["inputs"] == [
+        str(shards / "human"), os.path.join("data", "web_filtered")
+    ]  # fmt: skip
+    assert stages["evaluate"]["output"] == "eval"
     done = [e for e in info["events"] if e.status == "done"]
     assert [e.key for e in done] == order and all(e.output.exists() for e in done)
     summary = json.loads((out / "summary.json").read_text())
@@ -114,6 +118,7 @@ def test_bootstrap_runs_every_stage_and_writes_manifest_and_summary(run_a, shard
     texts = _texts(out / "data" / "web_filtered")
     assert summary["filter"]["n_texts"] == len(texts)
     assert set(summary["timings"]) == set(stages)
+    assert summary["outputs"]["filter"] == os.path.join("data", "web_filtered")
     assert len(summary["rounds"]) == 1
 
     # a second run resumes: nothing is redone
@@ -138,6 +143,8 @@ def test_a_project_moved_whole_resumes_and_moved_data_is_named(run_a, shards, tm
         load_recipe("tiny", FAST), _inputs(moved_shards), moved_out, on_stage=events.append
     )
     assert events and {e.status for e in events} == {"done-earlier"}
+    for name in ("manifest.json", "summary.json"):  # nothing names where the run was
+        assert str(out) not in (moved_out / name).read_text(), name
     # the data alone moved: the refusal says which input changed, from where to where
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(shards, elsewhere)
@@ -321,7 +328,10 @@ def test_two_rounds(run_a, shards):
     assert manifest["round_2/finetune-captioner"]["status"] == "done"
     config = (round_2 / "runs" / "captioner" / "config.yaml").read_text()
     assert str(out / "runs" / "pretrain_capfilt") in config  # fine-tuned from round 1's model
-    assert manifest["round_2/caption"]["inputs"][1:] == [str(shards / "web")]  # the original web
+    assert manifest["round_2/caption"]["inputs"] == [
+        os.path.join("round_2", "runs", "captioner"), str(shards / "web")  # the original web
+    ]  # fmt: skip
+    assert summary["outputs"]["round_2/filter"] == os.path.join("round_2", "data", "web_filtered")
     assert (round_2 / "runs" / "pretrain_capfilt" / "model" / "capfilt.json").is_file()
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["capfilt"] == summary["rounds"][1]["capfilt"]

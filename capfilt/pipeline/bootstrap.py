@@ -160,7 +160,7 @@ class BootstrapInputs:
         def spec(text: str) -> str:
             # a URL or pipe spec stays as written; a path is made absolute whether or not it
             # exists yet (the demo names its shard folders before it writes them)
-            if re.match(r"^[a-z][a-z0-9+.-]+:", text):
+            if is_url(text):
                 return text
             return run_relative(os.path.abspath(text), root)
 
@@ -185,6 +185,26 @@ def run_relative(path: str, root: Path | None) -> str:
     base = os.path.abspath(root)
     if path == base or path.startswith(base + os.sep):
         return RUN_FOLDER + path[len(base) :]
+    return path
+
+
+def is_url(spec: str) -> bool:
+    """A URL or pipe spec (``s3://``, ``pipe:``), not a path."""
+    return re.match(r"^[a-z][a-z0-9+.-]+:", spec) is not None
+
+
+def recorded_path(text: str | Path, root: Path) -> str:
+    """A stage's input or output as the manifest and summary name it: relative to the run folder
+    ``root`` when inside it (a moved run folder's records stay true), else absolute; a URL,
+    pipe spec or hub id as written."""
+    from capfilt.runs.resolve import is_hub_id
+
+    text = str(text)
+    if is_url(text) or is_hub_id(text):
+        return text
+    path, base = os.path.abspath(text), os.path.abspath(root)
+    if path == base or path.startswith(base + os.sep):
+        return os.path.relpath(path, base)
     return path
 
 
@@ -836,8 +856,8 @@ def run_bootstrap(
             "stage": step.stage,
             "round": step.round,
             "status": "running",
-            "output": str(step.output),
-            "inputs": [str(i) for i in step.inputs],
+            "output": recorded_path(step.output, layout.root),
+            "inputs": [recorded_path(i, layout.root) for i in step.inputs],
             "started": time.time(),
         }
         _write_manifest(layout, manifest)
