@@ -352,6 +352,18 @@ def test_two_rounds(run_a, shards):
         data.metrics
     )
     assert data.summary["data"]["round_2/web_captioned images"] == 16
+    # --only names a stage of every round: refused before anything is removed or run
+    manifest_bytes = (out / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match="stage round_2/filter would run but needs round_2/fin"):
+        run_bootstrap(
+            load_recipe("tiny", [*FAST, "filter.threshold=0.3"]),
+            _inputs(shards, rounds=2),
+            out,
+            restart_from="filter",
+            only=("filter",),
+        )
+    assert (out / "manifest.json").read_bytes() == manifest_bytes
+    assert any((round_2 / "data" / "web_filtered").glob("*.tar"))
 
 
 def test_released_models_caption_and_filter_only(run_a, shards, tmp_path):

@@ -763,6 +763,39 @@ def _check_selection(names: tuple[str, ...], option: str, known: tuple[str, ...]
         )
 
 
+def _check_needs(
+    steps: list[Step],
+    previous: dict[str, Any] | None,
+    skip: tuple[str, ...],
+    only: tuple[str, ...],
+    restart_from: str | None,
+) -> None:
+    """Refuse, before anything runs or is removed, a selection under which a step that runs
+    needs one that neither is done nor runs: ``--skip``/``--only``/``--restart-from`` name a stage
+    of every round, so with ``--rounds 2``, ``--only filter`` also runs ``round_2/filter``, whose
+    fine-tuned filter a restart would have removed."""
+    records = (previous or {}).get("stages") or {}
+    first = next((i for i, s in enumerate(steps) if s.stage == restart_from), len(steps))
+    redone = {step.key for step in steps[first:]}
+    ready: set[str] = set()
+    stage_of = {step.key: step.stage for step in steps}
+    for step in steps:
+        if step.key not in redone and (records.get(step.key) or {}).get("status") == "done":
+            ready.add(step.key)
+            continue
+        if step.stage in skip or (only and step.stage not in only):
+            continue
+        for need in step.needs:
+            if need not in ready:
+                rounds = " (they name that stage in every round)" if step.round > 1 else ""
+                raise ConfigError(
+                    f"stage {step.key} would run but needs {need}, which is not done and "
+                    f"would not run: add {stage_of.get(need, need)} to --only, or drop it "
+                    f"from --skip{rounds}; nothing was run"
+                )
+        ready.add(step.key)
+
+
 def run_bootstrap(
     recipe: Recipe,
     inputs: BootstrapInputs,
@@ -813,6 +846,7 @@ def run_bootstrap(
         recipe, [s for s in steps if s.stage not in skip and (not only or s.stage in only)]
     )
     planned = tuple(dict.fromkeys(step.stage for step in steps))
+    _check_needs(steps, _read_manifest(layout), skip, only, restart_from)
     manifest = open_manifest(layout, recipe, inputs, restart_from, known, planned)
     layout.stages.mkdir(exist_ok=True)
     if inputs.test and not caption_metrics_available():  # said now, not after the training
