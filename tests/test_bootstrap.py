@@ -364,6 +364,11 @@ def test_two_rounds(run_a, shards):
         )
     assert (out / "manifest.json").read_bytes() == manifest_bytes
     assert any((round_2 / "data" / "web_filtered").glob("*.tar"))
+    # the terminal's tables say whose figures they show
+    from capfilt.cli.demo_cmds import summary_tables
+
+    titles = [table.title for table in summary_tables(summary)]
+    assert titles == ["Baseline vs CapFilt (round 2 of 2)", "Filter and captioner (round 2 of 2)"]
 
 
 def test_released_models_caption_and_filter_only(run_a, shards, tmp_path):

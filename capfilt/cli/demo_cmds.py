@@ -35,16 +35,19 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
         retrieval_rows,
     )
 
+    rounds = len(summary.get("rounds") or [])
+    # the summary's top figures are the last round's: said where there were more
+    last = f" (round {rounds} of {rounds})" if rounds > 1 else ""
     retrieval = Table(
         "retrieval on test/ (%)",
         "baseline (human + noisy web)",
         "CapFilt (human + filtered)",
         "Δ",
-        title="Baseline vs CapFilt",
+        title=f"Baseline vs CapFilt{last}",
     )
     for row in retrieval_rows(summary):
         retrieval.add_row(row.label, row.baseline, row.capfilt, row.delta)
-    other = Table("figure", "value", title="Filter and captioner")
+    other = Table("figure", "value", title=f"Filter and captioner{last}")
     for figure in demo_figures(summary):
         if (
             figure.text != DASH
