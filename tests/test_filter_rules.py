@@ -220,3 +220,40 @@ def test_recipe_extends_a_chain_and_refuses_unknown_bases(tmp_path: Path):
     real = load_recipe("real-cpu")
     assert real.model.max_text_len == 35 and real.model.image_size <= 224
     assert real.model.weight_init == "fan_in"  # from demo
+
+
+def test_a_truth_file_counts_each_text_once_and_refuses_conflicts(tmp_path: Path):
+    """Repeated rows were counted twice, and a text labelled both ways was counted as two texts
+    (one clean, one not); a file matching no scored text reported 0 texts and exited 0."""
+    from capfilt.eval.filter_metrics import truth_report
+
+    twice = pd.DataFrame({"uid": ["a", "a", "b", "b"], "clean": [True, True, False, False]})
+    report = truth_report(SCORES, twice, 0.5, 0.3)
+    assert (report["n_labels"], report["n_repeated_rows"]) == (2, 2)
+    assert (report["n_matched"], report["n_noisy"]) == (2, 1)
+    assert report["heads"]["itm"]["confusion"] == {"tp": 1, "fp": 0, "fn": 0, "tn": 1}
+    both = pd.DataFrame({"uid": ["a", "b", "b"], "text_index": [0, 0, 0], "clean": [1, 0, 1]})
+    with pytest.raises(ValueError, match=r"1 text\(s\) both clean and not clean: b#0"):
+        truth_report(SCORES, both.astype({"clean": bool}), 0.5, 0.3)
+
+    folder = tmp_path / "filtered"
+    folder.mkdir()
+    SCORES.to_parquet(folder / "00000000.parquet")
+    args = ["eval", "filter", "tiny", "--scores", str(folder), "--truth"]
+    conflicting = tmp_path / "conflicting.csv"
+    conflicting.write_text("uid,clean\na,1\nb,0\nb,1\n")
+    result = CliRunner().invoke(app, [*args, str(conflicting)])
+    assert result.exit_code == 2 and "both clean and not clean: b" in result.output
+    elsewhere = tmp_path / "elsewhere.csv"
+    elsewhere.write_text("uid,clean\ncoco_1,1\ncoco_2,0\n")
+    result = CliRunner().invoke(app, [*args, str(elsewhere)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "none of the truth file's 2 labelled text(s)" in said
+    assert "'coco_1'" in said and "'a'" in said  # an example from each side
+    partial = tmp_path / "partial.csv"
+    partial.write_text("uid,clean\na,1\na,1\nb,0\nz,1\n")
+    result = CliRunner().invoke(app, [*args, str(partial)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "1 of the truth file's 3 labels matched no scored text" in said
+    assert "1 repeated truth row(s) counted once" in said

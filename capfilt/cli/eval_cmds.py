@@ -223,11 +223,18 @@ def _print_truth(result: dict) -> None:
         f"ITC cosine > {heads['itc']['threshold']:g}"
         + (f" ({heads['itc']['note']})" if "note" in heads["itc"] else ""),
         title=f"against the truth file: {result['n_matched']} labelled texts "
-        f"({result['n_noisy']} not clean, {result['n_unmatched']} without a score)",
+        f"({result['n_noisy']} not clean)",
     )
     for key in ("precision", "recall", "f1", "auc"):
         table.add_row(key, fmt(heads["itm"].get(key)), fmt(heads["itc"].get(key)))
     out.print(table)
+    if result.get("n_repeated_rows"):
+        out.print(f"note: {result['n_repeated_rows']} repeated truth row(s) counted once")
+    if result.get("n_unmatched"):
+        out.print(
+            f"note: {result['n_unmatched']} of the truth file's {result['n_labels']} labels "
+            "matched no scored text (left out)"
+        )
 
 
 @app.command("filter")
@@ -297,11 +304,11 @@ def filter_(
 
         try:
             labels = load_truth(truth)
+            report["truth_file"] = truth_report(
+                load_score_tables(scores), labels, itm_threshold, itc_threshold
+            )
         except (OSError, ValueError) as err:
-            raise fail(str(err), EXIT_USAGE) from None
-        report["truth_file"] = truth_report(
-            load_score_tables(scores), labels, itm_threshold, itc_threshold
-        )
+            raise fail(f"--truth {truth}: {err}", EXIT_USAGE) from None
         _print_truth(report["truth_file"])
 
     from capfilt.pipeline.summary import filter_figures, fmt, fmt_pct

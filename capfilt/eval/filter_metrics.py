@@ -343,6 +343,42 @@ def load_truth(path: str | Path) -> pd.DataFrame:
     return table
 
 
+def _label_name(row: Any, keys: list[str]) -> str:
+    """A labelled text as a person reads it: ``uid`` or ``uid#text_index``."""
+    return str(row["uid"]) + (f"#{row['text_index']}" if "text_index" in keys else "")
+
+
+def _unique_labels(truth: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, int]:
+    """The truth file's labels once per text, and how many repeated rows were collapsed; a text
+    labelled both clean and not clean is refused (counting both made one text two)."""
+    labels = truth[[*keys, "clean"]].drop_duplicates()
+    repeats = len(truth) - len(labels)
+    twice = labels[labels.duplicated(keys, keep=False)].drop_duplicates(keys)
+    if len(twice):
+        names = ", ".join(_label_name(row, keys) for _, row in twice.head(3).iterrows())
+        more = f" and {len(twice) - 3} more" if len(twice) > 3 else ""
+        raise ValueError(
+            f"truth file labels {len(twice)} text(s) both clean and not clean: {names}{more}"
+        )
+    return labels.reset_index(drop=True), repeats
+
+
+def _no_match_error(labels: pd.DataFrame, scores: pd.DataFrame, keys: list[str]) -> ValueError:
+    """Why a truth file matching none of the scored texts is refused, with a key from each side
+    (a uid spelt another way, e.g. with a shard prefix, is the usual cause)."""
+    ours = _label_name(labels.iloc[0], keys)
+    theirs = _label_name(scores.iloc[0], keys) if len(scores) else None
+    scored = (
+        f"e.g. '{theirs}'"
+        if theirs is not None
+        else "none" + (" of origin web" if keys == ["uid"] else "")
+    )
+    return ValueError(
+        f"none of the truth file's {len(labels)} labelled text(s) matches a scored text "
+        f"(matched on {' and '.join(keys)}): truth has e.g. '{ours}', the scores {scored}"
+    )
+
+
 def truth_report(
     scores: pd.DataFrame,
     truth: pd.DataFrame,
@@ -353,8 +389,10 @@ def truth_report(
     score, for the ITM probability and the ITC cosine side by side (and the stored decision).
 
     ``scores`` is the filter's per-text table (``uid``, ``itm_score``, ``itc_cosine``,
-    ``kept``, ``origin``, ``text_index``); ``truth`` comes from :func:`load_truth`. Labelled
-    texts without a score are counted in ``n_unmatched``.
+    ``kept``, ``origin``, ``text_index``); ``truth`` comes from :func:`load_truth`. Repeated
+    rows count once (``n_repeated_rows``); a text labelled both ways, or a truth file matching
+    no scored text, is a ``ValueError``. Labels without a scored text are counted in
+    ``n_unmatched``.
     """
     scores = scores.copy()
     scores["uid"] = scores["uid"].astype(str)
@@ -364,13 +402,17 @@ def truth_report(
     # the labels given win over a stored truth column of the same name (the built-in
     # benchmark's filter outputs carry one)
     scores = scores.drop(columns=[c for c in ("clean",) if c in scores.columns])
-    merged = truth[[*keys, "clean"]].merge(scores, on=keys, how="left", indicator=True)
+    labels, repeats = _unique_labels(truth, keys)
+    merged = labels.merge(scores, on=keys, how="left", indicator=True)
     matched = merged[merged["_merge"] == "both"].reset_index(drop=True)
+    if not len(matched):
+        raise _no_match_error(labels, scores, keys)
     noisy = ~matched["clean"].to_numpy(dtype=bool)
     report: dict[str, Any] = {
-        "n_labels": int(len(truth)),
+        "n_labels": int(len(labels)),
+        "n_repeated_rows": int(repeats),
         "n_matched": int(len(matched)),
-        "n_unmatched": int((merged["_merge"] == "left_only").sum()),
+        "n_unmatched": int((merged["_merge"] == "left_only").sum()),  # labels with no score
         "n_noisy": int(noisy.sum()),
         "heads": {},
     }
