@@ -159,7 +159,7 @@ def test_perfect_and_inverted_filters():
     clean = df["clean"] == True  # noqa: E712 (None -> False)
     df.loc[df["origin"] == "web", "score"] = np.where(clean[df["origin"] == "web"], 0.9, 0.1)
     rep = filter_report(df.drop(columns="kept"), threshold=0.5)
-    assert rep["decision"] == "score > threshold"
+    assert rep["decision"] == "rule"  # no kept column: decided by the rule, ITM > 0.5
     assert (
         rep["auc"] == 1.0 and rep["precision"] == 1.0 and rep["recall"] == 1.0 and rep["f1"] == 1.0
     )

@@ -121,11 +121,11 @@ def test_eval_filter_judges_a_filter_output_at_the_thresholds_it_decided_with(tm
     args = ["eval", "filter", "tiny", "--scores", str(folder), "-o", str(report)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "filter at threshold 0.65 (the filter run's)" in " ".join(result.output.split())
+    assert "filter rule itm: ITM > 0.65 (the filter run's)" in " ".join(result.output.split())
     got = json.loads(report.read_text())
     assert got["threshold"] == 0.65 and got["origins"]["web"]["kept"] == 1
     result = CliRunner().invoke(app, [*args, "--threshold", "0.5"])
-    assert "filter at threshold 0.5 (asked for)" in " ".join(result.output.split())
+    assert "filter rule itm: ITM > 0.50 (asked for)" in " ".join(result.output.split())
     assert json.loads(report.read_text())["origins"]["web"]["kept"] == 2  # a, c re-decided
 
 

@@ -524,3 +524,60 @@ def test_a_released_models_run_has_no_baseline_by_design_not_missing(tmp_path):
     assert _cell(html, "retrieval-table", "tr_r1")[1:3] == ["—", f"{CAPFILT['tr_r1']:.1f}"]
     assert "baseline retrieval results missing" not in html
     assert "no baseline: the captioner and filter were released models" in html
+
+
+def test_a_filter_decided_by_another_rule_is_described_by_that_rule(fake_run: Path, tmp_path):
+    """Rule itc/both used to be shown as 'ITM threshold 0.50' (the recipe's, unused), with a
+    dashed ITM line the decisions did not follow and every decision off that line counted as a
+    disagreement; the rule and its ITC threshold appeared nowhere."""
+    from capfilt.cli.main import app
+    from capfilt.config import FilterConfig
+    from capfilt.eval.filter_metrics import stored_rule
+    from capfilt.pipeline.bootstrap import filter_metrics
+    from capfilt.pipeline.filter import rethreshold_shards
+    from capfilt.pipeline.summary import filter_figures
+
+    scored, images = fake_run / "data" / "web_filtered", str(fake_run / "data" / "web_captioned")
+    both, itc = tmp_path / "both", tmp_path / "itc"
+    rethreshold_shards(scored, [images], both, FilterConfig(rule="both", itc_threshold=0.1))
+    rethreshold_shards(scored, [images], itc, FilterConfig(rule="itc", itc_threshold=-0.3))
+    # what a run's summary.json holds: judged by the rule the filter applied
+    for folder, rule in ((both, "both"), (itc, "itc")):
+        report = filter_metrics(folder, stored_rule(folder))
+        assert report["rule"]["rule"] == rule and report["kept_disagrees_with_threshold"] == 0
+    assert report["threshold"] is None  # rule itc has no ITM threshold
+    keys = [f.key for f in filter_figures(report)]
+    assert "itc_threshold" in keys and "threshold" not in keys
+
+    out = tmp_path / "e.json"
+    result = CliRunner().invoke(
+        app, ["eval", "filter", "tiny", "--scores", str(both), "-o", str(out)]
+    )
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "filter rule both: ITM > 0.50 and ITC cosine > 0.100 (the filter run's)" in said
+    assert "ITC cosine threshold" in said
+    got = json.loads(out.read_text())
+    assert got["kept_disagrees_with_threshold"] == 0
+    assert got["rule"] == {
+        "rule": "both",
+        "threshold": 0.5,
+        "itc_threshold": 0.1,
+        "keep_fraction": None,
+    }
+
+    html = " ".join(render_report(both).split())
+    assert "The filter kept a text when ITM &gt; 0.50 and ITC cosine &gt; 0.100 (rule both)" in html
+    assert "the dashed line is the ITM threshold (rule both" in html
+    html = " ".join(render_report(itc).split())
+    assert "The filter kept a text when ITC cosine &gt; -0.300 (rule itc)" in html
+    assert "no threshold line is drawn" in html and "threshold 0.5" not in html
+    assert "ITM threshold" not in html
+
+    fraction = {
+        "rule": {"rule": "both", "threshold": 0.33, "itc_threshold": 0.12, "keep_fraction": 0.5}
+    }
+    texts = {f.key: f.text for f in filter_figures(fraction)}
+    assert (texts["threshold"], texts["itc_threshold"], texts["keep_fraction"]) == (
+        "0.33", "0.120", "50.0%",
+    )  # fmt: skip

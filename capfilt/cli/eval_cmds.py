@@ -282,21 +282,26 @@ def filter_(
     if not scores.exists():
         raise fail(f"--scores not found: {scores}", EXIT_USAGE)
     from capfilt.config.core import parse_override
-    from capfilt.eval.filter_metrics import NO_TRUTH_COLUMNS, stored_thresholds
+    from capfilt.eval.filter_metrics import NO_TRUTH_COLUMNS, config_rule, keep_rule, stored_rule
 
-    # a filter output is judged at the thresholds it decided with (a keep-fraction or re-decided
-    # run records its own), unless one is asked for
+    # a filter output is judged by the rule and thresholds it decided with (a keep-fraction or
+    # re-decided run records its own), unless a threshold is asked for
     given = {".".join(parse_override(item)[0]) for item in set_ or []}
-    stored_itm, stored_itc = stored_thresholds(scores) if scores.is_dir() else (None, None)
+    stored = stored_rule(scores) if scores.is_dir() else None
     redecide = threshold is not None or "filter.threshold" in given
-    itm_threshold = cfg.filter.threshold if redecide or stored_itm is None else stored_itm
+    if redecide:
+        rule = keep_rule(None, cfg.filter.threshold)  # --threshold: ITM > t, BLIP's rule
+    else:
+        rule = stored or config_rule(cfg.filter)
+    # the truth file's ITM-alone and ITC-alone columns: the rule's thresholds where it has them
+    itm_threshold = rule["threshold"] if rule["threshold"] is not None else cfg.filter.threshold
     itc_threshold = (
         cfg.filter.itc_threshold
-        if "filter.itc_threshold" in given or stored_itc is None
-        else stored_itc
+        if "filter.itc_threshold" in given or rule["itc_threshold"] is None
+        else rule["itc_threshold"]
     )
     try:
-        report = evaluate_filter(scores, itm_threshold, redecide=redecide)
+        report = evaluate_filter(scores, itm_threshold, redecide=redecide, rule=rule)
     except (ValueError, KeyError) as err:
         raise fail(f"cannot read filter scores from {scores}: {err}", EXIT_USAGE) from None
     if truth is not None:
@@ -311,12 +316,10 @@ def filter_(
             raise fail(f"--truth {truth}: {err}", EXIT_USAGE) from None
         _print_truth(report["truth_file"])
 
-    from capfilt.pipeline.summary import filter_figures, fmt, fmt_pct
+    from capfilt.pipeline.summary import filter_figures, fmt, fmt_pct, rule_text
 
-    whose = (
-        "asked for" if redecide else "the recipe's" if stored_itm is None else "the filter run's"
-    )
-    table = Table("figure", "value", title=f"filter at threshold {itm_threshold:g} ({whose})")
+    whose = "asked for" if redecide else "the recipe's" if stored is None else "the filter run's"
+    table = Table("figure", "value", title=f"filter rule {rule_text(rule)} ({whose})")
     for figure in filter_figures(report):
         table.add_row(figure.label, figure.text)
     synthetic = report.get("synthetic")

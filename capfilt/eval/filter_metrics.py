@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from capfilt.config.schema import FILTER_RULES, FilterConfig
+
 DEFAULT_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 HIST_BINS = 10
 """Equal-width bins on [0, 1] of the score histograms in the filter's summaries."""
@@ -143,18 +145,76 @@ def _clean_rejection_by_detail(
     return out or None
 
 
+def keep_rule(rule: dict[str, Any] | None, threshold: float | None = None) -> dict[str, Any]:
+    """A filter's rule as ``capfilt filter`` records it (``summary.json``'s ``rule``: ``rule``,
+    ``threshold``, ``itc_threshold``, ``keep_fraction``), with the threshold a rule does not use
+    set to None; without one, BLIP's rule: ITM above ``threshold``."""
+    if not isinstance(rule, dict) or rule.get("rule") not in FILTER_RULES:
+        rule = {"rule": "itm", "threshold": threshold}
+    name = rule["rule"]
+
+    def value(key: str, used: bool) -> float | None:
+        v = rule.get(key)
+        return float(v) if used and isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    return {
+        "rule": name,
+        "threshold": value("threshold", name in ("itm", "both")),
+        "itc_threshold": value("itc_threshold", name in ("itc", "both")),
+        "keep_fraction": value("keep_fraction", True),
+    }
+
+
+def config_rule(cfg: FilterConfig) -> dict[str, Any]:
+    """A recipe's rule (:func:`keep_rule`): its fixed thresholds, or none with ``keep_fraction``
+    (the thresholds a fraction gives are known only to the run that decided with them)."""
+    fixed = cfg.keep_fraction is None
+    return keep_rule(
+        {
+            "rule": cfg.rule,
+            "threshold": cfg.threshold if fixed else None,
+            "itc_threshold": cfg.itc_threshold if fixed else None,
+            "keep_fraction": cfg.keep_fraction,
+        }
+    )
+
+
+def _rule_decision(df: pd.DataFrame, rule: dict[str, Any]) -> tuple[np.ndarray | None, str | None]:
+    """(keep, why): the rule's decision for every row from its scores (human texts always stay,
+    as in the filter), or None and why when a score or threshold it needs is missing."""
+    keep = np.ones(len(df), dtype=bool)
+    for key, column, name in (
+        ("threshold", "score", "ITM probability"),
+        ("itc_threshold", "itc_cosine", "ITC cosine"),
+    ):
+        used = rule["rule"] in (("itm", "both") if key == "threshold" else ("itc", "both"))
+        if not used:
+            continue
+        if rule[key] is None:
+            return None, f"rule {rule['rule']} without its {key}"
+        if column not in df.columns or df[column].isna().any():
+            return None, f"rule {rule['rule']} decides on the {name}, which some texts lack"
+        keep &= df[column].to_numpy(dtype=np.float64) > rule[key]
+    human = df["origin"].astype(str).str.strip().str.lower() == "human"
+    return keep | human.to_numpy(), None
+
+
 def filter_report(
     df: pd.DataFrame,
     threshold: float = 0.5,
     sweep: Sequence[float] = DEFAULT_SWEEP,
+    rule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate filter decisions and scores; see the module docstring for the columns.
 
     Returns a JSON-ready dict:
 
-    - ``threshold``, ``decision`` (``"kept"`` column or ``"score > threshold"``), ``n_texts``,
-      ``n_no_score`` (rows dropped for a missing score), ``kept_disagrees_with_threshold`` (rows whose
-      ``kept`` differs from ``score > threshold``; ``None`` without a ``kept`` column);
+    - ``rule``: the filter's rule (:func:`keep_rule` of ``rule``, BLIP's ITM above ``threshold``
+      when None; an ``itc``/``both`` rule decides on an ``itc_cosine`` column), ``threshold``
+      (its ITM threshold, None for rule ``itc``), ``decision`` (``"kept"`` column or
+      ``"rule"``), ``n_texts``, ``n_no_score`` (rows dropped for a missing score),
+      ``kept_disagrees_with_threshold`` (rows whose ``kept`` differs from the rule's decision;
+      ``None`` without a ``kept`` column, or where the rule's scores are missing: ``notes``);
     - ``origins``: per origin ``{"n", "kept", "kept_fraction"}``; ``synthetic_rejection_rate``;
     - on web texts with known truth (``None`` without truth): ``n_truth``, ``n_noisy``,
       ``precision``, ``recall``, ``f1`` and ``confusion`` (tp/fp/fn/tn) of rejecting noisy texts,
@@ -162,7 +222,7 @@ def filter_report(
       "rejected_fraction"}``: the recall for each corruption, and for ``"none"`` the false-rejection rate),
       ``clean_rejection_by_detail`` (with a ``terse`` column: the false-rejection rate of clean texts
       that are ``terse`` (colours and shapes only) and ``full``, ``{"n", "rejected_fraction"}`` each);
-    - ``sweep``: one row per threshold t (decision ``score > t``): ``threshold``, ``precision``,
+    - ``sweep``: one row per ITM threshold t (decision ``score > t``, whatever the rule): ``threshold``, ``precision``,
       ``recall``, ``f1``, ``web_kept_fraction``, ``synthetic_kept_fraction``;
     - ``histograms``: ``bin_edges`` (11 values) and per origin ``{"kept": [10 counts], "rejected":
       [10 counts]}``;
@@ -180,19 +240,26 @@ def filter_report(
     score = df["score"].to_numpy(dtype=np.float64)
     origin = df["origin"].astype(str).to_numpy()
 
-    by_threshold = score > threshold
+    rule = keep_rule(rule, threshold)
+    by_rule, why = _rule_decision(df, rule)
     if "kept" in df.columns:
         if df["kept"].isna().any():
             raise ValueError("'kept' column has missing values")
         kept = df["kept"].astype(bool).to_numpy()
-        decision, disagree = "kept", int((kept != by_threshold).sum())
+        decision = "kept"
+        disagree = None if by_rule is None else int((kept != by_rule).sum())
+        if why is not None:
+            notes.append(f"agreement of the stored decisions with the rule left out: {why}")
+    elif by_rule is None:
+        raise ValueError(f"no 'kept' column, and the rule cannot decide: {why}")
     else:
-        kept, decision, disagree = by_threshold, "score > threshold", None
+        kept, decision, disagree = by_rule, "rule", None
     rejected = ~kept
     is_web, is_syn = origin == "web", origin == "synthetic"
 
     report: dict[str, Any] = {
-        "threshold": float(threshold),
+        "rule": rule,
+        "threshold": rule["threshold"],
         "decision": decision,
         "n_texts": int(len(df)),
         "n_no_score": n_no_score,
@@ -278,18 +345,22 @@ def filter_report(
     return report
 
 
-def stored_thresholds(folder: str | Path) -> tuple[float | None, float | None]:
-    """The (ITM, ITC cosine) thresholds a ``capfilt filter`` output decided with, from its
-    ``summary.json`` (a keep-fraction run records the thresholds its fraction gave); None for
-    one it does not record (rule ``itc`` has no ITM threshold) or a folder without one."""
+def stored_rule(folder: str | Path) -> dict[str, Any] | None:
+    """The rule a ``capfilt filter`` output decided with (:func:`keep_rule`), from its
+    ``summary.json`` (a keep-fraction run records the thresholds its fraction gave); None for a
+    folder without one."""
     try:
         rule = json.loads((Path(folder) / "summary.json").read_text())["rule"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None, None
-    if not isinstance(rule, dict):
-        return None, None
-    values = (rule.get("threshold"), rule.get("itc_threshold"))
-    return tuple(float(v) if isinstance(v, int | float) else None for v in values)  # type: ignore[return-value]
+        return None
+    return keep_rule(rule) if isinstance(rule, dict) and rule.get("rule") in FILTER_RULES else None
+
+
+def stored_thresholds(folder: str | Path) -> tuple[float | None, float | None]:
+    """The (ITM, ITC cosine) thresholds of :func:`stored_rule`; None for one the rule does not
+    use (rule ``itc`` has no ITM threshold) or a folder without one."""
+    rule = stored_rule(folder) or {}
+    return rule.get("threshold"), rule.get("itc_threshold")
 
 
 def load_score_tables(path: str | Path) -> pd.DataFrame:

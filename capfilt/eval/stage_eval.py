@@ -172,11 +172,17 @@ def synthetic_truth(table: pd.DataFrame) -> pd.Series:
     return table.apply(judge, axis=1)
 
 
-def evaluate_filter(scores: str | Path, threshold: float, redecide: bool = False) -> dict[str, Any]:
+def evaluate_filter(
+    scores: str | Path,
+    threshold: float,
+    redecide: bool = False,
+    rule: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Filter metrics from the per-text parquet of ``capfilt filter`` (a file or a folder).
 
-    ``redecide``: judge by ``score > threshold`` instead of the decisions the filter stored
-    (a threshold asked for explicitly).
+    ``rule``: the filter's rule (``filter_metrics.keep_rule``; None: ITM above ``threshold``).
+    ``redecide``: judge by the rule instead of the decisions the filter stored (a threshold
+    asked for explicitly).
 
     Web texts: precision/recall/F1 of rejecting noisy texts, ROC AUC, sweep, per noise kind
     (needs the benchmark's truth). Synthetic captions on the benchmark: the same figures with
@@ -185,7 +191,7 @@ def evaluate_filter(scores: str | Path, threshold: float, redecide: bool = False
     table = load_score_tables(scores).rename(columns={"itm_score": "score"})
     if redecide:
         table = table.drop(columns=["kept"], errors="ignore")
-    report = filter_report(table, threshold)
+    report = filter_report(table, threshold, rule=rule)
     if "truth_json" in table.columns:
         synthetic = table[table["origin"] == "synthetic"].copy()
         if len(synthetic):
@@ -195,7 +201,7 @@ def evaluate_filter(scores: str | Path, threshold: float, redecide: bool = False
             synthetic["noise"] = synthetic["clean"].map({True: "none", False: "false_caption"})
             synthetic["origin"] = "web"  # scored with the same rules as web texts
             if len(synthetic):
-                sub = filter_report(synthetic, threshold)
+                sub = filter_report(synthetic, threshold, rule=rule)
                 report["synthetic"] = {
                     k: sub.get(k)
                     for k in ("precision", "recall", "f1", "auc", "n_truth", "n_noisy")

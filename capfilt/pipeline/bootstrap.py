@@ -417,20 +417,21 @@ def plan_steps(recipe: Recipe, inputs: BootstrapInputs, layout: BootstrapLayout)
 # -- evaluation ----------------------------------------------------------------------------------
 
 
-def filter_metrics(filtered: Path, threshold: float) -> dict[str, Any]:
-    """The filter's figures from its per-text parquet (precision/recall/F1 where truth is there)."""
-    from capfilt.eval.filter_metrics import filter_report, load_score_tables
+def filter_metrics(filtered: Path, rule: dict[str, Any] | float) -> dict[str, Any]:
+    """The filter's figures from its per-text parquet (precision/recall/F1 where truth is there),
+    judged by ``rule`` (``filter_metrics.keep_rule``, or a bare ITM threshold)."""
+    from capfilt.eval.filter_metrics import filter_report, keep_rule, load_score_tables
 
     table = load_score_tables(filtered).rename(columns={"itm_score": "score"})
-    return filter_report(table, threshold)
+    rule = keep_rule(None, float(rule)) if isinstance(rule, int | float) else keep_rule(rule)
+    return filter_report(table, rule=rule)
 
 
-def _rule_threshold(filtered: Path, recipe: Recipe) -> float:
-    """The ITM threshold the filter stage decided with (a keep-fraction run records its own)."""
-    from capfilt.eval.filter_metrics import stored_thresholds
+def _stage_rule(filtered: Path, recipe: Recipe) -> dict[str, Any]:
+    """The rule the filter stage decided with (a keep-fraction run records its thresholds)."""
+    from capfilt.eval.filter_metrics import config_rule, stored_rule
 
-    stored, _ = stored_thresholds(filtered)
-    return stored if stored is not None else recipe.filter.threshold
+    return stored_rule(filtered) or config_rule(recipe.filter)
 
 
 def _retrieval(model_dir: Path, test: list[str], recipe: Recipe) -> dict[str, Any]:
@@ -506,7 +507,7 @@ def evaluate_run(
             atomic_write_json(ev / "captioner.json", row["captioner"])
         filtered = layout.filtered(r)
         if any(filtered.glob("*.parquet")):
-            row["filter"] = filter_metrics(filtered, _rule_threshold(filtered, recipe))
+            row["filter"] = filter_metrics(filtered, _stage_rule(filtered, recipe))
             atomic_write_json(ev / "filter.json", row["filter"])
         if round_extra is not None:
             for key, value in round_extra(r, layout).items():

@@ -123,14 +123,73 @@ def _noise_rates(report: dict[str, Any]) -> dict[str, float | None]:
     return {str(k): number(dig(v, "rejected_fraction")) for k, v in by_noise.items()}
 
 
+RULE_NAMES = {
+    "itm": "itm: ITM match probability above its threshold (BLIP)",
+    "itc": "itc: ITC cosine above its threshold",
+    "both": "both: ITM probability and ITC cosine above their thresholds",
+}
+"""How each ``filter.rule`` decides, as the tables say it."""
+
+RULE_KEYS = ("rule", "threshold", "itc_threshold", "keep_fraction")
+"""The keys of the figures that describe the rule (taken from the report only, never derived)."""
+
+
+def filter_rule(report: Any) -> dict[str, Any] | None:
+    """The rule a ``filter_report`` judged by (``rule``: ``filter_metrics.keep_rule``); a report
+    written before it recorded its rule was BLIP's, ITM above ``threshold``; None without either."""
+    from capfilt.eval.filter_metrics import keep_rule
+
+    rule, threshold = dig(report, "rule"), number(dig(report, "threshold"))
+    if not isinstance(rule, dict) and threshold is None:
+        return None
+    return keep_rule(rule, threshold)
+
+
+def uses_itm(rule: dict[str, Any] | None) -> bool:
+    """Whether the rule decides on the ITM probability (so its threshold belongs on ITM charts)."""
+    return rule is not None and rule["rule"] in ("itm", "both")
+
+
+def rule_text(rule: dict[str, Any] | None) -> str:
+    """The rule in one line, e.g. ``both: ITM > 0.33 and ITC cosine > 0.12 (keep_fraction 0.5)``."""
+    if rule is None:
+        return DASH
+    parts = []
+    if rule["rule"] in ("itm", "both"):
+        parts.append(f"ITM > {fmt(rule['threshold'], 2)}")
+    if rule["rule"] in ("itc", "both"):
+        parts.append(f"ITC cosine > {fmt(rule['itc_threshold'], 3)}")
+    fraction = number(rule.get("keep_fraction"))
+    tail = f" (keep_fraction {fraction:g})" if fraction is not None else ""
+    return f"{rule['rule']}: {' and '.join(parts)}{tail}"
+
+
+def rule_figures(report: dict[str, Any]) -> list[Figure]:
+    """The rule the filter decided with, and each threshold and kept fraction it applied."""
+    rule = filter_rule(report)
+    if rule is None:
+        return [Figure("rule", "Keep rule", DASH)]
+    figures = [Figure("rule", "Keep rule", RULE_NAMES[rule["rule"]])]
+    if rule["rule"] in ("itm", "both"):
+        label = "ITM threshold (keep if score > t)"
+        figures.append(Figure("threshold", label, fmt(rule["threshold"], 2)))
+    if rule["rule"] in ("itc", "both"):
+        label = "ITC cosine threshold (keep if cosine > t)"
+        figures.append(Figure("itc_threshold", label, fmt(rule["itc_threshold"], 3)))
+    if number(rule.get("keep_fraction")) is not None:
+        label = "Kept fraction asked for (filter.keep_fraction; sets the thresholds)"
+        figures.append(Figure("keep_fraction", label, fmt_pct(rule["keep_fraction"])))
+    return figures
+
+
 def filter_figures(report: dict[str, Any], fallback: dict[str, Any] | None = None) -> list[Figure]:
-    """The figures of a ``filter_report`` (the demo summary's ``filter``): threshold,
-    precision/recall/F1 of rejecting noisy web texts, ROC AUC, kept fractions, rejection rate per
+    """The figures of a ``filter_report`` (the demo summary's ``filter``): the keep rule and its
+    thresholds (:func:`rule_figures`), precision/recall/F1 of rejecting noisy web texts, ROC AUC, kept fractions, rejection rate per
     noise kind, and (where the world has terse web texts) the false rejection rate of terse and of
     full clean texts.
 
     ``fallback`` is another ``filter_report`` (e.g. computed from the per-text parquet) that fills
-    the figures ``report`` lacks, except the threshold; those figures are marked ``derived``.
+    the figures ``report`` lacks, except the rule's; those figures are marked ``derived``.
     """
     report = report if isinstance(report, dict) else {}
     spare = fallback or {}
@@ -142,13 +201,7 @@ def filter_figures(report: dict[str, Any], fallback: dict[str, Any] | None = Non
         value = number(dig(spare, *path))
         return value, value is not None
 
-    figures = [
-        Figure(
-            "threshold",
-            "ITM threshold (keep if score > t)",
-            fmt(number(report.get("threshold")), 2),
-        )
-    ]
+    figures = rule_figures(report)
     for key, label, path, as_pct in (
         ("precision", "Precision (rejected texts that are noisy)", ("precision",), False),
         ("recall", "Recall (noisy web texts rejected)", ("recall",), False),

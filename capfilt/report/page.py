@@ -12,7 +12,16 @@ from typing import Any
 
 from capfilt import __version__
 from capfilt.eval.filter_metrics import HIST_BINS, histogram_edges, score_histogram
-from capfilt.pipeline.summary import dig, fmt, fmt_pct, number
+from capfilt.pipeline.summary import (
+    dig,
+    filter_rule,
+    fmt,
+    fmt_pct,
+    number,
+    rule_text,
+    section,
+    uses_itm,
+)
 from capfilt.report.charts import PALETTE, Series, empty_chart, histogram_chart, line_chart
 from capfilt.report.examples import Example, pick_examples
 from capfilt.report.load import KIND_NAMES, RunData, load_run
@@ -264,25 +273,25 @@ def _sweep_chart(data: RunData, threshold: float | None) -> str:
     return f'<div class="card chart-card"><h3>Threshold sweep</h3>{chart}</div>'
 
 
+def _rule_lead(summary: dict[str, Any]) -> str:
+    """What the filter's rule kept, in a sentence (the rule as the summary records it)."""
+    rule = filter_rule(section(summary, "filter"))
+    if rule is None:
+        return "The filter's rule is not recorded here (by default BLIP's: ITM match probability above 0.5)."
+    return f"The filter kept a text when {rule_text(rule).split(': ', 1)[1]} (rule {rule['rule']}); human texts always stay."
+
+
 def _filter(data: RunData) -> str:
     table, notes = filter_table(data.summary, data.texts, data.filtered_label)
     threshold = filter_threshold(data.summary)
-    rule = dig(data.summary, "filter", "rule")
-    if isinstance(rule, dict) and rule.get("rule") == "itc":
-        cut = number(rule.get("itc_threshold"))
+    rule = filter_rule(section(data.summary, "filter"))
+    if rule is not None and rule["rule"] != "itm" and sweep_rows(data.summary):
         notes.append(
-            "this folder's decisions follow rule itc: a text is kept when its ITC cosine is above "
-            + (f"{cut:.4g}" if cut is not None else "the cut")
-            + (
-                f" (keep_fraction {rule['keep_fraction']:g})"
-                if number(rule.get("keep_fraction")) is not None
-                else ""
-            )
-            + "; the ITM scores are shown beside them"
+            f"the sweep re-decides by the ITM probability alone, not by rule {rule['rule']}"
         )
     return (
         '<section id="filter"><h2>Filter on web noise, and caption truth</h2>'
-        '<p class="lead">The filter rejects a text when its ITM match probability is not above the threshold. '
+        f'<p class="lead">{escape(_rule_lead(data.summary))} '
         "Precision/recall/F1 treat rejecting a noisy web text as a hit. The truth rate is the share of "
         "synthetic captions that are true of their image. Both need the truth, which the built-in "
         "benchmark stores with its images; on other data those rows stay empty.</p>"
@@ -417,8 +426,23 @@ def _histograms(data: RunData) -> str:
     return (
         '<section id="scores"><h2>ITM score distributions</h2>'
         f'<p class="lead">Filter match probability of every text ({CHART_BINS} bins on [0, 1]); '
-        "the dashed line is the threshold.</p>"
+        f"{_line_meaning(data.summary)}</p>"
         f'<div class="row">{body}</div>{_notes(notes)}</section>'
+    )
+
+
+def _line_meaning(summary: dict[str, Any]) -> str:
+    """What the histograms' dashed line is, or why there is none (a rule without ITM)."""
+    rule = filter_rule(section(summary, "filter"))
+    if uses_itm(rule):
+        return "the dashed line is the ITM threshold" + (
+            f" (rule {escape(rule_text(rule))})." if rule["rule"] != "itm" else "."
+        )
+    if rule is None:
+        return "the filter's threshold is not recorded, so no line is drawn."
+    return (
+        f"the filter decided by rule {escape(rule_text(rule))}, not by this score, "
+        "so no threshold line is drawn."
     )
 
 

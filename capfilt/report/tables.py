@@ -17,16 +17,19 @@ from capfilt.pipeline.demo import STAGES
 from capfilt.pipeline.summary import (
     ABLATION_COLUMNS,
     DASH,
+    RULE_KEYS,
     Figure,
     ablation_rows,
     demo_figures,
     dig,
+    filter_rule,
     fmt_seconds,
     gap_figures,
     has_ablations,
     number,
     retrieval_rows,
     section,
+    uses_itm,
 )
 
 
@@ -92,16 +95,17 @@ def ablation_table(summary: dict[str, Any]) -> str:
 
 
 def filter_threshold(summary: dict[str, Any]) -> float | None:
-    """The filter's threshold as the summary gives it."""
-    return number(dig(summary, "filter", "threshold"))
+    """The filter's ITM threshold as the summary gives it; None when its rule does not decide on
+    the ITM probability (rule ``itc``), so that no ITM chart draws a line the filter never used."""
+    rule = filter_rule(section(summary, "filter"))
+    return rule["threshold"] if uses_itm(rule) else None
 
 
-def _report_from_texts(texts: pd.DataFrame, threshold: float | None) -> dict[str, Any]:
-    """``filter_report`` of the per-text parquet (``{}`` when it cannot be computed)."""
+def _report_from_texts(texts: pd.DataFrame, rule: dict[str, Any] | None) -> dict[str, Any]:
+    """``filter_report`` of the per-text parquet by the summary's rule (``{}`` when it cannot be
+    computed)."""
     try:
-        return filter_report(
-            texts.rename(columns={"itm_score": "score"}), 0.5 if threshold is None else threshold
-        )
+        return filter_report(texts.rename(columns={"itm_score": "score"}), rule=rule)
     except ValueError:
         return {}
 
@@ -109,9 +113,10 @@ def _report_from_texts(texts: pd.DataFrame, threshold: float | None) -> dict[str
 def report_filter_figures(summary: dict[str, Any], texts: pd.DataFrame | None) -> list[Figure]:
     """The filter table's figures: the summary's, with gaps filled from the parquet where it can."""
     figures = demo_figures(summary)
-    gaps = any(f.text == DASH for f in figures if f.key not in ("threshold", "truth_rate"))
+    gaps = any(f.text == DASH for f in figures if f.key not in (*RULE_KEYS, "truth_rate"))
     if gaps and texts is not None and not texts.empty:
-        figures = demo_figures(summary, _report_from_texts(texts, filter_threshold(summary)))
+        rule = filter_rule(section(summary, "filter"))
+        figures = demo_figures(summary, _report_from_texts(texts, rule))
     return figures
 
 
