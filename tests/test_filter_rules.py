@@ -257,3 +257,33 @@ def test_a_truth_file_counts_each_text_once_and_refuses_conflicts(tmp_path: Path
     assert result.exit_code == 0, result.output
     assert "1 of the truth file's 3 labels matched no scored text" in said
     assert "1 repeated truth row(s) counted once" in said
+
+
+def test_eval_filter_with_a_truth_file_judges_the_stored_decision_and_the_sweep(tmp_path: Path):
+    """With --truth the stored decision's figures were only in the JSON, the filter table showed
+    dashes for precision/recall/F1, and the JSON said 'no truth columns' with no truth sweep."""
+    folder = tmp_path / "filtered"
+    folder.mkdir()
+    # rule both keeps only a (ITM > 0.5 and cosine > 0.2); e's cosine 0.2 is not above
+    SCORES.assign(kept=[True, False, False, False, False]).to_parquet(folder / "00000000.parquet")
+    rule = {"rule": "both", "keep_fraction": None, "threshold": 0.5, "itc_threshold": 0.2}
+    (folder / "summary.json").write_text(json.dumps({"rule": rule}))
+    truth = tmp_path / "truth.csv"
+    truth.write_text("uid,clean\na,1\nb,0\nc,0\nd,0\n")
+    report = tmp_path / "r.json"
+    args = ["eval", "filter", "tiny", "--scores", str(folder), "--truth", str(truth)]
+    result = CliRunner().invoke(app, [*args, "-o", str(report)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "stored decision" in said and "—" not in said and "no truth columns" not in said
+    got = json.loads(report.read_text())
+    # the stored decision rejects b, c, d: every noisy text and no clean one; ITM alone misses c
+    assert got["truth_file"]["stored_decision"]["confusion"] == {"tp": 3, "fp": 0, "fn": 0, "tn": 1}
+    assert got["truth_file"]["heads"]["itm"]["recall"] == pytest.approx(2 / 3)
+    assert (got["n_truth"], got["precision"], got["recall"], got["f1"]) == (4, 1.0, 1.0, 1.0)
+    assert not any("truth" in note for note in got["notes"])
+    at = {row["threshold"]: row for row in got["sweep"]}
+    assert (at[0.5]["precision"], at[0.5]["recall"]) == pytest.approx((1.0, 2 / 3))  # rejects b, d
+    # the table row of the stored decision: precision, recall, F1 all 1.000 beside ITM's
+    rows = [line for line in result.output.splitlines() if line.strip("│ ").startswith("recall")]
+    assert rows and rows[0].split("│")[-2].strip() == "1.000"

@@ -211,22 +211,28 @@ def caption(
     _write(out_path, {**result, "model": str(model), "shards": expand_shards(shards)})
 
 
-def _print_truth(result: dict) -> None:
+def _print_truth(result: dict, stored_rule: str) -> None:
+    """The truth file's figures: ITM alone, ITC alone, and the decisions the filter stored
+    (``stored_rule`` says by which rule)."""
     from rich.table import Table
 
     from capfilt.pipeline.summary import fmt
 
     heads = result["heads"]
+    stored = result.get("stored_decision") or {}
     table = Table(
         "figure",
         f"ITM > {heads['itm']['threshold']:g}",
         f"ITC cosine > {heads['itc']['threshold']:g}"
         + (f" ({heads['itc']['note']})" if "note" in heads["itc"] else ""),
+        f"stored decision ({stored_rule})",
         title=f"against the truth file: {result['n_matched']} labelled texts "
         f"({result['n_noisy']} not clean)",
     )
     for key in ("precision", "recall", "f1", "auc"):
-        table.add_row(key, fmt(heads["itm"].get(key)), fmt(heads["itc"].get(key)))
+        # a decision has no ROC curve: its AUC cell stays empty
+        decided = fmt(stored.get(key)) if key != "auc" else ""
+        table.add_row(key, fmt(heads["itm"].get(key)), fmt(heads["itc"].get(key)), decided)
     out.print(table)
     if result.get("n_repeated_rows"):
         out.print(f"note: {result['n_repeated_rows']} repeated truth row(s) counted once")
@@ -282,7 +288,7 @@ def filter_(
     if not scores.exists():
         raise fail(f"--scores not found: {scores}", EXIT_USAGE)
     from capfilt.config.core import parse_override
-    from capfilt.eval.filter_metrics import NO_TRUTH_COLUMNS, config_rule, keep_rule, stored_rule
+    from capfilt.eval.filter_metrics import config_rule, keep_rule, stored_rule
 
     # a filter output is judged by the rule and thresholds it decided with (a keep-fraction or
     # re-decided run records its own), unless a threshold is asked for
@@ -300,23 +306,26 @@ def filter_(
         if "filter.itc_threshold" in given or rule["itc_threshold"] is None
         else rule["itc_threshold"]
     )
-    try:
-        report = evaluate_filter(scores, itm_threshold, redecide=redecide, rule=rule)
-    except (ValueError, KeyError) as err:
-        raise fail(f"cannot read filter scores from {scores}: {err}", EXIT_USAGE) from None
+    from capfilt.pipeline.summary import filter_figures, fmt, fmt_pct, rule_text
+
+    labels = by_truth = None
     if truth is not None:
         from capfilt.eval.filter_metrics import load_score_tables, load_truth, truth_report
 
         try:
             labels = load_truth(truth)
-            report["truth_file"] = truth_report(
-                load_score_tables(scores), labels, itm_threshold, itc_threshold
-            )
+            by_truth = truth_report(load_score_tables(scores), labels, itm_threshold, itc_threshold)
         except (OSError, ValueError) as err:
             raise fail(f"--truth {truth}: {err}", EXIT_USAGE) from None
-        _print_truth(report["truth_file"])
-
-    from capfilt.pipeline.summary import filter_figures, fmt, fmt_pct, rule_text
+        # the stored decisions' rule: the filter run's, else (a bare parquet) unknown here
+        _print_truth(by_truth, rule_text(stored) if stored else "as stored")
+    try:
+        # with --truth, every figure below (and the sweep) is judged by its labels
+        report = evaluate_filter(scores, itm_threshold, redecide=redecide, rule=rule, truth=labels)
+    except (ValueError, KeyError) as err:
+        raise fail(f"cannot read filter scores from {scores}: {err}", EXIT_USAGE) from None
+    if by_truth is not None:
+        report["truth_file"] = by_truth
 
     whose = "asked for" if redecide else "the recipe's" if stored is None else "the filter run's"
     table = Table("figure", "value", title=f"filter rule {rule_text(rule)} ({whose})")
@@ -330,7 +339,5 @@ def filter_(
         table.add_row("F1 rejecting false synthetic captions", fmt(synthetic.get("f1")))
     out.print(table)
     for note in report.get("notes") or []:
-        if truth is not None and note.startswith(NO_TRUTH_COLUMNS):
-            continue  # the truth file's figures are the table above
         out.print(f"note: {note}")
     _write(out_path, report)

@@ -450,6 +450,36 @@ def _no_match_error(labels: pd.DataFrame, scores: pd.DataFrame, keys: list[str])
     )
 
 
+STORED_TRUTH = ("clean", "noise", "terse")
+"""A score table's own truth columns (the built-in benchmark's), which a truth file replaces."""
+
+
+def _labelled(scores: pd.DataFrame, truth: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
+    """(keys, scores): the columns a truth file's labels are matched on, and the scored texts it
+    can label (a label by uid alone is about the image's web texts), without their own truth
+    columns (the labels given win over the benchmark's)."""
+    scores = scores.copy()
+    scores["uid"] = scores["uid"].astype(str)
+    keys = ["uid", "text_index"] if "text_index" in truth.columns else ["uid"]
+    if keys == ["uid"]:
+        scores = scores[scores["origin"].astype(str) == "web"]
+    return keys, scores.drop(columns=[c for c in STORED_TRUTH if c in scores.columns])
+
+
+def with_truth(scores: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """The score table with a truth file's labels as its ``clean`` column (missing where a text
+    has no label), so that :func:`filter_report` judges the decisions and the sweep by them."""
+    keys, _ = _labelled(scores, truth)
+    labels, _ = _unique_labels(truth, keys)
+    table = scores.drop(columns=[c for c in STORED_TRUTH if c in scores.columns])
+    table["uid"] = table["uid"].astype(str)
+    if keys == ["uid"]:  # a label by uid alone is about the image's web texts only
+        labels = labels.assign(origin="web")
+        table["origin"] = table["origin"].astype(str)
+        keys = [*keys, "origin"]
+    return table.merge(labels, on=keys, how="left")
+
+
 def truth_report(
     scores: pd.DataFrame,
     truth: pd.DataFrame,
@@ -465,14 +495,7 @@ def truth_report(
     no scored text, is a ``ValueError``. Labels without a scored text are counted in
     ``n_unmatched``.
     """
-    scores = scores.copy()
-    scores["uid"] = scores["uid"].astype(str)
-    keys = ["uid", "text_index"] if "text_index" in truth.columns else ["uid"]
-    if keys == ["uid"]:
-        scores = scores[scores["origin"].astype(str) == "web"]
-    # the labels given win over a stored truth column of the same name (the built-in
-    # benchmark's filter outputs carry one)
-    scores = scores.drop(columns=[c for c in ("clean",) if c in scores.columns])
+    keys, scores = _labelled(scores, truth)
     labels, repeats = _unique_labels(truth, keys)
     merged = labels.merge(scores, on=keys, how="left", indicator=True)
     matched = merged[merged["_merge"] == "both"].reset_index(drop=True)

@@ -26,7 +26,7 @@ from capfilt.eval.caption_metrics import (
     caption_metrics_available,
     score_captions,
 )
-from capfilt.eval.filter_metrics import filter_report, load_score_tables
+from capfilt.eval.filter_metrics import filter_report, load_score_tables, with_truth
 from capfilt.model.decoding import row_seeds
 from capfilt.model.generate import generate_captions
 from capfilt.runs.resolve import check_heads_trained, load_stage_model
@@ -177,8 +177,12 @@ def evaluate_filter(
     threshold: float,
     redecide: bool = False,
     rule: dict[str, Any] | None = None,
+    truth: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Filter metrics from the per-text parquet of ``capfilt filter`` (a file or a folder).
+
+    ``truth``: hand labels (``filter_metrics.load_truth``) judging the web texts in place of any
+    truth the table stores.
 
     ``rule``: the filter's rule (``filter_metrics.keep_rule``; None: ITM above ``threshold``).
     ``redecide``: judge by the rule instead of the decisions the filter stored (a threshold
@@ -191,6 +195,8 @@ def evaluate_filter(
     table = load_score_tables(scores).rename(columns={"itm_score": "score"})
     if redecide:
         table = table.drop(columns=["kept"], errors="ignore")
+    if truth is not None:
+        table = with_truth(table, truth)
     report = filter_report(table, threshold, rule=rule)
     if "truth_json" in table.columns:
         synthetic = table[table["origin"] == "synthetic"].copy()

@@ -232,7 +232,8 @@ def filter_figures(report: dict[str, Any], fallback: dict[str, Any] | None = Non
             else f"Rejection rate, noise “{kind}”"
         )
         figures.append(Figure(f"by_noise.{kind}", label, fmt_pct(rate), derived))
-    if not rates:
+    labelled = any(number(dig(r, "n_truth")) is not None for r in (report, spare))
+    if not rates and not labelled:  # a truth file's labels have no noise kinds: nothing missing
         figures.append(Figure("by_noise", "Rejection rate per noise kind", DASH))
     for name, label in (
         ("terse", "False rejection rate, terse clean web texts"),
