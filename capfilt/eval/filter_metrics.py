@@ -356,13 +356,6 @@ def stored_rule(folder: str | Path) -> dict[str, Any] | None:
     return keep_rule(rule) if isinstance(rule, dict) and rule.get("rule") in FILTER_RULES else None
 
 
-def stored_thresholds(folder: str | Path) -> tuple[float | None, float | None]:
-    """The (ITM, ITC cosine) thresholds of :func:`stored_rule`; None for one the rule does not
-    use (rule ``itc`` has no ITM threshold) or a folder without one."""
-    rule = stored_rule(folder) or {}
-    return rule.get("threshold"), rule.get("itc_threshold")
-
-
 def load_score_tables(path: str | Path) -> pd.DataFrame:
     """Read one parquet file, or every ``*.parquet`` directly in a folder (sorted by name), as one table.
 
