@@ -518,7 +518,10 @@ def test_report_on_a_bootstrap_folder_a_filter_folder_and_an_empty_one(run_a, sh
     assert decided["kept"].sum() == (texts["itc_cosine"] > cut).sum() > 0
     alone = render_report(half)
     assert "CapFilt report: a filter stage output" in alone and "<img" in alone and "<svg" in alone
-    assert f"The filter kept a text when ITC cosine &gt; {cut:.3f} (rule itc)" in alone
+    assert (
+        f"The filter kept a text when ITC cosine &gt; {cut:.3f} (rule itc, keep_fraction 0.5 set"
+        in alone
+    )
     assert "no threshold line is drawn" in alone and "threshold 0.5" not in alone
     # it names the folder it read, not a bootstrap folder's data/web_filtered it does not have
     assert "data/web_filtered" not in alone and "data/web_captioned" not in alone

@@ -278,7 +278,12 @@ def _rule_lead(summary: dict[str, Any]) -> str:
     rule = filter_rule(section(summary, "filter"))
     if rule is None:
         return "The filter's rule is not recorded here (by default BLIP's: ITM match probability above 0.5)."
-    return f"The filter kept a text when {rule_text(rule).split(': ', 1)[1]} (rule {rule['rule']}); human texts always stay."
+    when = rule_text({**rule, "keep_fraction": None}).split(": ", 1)[1]
+    fraction = number(rule.get("keep_fraction"))
+    share = f", keep_fraction {fraction:g} set the thresholds" if fraction is not None else ""
+    return (
+        f"The filter kept a text when {when} (rule {rule['rule']}{share}); human texts always stay."
+    )
 
 
 def _filter(data: RunData) -> str:
