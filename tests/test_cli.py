@@ -89,6 +89,17 @@ def test_usage_and_config_errors_exit_2(args, tmp_path):
     assert "error" in (proc.stderr + proc.stdout).lower()
 
 
+def test_scores_errors_keep_the_path_as_given(tmp_path):
+    """A URL keeps both slashes in the message (a Path would make it http:/host), and the
+    message says that --scores is read from local files."""
+    url = "http://127.0.0.1:18431/out/filt_local"
+    proc = capfilt("eval", "filter", "tiny", "--scores", url, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert url in proc.stderr and "must be a local folder" in proc.stderr
+    proc = capfilt("eval", "filter", "tiny", "--scores", "no//such", cwd=tmp_path)
+    assert proc.returncode == 2 and "--scores not found: no//such" in proc.stderr
+
+
 def test_verbose_is_taken_after_the_command_too(tmp_path):
     from capfilt.cli.main import verbose_first
 

@@ -243,12 +243,25 @@ def _print_truth(result: dict, stored_rule: str) -> None:
         )
 
 
+def _local_scores(given: str) -> Path:
+    """``--scores`` as a local path; an error names it as given (a URL with its slashes)."""
+    from capfilt.data.shards import REMOTE_PREFIXES
+
+    if given.startswith(REMOTE_PREFIXES) or "://" in given:
+        raise fail(f"--scores must be a local folder or parquet file, not {given}", EXIT_USAGE)
+    path = Path(given)
+    if not path.exists():
+        raise fail(f"--scores not found: {given}", EXIT_USAGE)
+    return path
+
+
 @app.command("filter")
 def filter_(
-    scores: Annotated[
-        Path,
+    scores_arg: Annotated[
+        str,  # not a Path: Path("http://host/x") would lose a slash of the URL in messages
         typer.Option(
-            "--scores", help="A filter output folder (its per-text parquet) or one parquet file."
+            "--scores",
+            help="A local filter output folder (its per-text parquet) or one parquet file.",
         ),
     ],
     threshold: Annotated[
@@ -285,8 +298,7 @@ def filter_(
 
     if not env_dist_info().is_main:  # under torchrun: no model, nothing to split; printed once
         return
-    if not scores.exists():
-        raise fail(f"--scores not found: {scores}", EXIT_USAGE)
+    scores = _local_scores(scores_arg)
     from capfilt.config.core import parse_override
     from capfilt.eval.filter_metrics import config_rule, keep_rule, stored_rule
 
