@@ -71,16 +71,23 @@ def test_workers_give_the_in_process_batches_of_every_shard(urls, workers):
     assert_same(read(urls, workers), expected, range(4))
 
 
-def test_a_bad_sample_is_said_once(urls, tmp_path, caplog):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_sample_is_said_once(urls, tmp_path, caplog, workers):
     """The loader's reading side counts quietly; the stage's counter, which the skip reaches
     through it, says it (each bad sample and damaged tar was logged twice)."""
     truncated = tmp_path / "cut.tar"
     truncated.write_bytes(Path(urls[3]).read_bytes()[:3000])
+    not_a_tar = tmp_path / "urls.txt"
+    not_a_tar.write_text("http://host/a.tar\n" * 100)
     with caplog.at_level("WARNING"):
-        read([urls[0], str(truncated)], 0)
+        read([urls[0], str(truncated), str(not_a_tar)], workers)
     said = [r.getMessage() for r in caplog.records]
     assert sum("undecodable_image" in m for m in said) == 1, said
     assert sum("truncated_tar" in m for m in said) == 1, said
+    # and says why: a 404, a refused connection and a text file are told apart by their detail
+    events = [m for m in said if m.startswith(("truncated_tar", "unreadable_shard"))]
+    assert events[0].startswith(f"truncated_tar: {truncated} (") and events[0].endswith(")")
+    assert events[1].startswith(f"unreadable_shard: {not_a_tar} (") and events[1].endswith(")")
 
 
 def test_a_shard_left_halfway_is_skipped_and_the_next_ones_are_whole(urls):

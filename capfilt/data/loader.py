@@ -42,9 +42,9 @@ class _ShardItems(IterableDataset):
     (None if n = 0), the chunk's rejected samples as (reason, where, detail, key)) for each of
     its chunks of ``chunk_size`` positions, ("error", shard, message) if reading broke off, and
     last for each shard ("end", shard, what the tar reader itself rejected: skip records and
-    shard events — worker 0 alone reports them, as every worker walks the whole tar, reading only
-    its own samples). With several workers, remote shards are read from local copies in
-    ``copies_dir``."""
+    shard events as (reason, detail) — worker 0 alone reports them, as every worker walks the
+    whole tar, reading only its own samples). With several workers, remote shards are read from
+    local copies in ``copies_dir``."""
 
     def __init__(
         self,
@@ -67,9 +67,7 @@ class _ShardItems(IterableDataset):
         size = self.chunk_size
         for n, index in enumerate(self.indices):
             url = self.urls[index]
-            counter = SkipCounter(
-                "reader", quiet=True
-            )  # re-recorded, and said, by the main process
+            counter = _WorkerCounter()
             try:
                 source = None
                 if copies is not None and url.startswith(REMOTE_PREFIXES):
@@ -103,9 +101,22 @@ class _ShardItems(IterableDataset):
             except Exception as err:  # noqa: BLE001 - reported in the main process, for this shard
                 yield ("error", index, f"{url}: {type(err).__name__}: {err}")
             if worker == 0:
-                yield ("end", index, list(counter.records), dict(counter.shard_events))
+                yield ("end", index, list(counter.records), list(counter.event_details))
             else:
-                yield ("end", index, [], {})
+                yield ("end", index, [], [])
+
+
+class _WorkerCounter(SkipCounter):
+    """A worker's counter: quiet, as the main process re-records and says what it counted, and
+    keeping each shard event's detail (the curl error, the tar error) for it to say."""
+
+    def __init__(self):
+        super().__init__("reader", quiet=True)
+        self.event_details: list[tuple[str, str]] = []
+
+    def shard_event(self, reason: str, url: str, detail: str = "") -> None:
+        super().shard_event(reason, url, detail)
+        self.event_details.append((reason, detail))
 
 
 @dataclasses.dataclass
@@ -374,8 +385,7 @@ class ShardImages:
                 _, shard, records, shard_events = item
                 for record in records:
                     counter.skip(record.reason, record.url, record.detail, key=record.key)
-                for reason, n in shard_events.items():
-                    for _ in range(n):
-                        counter.shard_event(reason, self.urls[shard])
+                for reason, detail in shard_events:
+                    counter.shard_event(reason, self.urls[shard], detail)
         if samples:
             yield flush(len(samples))
