@@ -210,6 +210,35 @@ def test_shard_specs(tmp_path):
     assert expand_shards(str(nested)) == [str(nested / "d.tar.gz")]
 
 
+def test_a_list_file_names_shards_one_spec_a_line(tmp_path, monkeypatch):
+    """``--shards urls.txt`` (or ``@list``) reads the shards it lists; it was read as a tar."""
+    monkeypatch.chdir(tmp_path)  # relative lines are read from the current folder
+    for i in range(3):
+        _write_shard(tmp_path, i, 2)
+    listed = tmp_path / "urls.txt"
+    listed.write_text(
+        "# web shards\nhttp://h/{a,b}.tar\n\n  00000002.tar  \n"
+        + str(tmp_path / "0000000[01].tar\n")
+    )
+    want = ["http://h/a.tar", "http://h/b.tar", "00000002.tar"]
+    want += [str(tmp_path / f"0000000{i}.tar") for i in range(2)]
+    assert expand_shards("urls.txt") == want
+    (tmp_path / "shards.list").write_text(listed.read_text())
+    assert expand_shards(["@shards.list", "00000000.tar"]) == [*want, "00000000.tar"]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    (tmp_path / "nested.txt").write_text("urls.txt\n")
+    (tmp_path / "missing.txt").write_text("00000009.tar\n")
+    for spec, said in (
+        ("empty.txt", "names no shards"),
+        ("nested.txt", "cannot name another list"),
+        ("@nope.list", "shard list not found: nope.list"),
+        ("nope.txt", "shard not found: nope.txt"),
+        ("missing.txt", "shard not found: 00000009.tar"),
+    ):
+        with pytest.raises(ShardSpecError, match=said):
+            expand_shards(spec)
+
+
 def test_a_usage_error_met_in_a_shard_is_marked_as_this_ranks_own(tmp_path):
     """Under torchrun only the rank that produced the shard knows of it: the command line must
     not take it for a check every rank made alike (and leave it to rank 0 to say)."""

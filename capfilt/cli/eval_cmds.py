@@ -74,7 +74,10 @@ def retrieval(
     ],
     shards: Annotated[
         list[str],
-        typer.Option("--shards", help="Test shards: folder, brace pattern or .tar (repeatable)."),
+        typer.Option(
+            "--shards",
+            help="Test shards: folder, brace pattern, .tar or a urls.txt list (repeatable).",
+        ),
     ],
     k: Annotated[
         int | None,

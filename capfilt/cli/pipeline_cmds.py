@@ -24,7 +24,10 @@ from capfilt.utils.threads import use_threads
 
 ShardsOption = Annotated[
     list[str],
-    typer.Option("--shards", help="Input shards: folder, brace pattern or .tar (repeatable)."),
+    typer.Option(
+        "--shards",
+        help="Input shards: folder, brace pattern, .tar or a urls.txt list (repeatable).",
+    ),
 ]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the shards.")]
 ModelOption = Annotated[

@@ -2,7 +2,9 @@
 
 A spec is a brace pattern (``data/web/{00000000..00000041}.tar``), a folder (its ``*.tar``
 files, and ``*.tar.gz``/``*.tgz``, sorted), a single ``.tar`` path, a glob (``**`` spanning
-folders), or a remote/pipe URL that webdataset opens.
+folders), or a remote/pipe URL that webdataset opens; or a list file (``urls.txt``, or any name
+as ``@list``) of such specs, one a line (blank lines and ``#`` comments skipped, relative paths
+read from the current folder, as ``tar -T`` reads them).
 """
 
 from __future__ import annotations
@@ -31,9 +33,47 @@ class ShardSpecError(ValueError):
     """A shard spec names nothing readable."""
 
 
+LIST_SUFFIX = ".txt"
+"""A local file spec with this suffix lists specs (a shard is never a text file)."""
+
+
+def _listed_specs(spec: str) -> list[str] | None:
+    """The specs a list file spec (``@file``, or an existing ``*.txt`` file) names; None if
+    ``spec`` is not one."""
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        if not path.is_file():
+            raise ShardSpecError(f"shard list not found: {path}")
+    elif spec.endswith(LIST_SUFFIX) and not spec.startswith(REMOTE_PREFIXES):
+        path = Path(spec)
+        if not path.is_file():
+            return None  # said as a missing shard, as any other missing path
+    else:
+        return None
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    specs = [line for line in lines if line and not line.startswith("#")]
+    if not specs:
+        raise ShardSpecError(f"shard list {path} names no shards")
+    return specs
+
+
 def expand_shard_spec(spec: str) -> list[str]:
-    """Expand one spec into shard URLs (sorted for folders and globs; pattern order for braces)."""
+    """Expand one spec into shard URLs (sorted for folders and globs; pattern order for braces;
+    a list file's specs in its order)."""
     spec = str(spec)
+    listed = _listed_specs(spec)
+    if listed is None:
+        return _expand_one(spec)
+    out = []
+    for item in listed:
+        if _listed_specs(item) is not None:
+            raise ShardSpecError(f"{spec}: a shard list cannot name another list ({item})")
+        out += _expand_one(item)
+    return out
+
+
+def _expand_one(spec: str) -> list[str]:
+    """One spec other than a list file into shard URLs."""
     if spec.startswith("s3://"):  # webdataset opens pipes, http(s), gs and hf, not s3
         raise ShardSpecError(
             f"{spec}: s3:// shards are read through a command, e.g. --shards "
