@@ -1,0 +1,105 @@
+"""http(s) shards (capfilt/data/remote.py): read through webdataset's curl command with a stall
+limit, so a server that accepts and never answers fails the shard instead of hanging a stage."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from capfilt.data import remote
+from capfilt.data.reader import open_shard
+from tests.conftest import subprocess_env
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("curl") is None, reason="webdataset reads http with curl"
+)
+
+
+@pytest.fixture
+def silent_server():
+    """A server that accepts connections and never sends a byte."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:  # closed: the test is over
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/shard.tar"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_server_that_never_answers_fails_the_read_naming_the_url(silent_server, monkeypatch):
+    monkeypatch.setenv(remote.STALL_ENV, "2")
+    failure: list[BaseException] = []
+
+    def read_all():
+        try:
+            with open_shard(silent_server) as stream:
+                while stream.read(1 << 16):
+                    pass
+        except OSError as err:
+            failure.append(err)
+
+    reader = threading.Thread(target=read_all, daemon=True)  # a hang fails, not blocks, the test
+    reader.start()
+    reader.join(timeout=20)  # the stall limit (and no retry after it), not forever
+    assert not reader.is_alive(), "still waiting for a server that never answers"
+    assert failure and silent_server in str(failure[0])
+
+
+def test_an_answering_server_is_read_whole(file_server):
+    base, folder = file_server
+    (folder / "a.tar").write_bytes(bytes(range(256)) * 4000)
+    with open_shard(f"{base}/a.tar") as stream:
+        assert stream.read() == (folder / "a.tar").read_bytes()
+
+
+def test_the_curl_command_is_webdatasets_with_a_stall_limit(monkeypatch):
+    monkeypatch.setenv(remote.STALL_ENV, "7")
+    command = remote.curl_command("http://h/x.tar")
+    assert command[:7] == ["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2"]
+    assert command[-4:] == ["-f", "-s", "-L", "http://h/x.tar"]
+    assert command[command.index("--speed-time") + 1] == "7"
+    monkeypatch.setenv(remote.STALL_ENV, "0")
+    assert "--speed-time" not in remote.curl_command("http://h/x.tar")
+    monkeypatch.setenv(remote.STALL_ENV, "soon")
+    with pytest.raises(ValueError, match=remote.STALL_ENV):
+        remote.curl_command("http://h/x.tar")
+
+
+def test_the_opener_is_registered_when_webdataset_is_imported_after_capfilt_data():
+    """(In this process one or the other came first; a fresh one imports capfilt's first.)"""
+    code = (
+        "import sys, capfilt.data.shards, webdataset; from capfilt.data import remote; "
+        "g = sys.modules['webdataset.gopen']; "
+        "assert g.gopen_schemes['http'] is g.gopen_schemes['https'] is remote.gopen_curl"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env())
