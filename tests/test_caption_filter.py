@@ -9,6 +9,8 @@ stages, resume after SIGKILL, torchrun equivalence, and the filter's ROC AUC aft
 from __future__ import annotations
 
 import dataclasses
+import functools
+import http.server
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -1340,6 +1343,91 @@ def test_killed_caption_and_filter_resume_to_identical_output(synth, models, out
     assert _files(tmp_path / "cap") == _files(outputs["captioned"])
     # summary.json and sizes.json included
     assert _files(tmp_path / "filt") == _files(outputs["filtered"])
+
+
+def _descendants(pid: int) -> set[int]:
+    """The live processes under ``pid`` (children, grandchildren, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in found]
+        found.update(children)
+        todo += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_sigterm_stops_a_stage_as_ctrl_c_does(synth, models, tmp_path):
+    """A scheduler's SIGTERM: the stage exits at once with 143 and says how to resume; its fork
+    server, resource tracker and loader workers end with it (they outlived it, parent pid 1) and
+    its remote shards' local copies are removed; the same command then resumes."""
+    handler = functools.partial(_QuietFiles, directory=str(synth))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    temp, out = tmp_path / "tmp", tmp_path / "cap"
+    temp.mkdir()
+    base = f"http://127.0.0.1:{server.server_address[1]}/web"
+    cmd = _cli(
+        "caption", "tiny", "--model", str(models["captioner"]), "--out", str(out),
+        "--shards", base + "/{00000000..00000007}.tar", "--set", "caption.num_workers=2",
+        *[x for s in CAPTION_SETS for x in ("--set", s)],
+    )  # fmt: skip
+    env = subprocess_env(TMPDIR=str(temp))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(out.glob(f"*{STATS_SUFFIX}")):
+                children = _descendants(proc.pid)
+                if len(children) >= 4:  # fork server, resource tracker, two workers
+                    break
+            time.sleep(0.01)
+        assert proc.poll() is None and len(children) >= 4, children
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=30)  # survivors would hold its stderr open
+        assert time.monotonic() - start < 20
+        assert proc.returncode == 143, err[-3000:]
+        assert err.strip().endswith("terminated (SIGTERM); re-run the same command to resume")
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in children if _alive(p)]
+        assert not list(temp.glob("capfilt-shard-copies-*"))
+        done = {p.name: p.stat().st_mtime_ns for p in out.glob(f"*{STATS_SUFFIX}")}
+        assert 1 <= len(done) < 8, "the SIGTERM should land mid-way"
+        _run_all([cmd])  # resumes: the shards done before are not redone
+        assert len(list(out.glob(f"*{STATS_SUFFIX}"))) == 8
+        assert {name: (out / name).stat().st_mtime_ns for name in done} == done
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in children:  # what a failed check left (not in the group: the fork server's)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 # ---------------------------------------------------------------- 5. torchrun

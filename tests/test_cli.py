@@ -178,6 +178,32 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert "--resume auto" not in _interrupted(["pretrain", "tiny", "--resume", "auto"])
 
 
+def test_sigterm_is_one_ctrl_c_in_the_process_that_asked_and_the_default_in_a_forked_one():
+    from capfilt.utils import signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signals.terminate_as_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode
+        assert signals.terminated()
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one (torchrun's after the scheduler's)
+        time.sleep(0.01)  # is not raised in the cleanup the first one started
+        child = os.fork()
+        if child == 0:  # a worker forked from the process: SIGTERM ends it, as by default
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        signals._received = False
+
+
 def test_console_script_and_module_agree():
     script = Path(sys.executable).with_name("capfilt")
     if not script.exists():

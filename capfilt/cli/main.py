@@ -28,6 +28,7 @@ from capfilt.cli.common import (
     styled,
 )
 from capfilt.utils.logging import setup_logging
+from capfilt.utils.signals import EXIT_TERMINATED, terminate_as_interrupt, terminated
 
 app = typer.Typer(
     name="capfilt",
@@ -88,11 +89,21 @@ EXIT_INTERRUPTED = 130
 
 
 def _interrupted(args: list[str]) -> str:
-    """What to do after Ctrl-C: the same command resumes; a training run needs --resume auto."""
+    """What to do after Ctrl-C or SIGTERM: the same command resumes; a training run needs
+    --resume auto."""
+    what = "terminated (SIGTERM)" if terminated() else "interrupted"
     command = next((a for a in args if not a.startswith("-")), "")
     if command in ("pretrain", "finetune") and "--resume" not in args:
-        return "interrupted; re-run the same command with --resume auto to continue from its last checkpoint"
-    return "interrupted; re-run the same command to resume"
+        return f"{what}; re-run the same command with --resume auto to continue from its last checkpoint"
+    return f"{what}; re-run the same command to resume"
+
+
+def _stopped(args: list[str]) -> None:
+    """Say how to resume (rank 0: under torchrun every rank gets the signal) and exit with the
+    signal's code."""
+    if CliState.rank == 0:
+        console.print(styled(_interrupted(args), "yellow"))
+    sys.exit(EXIT_TERMINATED if terminated() else EXIT_INTERRUPTED)
 
 
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -117,17 +128,17 @@ def main(argv: list[str] | None = None) -> None:
     """
     CliState.verbose = False
     quiet_unless_main(0)  # root() sets this process's rank
-    args = verbose_first(sys.argv[1:] if argv is None else list(argv))
+    terminate_as_interrupt()  # a scheduler's SIGTERM cleans up as Ctrl-C does
+    given = sys.argv[1:] if argv is None else list(argv)
+    args = verbose_first(given)
     try:
         app(args=args, standalone_mode=True)
     except SystemExit as done:
-        if done.code == EXIT_INTERRUPTED and CliState.rank == 0:  # typer's exit for Ctrl-C
-            console.print(styled(_interrupted(sys.argv[1:] if argv is None else argv), "yellow"))
+        if done.code == EXIT_INTERRUPTED:  # typer's exit for a KeyboardInterrupt
+            _stopped(given)
         raise
     except KeyboardInterrupt:
-        if CliState.rank == 0:  # under torchrun every rank gets the Ctrl-C
-            console.print(styled(_interrupted(sys.argv[1:] if argv is None else argv), "yellow"))
-        sys.exit(EXIT_INTERRUPTED)
+        _stopped(given)
     except Exception as err:
         code, message = describe_error(err)
         if CliState.verbose:
