@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import re
 import shutil
 import socket
 import subprocess
@@ -72,7 +73,11 @@ def test_a_server_that_never_answers_fails_the_read_naming_the_url(silent_server
     reader.start()
     reader.join(timeout=20)  # the stall limit (and no retry after it), not forever
     assert not reader.is_alive(), "still waiting for a server that never answers"
-    assert failure and silent_server in str(failure[0])
+    assert (
+        failure
+        and str(failure[0])
+        == f"{silent_server}: curl exit 28 (timed out or stalled, see CAPFILT_HTTP_STALL_S)"
+    )
 
 
 def test_an_answering_server_is_read_whole(file_server):
@@ -80,6 +85,21 @@ def test_an_answering_server_is_read_whole(file_server):
     (folder / "a.tar").write_bytes(bytes(range(256)) * 4000)
     with open_shard(f"{base}/a.tar") as stream:
         assert stream.read() == (folder / "a.tar").read_bytes()
+
+
+def test_a_missing_file_and_a_refused_connection_say_so(file_server):
+    base, _ = file_server
+    closed = socket.create_server(("127.0.0.1", 0))
+    refused = f"http://127.0.0.1:{closed.getsockname()[1]}/a.tar"
+    closed.close()
+    for url, said in (
+        (f"{base}/nope.tar", "exit 22 (HTTP error"),
+        (refused, "exit 7 (connection refused)"),
+    ):
+        with pytest.raises(OSError, match=re.escape(f"{url}: curl {said}")):
+            with open_shard(url) as stream:
+                while stream.read(1 << 16):
+                    pass
 
 
 def test_the_curl_command_is_webdatasets_with_a_stall_limit(monkeypatch):

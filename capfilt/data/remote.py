@@ -61,6 +61,25 @@ def curl_command(url: str) -> list[str]:
     ]
 
 
+CURL_EXITS = {
+    6: "host name not resolved",
+    7: "connection refused",
+    22: "HTTP error status, e.g. 404",
+    28: "timed out or stalled, see CAPFILT_HTTP_STALL_S",
+    35: "TLS handshake failed",
+    52: "empty reply from server",
+    56: "connection reset while receiving",
+}
+"""What curl's exit status means, for the errors a shard's URL meets most (curl's man page)."""
+
+
+def curl_failure(url: str, status: int) -> str:
+    """The message for curl ending with ``status`` on ``url`` (webdataset's names only the
+    number, inside the whole command)."""
+    meaning = CURL_EXITS.get(status)
+    return f"{url}: curl exit {status}" + (f" ({meaning})" if meaning else "")
+
+
 def gopen_curl(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
     """webdataset's ``gopen_curl`` with :func:`curl_command` for reading (writes unchanged)."""
     from webdataset.gopen import Pipe
@@ -68,8 +87,16 @@ def gopen_curl(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
 
     if mode[0] != "r":
         return webdataset_curl(url, mode, bufsize)
+
+    class CurlPipe(Pipe):
+        def wait_for_child(self):
+            try:
+                super().wait_for_child()
+            except OSError:
+                raise OSError(curl_failure(url, self.status)) from None
+
     # 141: SIGPIPE, 23: write error, both from a reader closing the pipe early (as webdataset)
-    return Pipe(curl_command(url), mode=mode, bufsize=bufsize, ignore_status=[141, 23])
+    return CurlPipe(curl_command(url), mode=mode, bufsize=bufsize, ignore_status=[141, 23])
 
 
 def register(module) -> None:
