@@ -168,7 +168,13 @@ class _WatchedStream:
 
 
 def open_shard(url: str):
-    """A binary file object of a local tar or a stream webdataset opens (``pipe:``, a URL)."""
+    """A binary file object of a local tar or a stream: an http(s) URL read through curl with a
+    stall limit (:mod:`capfilt.data.remote`), the others (``pipe:``, gs://, hf://) as webdataset
+    opens them."""
+    if url.startswith(("http://", "https://")):
+        from capfilt.data.remote import open_http
+
+        return open_http(url)
     if url.startswith(REMOTE_PREFIXES):
         from webdataset.gopen import gopen
 

@@ -6,26 +6,18 @@ here is webdataset's curl command with a low-speed limit added: a transfer slowe
 for ``CAPFILT_HTTP_STALL_S`` seconds (default 60; 0: no limit) fails, naming the URL, and the
 shard counts as unreadable (or cut short) like any other bad shard.
 
-webdataset's ``gopen_schemes`` is read at each open, but importing ``webdataset.gopen`` imports
-torch (seconds), which a command's start (``capfilt.cli``, the loader's fork server) must not
-wait for: the opener is registered when webdataset's module is imported, wherever that happens.
-Standard library only.
+Every shard is opened by ``capfilt.data.reader.open_shard``, which sends http(s) URLs here and
+the other streams (``pipe:``, gs://, hf://) to webdataset.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
-import sys
 
 STALL_ENV = "CAPFILT_HTTP_STALL_S"
 """Environment variable: seconds an http(s) shard may stay under 1 byte/s before it fails."""
 
 DEFAULT_STALL_S = 60
-
-GOPEN_MODULE = "webdataset.gopen"
-SCHEMES = ("http", "https")
 
 
 def stall_seconds() -> int:
@@ -73,60 +65,23 @@ CURL_EXITS = {
 """What curl's exit status means, for the errors a shard's URL meets most (curl's man page)."""
 
 
-def curl_failure(url: str, status: int) -> str:
-    """The message for curl ending with ``status`` on ``url`` (webdataset's names only the
-    number, inside the whole command)."""
+def curl_failure(status: int) -> str:
+    """The message for curl ending with ``status`` (webdataset's names only the number, inside
+    the whole command); its reader names the URL."""
     meaning = CURL_EXITS.get(status)
-    return f"{url}: curl exit {status}" + (f" ({meaning})" if meaning else "")
+    return f"curl exit {status}" + (f" ({meaning})" if meaning else "")
 
 
-def gopen_curl(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
-    """webdataset's ``gopen_curl`` with :func:`curl_command` for reading (writes unchanged)."""
+def open_http(url: str, bufsize: int = 8192):
+    """An http(s) shard for reading: webdataset's ``gopen_curl`` with :func:`curl_command`."""
     from webdataset.gopen import Pipe
-    from webdataset.gopen import gopen_curl as webdataset_curl
-
-    if mode[0] != "r":
-        return webdataset_curl(url, mode, bufsize)
 
     class CurlPipe(Pipe):
         def wait_for_child(self):
             try:
                 super().wait_for_child()
             except OSError:
-                raise OSError(curl_failure(url, self.status)) from None
+                raise OSError(curl_failure(self.status)) from None
 
     # 141: SIGPIPE, 23: write error, both from a reader closing the pipe early (as webdataset)
-    return CurlPipe(curl_command(url), mode=mode, bufsize=bufsize, ignore_status=[141, 23])
-
-
-def register(module) -> None:
-    """Make ``module`` (webdataset.gopen) open http(s) URLs with :func:`gopen_curl`."""
-    for scheme in SCHEMES:
-        module.gopen_schemes[scheme] = gopen_curl
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Finds webdataset.gopen as the import system would, and registers once it has run."""
-
-    def find_spec(self, name, path, target=None):
-        if name != GOPEN_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        run = spec.loader.exec_module
-
-        def run_and_register(module):
-            run(module)
-            register(module)
-
-        spec.loader.exec_module = run_and_register  # this spec's own loader object
-        return spec
-
-
-def install() -> None:
-    """Register now if webdataset.gopen is imported, else when it is (once per process)."""
-    if GOPEN_MODULE in sys.modules:
-        register(sys.modules[GOPEN_MODULE])
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
+    return CurlPipe(curl_command(url), mode="rb", bufsize=bufsize, ignore_status=[141, 23])
