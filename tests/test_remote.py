@@ -7,12 +7,15 @@ import functools
 import http.server
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from capfilt.data import remote
 from capfilt.data.reader import ShardFetchError, iter_tar_samples, open_shard
+from tests.conftest import subprocess_env
 
 pytestmark = pytest.mark.skipif(
     shutil.which("curl") is None, reason="webdataset reads http with curl"
@@ -104,6 +107,33 @@ def test_the_curl_command_is_webdatasets_with_a_stall_limit(monkeypatch):
     assert command[command.index("--speed-time") + 1] == "7"
     monkeypatch.setenv(remote.STALL_ENV, "0")
     assert "--speed-time" not in remote.curl_command("http://h/x.tar")
-    monkeypatch.setenv(remote.STALL_ENV, "soon")
-    with pytest.raises(ValueError, match=remote.STALL_ENV):
-        remote.curl_command("http://h/x.tar")
+    for bad in ("soon", "-1"):
+        monkeypatch.setenv(remote.STALL_ENV, bad)
+        with pytest.raises(ValueError, match=remote.STALL_ENV):
+            remote.curl_command("http://h/x.tar")
+
+
+def test_a_bad_stall_limit_is_a_usage_error_before_anything_runs(tmp_path):
+    """Not a failure of each remote shard, which a re-run could not mend."""
+    out = tmp_path / "syn"
+    done = subprocess.run(
+        [sys.executable, "-m", "capfilt", "data", "synth", "tiny", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+        env=subprocess_env(**{remote.STALL_ENV: "soon"}),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"{remote.STALL_ENV}='soon': expected a whole number" in " ".join(done.stderr.split())
+    assert not out.exists()
+
+
+def test_a_failed_fetch_names_its_url_once_where_the_stage_says_it(file_server):
+    from capfilt.data.loader import ShardImages, ShardReadError
+    from capfilt.data.reader import SkipCounter
+    from capfilt.data.transforms import EvalTransform
+
+    url = f"{file_server[0]}/nope.tar"
+    with ShardImages([url], EvalTransform(16), batch_size=2, num_workers=0) as stream:
+        with pytest.raises(ShardReadError) as failed:
+            list(stream.batches(0, SkipCounter("test")))
+    assert str(failed.value).count(url) == 1, str(failed.value)
+    assert "its transfer failed: curl exit 22" in str(failed.value)

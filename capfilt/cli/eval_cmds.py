@@ -76,7 +76,7 @@ def retrieval(
         list[str],
         typer.Option(
             "--shards",
-            help="Test shards: folder, brace pattern, .tar or a urls.txt list (repeatable).",
+            help="Test shards: folder, brace pattern, .tar, URL or pipe: command, or a list file (urls.txt, @file) of those (repeatable).",
         ),
     ],
     k: Annotated[

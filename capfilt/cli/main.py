@@ -20,9 +20,11 @@ from capfilt.cli import (
     train_cmds,
 )
 from capfilt.cli.common import (
+    EXIT_USAGE,
     CliState,
     console,
     describe_error,
+    fail,
     print_error,
     quiet_unless_main,
     styled,
@@ -82,6 +84,12 @@ def root(
     rank = env_dist_info().rank
     quiet_unless_main(rank)
     setup_logging("DEBUG" if verbose else "INFO", rank=rank)
+    from capfilt.data.remote import stall_seconds
+
+    try:  # read here: a bad value would fail each remote shard as if a re-run could mend it
+        stall_seconds()
+    except ValueError as err:
+        raise fail(str(err), EXIT_USAGE) from None
 
 
 EXIT_INTERRUPTED = 130

@@ -26,7 +26,7 @@ ShardsOption = Annotated[
     list[str],
     typer.Option(
         "--shards",
-        help="Input shards: folder, brace pattern, .tar or a urls.txt list (repeatable).",
+        help="Input shards: folder, brace pattern, .tar, URL or pipe: command, or a list file (urls.txt, @file) of those (repeatable).",
     ),
 ]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder for the shards.")]

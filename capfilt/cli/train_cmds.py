@@ -22,7 +22,7 @@ ShardsOption = Annotated[
     list[str],
     typer.Option(
         "--shards",
-        help="Training shards: a folder, brace pattern, .tar or urls.txt list (repeat for several sources; weights in data.weights).",
+        help="Training shards: a folder, brace pattern, .tar, URL or pipe: command, or a list file (urls.txt, @file) of those (repeat for several sources; weights in data.weights).",
     ),
 ]
 OutOption = Annotated[

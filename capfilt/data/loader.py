@@ -99,7 +99,9 @@ class _ShardItems(IterableDataset):
                 if chunk is not None:
                     yield chunk.item(pack_bytes=info is not None)
             except Exception as err:  # noqa: BLE001 - reported in the main process, for this shard
-                yield ("error", index, f"{url}: {type(err).__name__}: {err}")
+                said = str(err)  # a reader's own error names the shard already
+                named = said if said.startswith(url) else f"{url}: {type(err).__name__}: {said}"
+                yield ("error", index, named)
             if worker == 0:
                 yield ("end", index, list(counter.records), list(counter.event_details))
             else:

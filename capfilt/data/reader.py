@@ -42,8 +42,9 @@ own decompression-bomb threshold (its ``Image.MAX_IMAGE_PIXELS``): about 9500 ×
 any model input (BLIP: 384 px), while a decoded RGB image of that size already takes 270 MB — a
 few-KB PNG can declare 20000 × 20000 (1.2 GB once decoded)."""
 
-SHARD_EVENTS = ("truncated_tar", "unreadable_shard")
-"""Reasons that describe a whole tar, counted per shard and never as samples."""
+SHARD_EVENTS = ("truncated_tar", "unreadable_shard", "fetch_failed")
+"""Reasons that describe a whole tar, counted per shard and never as samples: damage to the tar,
+or (training, which goes on without it) a remote shard whose transfer failed."""
 
 
 class SampleError(Exception):
@@ -267,7 +268,7 @@ def iter_tar_samples(
     A stream whose transfer fails (the ``pipe:`` command or curl exits with an error) raises
     :class:`ShardFetchError` after the samples that came before, since a re-run may get the
     shard whole; ``fetch_errors_fail=False`` (training, which goes on with its other shards)
-    counts it as the shard's damage instead, naming the transfer's error.
+    counts it as ``fetch_failed`` instead, naming the transfer's error.
 
     Files without an extension or starting with a dot are not sample members. A sample the
     reader must reject carries ``__skip__`` (reason) for :func:`decode_sample`: an unsafe member
@@ -345,7 +346,8 @@ def iter_tar_samples(
         # error after a whole tar, e.g. a reader that stopped at its end-of-archive, is none)
         if fetch_errors_fail:
             raise ShardFetchError(f"{url}: its transfer failed: {watched.error}") from None
-        damage = str(watched.error) or type(watched.error).__name__
+        counter.shard_event("fetch_failed", url, str(watched.error) or type(watched.error).__name__)
+        damage = ""
     damage = scan_damage or damage  # where the header scan broke, not where reading then stopped
     if damage:
         reason = "truncated_tar" if n_members else "unreadable_shard"

@@ -26,9 +26,12 @@ def stall_seconds() -> int:
     if not raw:
         return DEFAULT_STALL_S
     try:
-        return max(int(raw), 0)
+        seconds = int(raw)
     except ValueError:
-        raise ValueError(f"{STALL_ENV}={raw!r}: expected a whole number of seconds") from None
+        seconds = -1
+    if seconds < 0:
+        raise ValueError(f"{STALL_ENV}={raw!r}: expected a whole number of seconds (0: no limit)")
+    return seconds
 
 
 def curl_command(url: str) -> list[str]:
