@@ -67,7 +67,9 @@ class _ShardItems(IterableDataset):
         size = self.chunk_size
         for n, index in enumerate(self.indices):
             url = self.urls[index]
-            counter = _WorkerCounter()
+            counter = SkipCounter(
+                "reader", quiet=True
+            )  # re-recorded, and said, by the main process
             try:
                 source = None
                 if copies is not None and url.startswith(REMOTE_PREFIXES):
@@ -103,22 +105,9 @@ class _ShardItems(IterableDataset):
                 named = said if said.startswith(url) else f"{url}: {type(err).__name__}: {said}"
                 yield ("error", index, named)
             if worker == 0:
-                yield ("end", index, list(counter.records), list(counter.event_details))
+                yield ("end", index, list(counter.records), list(counter.shard_records))
             else:
                 yield ("end", index, [], [])
-
-
-class _WorkerCounter(SkipCounter):
-    """A worker's counter: quiet, as the main process re-records and says what it counted, and
-    keeping each shard event's detail (the curl error, the tar error) for it to say."""
-
-    def __init__(self):
-        super().__init__("reader", quiet=True)
-        self.event_details: list[tuple[str, str]] = []
-
-    def shard_event(self, reason: str, url: str, detail: str = "") -> None:
-        super().shard_event(reason, url, detail)
-        self.event_details.append((reason, detail))
 
 
 @dataclasses.dataclass

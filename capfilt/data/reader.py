@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from capfilt.data.sample import IMAGE_EXTS
-from capfilt.data.shards import REMOTE_PREFIXES
+from capfilt.data.shards import HTTP_PREFIXES, REMOTE_PREFIXES
 from capfilt.utils.logging import RateLimitedLog, get_logger
 
 log = get_logger("reader")
@@ -79,6 +79,9 @@ class SkipCounter:
         self.counts: Counter[str] = Counter()
         self.shard_events: Counter[str] = Counter()
         self.records: list[Skipped] = []
+        self.shard_records: list[tuple[str, str]] = []
+        """(reason, detail) of each shard event, kept as ``records`` are (a loader worker hands
+        them to the main process, which says them)."""
         self.keep_records = keep_records
         self._logger = get_logger(name)
         self._log = RateLimitedLog(self._logger)
@@ -99,6 +102,8 @@ class SkipCounter:
     def shard_event(self, reason: str, url: str, detail: str = "") -> None:
         """A tar that is damaged as a whole; always logged, naming the file."""
         self.shard_events[reason] += 1
+        if self.keep_records:
+            self.shard_records.append((reason, detail))
         if self.quiet:
             return
         self._logger.warning("%s: %s%s", reason, url, f" ({detail})" if detail else "")
@@ -112,6 +117,7 @@ class SkipCounter:
         self.counts.clear()
         self.shard_events.clear()
         self.records.clear()
+        self.shard_records.clear()
         return out
 
     @property
@@ -172,7 +178,7 @@ def open_shard(url: str):
     """A binary file object of a local tar or a stream: an http(s) URL read through curl with a
     stall limit (:mod:`capfilt.data.remote`), the others (``pipe:``, gs://, hf://) as webdataset
     opens them."""
-    if url.startswith(("http://", "https://")):
+    if url.startswith(HTTP_PREFIXES):
         from capfilt.data.remote import open_http
 
         return open_http(url)

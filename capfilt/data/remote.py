@@ -3,8 +3,9 @@
 webdataset reads an http(s) shard from ``curl --connect-timeout 30``: a server that accepts the
 connection and then never sends a byte keeps a stage waiting forever, without a word. Its opener
 here is webdataset's curl command with a low-speed limit added: a transfer slower than 1 byte/s
-for ``CAPFILT_HTTP_STALL_S`` seconds (default 60; 0: no limit) fails, naming the URL, and the
-shard counts as unreadable (or cut short) like any other bad shard.
+for ``CAPFILT_HTTP_STALL_S`` seconds (default 60; 0: no limit) fails as any failed transfer
+does (``reader.ShardFetchError``: a stage fails the shard and a re-run retries it; training
+counts it as ``fetch_failed``), and curl's exit status is said in words.
 
 Every shard is opened by ``capfilt.data.reader.open_shard``, which sends http(s) URLs here and
 the other streams (``pipe:``, gs://, hf://) to webdataset.

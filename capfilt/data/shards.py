@@ -18,7 +18,11 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+HTTP_PREFIXES = ("http://", "https://")
+"""Remote shards read over http(s): through curl with a stall limit (``data/remote.py``), and
+with a ``sizes.json`` in the same remote folder."""
+
+REMOTE_PREFIXES = ("pipe:", *HTTP_PREFIXES, "s3://", "gs://", "hf://")
 
 SIZES_TIMEOUT_S = 10.0
 """How long the ``sizes.json`` beside http(s) shards may take (a slow or silent server leaves the
@@ -136,7 +140,7 @@ def shard_sizes(urls: list[str]) -> list[int | None]:
 def _sizes_place(url: str) -> tuple[str | None, str]:
     """(the folder whose ``sizes.json`` lists ``url``, the name it is listed under); no folder for
     a remote kind other than http(s)."""
-    if url.startswith(("http://", "https://")):
+    if url.startswith(HTTP_PREFIXES):
         parts = urllib.parse.urlsplit(url)
         folder, _, name = parts.path.rpartition("/")
         return urllib.parse.urlunsplit((parts.scheme, parts.netloc, folder + "/", "", "")), name
@@ -148,7 +152,7 @@ def _sizes_place(url: str) -> tuple[str | None, str]:
 def _read_sizes(folder: str) -> dict:
     """A folder's ``sizes.json`` (``{}`` when it has none, or it is unreadable)."""
     try:
-        if folder.startswith(("http://", "https://")):
+        if folder.startswith(HTTP_PREFIXES):
             with urllib.request.urlopen(folder + "sizes.json", timeout=SIZES_TIMEOUT_S) as resp:
                 found = json.loads(resp.read())
         else:
